@@ -1,0 +1,139 @@
+"""JWT in, ``Principal`` out. The only module that imports jwt."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+import warnings
+from dataclasses import dataclass
+from urllib.parse import parse_qs
+
+import jwt
+
+from .config import Settings
+from .errors import AuthError, ConfigError
+
+_HMAC = {"HS256", "HS384", "HS512"}
+log = logging.getLogger("fastws.auth")
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who a connection belongs to, taken from its token's claims."""
+
+    user_id: str
+    username: str
+    roles: tuple[str, ...] = ()
+    expires_at: float = 0.0
+
+
+class Verifier:
+    """Checks tokens with the algorithms, key, audience and issuer pinned by the settings."""
+
+    def __init__(self, settings: Settings, secret: str) -> None:
+        algorithms = settings.algorithms
+        hmac = [a for a in algorithms if a in _HMAC]
+        if hmac and len(hmac) != len(algorithms):
+            # Mixing families is how HS/RS confusion starts: refuse the config outright.
+            raise ConfigError("jwt_algorithms: do not mix HMAC and public-key algorithms")
+        if hmac:
+            if not secret:
+                raise ConfigError("jwt_secret is required for HMAC algorithms")
+            self._key: object = secret
+            if len(secret.encode()) < 32:
+                log.warning("jwt_secret is shorter than 32 bytes; use a longer random secret")
+                # Said once above; PyJWT would otherwise warn on every single handshake.
+                warnings.filterwarnings("ignore", category=jwt.warnings.InsecureKeyLengthWarning)
+        else:
+            if not settings.jwt_public_key_file:
+                raise ConfigError(f"{algorithms[0]} needs --jwt-public-key-file")
+            try:
+                with open(settings.jwt_public_key_file, "rb") as fh:
+                    self._key = fh.read()
+            except OSError as exc:
+                raise ConfigError(f"jwt_public_key_file: {exc}") from exc
+        self._algorithms = algorithms
+        self._audience = settings.jwt_audience or None
+        self._issuer = settings.jwt_issuer or None
+        self._leeway = settings.jwt_leeway
+        required = ["exp"]
+        if self._audience:
+            required.append("aud")
+        if self._issuer:
+            required.append("iss")
+        self._options = {"require": required, "verify_aud": self._audience is not None}
+
+    def verify(self, token: str) -> Principal:
+        """Return the token's principal, or raise ``AuthError`` saying why (never the token)."""
+        try:
+            claims = jwt.decode(
+                token,
+                self._key,  # type: ignore[arg-type]
+                algorithms=self._algorithms,
+                audience=self._audience,
+                issuer=self._issuer,
+                leeway=self._leeway,
+                options=self._options,  # type: ignore[arg-type]
+            )
+        except jwt.ExpiredSignatureError as exc:
+            raise AuthError("token expired") from exc
+        except jwt.ImmatureSignatureError as exc:
+            raise AuthError("token not yet valid") from exc
+        except jwt.InvalidAlgorithmError as exc:
+            raise AuthError("algorithm not allowed") from exc
+        except jwt.InvalidSignatureError as exc:
+            raise AuthError("bad signature") from exc
+        except jwt.MissingRequiredClaimError as exc:
+            raise AuthError(f"missing claim {exc.claim}") from exc
+        except (jwt.InvalidAudienceError, jwt.InvalidIssuerError) as exc:
+            raise AuthError(str(exc).lower()) from exc
+        except jwt.PyJWTError as exc:
+            raise AuthError(f"invalid token: {type(exc).__name__}") from exc
+        user_id = claims.get("userId", claims.get("sub"))
+        if not isinstance(user_id, str | int) or isinstance(user_id, bool) or user_id == "":
+            raise AuthError("token has no userId or sub claim")
+        username = claims.get("username", str(user_id))
+        if not isinstance(username, str) or not username:
+            raise AuthError("username claim must be a non-empty string")
+        roles = claims.get("roles", [])
+        if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
+            raise AuthError("roles claim must be a list of strings")
+        return Principal(str(user_id), username[:64], tuple(roles), float(claims["exp"]))
+
+
+def extract_token(path: str, authorization: str | None) -> str | None:
+    """The token from ``?token=`` or ``Authorization: Bearer`` (the seed's order)."""
+    _, _, query = path.partition("?")
+    if query:
+        values = parse_qs(query).get("token")
+        if values and values[0]:
+            return values[0]
+    if authorization and authorization[:7].lower() == "bearer ":
+        return authorization[7:].strip() or None
+    return None
+
+
+def mint(
+    secret: str,
+    user_id: str,
+    username: str | None = None,
+    roles: tuple[str, ...] = (),
+    ttl: float = 3600.0,
+    algorithm: str = "HS256",
+    extra: dict[str, object] | None = None,
+) -> str:
+    """A token with the seed's claims (``userId``, ``username``, ``roles``, ``exp``)."""
+    claims: dict[str, object] = {
+        "userId": user_id,
+        "username": username or user_id,
+        "roles": list(roles),
+        "iat": int(time.time()),
+        "exp": int(time.time() + ttl),
+    }
+    claims.update(extra or {})
+    return jwt.encode(claims, secret, algorithm=algorithm)
+
+
+def random_secret() -> str:
+    return secrets.token_urlsafe(32)

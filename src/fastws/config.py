@@ -1,0 +1,136 @@
+"""One frozen settings struct, filled from defaults, ``FASTWS_*`` variables and CLI flags.
+
+Every field's help says its unit, default and what 0 means; the CLI builds its flags
+and ``--help`` from ``FIELD_HELP`` so the three never drift apart.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import msgspec
+
+from .errors import ConfigError
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True):
+    host: str = "127.0.0.1"
+    port: int = 8080
+    jwt_secret: str = ""
+    jwt_algorithms: str = "HS256"
+    jwt_public_key_file: str = ""
+    jwt_audience: str = ""
+    jwt_issuer: str = ""
+    jwt_leeway: float = 5.0
+    ping_interval: float = 30.0
+    ping_timeout: float = 10.0
+    json_ping: bool = False
+    max_message_bytes: int = 65536
+    max_message_chars: int = 1000
+    max_rooms_per_connection: int = 100
+    max_send_buffer_bytes: int = 1048576
+    rate_limit: float = 100.0
+    rate_burst: int = 200
+    handshake_timeout: float = 5.0
+    close_timeout: float = 2.0
+    drain_timeout: float = 10.0
+    log_level: str = "info"
+    log_format: str = "text"
+
+    @property
+    def algorithms(self) -> list[str]:
+        return [a.strip() for a in self.jwt_algorithms.split(",") if a.strip()]
+
+
+FIELD_HELP: dict[str, str] = {
+    "host": "address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)",
+    "port": "TCP port (default 8080; 0 picks a free port and logs it)",
+    "jwt_secret": "HS256/384/512 secret for tokens (default: a random one for this run, "
+    "printed with a ready demo link)",
+    "jwt_algorithms": "comma-separated accepted JWT algorithms (default HS256; "
+    "RS256/ES256 need --jwt-public-key-file)",
+    "jwt_public_key_file": "PEM public key file for RS*/ES*/PS* algorithms (default none)",
+    "jwt_audience": "required 'aud' claim (default: not checked)",
+    "jwt_issuer": "required 'iss' claim (default: not checked)",
+    "jwt_leeway": "seconds of clock skew allowed on exp/nbf (default 5)",
+    "ping_interval": "seconds without incoming data before a protocol ping (default 30; "
+    "0 disables the heartbeat)",
+    "ping_timeout": "seconds to wait for the pong before closing with 1001 (default 10)",
+    "json_ping": "heartbeat with the seed's JSON {'type':'ping'} and expect "
+    "{'type':'pong'} instead of protocol pings (default off)",
+    "max_message_bytes": "largest frame or reassembled message in bytes; bigger closes "
+    "with 1009 (default 65536)",
+    "max_message_chars": "longest chat_message text in characters (default 1000, as in "
+    "the seed)",
+    "max_rooms_per_connection": "rooms one connection may be in (default 100; 0 = no limit)",
+    "max_send_buffer_bytes": "unsent output in bytes after which a client is a slow "
+    "consumer and is closed with 4008 (default 1048576)",
+    "rate_limit": "messages per second a connection may send, sustained (default 100; "
+    "0 = no limit)",
+    "rate_burst": "messages a connection may send in a burst above the rate (default 200)",
+    "handshake_timeout": "seconds a client has to finish the HTTP upgrade (default 5)",
+    "close_timeout": "seconds to flush a close frame before the socket is dropped (default 2)",
+    "drain_timeout": "seconds graceful shutdown waits for clients to close (default 10)",
+    "log_level": "debug, info, warning or error (default info)",
+    "log_format": "text or json (one JSON object per line) (default text)",
+}
+
+ENV_PREFIX = "FASTWS_"
+
+
+def env_name(field: str) -> str:
+    return ENV_PREFIX + field.upper()
+
+
+def _convert(field: str, raw: Any, kind: type) -> Any:
+    if kind is bool and isinstance(raw, str):
+        low = raw.strip().lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off", ""):
+            return False
+        raise ConfigError(f"{field}: expected true or false, got {raw!r}")
+    try:
+        return kind(raw)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{field}: expected {kind.__name__}, got {raw!r}") from None
+
+
+def load_settings(
+    overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
+) -> Settings:
+    """Defaults, then ``FASTWS_*`` variables, then ``overrides`` (CLI flags; None = unset)."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for f in msgspec.structs.fields(Settings):
+        kind = type(f.default)
+        if env_name(f.name) in environ:
+            values[f.name] = _convert(f.name, environ[env_name(f.name)], kind)
+        if overrides and overrides.get(f.name) is not None:
+            values[f.name] = _convert(f.name, overrides[f.name], kind)
+    settings = Settings(**values)
+    validate(settings)
+    return settings
+
+
+def validate(s: Settings) -> None:
+    if not 0 <= s.port <= 65535:
+        raise ConfigError(f"port: {s.port} is not a TCP port")
+    if s.ping_interval < 0 or s.ping_timeout < 0:
+        raise ConfigError("ping_interval and ping_timeout must be >= 0")
+    if s.ping_interval and s.ping_timeout > s.ping_interval:
+        raise ConfigError("ping_timeout must not exceed ping_interval")
+    if s.max_message_bytes < 128:
+        raise ConfigError("max_message_bytes must be at least 128")
+    if s.max_message_chars < 1:
+        raise ConfigError("max_message_chars must be at least 1")
+    if s.rate_limit < 0 or s.rate_burst < 1:
+        raise ConfigError("rate_limit must be >= 0 and rate_burst >= 1")
+    if not s.algorithms:
+        raise ConfigError("jwt_algorithms: at least one algorithm is required")
+    if s.log_format not in ("text", "json"):
+        raise ConfigError(f"log_format: expected text or json, got {s.log_format!r}")
+    if s.log_level.lower() not in ("debug", "info", "warning", "error"):
+        raise ConfigError(f"log_level: expected debug, info, warning or error, got {s.log_level!r}")

@@ -1,0 +1,203 @@
+"""Every wire message as a msgspec Struct, and the reused encoder/decoders. No I/O.
+
+Incoming messages are a tagged union on ``type`` with the seed's ``payload`` object;
+outgoing ones are flat, as in the seed. ``id`` is optional on every request and is
+echoed on its reply or error. Field names and error texts are the seed's exactly.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Union
+
+import msgspec
+
+from .errors import MessageError
+
+MsgId = Union[str, int, None]
+
+
+# ---- client -> server -------------------------------------------------------------------
+
+
+class RoomPayload(msgspec.Struct):
+    room: str
+
+
+class ChatPayload(msgspec.Struct):
+    room: str
+    message: str
+
+
+class TypingPayload(msgspec.Struct):
+    room: str
+    isTyping: bool = True
+
+
+class JoinRoom(msgspec.Struct, tag="join_room", tag_field="type"):
+    payload: RoomPayload
+    id: MsgId = None
+
+
+class LeaveRoom(msgspec.Struct, tag="leave_room", tag_field="type"):
+    payload: RoomPayload
+    id: MsgId = None
+
+
+class ChatMessage(msgspec.Struct, tag="chat_message", tag_field="type"):
+    payload: ChatPayload
+    id: MsgId = None
+
+
+class Typing(msgspec.Struct, tag="typing", tag_field="type"):
+    payload: TypingPayload
+    id: MsgId = None
+
+
+class Presence(msgspec.Struct, tag="presence", tag_field="type"):
+    payload: RoomPayload
+    id: MsgId = None
+
+
+class Ping(msgspec.Struct, tag="ping", tag_field="type"):
+    id: MsgId = None
+
+
+class Pong(msgspec.Struct, tag="pong", tag_field="type"):
+    id: MsgId = None
+
+
+ClientMessage = Union[JoinRoom, LeaveRoom, ChatMessage, Typing, Presence, Ping, Pong]
+CLIENT_TYPES = frozenset(
+    ("join_room", "leave_room", "chat_message", "typing", "presence", "ping", "pong")
+)
+
+
+class _Envelope(msgspec.Struct):
+    """Just enough of a message to say what went wrong when the full decode fails."""
+
+    type: str
+    id: MsgId = None
+
+
+_decoder = msgspec.json.Decoder(ClientMessage)
+_envelope_decoder = msgspec.json.Decoder(_Envelope)
+
+
+def decode(data: bytes | str) -> ClientMessage:
+    """Decode one client message, or raise ``MessageError`` with the seed's text."""
+    try:
+        return _decoder.decode(data)
+    except msgspec.ValidationError as exc:  # a subclass of DecodeError: catch it first
+        detail = str(exc)
+    except (msgspec.DecodeError, RecursionError):
+        raise MessageError("invalid_format", "Invalid message format") from None
+    try:
+        env = _envelope_decoder.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+        raise MessageError("invalid_format", "Invalid message format") from None
+    if env.type not in CLIENT_TYPES:
+        raise MessageError("unknown_type", f"Unknown message type: {env.type}", env.id)
+    raise MessageError("invalid_payload", f"Invalid {env.type} message: {detail}", env.id)
+
+
+# ---- server -> client -------------------------------------------------------------------
+
+
+class _Out(msgspec.Struct, tag_field="type", omit_defaults=True):
+    pass
+
+
+class Connected(_Out, tag="connected"):
+    clientId: str
+    timestamp: int
+    userId: str = ""
+    username: str = ""
+
+
+class RoomJoined(_Out, tag="room_joined"):
+    room: str
+    members: int
+    seq: int
+    id: MsgId = None
+
+
+class RoomLeft(_Out, tag="room_left"):
+    room: str
+    id: MsgId = None
+
+
+class UserJoined(_Out, tag="user_joined"):
+    room: str
+    username: str
+    timestamp: int
+    userId: str = ""
+    members: int = 0
+
+
+class UserLeft(_Out, tag="user_left"):
+    room: str
+    username: str
+    timestamp: int
+    userId: str = ""
+    members: int = 0
+
+
+class ChatBroadcast(_Out, tag="chat_message"):
+    room: str
+    username: str
+    message: str
+    timestamp: int
+    seq: int
+    userId: str = ""
+
+
+class TypingBroadcast(_Out, tag="typing"):
+    room: str
+    username: str
+    isTyping: bool
+    userId: str = ""
+
+
+class Member(msgspec.Struct):
+    userId: str
+    username: str
+
+
+class PresenceReply(_Out, tag="presence"):
+    room: str
+    members: list[Member]
+    id: MsgId = None
+
+
+class Ack(_Out, tag="ack"):
+    id: MsgId
+    seq: int = 0
+
+
+class ServerPing(_Out, tag="ping"):
+    timestamp: int
+
+
+class ServerPong(_Out, tag="pong"):
+    timestamp: int
+    id: MsgId = None
+
+
+class Error(_Out, tag="error"):
+    error: str
+    code: str = ""
+    id: MsgId = None
+
+
+_encoder = msgspec.json.Encoder()
+encode = _encoder.encode
+
+
+def now_ms() -> int:
+    """The seed's ``Date.now()``: milliseconds since the epoch."""
+    return int(time.time() * 1000)
+
+
+def error_bytes(exc: MessageError) -> bytes:
+    return encode(Error(exc.text, exc.code, exc.msg_id))

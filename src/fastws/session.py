@@ -1,0 +1,168 @@
+"""One connection's state (user, rooms, rate bucket): a message in -> calls on the node out.
+
+No I/O here: replies leave through the ``Outlet`` the transport gives, room effects through
+the ``NodeActions`` the server gives, so tests can drive a session with plain bytes.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from . import protocol as p
+from .auth import Principal
+from .config import Settings
+from .errors import CloseCode, MessageError
+
+ROOM_NAME = re.compile(r"[A-Za-z0-9_.:@#-]{1,64}")
+
+
+class Outlet(Protocol):
+    """How a session's own replies leave (implemented by the transport)."""
+
+    def send(self, payload: bytes) -> None: ...
+
+    def close(self, code: int, reason: str) -> None: ...
+
+
+class NodeActions(Protocol):
+    """What a session asks of the node (implemented by the server)."""
+
+    def join(self, session: Session, room: str, msg_id: p.MsgId) -> None: ...
+
+    def leave(self, session: Session, room: str, msg_id: p.MsgId) -> None: ...
+
+    def chat(self, session: Session, room: str, text: str, msg_id: p.MsgId) -> None: ...
+
+    def typing(self, session: Session, room: str, is_typing: bool, msg_id: p.MsgId) -> None: ...
+
+    def presence(self, session: Session, room: str, msg_id: p.MsgId) -> None: ...
+
+
+class TokenBucket:
+    """``rate`` tokens per second up to ``burst``; ``clock`` is injected so tests need no sleep."""
+
+    __slots__ = ("burst", "clock", "rate", "stamp", "tokens")
+
+    def __init__(self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic):
+        self.rate = rate
+        self.burst = float(burst)
+        self.tokens = float(burst)
+        self.clock = clock
+        self.stamp = clock()
+
+    def take(self) -> bool:
+        now = self.clock()
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
+
+
+class Session:
+    """A connected, authenticated client. ``transport`` is opaque here: the hub fans out to it."""
+
+    __slots__ = (
+        "bucket",
+        "client_id",
+        "connected_at",
+        "node",
+        "outlet",
+        "principal",
+        "rejected_in_row",
+        "rooms",
+        "settings",
+        "transport",
+    )
+
+    def __init__(
+        self,
+        client_id: str,
+        principal: Principal,
+        transport: Any,
+        outlet: Outlet,
+        node: NodeActions,
+        settings: Settings,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.client_id = client_id
+        self.principal = principal
+        self.transport = transport
+        self.outlet = outlet
+        self.node = node
+        self.settings = settings
+        self.rooms: set[str] = set()
+        self.connected_at = time.time()
+        self.bucket = TokenBucket(settings.rate_limit, settings.rate_burst, clock) if (
+            settings.rate_limit > 0
+        ) else None
+        self.rejected_in_row = 0
+
+    def __repr__(self) -> str:
+        return f"<Session {self.client_id} user={self.principal.user_id}>"
+
+    def send(self, message: Any) -> None:
+        self.outlet.send(p.encode(message))
+
+    def handle(self, data: bytes | str) -> None:
+        """Act on one complete client message; every refusal becomes an ``error`` reply."""
+        if self.bucket is not None and not self.bucket.take():
+            self.rejected_in_row += 1
+            if self.rejected_in_row > self.settings.rate_burst:
+                self.outlet.close(CloseCode.POLICY_VIOLATION, "rate limit exceeded")
+                return
+            self.outlet.send(
+                p.error_bytes(MessageError("rate_limited", "Rate limit exceeded, slow down"))
+            )
+            return
+        self.rejected_in_row = 0
+        try:
+            self.dispatch(p.decode(data))
+        except MessageError as exc:
+            self.outlet.send(p.error_bytes(exc))
+
+    def dispatch(self, msg: p.ClientMessage) -> None:
+        if isinstance(msg, p.ChatMessage):
+            room, text = msg.payload.room, msg.payload.message
+            self._require_member(room, msg.id)
+            if len(text) > self.settings.max_message_chars:
+                raise MessageError(
+                    "message_too_long",
+                    f"Message too long (max {self.settings.max_message_chars} characters)",
+                    msg.id,
+                )
+            if not text.strip():
+                raise MessageError("empty_message", "Message is empty", msg.id)
+            self.node.chat(self, room, text, msg.id)
+        elif isinstance(msg, p.Typing):
+            self._require_member(msg.payload.room, msg.id)
+            self.node.typing(self, msg.payload.room, msg.payload.isTyping, msg.id)
+        elif isinstance(msg, p.JoinRoom):
+            room = msg.payload.room
+            if not ROOM_NAME.fullmatch(room):
+                raise MessageError(
+                    "invalid_room",
+                    "Invalid room name (1-64 characters: letters, digits, _ . : @ # -)",
+                    msg.id,
+                )
+            limit = self.settings.max_rooms_per_connection
+            if room not in self.rooms and limit and len(self.rooms) >= limit:
+                raise MessageError("too_many_rooms", f"Too many rooms (max {limit})", msg.id)
+            self.node.join(self, room, msg.id)
+        elif isinstance(msg, p.LeaveRoom):
+            self._require_member(msg.payload.room, msg.id)
+            self.node.leave(self, msg.payload.room, msg.id)
+        elif isinstance(msg, p.Presence):
+            self._require_member(msg.payload.room, msg.id)
+            self.node.presence(self, msg.payload.room, msg.id)
+        elif isinstance(msg, p.Ping):
+            self.send(p.ServerPong(p.now_ms(), msg.id))
+        # Pong: the seed's heartbeat reply; liveness is tracked by the transport.
+
+    def _require_member(self, room: str, msg_id: p.MsgId) -> None:
+        if room not in self.rooms:
+            raise MessageError("not_in_room", f"Not a member of room: {room[:64]}", msg_id)

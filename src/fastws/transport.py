@@ -1,0 +1,260 @@
+"""The only module that speaks picows: upgrade routing, auth at the door, frames in, heartbeat.
+
+A refused client never gets a listener: the token is checked in the upgrade handler and
+a failure is answered with HTTP 401 before any WebSocket exists (RFC 6455 section 4.2.2).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Callable
+from http import HTTPStatus
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+from picows import (
+    WSAutoPingStrategy,
+    WSCloseCode,
+    WSFrame,
+    WSListener,
+    WSMsgType,
+    WSTransport,
+    WSUpgradeRequest,
+    WSUpgradeResponse,
+    WSUpgradeResponseWithListener,
+    ws_create_server,
+)
+from picows.picows import WSProtocolError  # type: ignore[attr-defined]
+
+from . import protocol as p
+from .auth import AuthError, Principal, extract_token
+from .config import Settings
+from .errors import CloseCode
+from .session import Session
+
+if TYPE_CHECKING:
+    from .server import Node
+
+log = logging.getLogger("fastws.transport")
+
+# Close codes a peer may send that we echo back (RFC 6455 section 7.4); others get 1000.
+_ECHOABLE = set(range(1000, 1004)) | set(range(1007, 1012)) | set(range(3000, 5000))
+
+
+class _PongProbe(msgspec.Struct):
+    type: str = ""
+
+
+_pong_probe = msgspec.json.Decoder(_PongProbe)
+
+
+class Connection(WSListener):  # type: ignore[misc]
+    """One upgraded socket: reassembles messages, hands them to its session, sends replies."""
+
+    def __init__(self, node: Node, principal: Principal, path: str) -> None:
+        super().__init__()
+        self.node = node
+        self.settings: Settings = node.settings
+        self.principal = principal
+        self.path = path
+        self.client_id = str(uuid.uuid4())
+        self.transport: WSTransport | None = None
+        self.session: Session | None = None
+        self.remote = ""
+        self._frag_type: WSMsgType | None = None
+        self._frags = bytearray()
+        self._abort_handle: asyncio.TimerHandle | None = None
+
+    # ---- picows callbacks -------------------------------------------------------------
+
+    def on_ws_connected(self, transport: WSTransport) -> None:
+        self.transport = transport
+        peer = transport.underlying_transport.get_extra_info("peername")
+        self.remote = f"{peer[0]}:{peer[1]}" if peer else ""
+        self.session = Session(self.client_id, self.principal, transport, self, self.node,
+                               self.settings)
+        self.node.connect(self.session, self.remote)
+
+    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        msg_type = frame.msg_type
+        if frame.rsv1 or frame.rsv2 or frame.rsv3:
+            # No extension is negotiated, so any RSV bit is a protocol error (section 5.2).
+            raise WSProtocolError(WSCloseCode.PROTOCOL_ERROR, "reserved bits set")
+        if msg_type == WSMsgType.TEXT or msg_type == WSMsgType.BINARY:
+            if self._frag_type is not None:
+                raise WSProtocolError(WSCloseCode.PROTOCOL_ERROR,
+                                      "new message inside a fragmented one")
+            if frame.fin:
+                self._deliver(msg_type, frame.get_payload_as_bytes())
+                return
+            self._frag_type = msg_type
+            self._append(frame)
+        elif msg_type == WSMsgType.CONTINUATION:
+            if self._frag_type is None:
+                raise WSProtocolError(WSCloseCode.PROTOCOL_ERROR, "continuation without a start")
+            self._append(frame)
+            if frame.fin:
+                data, kind = bytes(self._frags), self._frag_type
+                self._frags.clear()
+                self._frag_type = None
+                self._deliver(kind, data)
+        elif msg_type == WSMsgType.CLOSE:
+            code = frame.get_close_code()
+            transport.send_close(WSCloseCode(code if code in _ECHOABLE else 1000))
+            transport.disconnect()
+        # PING is answered by picows itself; an unsolicited PONG is ignored (section 5.5.3).
+
+    def on_ws_disconnected(self, transport: WSTransport) -> None:
+        if self._abort_handle is not None:
+            self._abort_handle.cancel()
+            self._abort_handle = None
+        if self.session is not None:
+            handshake = transport.close_handshake
+            code = None
+            if handshake is not None:
+                info = handshake.sent if handshake.sent is not None else handshake.recv
+                code = int(info.code) if info is not None else None
+            self.node.disconnect(self.session, code)
+            self.session = None
+
+    def send_user_specific_ping(self, transport: WSTransport) -> None:
+        if self.settings.json_ping:
+            transport.send(WSMsgType.TEXT, p.encode(p.ServerPing(p.now_ms())))
+        else:
+            transport.send_ping()
+
+    def is_user_specific_pong(self, frame: WSFrame) -> bool:
+        if frame.msg_type == WSMsgType.PONG:
+            return True
+        if self.settings.json_ping and frame.msg_type == WSMsgType.TEXT and frame.fin:
+            try:
+                return _pong_probe.decode(frame.get_payload_as_bytes()).type == "pong"
+            except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+                return False
+        return False
+
+    # ---- Outlet: how the session's replies leave --------------------------------------
+
+    def send(self, payload: bytes) -> None:
+        t = self.transport
+        if t is None or t.is_close_frame_sent or t.is_disconnected:
+            return
+        if t.underlying_transport.get_write_buffer_size() > self.settings.max_send_buffer_bytes:
+            self.node.slow_consumer(t)
+            return
+        t.send(WSMsgType.TEXT, payload)
+
+    def close(self, code: int, reason: str) -> None:
+        """Send a close frame; drop the socket if the peer has not closed within close_timeout."""
+        t = self.transport
+        if t is None or t.is_disconnected:
+            return
+        if not t.is_close_frame_sent:
+            t.send_close(WSCloseCode(code), reason.encode())
+        if self._abort_handle is None:
+            loop = asyncio.get_running_loop()
+            self._abort_handle = loop.call_later(
+                self.settings.close_timeout, t.disconnect, False
+            )
+
+    # ---- helpers ----------------------------------------------------------------------
+
+    def _append(self, frame: WSFrame) -> None:
+        if len(self._frags) + frame.payload_size > self.settings.max_message_bytes:
+            raise WSProtocolError(WSCloseCode.MESSAGE_TOO_BIG, "message too big")
+        self._frags += frame.get_payload_as_memoryview()
+
+    def _deliver(self, msg_type: WSMsgType, data: bytes) -> None:
+        if msg_type == WSMsgType.TEXT:
+            try:
+                text = data.decode("utf-8")
+            except UnicodeDecodeError:
+                # Text messages must be valid UTF-8 (RFC 6455 section 8.1).
+                raise WSProtocolError(WSCloseCode.INVALID_TEXT, "invalid UTF-8") from None
+            self.session.handle(text)  # type: ignore[union-attr]
+        else:
+            # Binary frames carry the same JSON, as the seed's server accepted them too.
+            self.session.handle(data)  # type: ignore[union-attr]
+
+
+def _path_only(raw_path: str) -> str:
+    return raw_path.partition("?")[0]
+
+
+class Gateway:
+    """picows' listener factory: routes each HTTP request before any upgrade happens."""
+
+    def __init__(self, node: Node, pages: dict[str, tuple[bytes, str]]) -> None:
+        self.node = node
+        self.pages = pages
+
+    def __call__(self, request: WSUpgradeRequest) -> Any:
+        raw_path = request.path.decode("latin-1")
+        path = _path_only(raw_path)
+        if path == "/ws":
+            return self._upgrade(request, raw_path)
+        if path == "/healthz":
+            body = msgspec.json.encode(self.node.health())
+            return _response(HTTPStatus.OK, body, "application/json")
+        page = self.pages.get(path)
+        if page is not None:
+            return _response(HTTPStatus.OK, page[0], page[1])
+        return _response(HTTPStatus.NOT_FOUND, b"not found\n", "text/plain; charset=utf-8")
+
+    def _upgrade(self, request: WSUpgradeRequest, raw_path: str) -> Any:
+        if self.node.draining:
+            return _response(HTTPStatus.SERVICE_UNAVAILABLE, b"shutting down\n", "text/plain")
+        token = extract_token(raw_path, request.headers.get("Authorization"))
+        try:
+            if token is None:
+                raise AuthError("no token")
+            principal = self.node.verifier.verify(token)
+        except AuthError as exc:
+            self.node.auth_failed(exc.reason)
+            return _response(
+                HTTPStatus.UNAUTHORIZED,
+                b"Unauthorized\n",
+                "text/plain; charset=utf-8",
+                {"WWW-Authenticate": 'Bearer realm="fastws"'},
+            )
+        return Connection(self.node, principal, "/ws")
+
+
+def _response(
+    status: HTTPStatus, body: bytes, content_type: str, headers: dict[str, str] | None = None
+) -> WSUpgradeResponseWithListener:
+    extra = {"Content-Type": content_type, "Cache-Control": "no-store"}
+    extra.update(headers or {})
+    if status == HTTPStatus.OK:
+        response = WSUpgradeResponse.create_ok_response(body, extra)
+    else:
+        response = WSUpgradeResponse.create_error_response(status, body, extra)
+    return WSUpgradeResponseWithListener(response, None)
+
+
+async def listen(
+    node: Node, pages: dict[str, tuple[bytes, str]], reuse_port: bool = False
+) -> asyncio.Server:
+    """Start accepting on ``node.settings.host:port`` and return the asyncio server."""
+    s = node.settings
+    heartbeat = s.ping_interval > 0
+    return await ws_create_server(
+        Gateway(node, pages),
+        s.host,
+        s.port,
+        websocket_handshake_timeout=s.handshake_timeout,
+        logger_name="fastws.picows",
+        enable_auto_ping=heartbeat,
+        auto_ping_idle_timeout=s.ping_interval if heartbeat else 20,
+        auto_ping_reply_timeout=s.ping_timeout if heartbeat else 20,
+        auto_ping_strategy=WSAutoPingStrategy.PING_WHEN_IDLE,
+        max_frame_size=s.max_message_bytes,
+        reuse_port=reuse_port,
+    )
+
+
+SlowHandler = Callable[[WSTransport], None]
+
+__all__ = ["Connection", "Gateway", "SlowHandler", "listen"]
