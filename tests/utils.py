@@ -119,7 +119,9 @@ async def picows_client(node: Node | int, user: str = "alice", **kw: Any) -> Col
 
 
 @contextlib.contextmanager
-def server_process(*args: str, env: dict[str, str] | None = None) -> Iterator[tuple[subprocess.Popen[str], int]]:
+def server_process(
+    *args: str, env: dict[str, str] | None = None
+) -> Iterator[tuple[subprocess.Popen[str], int]]:
     """``fastws serve`` as a subprocess on a free port; killed on exit if still running."""
     cmd = [sys.executable, "-m", "fastws", "serve", "--port", "0", "--jwt-secret", SECRET, *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

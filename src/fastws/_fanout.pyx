@@ -59,6 +59,7 @@ cdef inline void _write(WSTransport t, bytes data, const char* ptr, Py_ssize_t s
     # EAGAIN, or an error the transport should meet itself and report as connection_lost.
     t._tr_write(data)
 
+
 def broadcast(list transports, bytes data, Py_ssize_t max_buffered, object exclude=None):
     """Write the frame ``data`` to every transport in ``transports``.
 
@@ -96,4 +97,3 @@ def broadcast(list transports, bytes data, Py_ssize_t max_buffered, object exclu
             # A transport that refuses writes is closing; its listener reports it.
             pass
     return delivered, (slow if slow is not None else [])
-

@@ -14,7 +14,6 @@ from .auth import mint, random_secret
 from .config import FIELD_HELP, Settings, env_name, load_settings
 from .errors import ConfigError, FastWSError
 
-
 _METAVAR = {int: "N", float: "NUM", str: "TEXT"}
 
 

@@ -8,13 +8,12 @@ echoed on its reply or error. Field names and error texts are the seed's exactly
 from __future__ import annotations
 
 import time
-from typing import Union
 
 import msgspec
 
 from .errors import MessageError
 
-MsgId = Union[str, int, None]
+MsgId = str | int | None
 
 
 # ---- client -> server -------------------------------------------------------------------
@@ -67,7 +66,7 @@ class Pong(msgspec.Struct, tag="pong", tag_field="type"):
     id: MsgId = None
 
 
-ClientMessage = Union[JoinRoom, LeaveRoom, ChatMessage, Typing, Presence, Ping, Pong]
+ClientMessage = JoinRoom | LeaveRoom | ChatMessage | Typing | Presence | Ping | Pong
 CLIENT_TYPES = frozenset(
     ("join_room", "leave_room", "chat_message", "typing", "presence", "ping", "pong")
 )

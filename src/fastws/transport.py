@@ -31,7 +31,6 @@ from picows.picows import WSProtocolError  # type: ignore[attr-defined]
 from . import protocol as p
 from .auth import AuthError, Principal, extract_token
 from .config import Settings
-from .errors import CloseCode
 from .session import Session
 
 if TYPE_CHECKING:
@@ -50,7 +49,7 @@ class _PongProbe(msgspec.Struct):
 _pong_probe = msgspec.json.Decoder(_PongProbe)
 
 
-class Connection(WSListener):  # type: ignore[misc]
+class Connection(WSListener):
     """One upgraded socket: reassembles messages, hands them to its session, sends replies."""
 
     def __init__(self, node: Node, principal: Principal, path: str) -> None:
@@ -115,7 +114,7 @@ class Connection(WSListener):  # type: ignore[misc]
             code = None
             if handshake is not None:
                 info = handshake.sent if handshake.sent is not None else handshake.recv
-                code = int(info.code) if info is not None else None
+                code = info.code.value if info is not None else None
             self.node.disconnect(self.session, code)
             self.session = None
 
