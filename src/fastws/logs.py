@@ -51,7 +51,4 @@ def configure(level: str = "info", fmt: str = "text") -> None:
     root.setLevel(level.upper())
     root.propagate = False
     # picows logs every connect/disconnect at INFO; keep its warnings and errors only.
-    picows = logging.getLogger("picows")
-    picows.handlers[:] = [handler]
-    picows.setLevel(logging.WARNING)
-    picows.propagate = False
+    logging.getLogger("fastws.picows").setLevel(logging.WARNING)

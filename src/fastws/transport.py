@@ -38,6 +38,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("fastws.transport")
 
+# picows logs raw upgrade requests (query-string tokens included) below INFO: never let
+# those records out, whatever level an embedding application sets.
+picows_log = logging.getLogger("fastws.picows")
+picows_log.addFilter(lambda record: record.levelno >= logging.INFO)
+
 # Close codes a peer may send that we echo back (RFC 6455 section 7.4); others get 1000.
 _ECHOABLE = set(range(1000, 1004)) | set(range(1007, 1012)) | set(range(3000, 5000))
 
@@ -244,7 +249,7 @@ async def listen(
         s.host,
         s.port,
         websocket_handshake_timeout=s.handshake_timeout,
-        logger_name="fastws.picows",
+        logger_name=picows_log,
         enable_auto_ping=heartbeat,
         auto_ping_idle_timeout=s.ping_interval if heartbeat else 20,
         auto_ping_reply_timeout=s.ping_timeout if heartbeat else 20,
