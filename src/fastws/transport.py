@@ -43,8 +43,8 @@ log = logging.getLogger("fastws.transport")
 picows_log = logging.getLogger("fastws.picows")
 picows_log.addFilter(lambda record: record.levelno >= logging.INFO)
 
-# Close codes a peer may send that we echo back (RFC 6455 section 7.4); others get 1000.
-_ECHOABLE = set(range(1000, 1004)) | set(range(1007, 1012)) | set(range(3000, 5000))
+# Close codes a peer may send (RFC 6455 section 7.4.1 and the IANA registry); we echo them.
+_VALID_CLOSE = set(range(1000, 1004)) | set(range(1007, 1015)) | set(range(3000, 5000))
 
 
 class _PongProbe(msgspec.Struct):
@@ -104,11 +104,19 @@ class Connection(WSListener):
                 self._frags.clear()
                 self._frag_type = None
                 self._deliver(kind, data)
+        elif msg_type == WSMsgType.PING:
+            # Answered here rather than by picows, so that the RSV check above applies.
+            transport.send_pong(frame.get_payload_as_bytes())
         elif msg_type == WSMsgType.CLOSE:
-            code = frame.get_close_code()
-            transport.send_close(WSCloseCode(code if code in _ECHOABLE else 1000))
+            if frame.payload_size == 0:
+                code = 1000  # no status code given (1005 on our side): answer a normal close
+            else:
+                code = frame.get_close_code()
+                if code not in _VALID_CLOSE:
+                    raise WSProtocolError(WSCloseCode.PROTOCOL_ERROR, "invalid close code")
+            transport.send_close(WSCloseCode(code))
             transport.disconnect()
-        # PING is answered by picows itself; an unsolicited PONG is ignored (section 5.5.3).
+        # An unsolicited PONG is ignored (section 5.5.3).
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
         if self._abort_handle is not None:
@@ -255,6 +263,7 @@ async def listen(
         auto_ping_reply_timeout=s.ping_timeout if heartbeat else 20,
         auto_ping_strategy=WSAutoPingStrategy.PING_WHEN_IDLE,
         max_frame_size=s.max_message_bytes,
+        enable_auto_pong=False,
         reuse_port=reuse_port,
     )
 
