@@ -56,6 +56,18 @@ def test_refusals_are_typed(raw: str, code: str) -> None:
     assert err.value.code == code
 
 
+@pytest.mark.parametrize(
+    "raw",
+    [b'{"type":"\xff"}', b'{"type":"join_room","payload":{"room":"\xc0\xaf"}}',
+     b'{"type":"ping","id":"\xed\xa0\x80"}'],
+)
+def test_invalid_utf8_inside_binary_json_is_invalid_format(raw: bytes) -> None:
+    """Invalid UTF-8 in a string msgspec reads is a typed refusal, not a server error."""
+    with pytest.raises(MessageError) as err:
+        p.decode(raw)
+    assert err.value.code == "invalid_format"
+
+
 def test_outgoing_messages_use_the_seeds_field_names() -> None:
     """Outgoing JSON is flat with the seed's camelCase names and `type` first."""
     out = p.encode(p.ChatBroadcast("r", "alice", "hi", 1, 7, "u1"))

@@ -89,11 +89,11 @@ def decode(data: bytes | str) -> ClientMessage:
         return _decoder.decode(data)
     except msgspec.ValidationError as exc:  # a subclass of DecodeError: catch it first
         detail = str(exc)
-    except (msgspec.DecodeError, RecursionError):
+    except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):
         raise MessageError("invalid_format", "Invalid message format") from None
     try:
         env = _envelope_decoder.decode(data)
-    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+    except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):
         raise MessageError("invalid_format", "Invalid message format") from None
     if env.type not in CLIENT_TYPES:
         raise MessageError("unknown_type", f"Unknown message type: {env.type}", env.id)
