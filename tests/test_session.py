@@ -14,6 +14,8 @@ from fastws.session import Session, TokenBucket
 class Recorder:
     """Outlet and NodeActions that record what the session asked for."""
 
+    inline = True
+
     def __init__(self) -> None:
         self.sent: list[dict[str, Any]] = []
         self.closed: tuple[int, str] | None = None
@@ -25,21 +27,21 @@ class Recorder:
     def close(self, code: int, reason: str) -> None:
         self.closed = (code, reason)
 
-    def join(self, session: Session, room: str, msg_id: Any) -> None:
+    async def join(self, session: Session, room: str, msg_id: Any) -> None:
         session.rooms.add(room)
         self.calls.append(("join", room, msg_id))
 
-    def leave(self, session: Session, room: str, msg_id: Any) -> None:
+    async def leave(self, session: Session, room: str, msg_id: Any) -> None:
         session.rooms.discard(room)
         self.calls.append(("leave", room, msg_id))
 
-    def chat(self, session: Session, room: str, text: str, msg_id: Any) -> None:
+    async def chat(self, session: Session, room: str, text: str, msg_id: Any) -> None:
         self.calls.append(("chat", room, text, msg_id))
 
-    def typing(self, session: Session, room: str, is_typing: bool, msg_id: Any) -> None:
+    async def typing(self, session: Session, room: str, is_typing: bool, msg_id: Any) -> None:
         self.calls.append(("typing", room, is_typing, msg_id))
 
-    def presence(self, session: Session, room: str, msg_id: Any) -> None:
+    async def presence(self, session: Session, room: str, msg_id: Any) -> None:
         self.calls.append(("presence", room, msg_id))
 
 

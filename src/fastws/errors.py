@@ -4,7 +4,8 @@
     ├── ConfigError      bad settings; the CLI prints it and exits 2
     ├── AuthError        the upgrade is refused with HTTP 401; ``reason`` is safe to log
     └── MessageError     one client message is refused with an ``error`` reply; the
-                         connection stays open. ``code`` is the machine-readable kind.
+        │                connection stays open. ``code`` is the machine-readable kind.
+        └── BrokerUnavailable  the broker is down: the message was not delivered anywhere
 """
 
 from __future__ import annotations
@@ -36,6 +37,13 @@ class MessageError(FastWSError):
         self.code = code
         self.text = text
         self.msg_id = msg_id
+
+
+class BrokerUnavailable(MessageError):
+    """The broker cannot be reached; the node keeps its clients and says so instead of lying."""
+
+    def __init__(self, msg_id: str | int | None = None) -> None:
+        super().__init__("unavailable", "Service temporarily unavailable, try again", msg_id)
 
 
 class CloseCode(enum.IntEnum):

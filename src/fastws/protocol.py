@@ -112,6 +112,7 @@ class Connected(_Out, tag="connected"):
     timestamp: int
     userId: str = ""
     username: str = ""
+    node: str = ""
 
 
 class RoomJoined(_Out, tag="room_joined"):
@@ -142,13 +143,20 @@ class UserLeft(_Out, tag="user_left"):
     members: int = 0
 
 
-class ChatBroadcast(_Out, tag="chat_message"):
+class _ChatWithoutSeq(_Out, tag="chat_message"):
     room: str
     username: str
     message: str
     timestamp: int
-    seq: int
-    userId: str = ""
+    userId: str
+
+
+def chat_parts(room: str, username: str, message: str, user_id: str) -> tuple[bytes, bytes]:
+    """A chat_message (room, username, message, timestamp, userId, seq) encoded once, split
+    where its ``seq`` goes: the broker allocates the seq
+    and publishes ``head + b"%d" % seq + tail`` atomically, so no node re-encodes it."""
+    body = encode(_ChatWithoutSeq(room, username, message, now_ms(), user_id))
+    return body[:-1] + b',"seq":', b"}"
 
 
 class TypingBroadcast(_Out, tag="typing"):

@@ -6,7 +6,9 @@ import asyncio
 import contextlib
 import logging
 import os
+import secrets
 import signal
+import socket
 import time
 from collections import Counter
 from importlib import resources
@@ -14,8 +16,10 @@ from typing import Any
 
 from . import protocol as p
 from .auth import Verifier
+from .broker import Broker, MemberInfo
+from .broker.memory import MemoryBroker
 from .config import Settings
-from .errors import CloseCode
+from .errors import BrokerUnavailable, CloseCode
 from .hub import Hub
 from .session import Session
 
@@ -33,9 +37,14 @@ def _load_pages() -> dict[str, tuple[bytes, str]]:
 class Node:
     """One fastws process: its connections, its hub, and the chat semantics of the seed."""
 
-    def __init__(self, settings: Settings, secret: str) -> None:
+    def __init__(self, settings: Settings, secret: str, broker: Broker | None = None) -> None:
         self.settings = settings
         self.verifier = Verifier(settings, secret)
+        self.node_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(2)}"
+        self.broker: Broker = broker if broker is not None else MemoryBroker()
+        self.inline = self.broker.inline
+        self.broker.attach(self.node_id, self.deliver)
+        self._tasks: set[asyncio.Task[None]] = set()
         self.hub = Hub(settings.max_send_buffer_bytes, self.slow_consumer)
         self.sessions: dict[str, Session] = {}
         self._by_transport: dict[Any, Session] = {}
@@ -51,6 +60,7 @@ class Node:
     async def start(self, reuse_port: bool = False) -> None:
         from .transport import listen
 
+        await self.broker.start()
         self.server = await listen(self, _load_pages(), reuse_port=reuse_port)
 
     @property
@@ -76,14 +86,21 @@ class Node:
                                                   "connections": len(self.sessions)})
             for session in list(self.sessions.values()):
                 session.transport.disconnect(False)
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=self.settings.drain_timeout)
         if self.server is not None:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.server.wait_closed(), 1.0)
+        await self.broker.close()
         log.info("stopped", extra={"event": "stopped", "connections": count})
 
     def health(self) -> dict[str, Any]:
+        broker = self.broker.health()
+        status = "ok" if broker.get("state") == "ok" else "degraded"
         return {
-            "status": "draining" if self.draining else "ok",
+            "status": "draining" if self.draining else status,
+            "node": self.node_id,
+            "broker": broker,
             "pid": os.getpid(),
             "connections": len(self.sessions),
             "rooms": len(self.hub.rooms),
@@ -111,18 +128,25 @@ class Node:
         log.info("connected", extra={"event": "connected", "client_id": session.client_id,
                                      "user_id": session.principal.user_id, "remote": remote})
         session.send(p.Connected(session.client_id, p.now_ms(), session.principal.user_id,
-                                 session.principal.username))
+                                 session.principal.username, self.node_id))
+        self._run(self._quietly(self.broker.session_opened(self._member(session),
+                                                           session.connected_at)))
 
     def disconnect(self, session: Session, code: int | None) -> None:
-        for room in list(session.rooms):
-            self._leave(session, room)
+        session.cancel()
         self.sessions.pop(session.client_id, None)
         self._by_transport.pop(session.transport, None)
+        self._run(self._cleanup(session))
         if not self.sessions:
             self._idle.set()
         log.info("disconnected", extra={
             "event": "disconnected", "client_id": session.client_id, "code": code,
             "duration": round(time.time() - session.connected_at, 3)})
+
+    async def _cleanup(self, session: Session) -> None:
+        for room in list(session.rooms):
+            await self._leave(session, room)
+        await self._quietly(self.broker.session_closed(session.client_id))
 
     def auth_failed(self, reason: str) -> None:
         self.counters["auth_failures"] += 1
@@ -138,59 +162,119 @@ class Node:
         session.outlet.close(CloseCode.SLOW_CONSUMER, "slow consumer")
 
     # ---- NodeActions: what sessions ask for ------------------------------------------------
+    # Each is a coroutine; with an inline broker it never suspends (see broker/__init__.py).
 
-    def join(self, session: Session, room: str, msg_id: p.MsgId) -> None:
+    async def join(self, session: Session, room: str, msg_id: p.MsgId) -> None:
         fresh = room not in session.rooms
         if fresh:
             session.rooms.add(room)
-            r = self.hub.join(room, session)
-        else:
-            r = self.hub.rooms[room]
-        session.send(p.RoomJoined(room, len(r), r.seq, msg_id))
+            if len(self.hub.join(room, session)) == 1:
+                await self._subscribe(session, room, msg_id)
+        try:
+            members, seq = await self.broker.join(room, self._member(session))
+        except BrokerUnavailable:
+            if fresh:
+                await self._drop_local(session, room)
+            raise BrokerUnavailable(msg_id) from None
+        session.send(p.RoomJoined(room, members, seq, msg_id))
         if fresh:
             who = session.principal
-            self.hub.broadcast(room, p.encode(p.UserJoined(
-                room, who.username, p.now_ms(), who.user_id, len(r))), exclude=session)
             log.debug("joined", extra={"event": "join", "client_id": session.client_id,
                                        "room": room})
+            await self._publish(room, p.encode(p.UserJoined(
+                room, who.username, p.now_ms(), who.user_id, members)), session.client_id)
 
-    def leave(self, session: Session, room: str, msg_id: p.MsgId) -> None:
-        self._leave(session, room)
+    async def leave(self, session: Session, room: str, msg_id: p.MsgId) -> None:
+        await self._leave(session, room)
         if msg_id is not None:
             session.send(p.RoomLeft(room, msg_id))
 
-    def _leave(self, session: Session, room: str) -> None:
-        session.rooms.discard(room)
-        r = self.hub.leave(room, session)
-        if r is not None and len(r):
-            who = session.principal
-            self.hub.broadcast(room, p.encode(p.UserLeft(
-                room, who.username, p.now_ms(), who.user_id, len(r))))
-
-    def chat(self, session: Session, room: str, text: str, msg_id: p.MsgId) -> None:
-        r = self.hub.rooms[room]
-        r.seq += 1
+    async def chat(self, session: Session, room: str, text: str, msg_id: p.MsgId) -> None:
         who = session.principal
-        self.hub.broadcast(room, p.encode(p.ChatBroadcast(
-            room, who.username, text, p.now_ms(), r.seq, who.user_id)))
+        head, tail = p.chat_parts(room, who.username, text, who.user_id)
+        try:
+            seq = await self.broker.publish_seq(room, head, tail)
+        except BrokerUnavailable:
+            raise BrokerUnavailable(msg_id) from None
         self.counters["messages_in"] += 1
         if msg_id is not None:
-            session.send(p.Ack(msg_id, r.seq))
+            session.send(p.Ack(msg_id, seq))
 
-    def typing(self, session: Session, room: str, is_typing: bool, msg_id: p.MsgId) -> None:
+    async def typing(self, session: Session, room: str, is_typing: bool, msg_id: p.MsgId) -> None:
         who = session.principal
-        self.hub.broadcast(room, p.encode(p.TypingBroadcast(
-            room, who.username, is_typing, who.user_id)), exclude=session)
+        try:
+            await self.broker.publish(room, p.encode(p.TypingBroadcast(
+                room, who.username, is_typing, who.user_id)), session.client_id)
+        except BrokerUnavailable:
+            raise BrokerUnavailable(msg_id) from None
         if msg_id is not None:
             session.send(p.Ack(msg_id))
 
-    def presence(self, session: Session, room: str, msg_id: p.MsgId) -> None:
-        r = self.hub.rooms[room]
+    async def presence(self, session: Session, room: str, msg_id: p.MsgId) -> None:
+        try:
+            entries = await self.broker.presence(room)
+        except BrokerUnavailable:
+            raise BrokerUnavailable(msg_id) from None
         seen: dict[str, p.Member] = {}
-        for member in r.members:
-            who = member.principal
-            seen.setdefault(who.user_id, p.Member(who.user_id, who.username))
+        for entry in entries:
+            seen.setdefault(entry.userId, p.Member(entry.userId, entry.username))
         session.send(p.PresenceReply(room, list(seen.values()), msg_id))
+
+    # ---- helpers ----------------------------------------------------------------------------
+
+    def _member(self, session: Session) -> MemberInfo:
+        who = session.principal
+        return MemberInfo(session.client_id, who.user_id, who.username, self.node_id)
+
+    async def _subscribe(self, session: Session, room: str, msg_id: p.MsgId) -> None:
+        try:
+            await self.broker.subscribe(room)
+        except BrokerUnavailable:
+            await self._drop_local(session, room)
+            raise BrokerUnavailable(msg_id) from None
+
+    async def _drop_local(self, session: Session, room: str) -> None:
+        session.rooms.discard(room)
+        r = self.hub.leave(room, session)
+        if r is not None and not len(r):
+            await self._quietly(self.broker.unsubscribe(room))
+
+    async def _leave(self, session: Session, room: str) -> None:
+        """Leave locally at once; then tell the broker and the room (best effort if it is down)."""
+        await self._drop_local(session, room)
+        try:
+            left = await self.broker.leave(room, session.client_id)
+        except BrokerUnavailable:
+            return
+        if left:
+            who = session.principal
+            await self._publish(room, p.encode(p.UserLeft(
+                room, who.username, p.now_ms(), who.user_id, left)))
+
+    async def _publish(self, room: str, payload: bytes, exclude: str = "") -> None:
+        await self._quietly(self.broker.publish(room, payload, exclude))
+
+    async def _quietly(self, action: Any) -> None:
+        """Room notices are best effort: an outage is already logged and shown on /healthz."""
+        with contextlib.suppress(BrokerUnavailable):
+            await action
+
+    def deliver(self, room: str, exclude: str, payload: bytes) -> None:
+        """Broker callback: one publication for ``room``, framed once for every local member."""
+        self.hub.broadcast(room, payload, self.sessions.get(exclude) if exclude else None)
+
+    def _run(self, action: Any) -> None:
+        """Run a node-internal coroutine: in place when the broker is inline, else as a task."""
+        if self.inline:
+            try:
+                action.send(None)
+            except StopIteration:
+                return
+            action.close()
+            raise RuntimeError("an inline broker suspended")
+        task = asyncio.get_running_loop().create_task(action)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
 
 async def serve(node: Node, on_ready: Any = None) -> None:

@@ -6,9 +6,12 @@ the ``NodeActions`` the server gives, so tests can drive a session with plain by
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import re
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
 
 from . import protocol as p
@@ -17,6 +20,8 @@ from .config import Settings
 from .errors import CloseCode, MessageError
 
 ROOM_NAME = re.compile(r"[A-Za-z0-9_.:@#-]{1,64}")
+log = logging.getLogger("fastws.session")
+Action = Coroutine[Any, Any, None]
 
 
 class Outlet(Protocol):
@@ -28,17 +33,25 @@ class Outlet(Protocol):
 
 
 class NodeActions(Protocol):
-    """What a session asks of the node (implemented by the server)."""
+    """What a session asks of the node (implemented by the server).
 
-    def join(self, session: Session, room: str, msg_id: p.MsgId) -> None: ...
+    ``inline`` says the actions' coroutines never suspend (an in-process broker), so the
+    session runs them to completion in place instead of scheduling a task.
+    """
 
-    def leave(self, session: Session, room: str, msg_id: p.MsgId) -> None: ...
+    inline: bool
 
-    def chat(self, session: Session, room: str, text: str, msg_id: p.MsgId) -> None: ...
+    async def join(self, session: Session, room: str, msg_id: p.MsgId) -> None: ...
 
-    def typing(self, session: Session, room: str, is_typing: bool, msg_id: p.MsgId) -> None: ...
+    async def leave(self, session: Session, room: str, msg_id: p.MsgId) -> None: ...
 
-    def presence(self, session: Session, room: str, msg_id: p.MsgId) -> None: ...
+    async def chat(self, session: Session, room: str, text: str, msg_id: p.MsgId) -> None: ...
+
+    async def typing(
+        self, session: Session, room: str, is_typing: bool, msg_id: p.MsgId
+    ) -> None: ...
+
+    async def presence(self, session: Session, room: str, msg_id: p.MsgId) -> None: ...
 
 
 class TokenBucket:
@@ -67,6 +80,8 @@ class Session:
     """A connected, authenticated client. ``transport`` is opaque here: the hub fans out to it."""
 
     __slots__ = (
+        "_backlog",
+        "_task",
         "bucket",
         "client_id",
         "connected_at",
@@ -101,6 +116,10 @@ class Session:
             settings.rate_limit > 0
         ) else None
         self.rejected_in_row = 0
+        # While an action awaits a remote broker, later messages wait here, so one client's
+        # messages take effect in the order it sent them.
+        self._backlog: deque[bytes | str] = deque()
+        self._task: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
         return f"<Session {self.client_id} user={self.principal.user_id}>"
@@ -120,12 +139,65 @@ class Session:
             )
             return
         self.rejected_in_row = 0
+        if self._task is not None:
+            if len(self._backlog) >= self.settings.rate_burst:
+                self.outlet.close(CloseCode.POLICY_VIOLATION, "too many pending messages")
+                return
+            self._backlog.append(data)
+            return
+        action = self._start(data)
+        if action is None:
+            return
+        if self.node.inline:
+            self._run_inline(action)
+        else:
+            self._task = asyncio.get_running_loop().create_task(self._run_chain(action))
+
+    def cancel(self) -> None:
+        """Drop pending work; called when the connection is gone."""
+        self._backlog.clear()
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+
+    def _start(self, data: bytes | str) -> Action | None:
         try:
-            self.dispatch(p.decode(data))
+            return self.dispatch(p.decode(data))
         except MessageError as exc:
             self.outlet.send(p.error_bytes(exc))
+            return None
 
-    def dispatch(self, msg: p.ClientMessage) -> None:
+    def _run_inline(self, action: Action) -> None:
+        try:
+            action.send(None)
+        except StopIteration:
+            return
+        except MessageError as exc:
+            self.outlet.send(p.error_bytes(exc))
+            return
+        action.close()
+        raise RuntimeError("an inline broker suspended")
+
+    async def _run_chain(self, action: Action | None) -> None:
+        try:
+            while action is not None:
+                try:
+                    await action
+                except MessageError as exc:
+                    self.outlet.send(p.error_bytes(exc))
+                action = None
+                while action is None and self._backlog:
+                    action = self._start(self._backlog.popleft())
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("action failed", extra={"client_id": self.client_id})
+            self.outlet.close(CloseCode.INTERNAL_ERROR, "internal error")
+        finally:
+            self._task = None
+
+    def dispatch(self, msg: p.ClientMessage) -> Action | None:
+        """Validate ``msg``; return the node action to run, or None when already answered."""
         if isinstance(msg, p.ChatMessage):
             room, text = msg.payload.room, msg.payload.message
             self._require_member(room, msg.id)
@@ -137,10 +209,10 @@ class Session:
                 )
             if not text.strip():
                 raise MessageError("empty_message", "Message is empty", msg.id)
-            self.node.chat(self, room, text, msg.id)
+            return self.node.chat(self, room, text, msg.id)
         elif isinstance(msg, p.Typing):
             self._require_member(msg.payload.room, msg.id)
-            self.node.typing(self, msg.payload.room, msg.payload.isTyping, msg.id)
+            return self.node.typing(self, msg.payload.room, msg.payload.isTyping, msg.id)
         elif isinstance(msg, p.JoinRoom):
             room = msg.payload.room
             if not ROOM_NAME.fullmatch(room):
@@ -152,16 +224,17 @@ class Session:
             limit = self.settings.max_rooms_per_connection
             if room not in self.rooms and limit and len(self.rooms) >= limit:
                 raise MessageError("too_many_rooms", f"Too many rooms (max {limit})", msg.id)
-            self.node.join(self, room, msg.id)
+            return self.node.join(self, room, msg.id)
         elif isinstance(msg, p.LeaveRoom):
             self._require_member(msg.payload.room, msg.id)
-            self.node.leave(self, msg.payload.room, msg.id)
+            return self.node.leave(self, msg.payload.room, msg.id)
         elif isinstance(msg, p.Presence):
             self._require_member(msg.payload.room, msg.id)
-            self.node.presence(self, msg.payload.room, msg.id)
+            return self.node.presence(self, msg.payload.room, msg.id)
         elif isinstance(msg, p.Ping):
             self.send(p.ServerPong(p.now_ms(), msg.id))
         # Pong: the seed's heartbeat reply; liveness is tracked by the transport.
+        return None
 
     def _require_member(self, room: str, msg_id: p.MsgId) -> None:
         if room not in self.rooms:
