@@ -111,7 +111,7 @@ class Connection(WSListener):
             if frame.payload_size == 0:
                 code = 1000  # no status code given (1005 on our side): answer a normal close
             else:
-                code = int(frame.get_close_code())
+                code = frame.get_close_code().value
                 if code not in _VALID_CLOSE:
                     raise WSProtocolError(WSCloseCode.PROTOCOL_ERROR, "invalid close code")
             transport.send_close(WSCloseCode(code))
