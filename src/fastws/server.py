@@ -37,10 +37,16 @@ def _load_pages() -> dict[str, tuple[bytes, str]]:
 class Node:
     """One fastws process: its connections, its hub, and the chat semantics of the seed."""
 
-    def __init__(self, settings: Settings, secret: str, broker: Broker | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        secret: str,
+        broker: Broker | None = None,
+        node_id: str | None = None,
+    ) -> None:
         self.settings = settings
         self.verifier = Verifier(settings, secret)
-        self.node_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(2)}"
+        self.node_id = node_id or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(2)}"
         self.broker: Broker = broker if broker is not None else MemoryBroker()
         self.inline = self.broker.inline
         self.broker.attach(self.node_id, self.deliver)
