@@ -19,13 +19,15 @@ _METAVAR = {int: "N", float: "NUM", str: "TEXT"}
 
 def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
     for f in msgspec.structs.fields(Settings):
-        flag = "--" + f.name.replace("_", "-")
+        flags = ["--" + f.name.replace("_", "-")]
+        if f.name == "redis_url":
+            flags.append("--redis")
         help_text = f"{FIELD_HELP[f.name]} [env {env_name(f.name)}]"
         if isinstance(f.default, bool):
-            parser.add_argument(flag, dest=f.name, default=None,
+            parser.add_argument(*flags, dest=f.name, default=None,
                                 action=argparse.BooleanOptionalAction, help=help_text)
         else:
-            parser.add_argument(flag, dest=f.name, default=None, type=type(f.default),
+            parser.add_argument(*flags, dest=f.name, default=None, type=type(f.default),
                                 metavar=_METAVAR[type(f.default)], help=help_text)
 
 
@@ -58,10 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    import os
+
     import uvloop
 
     from .logs import configure
-    from .server import Node, serve
+    from .supervisor import ENV_BUS, ENV_NODE, ENV_WORKER, Supervisor
 
     settings = load_settings(vars(args))
     configure(settings.log_level, settings.log_format)
@@ -69,12 +73,13 @@ def _serve(args: argparse.Namespace) -> int:
     generated = not secret and settings.algorithms[0].startswith("HS")
     if generated:
         secret = random_secret()
+    host = settings.host
 
-    def announce(node: Node) -> None:
-        base = f"http://{settings.host}:{node.port}"
-        print(f"fastws {__version__} listening on {base} (WebSocket at ws://{settings.host}:"
-              f"{node.port}/ws, pid {__import__('os').getpid()})", flush=True)
-        if generated:
+    def announce(port: int) -> None:
+        base = f"http://{host}:{port}"
+        print(f"fastws {__version__} listening on {base} (WebSocket at ws://{host}:{port}/ws, "
+              f"pid {os.getpid()})", flush=True)
+        if generated and ENV_WORKER not in os.environ:
             alg = settings.algorithms[0]
             alice = mint(secret, "alice", ttl=86400, algorithm=alg)
             bob = mint(secret, "bob", ttl=86400, algorithm=alg)
@@ -82,8 +87,32 @@ def _serve(args: argparse.Namespace) -> int:
                   f"Open the demo as alice: {base}/#token={alice}\n"
                   f"        and as bob:     {base}/#token={bob}", flush=True)
 
-    node = Node(settings, secret)
-    uvloop.run(serve(node, announce))
+    workers = settings.workers or os.cpu_count() or 1
+    if workers > 1 and ENV_WORKER not in os.environ:
+        return uvloop.run(Supervisor(settings, secret, workers).run(announce))
+    return uvloop.run(_run_node(settings, secret, announce, os.environ.get(ENV_BUS),
+                                os.environ.get(ENV_NODE), ENV_WORKER in os.environ))
+
+
+async def _run_node(settings: Settings, secret: str, announce: Any, bus_dir: str | None,
+                    node_id: str | None, reuse_port: bool) -> int:
+    from .broker import Broker
+    from .broker.memory import MemoryBroker
+    from .server import Node, serve
+
+    broker: Broker
+    if settings.redis_url:
+        from .broker.redis import RedisBroker
+
+        broker = RedisBroker(settings.redis_url)
+    elif bus_dir:
+        from .broker.localbus import LocalBusBroker
+
+        broker = LocalBusBroker(f"ipc://{bus_dir}/bus-req", f"ipc://{bus_dir}/bus-pub")
+    else:
+        broker = MemoryBroker()
+    node = Node(settings, secret, broker, node_id)
+    await serve(node, lambda n: announce(n.port), reuse_port=reuse_port)
     return 0
 
 

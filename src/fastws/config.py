@@ -38,6 +38,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     drain_timeout: float = 10.0
     log_level: str = "info"
     log_format: str = "text"
+    workers: int = 1
+    redis_url: str = ""
 
     @property
     def algorithms(self) -> list[str]:
@@ -75,6 +77,10 @@ FIELD_HELP: dict[str, str] = {
     "drain_timeout": "seconds graceful shutdown waits for clients to close (default 10)",
     "log_level": "debug, info, warning or error (default info)",
     "log_format": "text or json (one JSON object per line) (default text)",
+    "workers": "worker processes sharing the port (default 1; 0 = one per core); with more "
+    "than one and no Redis, workers talk over a local bus in the supervisor",
+    "redis_url": "redis://host:port/db to span rooms across hosts (default none: this host "
+    "only)",
 }
 
 ENV_PREFIX = "FASTWS_"
@@ -130,6 +136,10 @@ def validate(s: Settings) -> None:
         raise ConfigError("rate_limit must be >= 0 and rate_burst >= 1")
     if not s.algorithms:
         raise ConfigError("jwt_algorithms: at least one algorithm is required")
+    if s.workers < 0:
+        raise ConfigError("workers must be >= 0 (0 = one per core)")
+    if s.redis_url and not s.redis_url.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError("redis_url must start with redis://, rediss:// or unix://")
     if s.log_format not in ("text", "json"):
         raise ConfigError(f"log_format: expected text or json, got {s.log_format!r}")
     if s.log_level.lower() not in ("debug", "info", "warning", "error"):

@@ -283,13 +283,13 @@ class Node:
         task.add_done_callback(self._tasks.discard)
 
 
-async def serve(node: Node, on_ready: Any = None) -> None:
+async def serve(node: Node, on_ready: Any = None, reuse_port: bool = False) -> None:
     """Run ``node`` until SIGINT/SIGTERM, then drain; returns when shut down."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    await node.start()
+    await node.start(reuse_port=reuse_port)
     log.info("listening on %s:%d", node.settings.host, node.port,
              extra={"event": "listening", "port": node.port, "pid": os.getpid()})
     if on_ready is not None:

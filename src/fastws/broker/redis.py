@@ -1,0 +1,379 @@
+"""Redis broker: rooms span hosts through Redis pub/sub; seq and presence live in Redis.
+
+The only module that imports redis. Keys (room names are hash-tagged so a room's keys share a
+slot):
+
+    fastws:{room}:seq        INCR counter; allocation and PUBLISH happen in one Lua script
+    fastws:{room}:members    hash clientId -> MemberInfo (msgpack)
+    fastws:{room}            the pub/sub channel; a message is ``exclude_client_id \\n payload``
+    session:<clientId>       the seed's session record: userId, nodeId, connectedAt (TTL, refreshed)
+    fastws:node:<id>         this node is alive (TTL, refreshed)
+    fastws:node:<id>:rooms   rooms this node has members in, so a dead node can be swept
+    fastws:nodes             every node id seen
+
+If Redis goes away the node keeps its clients: calls raise ``BrokerUnavailable`` (the client
+gets an ``unavailable`` error, never a false success), ``health()`` says down, and a monitor
+reconnects with backoff, then resubscribes and re-registers everything this node holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from typing import Any
+
+import msgspec
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from ..errors import BrokerUnavailable
+from . import Deliver, MemberInfo
+
+log = logging.getLogger("fastws.broker.redis")
+
+_PUBLISH_SEQ = """
+local seq = redis.call('INCR', KEYS[1])
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+redis.call('PUBLISH', ARGV[1], ARGV[2] .. seq .. ARGV[3])
+return seq
+"""
+
+_JOIN = """
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+return {redis.call('HLEN', KEYS[1]), tonumber(redis.call('GET', KEYS[2]) or '0')}
+"""
+
+_LEAVE = """
+redis.call('HDEL', KEYS[1], ARGV[1])
+local left = redis.call('HLEN', KEYS[1])
+if left == 0 then redis.call('DEL', KEYS[1]) end
+return left
+"""
+
+_SEQ_TTL = 7 * 86400  # a room's seq survives a week of silence
+_SESSION_TTL = 60  # the seed's session records, refreshed every _SESSION_TTL / 3
+_NODE_TTL = 15  # a node that has not refreshed for this long is swept by the others
+_member_encoder = msgspec.msgpack.Encoder()
+_member_decoder = msgspec.msgpack.Decoder(MemberInfo)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _raw(value: bytes | str) -> bytes:
+    return value.encode() if isinstance(value, str) else value
+
+
+def _channel(room: str) -> str:
+    return f"fastws:{{{room}}}"
+
+
+def _members_key(room: str) -> str:
+    return f"fastws:{{{room}}}:members"
+
+
+def _seq_key(room: str) -> str:
+    return f"fastws:{{{room}}}:seq"
+
+
+class RedisBroker:
+    name = "redis"
+    inline = False
+
+    def __init__(self, url: str, timeout: float = 2.0, sweep_interval: float = 5.0) -> None:
+        self.url = url
+        self.timeout = timeout
+        self.sweep_interval = sweep_interval
+        self._deliver: Deliver | None = None
+        self.node_id = ""
+        self._redis: aioredis.Redis | None = None
+        self._pubsub: Any = None
+        self._reader: asyncio.Task[None] | None = None
+        self._monitor: asyncio.Task[None] | None = None
+        self._keeper: asyncio.Task[None] | None = None
+        self._confirm: dict[bytes, asyncio.Future[None]] = {}
+        self._rooms: set[str] = set()  # rooms subscribed here
+        self._members: dict[str, dict[str, MemberInfo]] = {}  # local presence, to re-register
+        self._sessions: dict[str, tuple[MemberInfo, float]] = {}
+        self.state = "down"
+        self.outages = 0
+        self._closing = False
+
+    # ---- lifecycle ------------------------------------------------------------------------
+
+    def attach(self, node_id: str, deliver: Deliver) -> None:
+        self.node_id = node_id
+        self._deliver = deliver
+
+    async def start(self) -> None:
+        self._redis = aioredis.Redis.from_url(
+            self.url,
+            socket_timeout=self.timeout,
+            socket_connect_timeout=self.timeout,
+            health_check_interval=0,
+        )
+        self._publish_seq = self._redis.register_script(_PUBLISH_SEQ)
+        self._join = self._redis.register_script(_JOIN)
+        self._leave = self._redis.register_script(_LEAVE)
+        try:
+            await self._connect()
+        except (RedisError, OSError) as exc:
+            # Serve anyway: local clients still work, and the monitor keeps trying.
+            self._went_down(exc)
+        self._keeper = asyncio.get_running_loop().create_task(self._keep_alive())
+
+    async def close(self) -> None:
+        self._closing = True
+        for task in (self._keeper, self._monitor, self._reader):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        if self._redis is not None and self.state == "ok":
+            with contextlib.suppress(RedisError, OSError):
+                await asyncio.wait_for(self._redis.delete(f"fastws:node:{self.node_id}"), 1.0)
+        await self._close_pubsub()
+        if self._redis is not None:
+            await self._redis.aclose()
+
+    def health(self) -> dict[str, Any]:
+        return {"name": self.name, "state": self.state, "outages": self.outages,
+                "rooms": len(self._rooms)}
+
+    async def _connect(self) -> None:
+        """(Re)build the subscription and re-register everything this node holds in Redis."""
+        assert self._redis is not None
+        await self._redis.ping()
+        await self._close_pubsub()
+        self._pubsub = self._redis.pubsub()
+        if self._rooms:
+            await self._pubsub.subscribe(*[_channel(r) for r in self._rooms])
+        else:
+            # A pub/sub connection needs one subscription before it can be read.
+            await self._pubsub.subscribe(f"fastws:node:{self.node_id}:control")
+        self._reader = asyncio.get_running_loop().create_task(self._read())
+        pipe = self._redis.pipeline(transaction=False)
+        for room, members in self._members.items():
+            for client_id, member in members.items():
+                pipe.hset(_members_key(room), client_id, _member_encoder.encode(member))
+            pipe.sadd(f"fastws:node:{self.node_id}:rooms", room)
+        for client_id, (member, connected_at) in self._sessions.items():
+            pipe.set(f"session:{client_id}", self._session_record(member, connected_at),
+                     ex=_SESSION_TTL)
+        pipe.set(f"fastws:node:{self.node_id}", b"1", ex=_NODE_TTL)
+        pipe.sadd("fastws:nodes", self.node_id)
+        await pipe.execute()
+        if self.state != "ok":
+            log.info("redis connected", extra={"event": "broker_up", "url": self._safe_url()})
+        self.state = "ok"
+
+    async def _close_pubsub(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._reader
+            self._reader = None
+        if self._pubsub is not None:
+            with contextlib.suppress(RedisError, OSError):
+                await self._pubsub.aclose()
+            self._pubsub = None
+        for fut in self._confirm.values():
+            if not fut.done():
+                fut.set_exception(BrokerUnavailable())
+        self._confirm.clear()
+
+    def _safe_url(self) -> str:
+        return self.url.split("@")[-1]  # never log a password
+
+    def _went_down(self, exc: BaseException) -> None:
+        if self._closing:
+            return
+        if self.state != "down" or self._monitor is None:
+            self.outages += 1
+            log.warning("redis unavailable: %s", type(exc).__name__,
+                        extra={"event": "broker_down", "url": self._safe_url()})
+        self.state = "down"
+        if self._monitor is None or self._monitor.done():
+            self._monitor = asyncio.get_running_loop().create_task(self._reconnect())
+
+    async def _reconnect(self) -> None:
+        delay = 0.05
+        while not self._closing:
+            await asyncio.sleep(delay * (0.5 + random.random()))
+            try:
+                await self._connect()
+                return
+            except (RedisError, OSError) as exc:
+                log.debug("redis reconnect failed: %s", exc)
+                delay = min(delay * 2, 2.0)
+
+    # ---- the subscription -----------------------------------------------------------------
+
+    async def _read(self) -> None:
+        pubsub = self._pubsub
+        try:
+            while True:
+                msg = await pubsub.get_message(ignore_subscribe_messages=False, timeout=None)
+                if msg is None:
+                    continue
+                kind = msg["type"]
+                if kind == b"message" or kind == "message":
+                    channel: bytes = msg["channel"]
+                    exclude, _, payload = msg["data"].partition(b"\n")
+                    room = channel[8:-1].decode()  # fastws:{room}
+                    assert self._deliver is not None
+                    self._deliver(room, exclude.decode(), payload)
+                elif kind in (b"subscribe", "subscribe"):
+                    fut = self._confirm.pop(msg["channel"], None)
+                    if fut is not None and not fut.done():
+                        fut.set_result(None)
+        except asyncio.CancelledError:
+            raise
+        except (RedisError, OSError) as exc:
+            self._went_down(exc)
+
+    async def subscribe(self, room: str) -> None:
+        self._rooms.add(room)
+        if self.state != "ok" or self._pubsub is None:
+            raise BrokerUnavailable()
+        channel = _channel(room).encode()
+        fut = self._confirm.get(channel)
+        if fut is None:
+            fut = self._confirm[channel] = asyncio.get_running_loop().create_future()
+        try:
+            await self._call(self._pubsub.subscribe(channel))
+            await asyncio.wait_for(asyncio.shield(fut), self.timeout)
+            await self._call(self._redis_sadd_room(room))
+        except (asyncio.TimeoutError, BrokerUnavailable):
+            self._rooms.discard(room)
+            raise BrokerUnavailable() from None
+
+    def _redis_sadd_room(self, room: str) -> Any:
+        assert self._redis is not None
+        return self._redis.sadd(f"fastws:node:{self.node_id}:rooms", room)
+
+    async def unsubscribe(self, room: str) -> None:
+        self._rooms.discard(room)
+        self._members.pop(room, None)
+        if self.state != "ok" or self._pubsub is None or self._redis is None:
+            return
+        await self._call(self._pubsub.unsubscribe(_channel(room)))
+        await self._call(self._redis.srem(f"fastws:node:{self.node_id}:rooms", room))
+
+    # ---- commands -------------------------------------------------------------------------
+
+    async def _call(self, aw: Any) -> Any:
+        if self.state != "ok":
+            aw.close()
+            raise BrokerUnavailable()
+        try:
+            return await aw
+        except (RedisError, OSError) as exc:
+            self._went_down(exc)
+            raise BrokerUnavailable() from exc
+
+    async def publish(self, room: str, payload: bytes, exclude: str = "") -> None:
+        assert self._redis is not None
+        message = b"%b\n%b" % (exclude.encode(), payload)
+        await self._call(self._redis.publish(_channel(room), message))
+
+    async def publish_seq(self, room: str, head: bytes, tail: bytes) -> int:
+        seq = await self._call(self._publish_seq(
+            keys=[_seq_key(room)], args=[_channel(room), b"\n" + head, tail, _SEQ_TTL]))
+        return int(seq)
+
+    async def join(self, room: str, member: MemberInfo) -> tuple[int, int]:
+        count, seq = await self._call(self._join(
+            keys=[_members_key(room), _seq_key(room)],
+            args=[member.clientId, _member_encoder.encode(member)]))
+        self._members.setdefault(room, {})[member.clientId] = member
+        return int(count), int(seq)
+
+    async def leave(self, room: str, client_id: str) -> int:
+        local = self._members.get(room)
+        if local is not None:
+            local.pop(client_id, None)
+        left = await self._call(self._leave(keys=[_members_key(room)], args=[client_id]))
+        return int(left)
+
+    async def presence(self, room: str) -> list[MemberInfo]:
+        assert self._redis is not None
+        raw = await self._call(self._redis.hgetall(_members_key(room)))
+        return [_member_decoder.decode(v) for v in raw.values()]
+
+    def _session_record(self, member: MemberInfo, connected_at: float) -> bytes:
+        return msgspec.json.encode({"userId": member.userId, "nodeId": self.node_id,
+                                    "connectedAt": int(connected_at * 1000)})
+
+    async def session_opened(self, member: MemberInfo, connected_at: float) -> None:
+        assert self._redis is not None
+        self._sessions[member.clientId] = (member, connected_at)
+        await self._call(self._redis.set(f"session:{member.clientId}",
+                                         self._session_record(member, connected_at),
+                                         ex=_SESSION_TTL))
+
+    async def session_closed(self, client_id: str) -> None:
+        assert self._redis is not None
+        self._sessions.pop(client_id, None)
+        await self._call(self._redis.delete(f"session:{client_id}"))
+
+    # ---- upkeep: liveness, session TTLs, sweeping dead nodes ---------------------------------
+
+    async def _keep_alive(self) -> None:
+        last_sessions = 0.0
+        while True:
+            await asyncio.sleep(self.sweep_interval)
+            if self.state != "ok" or self._redis is None:
+                continue
+            try:
+                pipe = self._redis.pipeline(transaction=False)
+                pipe.set(f"fastws:node:{self.node_id}", b"1", ex=_NODE_TTL)
+                pipe.sadd("fastws:nodes", self.node_id)
+                if time.monotonic() - last_sessions > _SESSION_TTL / 3:
+                    last_sessions = time.monotonic()
+                    for client_id in self._sessions:
+                        pipe.expire(f"session:{client_id}", _SESSION_TTL)
+                await pipe.execute()
+                await self.sweep()
+            except (RedisError, OSError) as exc:
+                self._went_down(exc)
+
+    async def sweep(self) -> int:
+        """Remove the presence of nodes that stopped refreshing; tell their rooms. Returns count."""
+        assert self._redis is not None
+        removed = 0
+        for raw in await self._redis.smembers("fastws:nodes"):
+            node = _text(raw)
+            if node == self.node_id or await self._redis.exists(f"fastws:node:{node}"):
+                continue
+            # One sweeper per dead node, whichever node gets there first.
+            if not await self._redis.set(f"fastws:sweep:{node}", b"1", nx=True, ex=30):
+                continue
+            removed += await self._sweep_node(node)
+        return removed
+
+    async def _sweep_node(self, node: str) -> int:
+        from .. import protocol as p
+
+        assert self._redis is not None
+        removed = 0
+        rooms_key = f"fastws:node:{node}:rooms"
+        for raw_room in await self._redis.smembers(rooms_key):
+            room = _text(raw_room)
+            entries = await self._redis.hgetall(_members_key(room))
+            gone = [m for m in (_member_decoder.decode(_raw(v)) for v in entries.values())
+                    if m.node == node]
+            for member in gone:
+                left = await self._leave(keys=[_members_key(room)], args=[member.clientId])
+                await self.publish(room, p.encode(p.UserLeft(
+                    room, member.username, p.now_ms(), member.userId, int(left))))
+                removed += 1
+        await self._redis.delete(rooms_key)
+        await self._redis.srem("fastws:nodes", node)
+        log.info("swept dead node", extra={"event": "node_swept", "node": node,
+                                           "connections": removed})
+        return removed

@@ -1,0 +1,199 @@
+"""Two fastws nodes joined through a real redis-server: rooms, seq, presence, sessions, outages."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from fastws.broker.redis import RedisBroker
+from fastws.config import load_settings
+from fastws.server import Node
+
+from .redisutil import RedisServer
+from .utils import SECRET, TIMEOUT, client, expect_silence, join, recv_json, send_json
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer().start()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@contextlib.asynccontextmanager
+async def redis_node(url: str, name: str, **overrides: Any) -> AsyncIterator[Node]:
+    settings = load_settings({"host": "127.0.0.1", "port": 0, "jwt_secret": SECRET,
+                              "redis_url": url, **overrides}, environ={})
+    node = Node(settings, SECRET, RedisBroker(url, timeout=0.5, sweep_interval=0.2),
+                node_id=name)
+    await node.start()
+    try:
+        yield node
+    finally:
+        await asyncio.wait_for(node.drain(), TIMEOUT * 2)
+
+
+async def until(predicate: Any, timeout: float = TIMEOUT) -> None:
+    async with asyncio.timeout(timeout):
+        while not await predicate():
+            await asyncio.sleep(0.02)
+
+
+async def test_broadcasts_reach_every_member_on_both_nodes_once(redis_server) -> None:
+    """A message posted on either node reaches every member on both, once, in one seq order."""
+    async with redis_node(redis_server.url, "A") as a, redis_node(redis_server.url, "B") as b, \
+            client(a, "a1") as a1, client(a, "a2") as a2, client(b, "b1") as b1, \
+            client(b, "b2") as b2:
+        members = [a1, a2, b1, b2]
+        for i, ws in enumerate(members):
+            joined = await join(ws, "room")
+            assert joined["members"] == i + 1
+            for earlier in members[:i]:
+                notice = await recv_json(earlier)
+                assert notice["type"] == "user_joined" and notice["members"] == i + 1
+        for i in range(20):
+            sender = members[i % 4]
+            await send_json(sender, "chat_message", {"room": "room", "message": f"m{i}"})
+        for ws in members:
+            seqs = []
+            for _ in range(20):
+                msg = await recv_json(ws)
+                assert msg["type"] == "chat_message"
+                seqs.append(msg["seq"])
+            assert seqs == list(range(1, 21))
+            await expect_silence(ws, 0.1)
+
+
+async def test_join_leave_and_presence_agree_across_nodes(redis_server) -> None:
+    """Counts, user_joined/user_left and presence see members on both nodes, users once."""
+    async with redis_node(redis_server.url, "A") as a, redis_node(redis_server.url, "B") as b, \
+            client(a, "alice") as alice, client(b, "bob") as bob, client(b, "alice") as alice2:
+        await join(alice, "r")
+        assert (await join(bob, "r"))["members"] == 2
+        assert (await recv_json(alice))["username"] == "bob"
+        assert (await join(alice2, "r"))["members"] == 3
+        await send_json(alice, "presence", {"room": "r"})
+        reply = await recv_json(alice)
+        while reply["type"] != "presence":
+            reply = await recv_json(alice)
+        assert sorted(m["userId"] for m in reply["members"]) == ["alice", "bob"]
+        await send_json(bob, "leave_room", {"room": "r"})
+        left = await recv_json(alice)
+        while left["type"] != "user_left":
+            left = await recv_json(alice)
+        assert left["username"] == "bob" and left["members"] == 2
+        await send_json(alice, "typing", {"room": "r", "isTyping": True})
+        typing = await recv_json(alice2)
+        while typing["type"] != "typing":
+            typing = await recv_json(alice2)
+        assert typing["username"] == "alice"
+
+
+async def test_nodes_subscribe_only_to_rooms_with_local_members(redis_server) -> None:
+    """A node subscribes when its first member joins a room and unsubscribes after the last."""
+    r = aioredis.Redis.from_url(redis_server.url)
+    try:
+        async with redis_node(redis_server.url, "A") as a, client(a, "x") as x:
+
+            async def subscribers() -> int:
+                return int((await r.pubsub_numsub("fastws:{lobby}"))[0][1])
+
+            assert await subscribers() == 0
+            await join(x, "lobby")
+            assert await subscribers() == 1
+            await send_json(x, "leave_room", {"room": "lobby"}, id=1)
+            assert (await recv_json(x))["type"] == "room_left"
+
+            async def gone() -> bool:
+                return await subscribers() == 0
+
+            await until(gone)
+    finally:
+        await r.aclose()
+
+
+async def test_session_keys_are_created_and_removed(redis_server) -> None:
+    """session:<clientId> holds userId, nodeId and connect time while connected, then goes."""
+    r = aioredis.Redis.from_url(redis_server.url)
+    try:
+        async with redis_node(redis_server.url, "A") as a:
+            async with client(a, "alice"):
+                (session,) = a.sessions.values()
+                key = f"session:{session.client_id}"
+
+                async def exists() -> bool:
+                    return bool(await r.exists(key))
+
+                await until(exists)
+                import json
+
+                record = json.loads(await r.get(key))
+                assert record["userId"] == "alice" and record["nodeId"] == "A"
+                assert isinstance(record["connectedAt"], int)
+                assert 0 < await r.ttl(key) <= 60
+
+            async def removed() -> bool:
+                return not await r.exists(key)
+
+            await until(removed)
+    finally:
+        await r.aclose()
+
+
+async def test_redis_outage_degrades_then_recovers_without_restart(redis_server) -> None:
+    """With Redis killed, nodes keep clients, refuse honestly, report degraded; then resume."""
+    async with redis_node(redis_server.url, "A") as a, redis_node(redis_server.url, "B") as b, \
+            client(a, "alice") as alice, client(b, "bob") as bob:
+        await join(alice, "r")
+        await join(bob, "r")
+        await recv_json(alice)
+        redis_server.stop()
+        await send_json(alice, "chat_message", {"room": "r", "message": "lost?"}, id="x")
+        reply = await recv_json(alice, timeout=TIMEOUT)
+        assert reply == {"type": "error", "error": "Service temporarily unavailable, try again",
+                         "code": "unavailable", "id": "x"}
+
+        async def degraded() -> bool:
+            return a.health()["status"] == "degraded" and b.health()["status"] == "degraded"
+
+        await until(degraded)
+        await send_json(alice, "ping")
+        assert (await recv_json(alice))["type"] == "pong"
+        await expect_silence(bob, 0.1)
+        redis_server.start()
+
+        async def healthy() -> bool:
+            return a.health()["status"] == "ok" and b.health()["status"] == "ok"
+
+        await until(healthy, TIMEOUT * 2)
+        await send_json(alice, "chat_message", {"room": "r", "message": "back"})
+        for ws in (alice, bob):
+            msg = await recv_json(ws)
+            assert msg["type"] == "chat_message" and msg["message"] == "back"
+        # Presence was re-registered from what each node holds.
+        await send_json(bob, "presence", {"room": "r"})
+        reply = await recv_json(bob)
+        assert sorted(m["userId"] for m in reply["members"]) == ["alice", "bob"]
+
+
+async def test_node_starts_while_redis_is_down(redis_server) -> None:
+    """A node whose Redis is down at start serves, reports degraded, and connects later."""
+    redis_server.stop()
+    async with redis_node(redis_server.url, "A") as a, client(a, "alice") as alice:
+        assert a.health()["status"] == "degraded"
+        await send_json(alice, "join_room", {"room": "r"})
+        assert (await recv_json(alice))["code"] == "unavailable"
+        redis_server.start()
+
+        async def healthy() -> bool:
+            return a.health()["status"] == "ok"
+
+        await until(healthy, TIMEOUT * 2)
+        assert (await join(alice, "r"))["members"] == 1
