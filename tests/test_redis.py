@@ -31,7 +31,7 @@ def redis_server() -> Iterator[RedisServer]:
 async def redis_node(url: str, name: str, **overrides: Any) -> AsyncIterator[Node]:
     settings = load_settings({"host": "127.0.0.1", "port": 0, "jwt_secret": SECRET,
                               "redis_url": url, **overrides}, environ={})
-    node = Node(settings, SECRET, RedisBroker(url, timeout=0.5, sweep_interval=0.2),
+    node = Node(settings, SECRET, RedisBroker(url, timeout=0.5, node_ttl=1),
                 node_id=name)
     await node.start()
     try:
@@ -197,3 +197,22 @@ async def test_node_starts_while_redis_is_down(redis_server) -> None:
 
         await until(healthy, TIMEOUT * 2)
         assert (await join(alice, "r"))["members"] == 1
+
+
+async def test_a_dead_nodes_connections_are_swept_and_announced(redis_server) -> None:
+    """When a node is SIGKILLed, the others remove its members and send user_left for them."""
+    from .utils import server_process
+
+    async with redis_node(redis_server.url, "A") as a, client(a, "alice") as alice:
+        await join(alice, "r")
+        with server_process("--redis", redis_server.url, "--redis-node-ttl", "1") as (proc, port):
+            async with client(port, "bob") as bob:
+                assert (await join(bob, "r"))["members"] == 2
+                assert (await recv_json(alice))["type"] == "user_joined"
+                proc.kill()
+                proc.wait(TIMEOUT)
+        left = await recv_json(alice, timeout=TIMEOUT)
+        assert left["type"] == "user_left" and left["username"] == "bob"
+        assert left["members"] == 1
+        await send_json(alice, "presence", {"room": "r"})
+        assert [m["userId"] for m in (await recv_json(alice))["members"]] == ["alice"]

@@ -40,6 +40,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     log_format: str = "text"
     workers: int = 1
     redis_url: str = ""
+    redis_node_ttl: float = 15.0
 
     @property
     def algorithms(self) -> list[str]:
@@ -81,6 +82,8 @@ FIELD_HELP: dict[str, str] = {
     "than one and no Redis, workers talk over a local bus in the supervisor",
     "redis_url": "redis://host:port/db to span rooms across hosts (default none: this host "
     "only)",
+    "redis_node_ttl": "seconds after which a node that stopped refreshing its Redis liveness "
+    "key is presumed dead and its connections are removed from presence (default 15)",
 }
 
 ENV_PREFIX = "FASTWS_"
@@ -136,6 +139,8 @@ def validate(s: Settings) -> None:
         raise ConfigError("rate_limit must be >= 0 and rate_burst >= 1")
     if not s.algorithms:
         raise ConfigError("jwt_algorithms: at least one algorithm is required")
+    if s.redis_node_ttl < 1:
+        raise ConfigError("redis_node_ttl must be at least 1 second")
     if s.workers < 0:
         raise ConfigError("workers must be >= 0 (0 = one per core)")
     if s.redis_url and not s.redis_url.startswith(("redis://", "rediss://", "unix://")):

@@ -55,7 +55,6 @@ return left
 
 _SEQ_TTL = 7 * 86400  # a room's seq survives a week of silence
 _SESSION_TTL = 60  # the seed's session records, refreshed every _SESSION_TTL / 3
-_NODE_TTL = 15  # a node that has not refreshed for this long is swept by the others
 _member_encoder = msgspec.msgpack.Encoder()
 _member_decoder = msgspec.msgpack.Decoder(MemberInfo)
 
@@ -84,10 +83,11 @@ class RedisBroker:
     name = "redis"
     inline = False
 
-    def __init__(self, url: str, timeout: float = 2.0, sweep_interval: float = 5.0) -> None:
+    def __init__(self, url: str, timeout: float = 2.0, node_ttl: float = 15.0) -> None:
         self.url = url
         self.timeout = timeout
-        self.sweep_interval = sweep_interval
+        self.node_ttl = max(1, int(node_ttl))
+        self.sweep_interval = node_ttl / 3
         self._deliver: Deliver | None = None
         self.node_id = ""
         self._redis: aioredis.Redis | None = None
@@ -164,7 +164,7 @@ class RedisBroker:
         for client_id, (member, connected_at) in self._sessions.items():
             pipe.set(f"session:{client_id}", self._session_record(member, connected_at),
                      ex=_SESSION_TTL)
-        pipe.set(f"fastws:node:{self.node_id}", b"1", ex=_NODE_TTL)
+        pipe.set(f"fastws:node:{self.node_id}", b"1", ex=self.node_ttl)
         pipe.sadd("fastws:nodes", self.node_id)
         await pipe.execute()
         if self.state != "ok":
@@ -331,7 +331,7 @@ class RedisBroker:
                 continue
             try:
                 pipe = self._redis.pipeline(transaction=False)
-                pipe.set(f"fastws:node:{self.node_id}", b"1", ex=_NODE_TTL)
+                pipe.set(f"fastws:node:{self.node_id}", b"1", ex=self.node_ttl)
                 pipe.sadd("fastws:nodes", self.node_id)
                 if time.monotonic() - last_sessions > _SESSION_TTL / 3:
                     last_sessions = time.monotonic()
