@@ -1,0 +1,123 @@
+"""`fastws serve --workers 2`: one port, two processes, one local bus in the supervisor."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import urllib.request
+from collections import Counter
+
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
+from .utils import TIMEOUT, join, recv_json, send_json, server_process, ws_url
+
+
+def _health(port: int) -> dict[str, object]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=TIMEOUT) as r:
+        return json.loads(r.read())  # type: ignore[no-any-return]
+
+
+async def _worker_pids(port: int, want: int = 2, tries: int = 200) -> set[int]:
+    """Ask /healthz over fresh connections until ``want`` distinct worker pids answered."""
+    pids: set[int] = set()
+    for _ in range(tries):
+        pids.add(int((await asyncio.to_thread(_health, port))["pid"]))  # type: ignore[arg-type]
+        if len(pids) >= want:
+            break
+    return pids
+
+
+async def _connect_many(port: int, n: int) -> tuple[list, list[str]]:
+    clients, nodes = [], []
+    for i in range(n):
+        ws = await connect(ws_url(port, f"u{i}"), open_timeout=TIMEOUT, close_timeout=1)
+        hello = await recv_json(ws)
+        clients.append(ws)
+        nodes.append(hello["node"])
+    return clients, nodes
+
+
+async def _close_all(clients: list) -> None:
+    await asyncio.gather(*(ws.close() for ws in clients), return_exceptions=True)
+
+
+async def test_clients_on_both_workers_receive_every_room_message() -> None:
+    """Clients land on both workers; each gets every message once, in one seq order."""
+    with server_process("--workers", "2") as (proc, port):
+        clients, nodes = await _connect_many(port, 16)
+        try:
+            assert len(set(nodes)) == 2, Counter(nodes)
+            assert len(await _worker_pids(port)) == 2
+            for i, ws in enumerate(clients):
+                assert (await join(ws, "all"))["members"] == i + 1
+            for ws in clients:  # drain user_joined notices
+                while ws is not clients[-1]:
+                    notice = await recv_json(ws)
+                    assert notice["type"] == "user_joined"
+                    if notice["members"] == len(clients):
+                        break
+            for i in range(10):
+                await send_json(clients[i % 16], "chat_message",
+                                {"room": "all", "message": f"m{i}"})
+            for ws in clients:
+                seqs = [(await recv_json(ws))["seq"] for _ in range(10)]
+                assert seqs == list(range(1, 11))
+        finally:
+            await _close_all(clients)
+
+
+async def test_a_killed_worker_is_replaced_and_its_clients_leave_the_room() -> None:
+    """SIGKILL one worker: the supervisor starts another; the other worker's clients are told."""
+    with server_process("--workers", "2") as (proc, port):
+        clients, nodes = await _connect_many(port, 12)
+        try:
+            for ws in clients:
+                await join(ws, "r")
+            pids = await _worker_pids(port)
+            assert len(pids) == 2
+            victim = min(pids)
+            os.kill(victim, signal.SIGKILL)
+            survivors = [ws for ws in clients if ws.protocol.state.name == "OPEN"]
+            # The survivor side learns that the victim's connections left.
+            await asyncio.sleep(0)
+            new_pids: set[int] = set()
+            async with asyncio.timeout(TIMEOUT * 2):
+                while len(new_pids - {victim}) < 2:
+                    new_pids = await _worker_pids(port)
+                    new_pids.discard(victim)
+            assert victim not in new_pids
+            lost = [ws for ws in clients if ws.close_code is not None or ws.state.name != "OPEN"]
+            assert lost, "no client was on the killed worker"
+            kept = [ws for ws in survivors if ws not in lost]
+            if kept:
+                seen_left = 0
+                async with asyncio.timeout(TIMEOUT):
+                    while seen_left < len(lost):
+                        msg = await recv_json(kept[0])
+                        if msg["type"] == "user_left":
+                            seen_left += 1
+                await send_json(kept[0], "presence", {"room": "r"})
+                reply = await recv_json(kept[0])
+                while reply["type"] != "presence":
+                    reply = await recv_json(kept[0])
+                assert len(reply["members"]) == len(kept)
+        finally:
+            await _close_all(clients)
+
+
+async def test_sigterm_drains_both_workers_with_1001_and_exits_0() -> None:
+    """SIGTERM to the supervisor closes every client on every worker with 1001, then exit 0."""
+    with server_process("--workers", "2", "--drain-timeout", "3") as (proc, port):
+        clients, nodes = await _connect_many(port, 10)
+        assert len(set(nodes)) == 2
+        proc.send_signal(signal.SIGTERM)
+        for ws in clients:
+            with pytest.raises(ConnectionClosed):
+                await recv_json(ws)
+            assert ws.close_code == 1001
+        assert await asyncio.to_thread(proc.wait, TIMEOUT * 2) == 0
+        await _close_all(clients)
