@@ -216,3 +216,54 @@ async def test_a_dead_nodes_connections_are_swept_and_announced(redis_server) ->
         assert left["members"] == 1
         await send_json(alice, "presence", {"room": "r"})
         assert [m["userId"] for m in (await recv_json(alice))["members"]] == ["alice"]
+
+
+@pytest.fixture
+def redis_cluster() -> Iterator[Any]:
+    from .redisutil import RedisClusterServers
+
+    cluster = RedisClusterServers().start()
+    try:
+        yield cluster
+    finally:
+        cluster.close()
+
+
+async def test_redis_cluster_with_sharded_pubsub(redis_cluster) -> None:
+    """On a 3-shard Redis Cluster, rooms on different shards deliver once, in seq order."""
+    url = redis_cluster.url
+
+    @contextlib.asynccontextmanager
+    async def cluster_node(name: str) -> AsyncIterator[Node]:
+        settings = load_settings({"host": "127.0.0.1", "port": 0, "jwt_secret": SECRET,
+                                  "redis_url": url, "redis_cluster": True}, environ={})
+        node = Node(settings, SECRET, RedisBroker(url, timeout=1.0, cluster=True), node_id=name)
+        await node.start()
+        try:
+            yield node
+        finally:
+            await asyncio.wait_for(node.drain(), TIMEOUT * 2)
+
+    from redis.crc import key_slot
+
+    rooms = ["alpha", "beta", "gamma", "delta", "omega"]
+    slots = {key_slot(f"fastws:{{{r}}}".encode()) * 3 // 16384 for r in rooms}
+    assert len(slots) >= 2, "the rooms should spread over shards"
+    async with cluster_node("A") as a, cluster_node("B") as b, client(a, "ann") as ann, \
+            client(b, "ben") as ben:
+        assert a.health()["status"] == "ok"
+        for room in rooms:
+            await join(ann, room)
+            assert (await join(ben, room))["members"] == 2
+            assert (await recv_json(ann))["type"] == "user_joined"
+        for i, room in enumerate(rooms * 2):
+            await send_json(ann if i % 2 else ben, "chat_message",
+                            {"room": room, "message": f"{room}-{i}"})
+        for ws in (ann, ben):
+            got: dict[str, list[int]] = {}
+            for _ in range(len(rooms) * 2):
+                msg = await recv_json(ws)
+                got.setdefault(msg["room"], []).append(msg["seq"])
+            assert got == {room: [1, 2] for room in rooms}
+        await send_json(ben, "presence", {"room": "gamma"})
+        assert sorted(m["userId"] for m in (await recv_json(ben))["members"]) == ["ann", "ben"]

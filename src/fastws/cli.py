@@ -104,7 +104,8 @@ async def _run_node(settings: Settings, secret: str, announce: Any, bus_dir: str
     if settings.redis_url:
         from .broker.redis import RedisBroker
 
-        broker = RedisBroker(settings.redis_url, node_ttl=settings.redis_node_ttl)
+        broker = RedisBroker(settings.redis_url, node_ttl=settings.redis_node_ttl,
+                             cluster=settings.redis_cluster)
     elif bus_dir:
         from .broker.localbus import LocalBusBroker
 

@@ -41,6 +41,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     workers: int = 1
     redis_url: str = ""
     redis_node_ttl: float = 15.0
+    redis_cluster: bool = False
 
     @property
     def algorithms(self) -> list[str]:
@@ -82,6 +83,8 @@ FIELD_HELP: dict[str, str] = {
     "than one and no Redis, workers talk over a local bus in the supervisor",
     "redis_url": "redis://host:port/db to span rooms across hosts (default none: this host "
     "only)",
+    "redis_cluster": "treat --redis-url as a Redis Cluster node and use sharded pub/sub "
+    "(SSUBSCRIBE/SPUBLISH) (default off)",
     "redis_node_ttl": "seconds after which a node that stopped refreshing its Redis liveness "
     "key is presumed dead and its connections are removed from presence (default 15)",
 }

@@ -27,6 +27,8 @@ from typing import Any
 
 import msgspec
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
+from redis.connection import parse_url
 from redis.exceptions import RedisError
 
 from ..errors import BrokerUnavailable
@@ -34,11 +36,17 @@ from . import Deliver, MemberInfo
 
 log = logging.getLogger("fastws.broker.redis")
 
+# ARGV[5] is PUBLISH, or SPUBLISH on a cluster (the channel shares the seq key's slot).
 _PUBLISH_SEQ = """
 local seq = redis.call('INCR', KEYS[1])
 redis.call('EXPIRE', KEYS[1], ARGV[4])
-redis.call('PUBLISH', ARGV[1], ARGV[2] .. seq .. ARGV[3])
+redis.call(ARGV[5], ARGV[1], ARGV[2] .. seq .. ARGV[3])
 return seq
+"""
+
+# On a cluster a plain SPUBLISH is routed through a script whose key pins the room's slot.
+_SPUBLISH = """
+return redis.call('SPUBLISH', ARGV[1], ARGV[2])
 """
 
 _JOIN = """
@@ -83,16 +91,18 @@ class RedisBroker:
     name = "redis"
     inline = False
 
-    def __init__(self, url: str, timeout: float = 2.0, node_ttl: float = 15.0) -> None:
+    def __init__(
+        self, url: str, timeout: float = 2.0, node_ttl: float = 15.0, cluster: bool = False
+    ) -> None:
         self.url = url
+        self.cluster = cluster
         self.timeout = timeout
         self.node_ttl = max(1, int(node_ttl))
         self.sweep_interval = node_ttl / 3
         self._deliver: Deliver | None = None
         self.node_id = ""
-        self._redis: aioredis.Redis | None = None
-        self._pubsub: Any = None
-        self._reader: asyncio.Task[None] | None = None
+        self._redis: Any = None  # Redis, or RedisCluster in sharded mode
+        self._listeners: dict[str, _Listener] = {}  # "" standalone, else one per shard primary
         self._monitor: asyncio.Task[None] | None = None
         self._keeper: asyncio.Task[None] | None = None
         self._confirm: dict[bytes, asyncio.Future[None]] = {}
@@ -100,6 +110,7 @@ class RedisBroker:
         self._members: dict[str, dict[str, MemberInfo]] = {}  # local presence, to re-register
         self._sessions: dict[str, tuple[MemberInfo, float]] = {}
         self.state = "down"
+        self._publish_cmd = "SPUBLISH" if cluster else "PUBLISH"
         self.outages = 0
         self._closing = False
 
@@ -110,13 +121,14 @@ class RedisBroker:
         self._deliver = deliver
 
     async def start(self) -> None:
-        self._redis = aioredis.Redis.from_url(
-            self.url,
-            socket_timeout=self.timeout,
-            socket_connect_timeout=self.timeout,
-            health_check_interval=0,
-        )
+        options: dict[str, Any] = {"socket_timeout": self.timeout,
+                                   "socket_connect_timeout": self.timeout}
+        if self.cluster:
+            self._redis = RedisCluster.from_url(self.url, **options)
+        else:
+            self._redis = aioredis.Redis.from_url(self.url, health_check_interval=0, **options)
         self._publish_seq = self._redis.register_script(_PUBLISH_SEQ)
+        self._spublish = self._redis.register_script(_SPUBLISH)
         self._join = self._redis.register_script(_JOIN)
         self._leave = self._redis.register_script(_LEAVE)
         try:
@@ -128,7 +140,7 @@ class RedisBroker:
 
     async def close(self) -> None:
         self._closing = True
-        for task in (self._keeper, self._monitor, self._reader):
+        for task in (self._keeper, self._monitor):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -149,13 +161,12 @@ class RedisBroker:
         assert self._redis is not None
         await self._redis.ping()
         await self._close_pubsub()
-        self._pubsub = self._redis.pubsub()
-        if self._rooms:
-            await self._pubsub.subscribe(*[_channel(r) for r in self._rooms])
-        else:
-            # A pub/sub connection needs one subscription before it can be read.
-            await self._pubsub.subscribe(f"fastws:node:{self.node_id}:control")
-        self._reader = asyncio.get_running_loop().create_task(self._read())
+        by_listener: dict[str, list[bytes]] = {}
+        for room in self._rooms:
+            channel = _channel(room).encode()
+            by_listener.setdefault(await self._listener_name(channel), []).append(channel)
+        for name, channels in by_listener.items():
+            await self._listener(name).subscribe(*channels)
         pipe = self._redis.pipeline(transaction=False)
         for room, members in self._members.items():
             for client_id, member in members.items():
@@ -172,15 +183,9 @@ class RedisBroker:
         self.state = "ok"
 
     async def _close_pubsub(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._reader
-            self._reader = None
-        if self._pubsub is not None:
-            with contextlib.suppress(RedisError, OSError):
-                await self._pubsub.aclose()
-            self._pubsub = None
+        listeners, self._listeners = self._listeners, {}
+        for listener in listeners.values():
+            await listener.close()
         for fut in self._confirm.values():
             if not fut.done():
                 fut.set_exception(BrokerUnavailable())
@@ -213,39 +218,53 @@ class RedisBroker:
 
     # ---- the subscription -----------------------------------------------------------------
 
-    async def _read(self) -> None:
-        pubsub = self._pubsub
-        try:
-            while True:
-                msg = await pubsub.get_message(ignore_subscribe_messages=False, timeout=None)
-                if msg is None:
-                    continue
-                kind = msg["type"]
-                if kind == b"message" or kind == "message":
-                    channel: bytes = msg["channel"]
-                    exclude, _, payload = msg["data"].partition(b"\n")
-                    room = channel[8:-1].decode()  # fastws:{room}
-                    assert self._deliver is not None
-                    self._deliver(room, exclude.decode(), payload)
-                elif kind in (b"subscribe", "subscribe"):
-                    fut = self._confirm.pop(msg["channel"], None)
-                    if fut is not None and not fut.done():
-                        fut.set_result(None)
-        except asyncio.CancelledError:
-            raise
-        except (RedisError, OSError) as exc:
-            self._went_down(exc)
+    async def _listener_name(self, channel: bytes) -> str:
+        """Which connection carries ``channel``: the one, or its shard's primary on a cluster."""
+        if not self.cluster:
+            return ""
+        node = self._redis.get_node_from_key(channel)
+        return f"{node.host}:{node.port}"
+
+    def _listener(self, name: str) -> _Listener:
+        listener = self._listeners.get(name)
+        if listener is None:
+            if name:
+                host, _, port = name.rpartition(":")
+                client = aioredis.Redis(host=host, port=int(port), **self._node_options())
+            else:
+                client = self._redis
+            listener = self._listeners[name] = _Listener(self, client, sharded=self.cluster)
+        return listener
+
+    def _node_options(self) -> dict[str, Any]:
+        options = parse_url(self.url)
+        for key in ("host", "port", "db", "path", "connection_class"):
+            options.pop(key, None)
+        options.update(socket_timeout=self.timeout, socket_connect_timeout=self.timeout)
+        return options
+
+    def on_message(self, channel: bytes, data: bytes) -> None:
+        exclude, _, payload = data.partition(b"\n")
+        assert self._deliver is not None
+        self._deliver(channel[8:-1].decode(), exclude.decode(), payload)  # fastws:{room}
+
+    def on_subscribed(self, channel: bytes) -> None:
+        fut = self._confirm.pop(channel, None)
+        if fut is not None and not fut.done():
+            fut.set_result(None)
 
     async def subscribe(self, room: str) -> None:
         self._rooms.add(room)
-        if self.state != "ok" or self._pubsub is None:
+        if self.state != "ok":
+            self._rooms.discard(room)
             raise BrokerUnavailable()
         channel = _channel(room).encode()
         fut = self._confirm.get(channel)
         if fut is None:
             fut = self._confirm[channel] = asyncio.get_running_loop().create_future()
         try:
-            await self._call(self._pubsub.subscribe(channel))
+            listener = self._listener(await self._listener_name(channel))
+            await self._call(listener.subscribe(channel))
             await asyncio.wait_for(asyncio.shield(fut), self.timeout)
             await self._call(self._redis_sadd_room(room))
         except (asyncio.TimeoutError, BrokerUnavailable):
@@ -259,9 +278,12 @@ class RedisBroker:
     async def unsubscribe(self, room: str) -> None:
         self._rooms.discard(room)
         self._members.pop(room, None)
-        if self.state != "ok" or self._pubsub is None or self._redis is None:
+        if self.state != "ok" or self._redis is None:
             return
-        await self._call(self._pubsub.unsubscribe(_channel(room)))
+        channel = _channel(room).encode()
+        listener = self._listeners.get(await self._listener_name(channel))
+        if listener is not None:
+            await self._call(listener.unsubscribe(channel))
         await self._call(self._redis.srem(f"fastws:node:{self.node_id}:rooms", room))
 
     # ---- commands -------------------------------------------------------------------------
@@ -279,11 +301,15 @@ class RedisBroker:
     async def publish(self, room: str, payload: bytes, exclude: str = "") -> None:
         assert self._redis is not None
         message = b"%b\n%b" % (exclude.encode(), payload)
-        await self._call(self._redis.publish(_channel(room), message))
+        if self.cluster:
+            await self._call(self._spublish(keys=[_seq_key(room)], args=[_channel(room), message]))
+        else:
+            await self._call(self._redis.publish(_channel(room), message))
 
     async def publish_seq(self, room: str, head: bytes, tail: bytes) -> int:
         seq = await self._call(self._publish_seq(
-            keys=[_seq_key(room)], args=[_channel(room), b"\n" + head, tail, _SEQ_TTL]))
+            keys=[_seq_key(room)],
+            args=[_channel(room), b"\n" + head, tail, _SEQ_TTL, self._publish_cmd]))
         return int(seq)
 
     async def join(self, room: str, member: MemberInfo) -> tuple[int, int]:
@@ -377,3 +403,58 @@ class RedisBroker:
         log.info("swept dead node", extra={"event": "node_swept", "node": node,
                                            "connections": removed})
         return removed
+
+
+class _Listener:
+    """One pub/sub connection and its reader task (one per shard primary on a cluster)."""
+
+    def __init__(self, broker: RedisBroker, client: Any, sharded: bool) -> None:
+        self.broker = broker
+        self.client = client
+        self.sharded = sharded
+        self.pubsub = client.pubsub()
+        self.task: asyncio.Task[None] | None = None
+
+    async def subscribe(self, *channels: bytes) -> None:
+        if self.sharded:
+            await self.pubsub.ssubscribe(*channels)
+        else:
+            await self.pubsub.subscribe(*channels)
+        if self.task is None:
+            # Reading starts after the first subscription: redis-py needs one to read at all.
+            self.task = asyncio.get_running_loop().create_task(self._read())
+
+    async def unsubscribe(self, channel: bytes) -> None:
+        if self.sharded:
+            await self.pubsub.sunsubscribe(channel)
+        else:
+            await self.pubsub.unsubscribe(channel)
+
+    async def _read(self) -> None:
+        message_type = b"smessage" if self.sharded else b"message"
+        subscribe_type = b"ssubscribe" if self.sharded else b"subscribe"
+        try:
+            while True:
+                msg = await self.pubsub.get_message(ignore_subscribe_messages=False, timeout=None)
+                if msg is None:
+                    continue
+                kind = _raw(msg["type"])
+                if kind == message_type:
+                    self.broker.on_message(_raw(msg["channel"]), msg["data"])
+                elif kind == subscribe_type:
+                    self.broker.on_subscribed(_raw(msg["channel"]))
+        except asyncio.CancelledError:
+            raise
+        except (RedisError, OSError) as exc:
+            self.broker._went_down(exc)
+
+    async def close(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self.task
+        with contextlib.suppress(RedisError, OSError):
+            await self.pubsub.aclose()
+        if self.client is not self.broker._redis:
+            with contextlib.suppress(RedisError, OSError):
+                await self.client.aclose()
