@@ -33,7 +33,8 @@ class RedisServer:
     def start(self) -> RedisServer:
         self.proc = subprocess.Popen(
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", self.dir, "--protected-mode", "no", *self.extra],
+             "--appendonly", "no", "--dir", self.dir, "--protected-mode", "no",
+             "--logfile", f"{self.dir}/redis.log", *self.extra],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 5
@@ -45,7 +46,12 @@ class RedisServer:
                         return self
             except OSError:
                 time.sleep(0.02)
-        raise RuntimeError("redis-server did not start")
+        try:
+            with open(f"{self.dir}/redis.log") as fh:
+                tail = fh.read()[-800:]
+        except OSError:
+            tail = ""
+        raise RuntimeError(f"redis-server did not start on port {self.port}: {tail}")
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -58,11 +64,27 @@ class RedisServer:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+def free_cluster_port() -> int:
+    """A free port whose cluster-bus twin (port + 10000) is free and valid too."""
+    import random
+
+    for _ in range(200):
+        port = random.randint(20000, 45000)
+        try:
+            for p in (port, port + 10000):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", p))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free port pair for a cluster node")
+
+
 class RedisClusterServers:
     """Three cluster-enabled ``redis-server`` primaries joined with ``redis-cli --cluster``."""
 
     def __init__(self) -> None:
-        self.nodes = [RedisServer() for _ in range(3)]
+        self.nodes = [RedisServer(free_cluster_port()) for _ in range(3)]
 
     @property
     def url(self) -> str:

@@ -15,7 +15,8 @@ from fastws.config import load_settings
 from fastws.server import Node
 
 from .redisutil import RedisServer
-from .utils import SECRET, TIMEOUT, client, expect_silence, join, recv_json, send_json
+from .utils import SECRET, TIMEOUT, client, expect_silence, recv_json, send_json
+from .utils import join_across_nodes as join
 
 
 @pytest.fixture

@@ -75,6 +75,17 @@ async def join(ws: ClientConnection, room: str) -> dict[str, Any]:
     return reply
 
 
+async def join_across_nodes(ws: ClientConnection, room: str) -> dict[str, Any]:
+    """join_room when the room spans nodes: a user_joined of someone who joined just before
+    may still be in flight and land before our room_joined; skip those."""
+    await send_json(ws, "join_room", {"room": room})
+    while True:
+        reply = await recv_json(ws)
+        if reply["type"] == "room_joined":
+            return reply
+        assert reply["type"] == "user_joined" and reply["room"] == room, reply
+
+
 async def expect_silence(ws: ClientConnection, seconds: float = 0.2) -> None:
     """Nothing arrives on ``ws`` for ``seconds`` (used only to prove a non-delivery)."""
     with contextlib.suppress(asyncio.TimeoutError):
