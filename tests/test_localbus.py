@@ -1,0 +1,359 @@
+"""Two real nodes sharing one host's BusServer: chat, presence and outages across workers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import tempfile
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from websockets.asyncio.client import ClientConnection
+
+from fastws.broker.localbus import BusServer, LocalBusBroker
+from fastws.config import load_settings
+from fastws.server import Node
+
+from .utils import SECRET, TIMEOUT, client, expect_silence, join, recv_json, send_json
+
+DRAIN = 2.0
+
+
+@contextlib.asynccontextmanager
+async def cluster(timeout: float = TIMEOUT) -> AsyncIterator[tuple[BusServer, Node, Node]]:
+    """A BusServer in a short /tmp directory and two nodes, "w1" and "w2", on its bus."""
+    directory = tempfile.mkdtemp(prefix="fastws-", dir="/tmp")
+    bus = BusServer(directory)
+    await bus.start()
+    nodes: list[Node] = []
+    try:
+        for node_id in ("w1", "w2"):
+            settings = load_settings(
+                {"host": "127.0.0.1", "port": 0, "jwt_secret": SECRET, "drain_timeout": DRAIN},
+                environ={},
+            )
+            broker = LocalBusBroker(bus.req_endpoint, bus.pub_endpoint, timeout=timeout)
+            node = Node(settings, SECRET, broker=broker, node_id=node_id)
+            await node.start()
+            nodes.append(node)
+        yield bus, nodes[0], nodes[1]
+    finally:
+        try:
+            for node in nodes:
+                await asyncio.wait_for(node.drain(), TIMEOUT + DRAIN)
+        finally:
+            await asyncio.wait_for(bus.close(), TIMEOUT)
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+def received(node: Node) -> dict[str, int]:
+    """Publications the node's bus broker has taken off its SUB socket, per room."""
+    assert isinstance(node.broker, LocalBusBroker)
+    return dict(node.broker.received)
+
+
+async def settle(*nodes: Node) -> None:
+    """Wait until the bus answered every request of ``nodes`` and each has what it published.
+
+    A node answers room_joined before its user_joined is on the bus, so a client that joins
+    next could otherwise be shown that earlier notice: tests settle between joins.
+    """
+
+    async def run() -> None:
+        while any(node.broker.health()["pending"] for node in nodes):
+            await asyncio.sleep(0.002)
+        for node in nodes:
+            assert isinstance(node.broker, LocalBusBroker)
+            await node.broker.flush()
+
+    await asyncio.wait_for(run(), TIMEOUT)
+
+
+async def enter(ws: ClientConnection, room: str, *nodes: Node) -> dict[str, Any]:
+    """join_room, then settle ``nodes`` so the next join cannot overtake this one's notice."""
+    reply = await join(ws, room)
+    await settle(*nodes)
+    return reply
+
+
+async def expect(ws: ClientConnection, type_: str, **fields: Any) -> dict[str, Any]:
+    """The next message: of ``type_``, with ``fields`` as given."""
+    msg = await recv_json(ws)
+    assert msg["type"] == type_, msg
+    for key, value in fields.items():
+        assert msg[key] == value, (key, msg)
+    return msg
+
+
+async def chats(ws: ClientConnection, count: int) -> list[dict[str, Any]]:
+    """The next ``count`` messages, all of which must be chat_message."""
+    got = [await recv_json(ws) for _ in range(count)]
+    assert all(m["type"] == "chat_message" for m in got), got
+    return got
+
+
+@pytest.mark.both_loops
+async def test_chat_reaches_members_on_both_nodes_once_in_seq_order() -> None:
+    """A chat posted on w1 reaches members on w1 and w2 once each, seq 1, 2, 3 everywhere."""
+    async with (
+        cluster() as (_, n1, n2),
+        client(n1, "alice") as a,
+        client(n2, "bob") as b,
+        client(n1, "carol") as c,
+    ):
+        await enter(a, "r", n1, n2)
+        await enter(b, "r", n1, n2)
+        await expect(a, "user_joined", username="bob")
+        await enter(c, "r", n1, n2)
+        await expect(a, "user_joined", username="carol")
+        await expect(b, "user_joined", username="carol")
+        for i in range(1, 4):
+            await send_json(a, "chat_message", {"room": "r", "message": f"m{i}"}, id=i)
+            mine = {m["type"]: m for m in [await recv_json(a), await recv_json(a)]}
+            assert mine["ack"] == {"type": "ack", "id": i, "seq": i}
+            for msg in (mine["chat_message"], await recv_json(b), await recv_json(c)):
+                assert msg["type"] == "chat_message" and msg["message"] == f"m{i}", msg
+                assert msg["seq"] == i and msg["username"] == "alice" and msg["room"] == "r"
+        for ws in (a, b, c):
+            await expect_silence(ws)
+
+
+async def test_joined_and_left_counts_span_both_nodes() -> None:
+    """room_joined.members, user_joined and user_left count connections on every node."""
+    async with (
+        cluster() as (_, n1, n2),
+        client(n1, "alice") as a,
+        client(n2, "bob") as b,
+        client(n1, "carol") as c,
+    ):
+        assert await enter(a, "r", n1, n2) == {
+            "type": "room_joined",
+            "room": "r",
+            "members": 1,
+            "seq": 0,
+        }
+        assert (await enter(b, "r", n1, n2))["members"] == 2
+        await expect(a, "user_joined", username="bob", members=2)
+        await send_json(a, "chat_message", {"room": "r", "message": "hi"})
+        await expect(a, "chat_message", seq=1)
+        await expect(b, "chat_message", seq=1)
+        assert await enter(c, "r", n1, n2) == {
+            "type": "room_joined",
+            "room": "r",
+            "members": 3,
+            "seq": 1,
+        }
+        for ws in (a, b):
+            await expect(ws, "user_joined", username="carol", members=3)
+        await send_json(b, "leave_room", {"room": "r"}, id="l")
+        await expect(b, "room_left", id="l")
+        for ws in (a, c):
+            await expect(ws, "user_left", username="bob", members=2)
+        for ws in (a, b, c):
+            await expect_silence(ws)
+
+
+async def test_seq_and_presence_go_when_the_room_empties() -> None:
+    """As with MemoryBroker, a room's seq restarts once its last member on any node is gone."""
+    async with cluster() as (bus, n1, n2), client(n1, "alice") as a, client(n2, "bob") as b:
+        await enter(a, "r", n1, n2)
+        await enter(b, "r", n1, n2)
+        await expect(a, "user_joined")
+        for _ in range(2):
+            await send_json(b, "chat_message", {"room": "r", "message": "x"})
+        await chats(a, 2)
+        await chats(b, 2)
+        assert bus.stats()["seq"] == {"r": 2} and bus.stats()["rooms"] == {"r": 2}
+        await send_json(a, "leave_room", {"room": "r"}, id=1)
+        await expect(a, "room_left")
+        await expect(b, "user_left", members=1)
+        await send_json(b, "leave_room", {"room": "r"}, id=2)
+        await expect(b, "room_left")
+        assert bus.stats()["seq"] == {} and bus.stats()["rooms"] == {}
+        assert await join(a, "r") == {"type": "room_joined", "room": "r", "members": 1, "seq": 0}
+
+
+async def test_presence_lists_users_from_both_nodes_once() -> None:
+    """presence answers from the bus: every user on any node, once however many connections."""
+    async with (
+        cluster() as (_, n1, n2),
+        client(n1, "alice") as a1,
+        client(n2, "alice") as a2,
+        client(n2, "bob") as b,
+    ):
+        for ws in (a1, a2, b):
+            await enter(ws, "r", n1, n2)
+        await expect(a1, "user_joined", members=2)
+        await expect(a1, "user_joined", members=3)
+        await send_json(a1, "presence", {"room": "r"}, id="p")
+        reply = await expect(a1, "presence", id="p")
+        assert sorted(m["userId"] for m in reply["members"]) == ["alice", "bob"]
+
+
+async def test_typing_reaches_others_on_both_nodes_not_the_sender() -> None:
+    """typing goes to the other members on w1 and w2, never back to the sender."""
+    async with (
+        cluster() as (_, n1, n2),
+        client(n1, "alice") as a,
+        client(n1, "carol") as c,
+        client(n2, "bob") as b,
+    ):
+        await enter(a, "r", n1, n2)
+        await enter(c, "r", n1, n2)
+        await enter(b, "r", n1, n2)
+        await expect(a, "user_joined", username="carol")
+        await expect(a, "user_joined", username="bob")
+        await expect(c, "user_joined", username="bob")
+        await send_json(a, "typing", {"room": "r", "isTyping": True})
+        want = {
+            "type": "typing",
+            "room": "r",
+            "username": "alice",
+            "isTyping": True,
+            "userId": "alice",
+        }
+        assert await recv_json(b) == want
+        assert await recv_json(c) == want
+        await expect_silence(a)
+
+
+async def test_node_stops_receiving_a_room_once_its_last_member_leaves() -> None:
+    """A worker takes a room's publications only while it has members there."""
+    async with cluster() as (_, n1, n2), client(n1, "alice") as a, client(n2, "bob") as b:
+        for room in ("r", "other"):
+            await enter(a, room, n1, n2)
+            await enter(b, room, n1, n2)
+            await expect(a, "user_joined", room=room)
+        await send_json(a, "chat_message", {"room": "r", "message": "seen"})
+        await expect(b, "chat_message", message="seen")
+        await expect(a, "chat_message", message="seen")
+        assert received(n2)["r"] == 2  # bob's own user_joined (not shown to him), the chat
+        await send_json(b, "leave_room", {"room": "r"}, id=1)
+        await expect(b, "room_left")
+        await expect(a, "user_left", members=1)
+        before, deliveries = received(n2)["r"], n2.hub.deliveries
+        for i in range(3):
+            await send_json(a, "chat_message", {"room": "r", "message": f"unseen {i}"})
+        await chats(a, 3)
+        # The bus publishes in one order: once this arrives at w2, any "r" message would have.
+        await send_json(a, "chat_message", {"room": "other", "message": "barrier"})
+        await expect(b, "chat_message", room="other", message="barrier")
+        assert received(n2)["r"] == before
+        assert n2.hub.deliveries == deliveries + 1  # the barrier, to bob
+        await expect_silence(b)
+
+
+async def test_room_topic_is_not_a_prefix_of_a_longer_room() -> None:
+    """A worker subscribed to "room1" does not receive "room10"'s publications."""
+    async with cluster() as (_, n1, n2), client(n1, "alice") as a, client(n2, "bob") as b:
+        await enter(a, "room10", n1, n2)
+        await enter(a, "room1", n1, n2)
+        await enter(b, "room1", n1, n2)
+        await expect(a, "user_joined", room="room1")
+        await send_json(a, "chat_message", {"room": "room10", "message": "not for w2"})
+        await expect(a, "chat_message", room="room10")
+        await send_json(a, "chat_message", {"room": "room1", "message": "for w2"})
+        await expect(b, "chat_message", room="room1")
+        assert "room10" not in received(n2)
+        assert received(n1)["room10"] == 2  # alice's own user_joined (not shown to her), the chat
+        await expect_silence(b)
+
+
+async def test_forget_node_tells_survivors_and_drops_its_presence() -> None:
+    """forget_node("w2") sends user_left for each w2 connection and drops them from presence."""
+    async with (
+        cluster() as (bus, n1, n2),
+        client(n1, "alice") as a,
+        client(n2, "bob") as b,
+        client(n2, "carol") as c,
+    ):
+        for ws in (a, b, c):
+            await enter(ws, "r", n1, n2)
+        await expect(a, "user_joined", username="bob", members=2)
+        await expect(a, "user_joined", username="carol", members=3)
+        assert bus.stats()["nodes"] == ["w1", "w2"]
+        bus.forget_node("w2")
+        await expect(a, "user_left", username="bob", userId="bob", members=2)
+        await expect(a, "user_left", username="carol", userId="carol", members=1)
+        await send_json(a, "presence", {"room": "r"}, id="p")
+        reply = await expect(a, "presence", id="p")
+        assert reply["members"] == [{"userId": "alice", "username": "alice"}]
+        assert bus.stats()["rooms"] == {"r": 1} and bus.stats()["nodes"] == ["w1"]
+        await send_json(b, "join_room", {"room": "late"}, id="j")  # a dead node's stray join
+        while (msg := await recv_json(b))["type"] in ("user_joined", "user_left"):
+            pass
+        assert msg == {
+            "type": "error",
+            "error": "Service temporarily unavailable, try again",
+            "code": "unavailable",
+            "id": "j",
+        }
+        assert "late" not in bus.stats()["rooms"]
+        await expect_silence(a)
+
+
+@pytest.mark.both_loops
+async def test_bus_down_answers_unavailable_and_the_node_keeps_serving() -> None:
+    """With the bus gone, chat and join get "unavailable" within the timeout; ping still works."""
+    async with cluster(timeout=0.5) as (bus, n1, _), client(n1, "alice") as a:
+        await join(a, "r")
+        assert n1.health()["status"] == "ok"
+        await bus.close()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await send_json(a, "chat_message", {"room": "r", "message": "lost"}, id="c")
+        error = await recv_json(a, timeout=2.0)
+        assert error == {
+            "type": "error",
+            "error": "Service temporarily unavailable, try again",
+            "code": "unavailable",
+            "id": "c",
+        }
+        assert loop.time() - started < 1.5
+        await send_json(a, "ping", id="ping")
+        await expect(a, "pong", id="ping")
+        health = n1.health()
+        assert health["status"] == "degraded" and health["broker"]["state"] == "down"
+        await send_json(a, "join_room", {"room": "new"}, id="j")
+        await expect(a, "error", code="unavailable", id="j")
+        assert n1.stats()["rooms"] == 1
+
+
+@pytest.mark.both_loops
+async def test_hundred_messages_from_two_nodes_arrive_once_in_one_order() -> None:
+    """100 chats from senders on w1 and w2 reach all four members once, seq 1..100, same order."""
+    async with (
+        cluster() as (_, n1, n2),
+        client(n1, "alice") as a,
+        client(n2, "bob") as b,
+        client(n1, "carol") as c,
+        client(n2, "dave") as d,
+    ):
+        members = (a, b, c, d)
+        for i, ws in enumerate(members):
+            await enter(ws, "r", n1, n2)
+            for earlier in members[:i]:
+                await expect(earlier, "user_joined")
+        for i in range(50):
+            await send_json(a, "chat_message", {"room": "r", "message": f"a{i}"})
+            await send_json(b, "chat_message", {"room": "r", "message": f"b{i}"})
+        streams = [[(m["seq"], m["message"]) for m in await chats(ws, 100)] for ws in members]
+        first = streams[0]
+        assert [seq for seq, _ in first] == list(range(1, 101))
+        assert sorted(text for _, text in first) == sorted(
+            [f"a{i}" for i in range(50)] + [f"b{i}" for i in range(50)]
+        )
+        for sender in "ab":
+            assert [t for _, t in first if t[0] == sender] == [f"{sender}{i}" for i in range(50)]
+        for other in streams[1:]:
+            assert other == first
+        for ws in members:
+            await expect_silence(ws)
+
+
+def test_ipc_path_length_is_checked() -> None:
+    """A run directory too long for an ipc socket path is refused up front."""
+    with pytest.raises(ValueError, match="ipc path too long"):
+        BusServer("/tmp/" + "x" * 120)
