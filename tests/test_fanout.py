@@ -78,49 +78,115 @@ def test_frame_matches_the_twin_and_rfc_header(size: int) -> None:
     assert compiled.frame(b"x", 2)[0] == 0x82
 
 
-async def test_broadcast_writes_the_same_frame_to_every_socket(fanout: ModuleType, pairs) -> None:
-    """Every open transport gets the frame once; delivered counts them; no slow ones."""
-    transports, receivers = pairs
-    delivered, slow = fanout.broadcast(transports, fanout.frame(b'{"n":1}'), 1 << 20)
-    assert (delivered, slow) == (10, [])
+def _outbox(fanout: ModuleType, max_buffered: int = 1 << 20) -> tuple[Any, list[Any]]:
+    slow: list[Any] = []
+    return fanout.Outbox(asyncio.get_running_loop(), max_buffered, slow.append), slow
+
+
+async def _drain(receivers: list[Any], count: int) -> list[list[tuple[int, bytes]]]:
+    out = []
     for r in receivers:
-        assert await asyncio.wait_for(r.frames.get(), TIMEOUT) == (1, b'{"n":1}')
+        out.append([await asyncio.wait_for(r.frames.get(), TIMEOUT) for _ in range(count)])
+    return out
+
+
+async def test_broadcast_writes_the_same_frame_to_every_socket(fanout: ModuleType, pairs) -> None:
+    """Every open sink gets the frame once; broadcast returns how many took it."""
+    transports, receivers = pairs
+    outbox, slow = _outbox(fanout)
+    sinks = [fanout.Sink(t, i) for i, t in enumerate(transports)]
+    assert outbox.broadcast(sinks, fanout.frame(b'{"n":1}')) == 10
+    assert [s.pending for s in sinks] == [9] * 10  # queued, not yet written
+    assert await _drain(receivers, 1) == [[(1, b'{"n":1}')]] * 10
+    assert slow == [] and outbox.deliveries == 10
+
+
+async def test_one_turn_of_broadcasts_is_one_write_per_socket(fanout: ModuleType, pairs) -> None:
+    """Many frames to a socket within one loop turn leave in one write, in order (corking)."""
+    transports, receivers = pairs
+    outbox, _ = _outbox(fanout)
+    sinks = [fanout.Sink(t) for t in transports]
+    for i in range(50):
+        outbox.broadcast(sinks, fanout.frame(b"m%d" % i))
+    got = await _drain(receivers, 50)
+    assert outbox.writes == 10
+    for frames in got:
+        assert frames == [(1, b"m%d" % i) for i in range(50)]
+
+
+async def test_send_keeps_order_with_broadcasts(fanout: ModuleType, pairs) -> None:
+    """A frame sent to one sink lands between the broadcasts queued around it."""
+    transports, receivers = pairs
+    outbox, _ = _outbox(fanout)
+    sinks = [fanout.Sink(t) for t in transports]
+    outbox.broadcast(sinks, fanout.frame(b"a"))
+    assert outbox.send(sinks[0], fanout.frame(b"only-0"))
+    outbox.broadcast(sinks, fanout.frame(b"b"))
+    got = await _drain(receivers[:2], 2)
+    assert got[1] == [(1, b"a"), (1, b"b")]
+    assert [await asyncio.wait_for(receivers[0].frames.get(), TIMEOUT)] == [(1, b"b")]
+    assert got[0] == [(1, b"a"), (1, b"only-0")]
 
 
 async def test_broadcast_skips_excluded_and_closed(fanout: ModuleType, pairs) -> None:
-    """exclude and transports that sent CLOSE are skipped and not counted."""
+    """exclude and sinks whose transport sent CLOSE are skipped and not counted."""
     transports, receivers = pairs
+    outbox, _ = _outbox(fanout)
+    sinks = [fanout.Sink(t) for t in transports]
     transports[3].send_close(picows.WSCloseCode.GOING_AWAY)
-    delivered, _ = fanout.broadcast(transports, fanout.frame(b"big" * 30000), 1 << 20,
-                                    transports[5])
-    assert delivered == 8
+    assert outbox.broadcast(sinks, fanout.frame(b"big" * 30000), sinks[5]) == 8
     for i, r in enumerate(receivers):
         if i == 5:
             continue
         kind, payload = await asyncio.wait_for(r.frames.get(), TIMEOUT)
         if i == 3:
             assert kind == int(picows.WSMsgType.CLOSE)
-            assert r.frames.empty()
         else:
             assert payload == b"big" * 30000
-    assert receivers[5].frames.empty()
-
-
-async def test_broadcast_reports_slow_consumers_without_writing(fanout: ModuleType, pairs) -> None:
-    """A transport over max_buffered is returned as slow and not written to."""
-    transports, receivers = pairs
-    delivered, slow = fanout.broadcast(transports, fanout.frame(b"x"), -1)
-    assert delivered == 0 and slow == transports
     await asyncio.sleep(0.05)
-    assert all(r.frames.empty() for r in receivers)
+    assert receivers[5].frames.empty() and receivers[3].frames.empty()
+
+
+async def test_slow_sinks_are_reported_once_and_not_written(fanout: ModuleType, pairs) -> None:
+    """A sink that would pass max_buffered goes to on_slow once, closed, and gets nothing."""
+    transports, receivers = pairs
+    outbox, slow = _outbox(fanout, max_buffered=100)
+    sinks = [fanout.Sink(t, i) for i, t in enumerate(transports)]
+    assert outbox.broadcast(sinks, fanout.frame(b"x" * 60)) == 10
+    assert outbox.broadcast(sinks[:3], fanout.frame(b"y" * 60)) == 0
+    assert [s.owner for s in slow] == [0, 1, 2]
+    assert all(s.closed for s in sinks[:3]) and not sinks[3].closed
+    assert outbox.broadcast(sinks, fanout.frame(b"z")) == 7
+    assert len(slow) == 3
+    got = await _drain(receivers[3:], 2)
+    assert all(frames == [(1, b"x" * 60), (1, b"z")] for frames in got)
+    await asyncio.sleep(0.05)
+    assert all(r.frames.empty() for r in receivers[:3])
+
+
+async def test_flush_sink_writes_now(fanout: ModuleType, pairs) -> None:
+    """flush_sink writes one sink's queued bytes at once (before a close frame, say)."""
+    transports, receivers = pairs
+    outbox, _ = _outbox(fanout)
+    sink = fanout.Sink(transports[0])
+    outbox.send(sink, fanout.frame(b"first"))
+    outbox.flush_sink(sink)
+    assert sink.pending == 0
+    transports[0].send_close(picows.WSCloseCode.GOING_AWAY)
+    kinds = [await asyncio.wait_for(receivers[0].frames.get(), TIMEOUT) for _ in range(2)]
+    assert kinds[0] == (1, b"first") and kinds[1][0] == int(picows.WSMsgType.CLOSE)
 
 
 async def test_broadcast_survives_a_dead_socket(fanout: ModuleType, pairs) -> None:
-    """An aborted peer never makes broadcast raise; the others still get the frame."""
+    """An aborted peer never makes broadcast or flush raise; the others still get the frame."""
     transports, receivers = pairs
+    outbox, _ = _outbox(fanout)
+    sinks = [fanout.Sink(t) for t in transports]
+    outbox.broadcast(sinks, fanout.frame(b"warm"))
     transports[0].underlying_transport.abort()
     transports[1].disconnect(False)
-    delivered, _ = fanout.broadcast(transports, fanout.frame(b"ok"), 1 << 20)
-    assert delivered >= 8
+    outbox.broadcast(sinks, fanout.frame(b"ok"))
+    outbox.flush()
     for r in receivers[2:]:
-        assert await asyncio.wait_for(r.frames.get(), TIMEOUT) == (1, b"ok")
+        assert [await asyncio.wait_for(r.frames.get(), TIMEOUT) for _ in range(2)] == [
+            (1, b"warm"), (1, b"ok")]

@@ -164,7 +164,8 @@ async def test_slow_consumer_is_cut_off_and_healthy_members_get_everything() -> 
                 buffered = session.transport.underlying_transport.get_write_buffer_size()
                 assert buffered <= 65536 + 2 * 1024  # the limit + one frame + the close frame
                 slow_deliveries = flagged_at["deliveries"] - before["deliveries"] - 3 * sent
-                assert 0 < slow_deliveries < sent
+                # Frames queued for it before the cut (the last turn's may be dropped unsent).
+                assert 0 < slow_deliveries <= sent
                 if slow_id in node.sessions:
                     for _ in range(BATCH):
                         healthy[0].send_json(

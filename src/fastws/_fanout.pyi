@@ -1,12 +1,39 @@
+from asyncio import AbstractEventLoop
+from collections.abc import Callable
+from typing import Any
+
 from picows import WSTransport
 
 def frame(payload: bytes, opcode: int = 1) -> bytes:
     """One unmasked final server frame (text by default) holding ``payload``."""
 
-def broadcast(
-    transports: list[WSTransport],
-    data: bytes,
-    max_buffered: int,
-    exclude: WSTransport | None = None,
-) -> tuple[int, list[WSTransport]]:
-    """Write ``data`` to every open transport; return (delivered, slow consumers)."""
+class Sink:
+    """One connection's outgoing bytes, gathered in a loop turn and sent in one write."""
+
+    owner: Any
+    @property
+    def closed(self) -> bool: ...
+    @property
+    def pending(self) -> int: ...
+    def __init__(self, transport: WSTransport, owner: Any = None) -> None: ...
+
+class Outbox:
+    """Corks frames for many sinks within one event-loop turn; flushes before the loop sleeps."""
+
+    @property
+    def max_buffered(self) -> int: ...
+    @property
+    def deliveries(self) -> int: ...
+    @property
+    def writes(self) -> int: ...
+    def __init__(
+        self, loop: AbstractEventLoop, max_buffered: int, on_slow: Callable[[Sink], Any]
+    ) -> None: ...
+    def send(self, sink: Sink, data: bytes) -> bool:
+        """Queue ``data`` for one sink; False if it is closed or just became slow."""
+    def broadcast(self, sinks: list[Sink], data: bytes, exclude: Sink | None = None) -> int:
+        """Queue ``data`` for every open sink but ``exclude``; return how many took it."""
+    def flush(self) -> None:
+        """Write every queued sink (scheduled automatically once per loop turn)."""
+    def flush_sink(self, sink: Sink) -> None:
+        """Write one sink now, e.g. before a close frame."""

@@ -1,14 +1,20 @@
 # cython: language_level=3
-"""The hot path: write one already-encoded WebSocket frame to many transports.
+"""The hot path: write already-encoded WebSocket frames to many sockets, corked per loop turn.
 
-Nothing here decides policy (no logging, config or asyncio): the hub calls
-``frame()`` once per publication, ``broadcast()`` once per room, and acts on
-the slow consumers that ``broadcast()`` reports.
+A ``Sink`` is one connection's outgoing side. ``Outbox.broadcast`` appends one frame to many
+sinks (a memcpy each, no Python object per recipient); the first append to a sink in an
+event-loop turn queues it, and ``Outbox.flush`` -- scheduled once per turn with ``call_soon``,
+so it runs before the loop sleeps -- writes each queued sink's bytes with one ``send()``.
+Many messages to one socket in one turn thus cost one system call (corking).
+
+Nothing here decides policy (no logging, config or asyncio beyond ``call_soon``): a sink whose
+unsent output passes ``max_buffered`` is handed to ``on_slow`` and written to no more.
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
 from libc.stdint cimport uint8_t
+from libc.stdlib cimport free, realloc
 from libc.string cimport memcpy
 from picows.picows cimport WSTransport
 
@@ -17,12 +23,16 @@ cdef extern from "<sys/socket.h>" nogil:
     ssize_t send(int fd, const void* buf, size_t n, int flags)
     int MSG_NOSIGNAL
 
+cdef enum:
+    # A sink keeps at most this much buffer capacity between turns (idle ones keep none).
+    KEEP_CAPACITY = 4096
+
 
 cpdef bytes frame(bytes payload, int opcode=1):
     """Return one unmasked, final server-to-client frame holding ``payload``.
 
     ``opcode`` is 1 (text) by default, 2 for binary (RFC 6455 section 5.2).
-    The result is immutable and can be handed to any number of transports.
+    The result is immutable and can be handed to any number of sinks.
     """
     cdef Py_ssize_t size = PyBytes_GET_SIZE(payload)
     cdef Py_ssize_t header = 2 if size < 126 else (4 if size < 65536 else 10)
@@ -44,56 +54,180 @@ cpdef bytes frame(bytes payload, int opcode=1):
     return out
 
 
-cdef inline void _write(WSTransport t, bytes data, const char* ptr, Py_ssize_t size,
-                        Py_ssize_t buffered) except *:
-    """Write ``data`` to ``t``: straight to the socket when nothing is queued in front."""
-    cdef ssize_t sent = 0
-    if buffered == 0 and not t.is_secure:
-        sent = send(t._socket, ptr, <size_t>size, MSG_NOSIGNAL)
-        if sent == size:
-            return
-        if sent > 0:
-            # Queue only the unsent tail; the transport flushes it when writable.
-            t._tr_write(PyBytes_FromStringAndSize(ptr + sent, size - sent))
-            return
-    # EAGAIN, or an error the transport should meet itself and report as connection_lost.
-    t._tr_write(data)
+cdef class Sink:
+    """One connection's outgoing bytes, gathered during a loop turn and sent in one write.
 
-
-def broadcast(list transports, bytes data, Py_ssize_t max_buffered, object exclude=None):
-    """Write the frame ``data`` to every transport in ``transports``.
-
-    Returns ``(delivered, slow)``: how many transports were given the frame,
-    and a list (usually empty) of transports whose unsent output was already
-    over ``max_buffered`` bytes. Those were *not* written to; the caller must
-    close them, since a slow consumer is never allowed to grow memory.
-
-    Skipped without counting: ``exclude`` (compared by identity), transports
-    that already sent a CLOSE frame or are disconnected. One bad recipient never
-    raises or stops the loop: a socket error is handed to its transport, which
-    reports the disconnect through its listener later.
+    ``owner`` is free for the caller (the session). A sink is written to only through its
+    ``Outbox``; ``closed`` sinks (slow, or the transport closing) drop what they are given.
     """
-    cdef Py_ssize_t n = PyList_GET_SIZE(transports)
-    cdef Py_ssize_t i, buffered
-    cdef Py_ssize_t delivered = 0
-    cdef const char* ptr = PyBytes_AS_STRING(data)
-    cdef Py_ssize_t size = PyBytes_GET_SIZE(data)
-    cdef WSTransport t
-    cdef list slow = None
-    for i in range(n):
-        t = <WSTransport>PyList_GET_ITEM(transports, i)
-        if <object>t is exclude or t.is_close_frame_sent or t.is_disconnected:
-            continue
-        buffered = t._tr_get_write_buffer_size()
-        if buffered > max_buffered:
-            if slow is None:
-                slow = []
-            slow.append(t)
-            continue
-        try:
-            _write(t, data, ptr, size, buffered)
-            delivered += 1
-        except Exception:
-            # A transport that refuses writes is closing; its listener reports it.
-            pass
-    return delivered, (slow if slow is not None else [])
+
+    cdef WSTransport transport
+    cdef char* buf
+    cdef Py_ssize_t size
+    cdef Py_ssize_t capacity
+    cdef bint queued
+    cdef readonly bint closed
+    cdef public object owner
+
+    def __cinit__(self, WSTransport transport, object owner=None):
+        self.transport = transport
+        self.owner = owner
+        self.buf = NULL
+        self.size = 0
+        self.capacity = 0
+        self.queued = False
+        self.closed = False
+
+    def __dealloc__(self):
+        free(self.buf)
+
+    @property
+    def pending(self):
+        """Bytes appended this turn and not yet written."""
+        return self.size
+
+    cdef inline int _append(self, const char* data, Py_ssize_t n) except -1:
+        cdef Py_ssize_t want = self.size + n
+        cdef Py_ssize_t cap
+        cdef char* grown
+        if want > self.capacity:
+            cap = self.capacity * 2 if self.capacity else 1024
+            while cap < want:
+                cap *= 2
+            grown = <char*>realloc(self.buf, cap)
+            if grown == NULL:
+                raise MemoryError()
+            self.buf = grown
+            self.capacity = cap
+        memcpy(self.buf + self.size, data, n)
+        self.size = want
+        return 0
+
+    cdef inline void _reset(self):
+        self.size = 0
+        if self.capacity > KEEP_CAPACITY:
+            free(self.buf)
+            self.buf = NULL
+            self.capacity = 0
+
+    cdef inline bint _dead(self):
+        return self.closed or self.transport.is_close_frame_sent or self.transport.is_disconnected
+
+
+cdef class Outbox:
+    """Corks writes to many sinks within one event-loop turn; one per event loop.
+
+    ``on_slow(sink)`` is called (at most once per sink) when a sink's unsent output -- this
+    turn's bytes plus what its transport still holds -- would pass ``max_buffered`` bytes.
+    """
+
+    cdef list _queued
+    cdef object _call_soon
+    cdef object _flush_cb
+    cdef bint _scheduled
+    cdef readonly Py_ssize_t max_buffered
+    cdef object _on_slow
+    cdef readonly unsigned long long deliveries
+    cdef readonly unsigned long long writes
+
+    def __init__(self, loop, Py_ssize_t max_buffered, on_slow):
+        self._queued = []
+        self._call_soon = loop.call_soon
+        self._flush_cb = self.flush
+        self._scheduled = False
+        self.max_buffered = max_buffered
+        self._on_slow = on_slow
+        self.deliveries = 0
+        self.writes = 0
+
+    cdef inline int _put(self, Sink s, const char* data, Py_ssize_t n) except -1:
+        if s.size + n > self.max_buffered:
+            self._slow(s)
+            return 0
+        s._append(data, n)
+        if not s.queued:
+            s.queued = True
+            self._queued.append(s)
+            if not self._scheduled:
+                self._scheduled = True
+                self._call_soon(self._flush_cb)
+        return 1
+
+    cdef void _slow(self, Sink s) except *:
+        if s.closed:
+            return
+        s.closed = True
+        s._reset()
+        self._on_slow(s)
+
+    def send(self, Sink sink, bytes data):
+        """Queue the frame ``data`` for one sink; False if the sink is closed or became slow."""
+        if sink._dead():
+            return False
+        return self._put(sink, PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data)) == 1
+
+    def broadcast(self, list sinks, bytes data, Sink exclude=None):
+        """Queue the frame ``data`` for every sink in ``sinks`` but ``exclude``.
+
+        Returns how many sinks took it. Skipped: ``exclude`` (by identity) and closed sinks.
+        A sink that would pass ``max_buffered`` is reported to ``on_slow`` and skipped. Never
+        raises for one recipient's sake; bytes leave at the next ``flush``.
+        """
+        cdef Py_ssize_t n = PyList_GET_SIZE(sinks)
+        cdef Py_ssize_t i
+        cdef Py_ssize_t taken = 0
+        cdef const char* ptr = PyBytes_AS_STRING(data)
+        cdef Py_ssize_t size = PyBytes_GET_SIZE(data)
+        cdef Sink s
+        for i in range(n):
+            s = <Sink>PyList_GET_ITEM(sinks, i)
+            if s is exclude or s._dead():
+                continue
+            taken += self._put(s, ptr, size)
+        self.deliveries += taken
+        return taken
+
+    def flush(self):
+        """Write every queued sink: one ``send()`` each, the rest handed to its transport."""
+        cdef list queued = self._queued
+        cdef Py_ssize_t i, n = PyList_GET_SIZE(queued)
+        cdef Sink s
+        self._queued = []
+        self._scheduled = False
+        for i in range(n):
+            s = <Sink>PyList_GET_ITEM(queued, i)
+            s.queued = False
+            if s.size == 0:
+                continue
+            if s._dead():
+                s._reset()
+                continue
+            try:
+                self._write(s)
+            except Exception:
+                # A transport that refuses writes is closing; its listener reports it.
+                pass
+            s._reset()
+
+    def flush_sink(self, Sink sink):
+        """Write one sink's queued bytes now (before a close frame, so nothing overtakes it)."""
+        if sink.size and not sink._dead():
+            self._write(sink)
+        sink._reset()
+
+    cdef int _write(self, Sink s) except -1:
+        cdef WSTransport t = s.transport
+        cdef Py_ssize_t buffered = t._tr_get_write_buffer_size()
+        cdef ssize_t sent = 0
+        if buffered + s.size > self.max_buffered:
+            self._slow(s)
+            return 0
+        self.writes += 1
+        if buffered == 0 and not t.is_secure:
+            sent = send(t._socket, s.buf, <size_t>s.size, MSG_NOSIGNAL)
+            if sent == s.size:
+                return 0
+            if sent < 0:
+                sent = 0  # EAGAIN, or an error the transport meets itself and reports
+        t._tr_write(PyBytes_FromStringAndSize(s.buf + sent, s.size - sent))
+        return 0

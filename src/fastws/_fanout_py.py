@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import struct
+from collections.abc import Callable
+from typing import Any
 
 from picows import WSTransport
 
@@ -20,25 +24,95 @@ def frame(payload: bytes, opcode: int = 1) -> bytes:
     return header + payload
 
 
-def broadcast(
-    transports: list[WSTransport],
-    data: bytes,
-    max_buffered: int,
-    exclude: WSTransport | None = None,
-) -> tuple[int, list[WSTransport]]:
-    """Write ``data`` to every open transport; return (delivered, slow consumers)."""
-    delivered = 0
-    slow: list[WSTransport] = []
-    for t in transports:
-        if t is exclude or t.is_close_frame_sent or t.is_disconnected:
-            continue
-        tr = t.underlying_transport
-        if tr.get_write_buffer_size() > max_buffered:
-            slow.append(t)
-            continue
-        try:
-            tr.write(data)
-            delivered += 1
-        except Exception:
-            pass
-    return delivered, slow
+class Sink:
+    """One connection's outgoing bytes for this loop turn."""
+
+    def __init__(self, transport: WSTransport, owner: Any = None) -> None:
+        self.transport = transport
+        self.owner = owner
+        self.buf = bytearray()
+        self.queued = False
+        self.closed = False
+
+    @property
+    def pending(self) -> int:
+        return len(self.buf)
+
+    def _dead(self) -> bool:
+        t = self.transport
+        return self.closed or t.is_close_frame_sent or t.is_disconnected
+
+
+class Outbox:
+    """Corks writes to many sinks within one event-loop turn."""
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, max_buffered: int, on_slow: Callable[[Sink], Any]
+    ) -> None:
+        self._queued: list[Sink] = []
+        self._loop = loop
+        self._scheduled = False
+        self.max_buffered = max_buffered
+        self._on_slow = on_slow
+        self.deliveries = 0
+        self.writes = 0
+
+    def _put(self, s: Sink, data: bytes) -> int:
+        if len(s.buf) + len(data) > self.max_buffered:
+            self._slow(s)
+            return 0
+        s.buf += data
+        if not s.queued:
+            s.queued = True
+            self._queued.append(s)
+            if not self._scheduled:
+                self._scheduled = True
+                self._loop.call_soon(self.flush)
+        return 1
+
+    def _slow(self, s: Sink) -> None:
+        if s.closed:
+            return
+        s.closed = True
+        s.buf.clear()
+        self._on_slow(s)
+
+    def send(self, sink: Sink, data: bytes) -> bool:
+        if sink._dead():
+            return False
+        return self._put(sink, data) == 1
+
+    def broadcast(self, sinks: list[Sink], data: bytes, exclude: Sink | None = None) -> int:
+        taken = 0
+        for s in sinks:
+            if s is exclude or s._dead():
+                continue
+            taken += self._put(s, data)
+        self.deliveries += taken
+        return taken
+
+    def flush(self) -> None:
+        queued, self._queued = self._queued, []
+        self._scheduled = False
+        for s in queued:
+            s.queued = False
+            if not s.buf:
+                continue
+            if not s._dead():
+                # A transport that refuses writes is closing; its listener reports it.
+                with contextlib.suppress(Exception):
+                    self._write(s)
+            s.buf.clear()
+
+    def flush_sink(self, sink: Sink) -> None:
+        if sink.buf and not sink._dead():
+            self._write(sink)
+        sink.buf.clear()
+
+    def _write(self, s: Sink) -> None:
+        tr = s.transport.underlying_transport
+        if tr.get_write_buffer_size() + len(s.buf) > self.max_buffered:
+            self._slow(s)
+            return
+        self.writes += 1
+        tr.write(bytes(s.buf))

@@ -1,15 +1,15 @@
 """Rooms -> local members, and broadcast to those members through the compiled fan-out.
 
-The hub knows nothing of the wire protocol: it is handed encoded payloads, frames each
-one once, and writes the same bytes to every member's socket.
+The hub knows nothing of the wire protocol: it is handed encoded payloads, frames each one
+once, and has the ``Outbox`` copy the same bytes to every member's sink; the outbox writes
+each socket once per event-loop turn.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
-
-from picows import WSTransport
 
 try:
     from . import _fanout as fanout
@@ -21,20 +21,19 @@ if TYPE_CHECKING:
 
 
 class Room:
-    """One room's local members. ``transports`` is the list the fan-out walks.
+    """One room's local members. ``sinks`` is the list the fan-out walks.
 
-    Invariant: ``transports[index[s]] is s.transport`` for every member ``s``; removal
-    swaps the last entry into the hole so join and leave stay O(1).
+    Invariant: ``sinks[index[s]] is s.sink`` for every member ``s``; removal swaps the last
+    entry into the hole so join and leave stay O(1).
     """
 
-    __slots__ = ("index", "members", "name", "seq", "transports")
+    __slots__ = ("index", "members", "name", "sinks")
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self.transports: list[WSTransport] = []
+        self.sinks: list[Any] = []
         self.members: list[Session] = []
         self.index: dict[Session, int] = {}
-        self.seq = 0
 
     def __len__(self) -> int:
         return len(self.members)
@@ -44,7 +43,7 @@ class Room:
             return False
         self.index[session] = len(self.members)
         self.members.append(session)
-        self.transports.append(session.transport)
+        self.sinks.append(session.sink)
         return True
 
     def remove(self, session: Session) -> bool:
@@ -52,29 +51,52 @@ class Room:
         if i is None:
             return False
         last = self.members.pop()
-        last_transport = self.transports.pop()
+        last_sink = self.sinks.pop()
         if last is not session:
             self.members[i] = last
-            self.transports[i] = last_transport
+            self.sinks[i] = last_sink
             self.index[last] = i
         return True
 
 
 class Hub:
-    """Rooms of this process. ``on_slow`` is called with each transport found over the limit."""
+    """Rooms of this process. ``on_slow(sink)`` is called for each sink found over the limit."""
 
     def __init__(
         self,
         max_send_buffer_bytes: int,
-        on_slow: Callable[[WSTransport], Any],
+        on_slow: Callable[[Any], Any],
         fanout_module: Any = fanout,
     ) -> None:
         self.rooms: dict[str, Room] = {}
         self.max_send_buffer_bytes = max_send_buffer_bytes
         self._on_slow = on_slow
-        self._fanout = fanout_module
-        self.deliveries = 0
+        self.fanout = fanout_module
+        self._outbox: Any = None
         self.broadcasts = 0
+
+    @property
+    def outbox(self) -> Any:
+        """The event loop's Outbox, made on first use (a Hub may be built before the loop runs)."""
+        if self._outbox is None:
+            self._outbox = self.fanout.Outbox(
+                asyncio.get_running_loop(), self.max_send_buffer_bytes, self._on_slow
+            )
+        return self._outbox
+
+    @property
+    def deliveries(self) -> int:
+        return int(self._outbox.deliveries) if self._outbox is not None else 0
+
+    def sink(self, transport: Any, owner: Any) -> Any:
+        return self.fanout.Sink(transport, owner)
+
+    def send(self, sink: Any, payload: bytes) -> bool:
+        """Queue one message for one connection, behind whatever it was already sent."""
+        return bool(self.outbox.send(sink, self.fanout.frame(payload)))
+
+    def flush(self, sink: Any) -> None:
+        self.outbox.flush_sink(sink)
 
     def get(self, name: str) -> Room | None:
         return self.rooms.get(name)
@@ -96,24 +118,14 @@ class Hub:
         return room
 
     def broadcast(self, name: str, payload: bytes, exclude: Session | None = None) -> int:
-        """Frame ``payload`` once and write it to every member of ``name`` but ``exclude``."""
+        """Frame ``payload`` once and queue it for every member of ``name`` but ``exclude``."""
         room = self.rooms.get(name)
         if room is None:
             return 0
-        return self.broadcast_frame(room, self._fanout.frame(payload), exclude)
-
-    def broadcast_frame(self, room: Room, data: bytes, exclude: Session | None = None) -> int:
-        delivered, slow = self._fanout.broadcast(
-            room.transports,
-            data,
-            self.max_send_buffer_bytes,
-            exclude.transport if exclude is not None else None,
-        )
         self.broadcasts += 1
-        self.deliveries += delivered
-        for transport in slow:
-            self._on_slow(transport)
-        return int(delivered)
+        return int(self.outbox.broadcast(
+            room.sinks, self.fanout.frame(payload), exclude.sink if exclude is not None else None
+        ))
 
     def member_count(self) -> int:
         return sum(len(r) for r in self.rooms.values())

@@ -158,9 +158,10 @@ class Node:
         self.counters["auth_failures"] += 1
         log.info("auth failed: %s", reason, extra={"event": "auth_failed", "reason": reason})
 
-    def slow_consumer(self, transport: Any) -> None:
-        session = self._by_transport.get(transport)
-        if session is None or transport.is_close_frame_sent:
+    def slow_consumer(self, sink: Any) -> None:
+        """Outbox callback: ``sink`` passed max_send_buffer_bytes and takes no more."""
+        session = sink.owner
+        if session is None or session.transport.is_close_frame_sent:
             return
         self.counters["slow_consumers"] += 1
         log.warning("slow consumer closed", extra={"event": "slow_consumer",

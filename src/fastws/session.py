@@ -91,6 +91,7 @@ class Session:
         "rejected_in_row",
         "rooms",
         "settings",
+        "sink",
         "transport",
     )
 
@@ -107,6 +108,7 @@ class Session:
         self.client_id = client_id
         self.principal = principal
         self.transport = transport
+        self.sink: Any = None  # set by the transport: this connection's fan-out sink
         self.outlet = outlet
         self.node = node
         self.settings = settings

@@ -66,6 +66,7 @@ class Connection(WSListener):
         self.client_id = str(uuid.uuid4())
         self.transport: WSTransport | None = None
         self.session: Session | None = None
+        self.sink: Any = None
         self.remote = ""
         self._frag_type: WSMsgType | None = None
         self._frags = bytearray()
@@ -79,6 +80,8 @@ class Connection(WSListener):
         self.remote = f"{peer[0]}:{peer[1]}" if peer else ""
         self.session = Session(self.client_id, self.principal, transport, self, self.node,
                                self.settings)
+        self.sink = self.node.hub.sink(transport, self.session)
+        self.session.sink = self.sink
         self.node.connect(self.session, self.remote)
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
@@ -150,13 +153,8 @@ class Connection(WSListener):
     # ---- Outlet: how the session's replies leave --------------------------------------
 
     def send(self, payload: bytes) -> None:
-        t = self.transport
-        if t is None or t.is_close_frame_sent or t.is_disconnected:
-            return
-        if t.underlying_transport.get_write_buffer_size() > self.settings.max_send_buffer_bytes:
-            self.node.slow_consumer(t)
-            return
-        t.send(WSMsgType.TEXT, payload)
+        # Through the sink, so replies keep their order with the room traffic it is corking.
+        self.node.hub.send(self.sink, payload)
 
     def close(self, code: int, reason: str) -> None:
         """Send a close frame; drop the socket if the peer has not closed within close_timeout."""
@@ -164,6 +162,8 @@ class Connection(WSListener):
         if t is None or t.is_disconnected:
             return
         if not t.is_close_frame_sent:
+            if not self.sink.closed:
+                self.node.hub.flush(self.sink)  # what was queued goes before the close frame
             t.send_close(WSCloseCode(code), reason.encode())
         if self._abort_handle is None:
             loop = asyncio.get_running_loop()

@@ -48,7 +48,6 @@ worker answers them itself without a round trip.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import itertools
 import logging
@@ -160,6 +159,16 @@ async def _pump(sock: zmq.asyncio.Socket, handle: Callable[[list[bytes]], None])
             await asyncio.sleep(0)
 
 
+async def _reap(task: asyncio.Task[None]) -> None:
+    """Wait for a cancelled reader; a reader that had died of a bug is logged, not raised."""
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass
+    except Exception:
+        log.exception("local bus reader failed", extra={"event": "bus_error"})
+
+
 # ---- the supervisor's side ----------------------------------------------------------------------
 
 
@@ -202,8 +211,7 @@ class BusServer:
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await _reap(self._task)
             self._task = None
         for sock in (self._router, self._pub):
             if sock is not None:
@@ -386,8 +394,7 @@ class LocalBusBroker:
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await _reap(task)
         self._tasks = []
         for fut in list(self._pending.values()):
             if not fut.done():
