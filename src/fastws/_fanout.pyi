@@ -37,3 +37,6 @@ class Outbox:
         """Write every queued sink (scheduled automatically once per loop turn)."""
     def flush_sink(self, sink: Sink) -> None:
         """Write one sink now, e.g. before a close frame."""
+
+def release_handshake(transport: WSTransport) -> None:
+    """Drop the upgrade request/response picows keeps per connection (memory)."""

@@ -23,11 +23,6 @@ cdef extern from "<sys/socket.h>" nogil:
     ssize_t send(int fd, const void* buf, size_t n, int flags)
     int MSG_NOSIGNAL
 
-cdef enum:
-    # A sink keeps at most this much buffer capacity between turns (idle ones keep none).
-    KEEP_CAPACITY = 4096
-
-
 cpdef bytes frame(bytes payload, int opcode=1):
     """Return one unmasked, final server-to-client frame holding ``payload``.
 
@@ -104,11 +99,12 @@ cdef class Sink:
         return 0
 
     cdef inline void _reset(self):
+        # Freed, not kept: an idle connection holds no buffer, and malloc costs far less than
+        # the send() it precedes.
         self.size = 0
-        if self.capacity > KEEP_CAPACITY:
-            free(self.buf)
-            self.buf = NULL
-            self.capacity = 0
+        free(self.buf)
+        self.buf = NULL
+        self.capacity = 0
 
     cdef inline bint _dead(self):
         return self.closed or self.transport.is_close_frame_sent or self.transport.is_disconnected
@@ -231,3 +227,13 @@ cdef class Outbox:
                 sent = 0  # EAGAIN, or an error the transport meets itself and reports
         t._tr_write(PyBytes_FromStringAndSize(s.buf + sent, s.size - sent))
         return 0
+
+
+def release_handshake(WSTransport transport):
+    """Drop the parsed upgrade request and response picows keeps for a connection's lifetime.
+
+    They are only read during the handshake; for an idle connection they are a large part of
+    its memory. Call after the connection is accepted; ``transport.request`` is None after.
+    """
+    transport.request = None
+    transport.response = None

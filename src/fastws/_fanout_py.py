@@ -116,3 +116,7 @@ class Outbox:
             return
         self.writes += 1
         tr.write(bytes(s.buf))
+
+
+def release_handshake(transport: WSTransport) -> None:
+    """No-op twin: picows' request/response attributes are read-only from Python."""

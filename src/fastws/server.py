@@ -58,16 +58,18 @@ class Node:
         self.started_at = time.monotonic()
         self.counters: Counter[str] = Counter()
         self.server: asyncio.Server | None = None
+        self.heartbeat: Any = None
         self._idle = asyncio.Event()
         self._idle.set()
 
     # ---- lifecycle ----------------------------------------------------------------------
 
     async def start(self, reuse_port: bool = False) -> None:
-        from .transport import listen
+        from .transport import Heartbeat, listen
 
         await self.broker.start()
         self.server = await listen(self, _load_pages(), reuse_port=reuse_port)
+        self.heartbeat = Heartbeat(self).start()
 
     @property
     def port(self) -> int:
@@ -79,6 +81,8 @@ class Node:
         if self.draining:
             return
         self.draining = True
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
         if self.server is not None:
             self.server.close()
         count = len(self.sessions)

@@ -120,7 +120,7 @@ class Session:
         self.rejected_in_row = 0
         # While an action awaits a remote broker, later messages wait here, so one client's
         # messages take effect in the order it sent them.
-        self._backlog: deque[bytes | str] = deque()
+        self._backlog: deque[bytes | str] | None = None  # made on first need
         self._task: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
@@ -142,6 +142,8 @@ class Session:
             return
         self.rejected_in_row = 0
         if self._task is not None:
+            if self._backlog is None:
+                self._backlog = deque()
             if len(self._backlog) >= self.settings.rate_burst:
                 self.outlet.close(CloseCode.POLICY_VIOLATION, "too many pending messages")
                 return
@@ -157,7 +159,7 @@ class Session:
 
     def cancel(self) -> None:
         """Drop pending work; called when the connection is gone."""
-        self._backlog.clear()
+        self._backlog = None
         if self._task is not None:
             self._task.cancel()
             self._task = None

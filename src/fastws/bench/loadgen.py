@@ -1,0 +1,518 @@
+"""The load generator: one process's share of the simulated users, on picows + uvloop.
+
+A generator process is started (spawn) by the coordinator in scenarios.py with a plan (a plain
+dict: which users, which rooms, which mode) and talks back over a multiprocessing Queue:
+
+    ("ready", i, info)   connected (and joined): waiting at the barrier
+    ("done", i, info)    the measured phase is over (the coordinator reads server CPU/RSS now)
+    ("result", i, dict)  counts, the latency histogram (HdrHistogram encode()), time series
+    ("error", i, text)   a traceback; the barrier is aborted so nobody waits for us
+
+Start and end are absolute ``time.time_ns()`` instants written by the coordinator into a shared
+array before it joins the barrier, so every process measures the same window.
+
+Chat texts are ``"<publisher>:<n>:<send time_ns>"``: every receiver parses them to get the
+latency (send -> this delivery) and checks that each publisher's ``n`` arrives exactly once and
+in order. The per-delivery path is ``on_ws_frame`` below: one regex search (memoised per
+payload, since a fan-out delivers the very same bytes to every member), a bitmap test, a few
+integer updates; no JSON parsing, no histogram call (latencies are counted in a dict and folded
+into the HdrHistogram once at the end).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import gc
+import os
+import re
+import time
+import traceback
+from typing import Any
+
+import orjson
+import picows
+
+_TEXT = picows.WSMsgType.TEXT
+_CLOSE = picows.WSMsgType.CLOSE
+_search_chat = re.compile(rb'"message": ?"(\d+):(\d+):(\d+)').search
+_time_ns = time.time_ns
+_BUCKET_NS = 100_000_000  # time series resolution: 100 ms
+_IDLE_NS = 500_000_000  # drain ends after this long without a delivery
+_HIST_LOW, _HIST_HIGH, _HIST_DIGITS = 1, 60_000_000, 3  # 1 us .. 60 s, 3 significant digits
+
+# parsed chat texts by payload; cleared when big (a fan-out repeats each payload S times).
+_parsed: dict[bytes, tuple[int, int, int]] = {}
+
+
+def new_histogram() -> Any:
+    from hdrh.histogram import HdrHistogram  # type: ignore[import-untyped]
+
+    return HdrHistogram(_HIST_LOW, _HIST_HIGH, _HIST_DIGITS)
+
+
+class Gen:
+    """What one generator process counts. Times are ``time.time_ns()``."""
+
+    def __init__(self, plan: dict[str, Any]) -> None:
+        self.t_start = 0  # load starts (warmup included)
+        self.m0 = 0  # measured window [m0, m1)
+        self.m1 = 0
+        self.deliveries = 0  # chat deliveries received inside the window
+        self.duplicates = 0
+        self.reorders = 0
+        self.sent_window = 0  # chat messages sent inside the window
+        self.sent_total = 0
+        self.series: list[int] = [0] * (int(plan["duration"] * 10) + 2)
+        self.sent_series: list[int] = [0] * (int(plan["duration"] * 10) + 2)
+        self.latency: dict[int, int] = {}  # microseconds -> count
+        self.last_delivery = 0
+        self.closes: collections.Counter[int] = collections.Counter()
+        self.errors: collections.Counter[str] = collections.Counter()
+        self.disconnects = 0
+        self.storm = False
+        self.storm_received = 0
+        self.storm_last = 0
+        self.storm_expected: int | None = None
+
+
+class Client(picows.WSListener):  # type: ignore[misc]
+    """One simulated user. Control messages resolve ``waiter`` when their type is ``want``;
+    chat messages go through the fast path in ``on_ws_frame``."""
+
+    def __init__(self, gen: Gen, cid: int, room: str | None, publisher: bool, window: int,
+                 pad: int) -> None:
+        super().__init__()
+        self.gen = gen
+        self.cid = cid
+        self.room = room
+        self.publisher = publisher
+        self.window = window  # 0: paced by the generator, not by our own echoes
+        self.transport: picows.WSTransport | None = None
+        self.n = 0  # next message number = messages sent
+        self.outstanding = 0
+        # per publisher: [highest n seen, bitmap of n seen, distinct messages received]
+        self.tracks: dict[int, list[Any]] = {}
+        self.want = "connected"
+        self.waiter: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self.closing = False
+        self.suffix = ((":" + "x" * pad if pad else "") + '"}}').encode()
+        if room is not None:
+            self.prefix = (
+                '{"type":"chat_message","payload":{"room":"%s","message":"%d:' % (room, cid)
+            ).encode()
+            self.join_msg = orjson.dumps({"type": "join_room", "payload": {"room": room}})
+
+    # -- picows callbacks --------------------------------------------------------------------
+
+    def on_ws_connected(self, transport: picows.WSTransport) -> None:
+        self.transport = transport
+
+    def on_ws_disconnected(self, transport: picows.WSTransport) -> None:
+        if not self.closing:
+            self.gen.disconnects += 1
+        if not self.waiter.done():
+            self.waiter.set_exception(ConnectionError("disconnected"))
+
+    def on_ws_frame(self, transport: picows.WSTransport, frame: picows.WSFrame) -> None:
+        if frame.msg_type != _TEXT:
+            self._frame(transport, frame)
+            return
+        data = frame.get_payload_as_bytes()
+        parsed = _parsed.get(data)
+        if parsed is None:
+            match = _search_chat(data)
+            if match is None:
+                self._control(data)
+                return
+            parsed = (int(match[1]), int(match[2]), int(match[3]))
+            if len(_parsed) > 8192:
+                _parsed.clear()
+            _parsed[data] = parsed
+        pub, n, sent = parsed
+        g = self.gen
+        now = _time_ns()
+        g.last_delivery = now
+        track = self.tracks.get(pub)
+        if track is None:
+            track = self.tracks[pub] = [-1, bytearray(256), 0]
+        bitmap = track[1]
+        byte = n >> 3
+        if byte >= len(bitmap):
+            bitmap.extend(bytes(max(len(bitmap), byte + 1 - len(bitmap))))
+        bit = 1 << (n & 7)
+        if bitmap[byte] & bit:
+            g.duplicates += 1
+            return
+        bitmap[byte] |= bit
+        track[2] += 1
+        if n < track[0]:
+            g.reorders += 1  # arrived after a later message of the same publisher
+        else:
+            track[0] = n
+        if g.m0 <= now < g.m1:
+            g.deliveries += 1
+            g.series[(now - g.m0) // _BUCKET_NS] += 1
+        if g.m0 <= sent < g.m1:
+            us = (now - sent) // 1000
+            g.latency[us] = g.latency.get(us, 0) + 1
+        if pub == self.cid:
+            self.outstanding -= 1
+            if self.window and now < g.m1:
+                self.send_chat()
+
+    def _frame(self, transport: picows.WSTransport, frame: picows.WSFrame) -> None:
+        if frame.msg_type == _CLOSE:
+            code = int(frame.get_close_code())
+            if not self.closing:
+                self.gen.closes[code] += 1
+            self.closing = True
+            transport.send_close(frame.get_close_code())
+            transport.disconnect()
+
+    def _control(self, data: bytes) -> None:
+        g = self.gen
+        if b'"user_joined"' in data:  # the join storm's deliveries: counted without parsing
+            if g.storm:
+                now = _time_ns()
+                g.storm_received += 1
+                g.storm_last = now
+                _bump(g.series, (now - g.t_start) // _BUCKET_NS)
+            return
+        try:
+            msg = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            g.errors["unparsable message from server"] += 1
+            return
+        kind = msg.get("type") if isinstance(msg, dict) else None
+        if kind == self.want and not self.waiter.done():
+            self.waiter.set_result(msg)
+        elif kind == "error":
+            text = str(msg.get("error"))[:120]
+            g.errors[text] += 1
+            if not self.waiter.done():
+                self.waiter.set_exception(RuntimeError(f"server error: {text}"))
+
+    # -- actions -------------------------------------------------------------------------
+
+    def expect(self, kind: str) -> asyncio.Future[dict[str, Any]]:
+        self.want = kind
+        self.waiter = asyncio.get_running_loop().create_future()
+        return self.waiter
+
+    def send_join(self) -> None:
+        assert self.transport is not None
+        self.transport.send(_TEXT, self.join_msg)
+
+    def send_chat(self) -> None:
+        g = self.gen
+        now = _time_ns()
+        n = self.n
+        self.n = n + 1
+        self.outstanding += 1
+        self.transport.send(_TEXT, self.prefix + b"%d:%d%s" % (n, now, self.suffix))  # type: ignore[union-attr]
+        g.sent_total += 1
+        if g.m0 <= now < g.m1:
+            g.sent_window += 1
+            g.sent_series[(now - g.m0) // _BUCKET_NS] += 1
+
+    def fill(self) -> None:
+        while self.outstanding < self.window:
+            self.send_chat()
+
+    def close(self) -> None:
+        self.closing = True
+        if self.transport is not None and not self.transport.is_disconnected():
+            self.transport.send_close(picows.WSCloseCode.OK)
+            self.transport.disconnect()
+
+
+def _bump(series: list[int], index: int) -> None:
+    if index >= len(series):
+        series.extend([0] * (index + 1 - len(series)))
+    series[index] += 1
+
+
+async def _sleep_until(t_ns: int) -> None:
+    delay = (t_ns - _time_ns()) / 1e9
+    if delay > 0:
+        await asyncio.sleep(delay)
+
+
+class Worker:
+    """One generator process: connect, wait at the barrier, run the plan's mode, report."""
+
+    def __init__(self, plan: dict[str, Any], queue: Any, barrier: Any, schedule: Any,
+                 counter: Any) -> None:
+        self.plan = plan
+        self.queue = queue
+        self.barrier = barrier
+        self.schedule = schedule
+        self.counter = counter
+        self.index: int = plan["index"]
+        self.gen = Gen(plan)
+        self.clients: list[Client] = []
+        self.connect_failures = 0
+        self.connect_first = 0
+        self.connect_last = 0
+        self.join_latency: dict[int, int] = {}
+        self.storm_first = 0
+        self.drain_timed_out = False
+        self.window: int = plan["window"]
+        self.pad: int = plan["pad"]
+        self._tokens: dict[str, str] = {}
+
+    # -- setup --------------------------------------------------------------------------
+
+    def url_for(self, cid: int) -> str:
+        plan = self.plan
+        token = plan["token"]
+        if token is None:
+            from ..auth import mint
+
+            token = mint(plan["secret"], f"u{cid}", ttl=plan["ttl"])
+        sep = "&" if "?" in plan["url"] else "?"
+        return f"{plan['url']}{sep}token={token}"
+
+    async def connect(self, cid: int, room: str | None, publisher: bool) -> Client:
+        window = self.window if publisher else 0
+        client = Client(self.gen, cid, room, publisher, window, self.pad)
+        await picows.ws_connect(lambda: client, self.url_for(cid),
+                                websocket_handshake_timeout=self.plan["timeout"],
+                                max_frame_size=1 << 20)
+        self.clients.append(client)
+        await asyncio.wait_for(client.waiter, self.plan["timeout"])
+        return client
+
+    async def join(self, client: Client) -> dict[str, Any]:
+        waiter = client.expect("room_joined")
+        client.send_join()
+        return await asyncio.wait_for(waiter, self.plan["timeout"])
+
+    def tick(self) -> None:
+        with self.counter.get_lock():
+            self.counter.value += 1
+
+    async def setup(self, join: bool) -> None:
+        sem = asyncio.Semaphore(self.plan["concurrency"])
+        # publishers keep the plan's order (the pacing spreads messages over them in turn)
+
+        async def one(cid: int, room: str | None, publisher: bool) -> None:
+            async with sem:
+                client = await self.connect(cid, room, publisher)
+                if join and room is not None:
+                    await self.join(client)
+                self.tick()
+
+        await asyncio.gather(*(one(*m) for m in self.plan["members"]))
+        order = {m[0]: i for i, m in enumerate(self.plan["members"])}
+        self.clients.sort(key=lambda c: order[c.cid])
+
+    async def wait_barrier(self) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self.barrier.wait, self.plan["barrier_timeout"])
+
+    # -- modes --------------------------------------------------------------------------
+
+    async def run(self) -> dict[str, Any]:
+        plan = self.plan
+        mode = plan["mode"]
+        t0 = time.monotonic()
+        if mode != "connect":
+            await self.setup(join=mode != "storm")
+        self.queue.put(("ready", self.index, {"setup_s": time.monotonic() - t0}))
+        gc.collect()
+        gc.freeze()
+        gc.disable()  # no cyclic garbage on the hot path; a collection would be a latency spike
+        await self.wait_barrier()
+        g = self.gen
+        g.t_start, g.m0, g.m1 = self.schedule[0], self.schedule[1], self.schedule[2]
+        try:
+            if mode in ("window", "rate"):
+                await self.run_chat(mode)
+            elif mode == "storm":
+                await self.run_storm()
+            else:
+                await self.run_connect()
+        finally:
+            gc.enable()
+        result = self.result()
+        for client in self.clients:
+            client.close()
+        await asyncio.sleep(0.05)  # let the close frames go out
+        return result
+
+    async def run_chat(self, mode: str) -> None:
+        g = self.gen
+        pubs = [c for c in self.clients if c.publisher]
+        await _sleep_until(g.t_start)
+        pacer = None
+        if mode == "window":
+            for client in pubs:
+                client.fill()
+        elif pubs and self.plan["rate"] > 0:
+            pacer = asyncio.ensure_future(self.pace(pubs, self.plan["rate"]))
+        await _sleep_until(g.m1)
+        if pacer is not None:
+            await pacer
+        self.queue.put(("done", self.index, None))
+        deadline = g.m1 + int(self.plan["drain"] * 1e9)
+        while True:
+            now = _time_ns()
+            if now >= deadline:
+                self.drain_timed_out = True
+                break
+            if not any(c.outstanding > 0 for c in pubs) and now - g.last_delivery > _IDLE_NS:
+                break
+            await asyncio.sleep(0.05)
+
+    async def pace(self, pubs: list[Client], rate: float) -> None:
+        """Open loop: the k-th message of this process goes out at t_start + k/rate, to the
+        publishers in turn; late ticks catch up in a burst (no coordinated omission)."""
+        g = self.gen
+        interval = 1e9 / rate
+        count = len(pubs)
+        k = 0
+        while True:
+            now = _time_ns()
+            if now >= g.m1:
+                return
+            due = int((now - g.t_start) / interval) + 1
+            while k < due:
+                pubs[k % count].send_chat()
+                k += 1
+            await asyncio.sleep(max(0.0, (g.t_start + k * interval - _time_ns()) / 1e9))
+
+    async def run_storm(self) -> None:
+        g = self.gen
+        g.storm = True
+        size = self.plan["storm_size"]
+        deadline = g.t_start + int(self.plan["timeout"] * 1e9)
+        await _sleep_until(g.t_start)
+        g.storm_last = _time_ns()
+        expected: int | None = 0
+        first = 0
+        for client in self.clients:
+            t = _time_ns()
+            first = first or t
+            reply = await self.join(client)
+            us = max(1, (_time_ns() - t) // 1000)
+            self.join_latency[us] = self.join_latency.get(us, 0) + 1
+            members = reply.get("members")
+            if expected is not None and isinstance(members, int):
+                expected += size - members  # this client hears of everyone after it
+            else:
+                expected = None
+        g.storm_expected = expected
+        self.storm_first = first
+        idle_since = _time_ns()
+        while True:
+            now = _time_ns()
+            if now >= deadline:
+                self.drain_timed_out = True
+                break
+            if expected is not None and g.storm_received >= expected:
+                break
+            if expected is None:  # a server without room_joined.members: wait for silence
+                if now - max(g.storm_last, idle_since) > 1_000_000_000:
+                    break
+            await asyncio.sleep(0.005)
+        self.queue.put(("done", self.index, None))
+
+    async def run_connect(self) -> None:
+        g = self.gen
+        sem = asyncio.Semaphore(self.plan["concurrency"])
+        timeout = self.plan["timeout"]
+        await _sleep_until(g.t_start)
+
+        async def one(cid: int) -> None:
+            async with sem:
+                t = _time_ns()
+                self.connect_first = self.connect_first or t
+                try:
+                    await self.connect(cid, None, False)
+                except Exception as exc:
+                    self.connect_failures += 1
+                    g.errors[f"connect: {type(exc).__name__}: {exc}"[:120]] += 1
+                else:
+                    now = _time_ns()
+                    self.connect_last = now
+                    us = max(1, (now - t) // 1000)
+                    g.latency[us] = g.latency.get(us, 0) + 1
+                    _bump(g.series, (now - g.t_start) // _BUCKET_NS)
+                self.tick()
+
+        tasks = [asyncio.ensure_future(one(m[0])) for m in self.plan["members"]]
+        done, pending = await asyncio.wait(tasks, timeout=timeout)
+        for task in pending:
+            task.cancel()
+        if pending:
+            self.drain_timed_out = True
+            self.connect_failures += len(pending)
+        self.queue.put(("done", self.index, {"open": len(self.clients)}))
+        await self.wait_barrier()  # the coordinator reads the server's memory meanwhile
+
+    # -- report -------------------------------------------------------------------------
+
+    def result(self) -> dict[str, Any]:
+        g = self.gen
+        hist = new_histogram()
+        for us, count in g.latency.items():
+            hist.record_value(min(max(us, _HIST_LOW), _HIST_HIGH), count)
+        rooms: dict[str, list[int]] = {}
+        for client in self.clients:
+            if client.room is None:
+                continue
+            entry = rooms.setdefault(client.room, [0, 0, 0])
+            entry[0] += 1  # receivers
+            entry[1] += sum(t[2] for t in client.tracks.values())  # distinct deliveries
+            entry[2] += client.n  # messages sent
+        out: dict[str, Any] = {
+            "index": self.index,
+            "histogram": hist.encode(),
+            "deliveries": g.deliveries,
+            "duplicates": g.duplicates,
+            "reorders": g.reorders,
+            "sent_window": g.sent_window,
+            "sent_total": g.sent_total,
+            "series": g.series,
+            "sent_series": g.sent_series,
+            "rooms": rooms,
+            "closes": dict(g.closes),
+            "errors": dict(g.errors),
+            "disconnects": g.disconnects,
+            "drain_timed_out": self.drain_timed_out,
+        }
+        if g.storm:
+            join_hist = new_histogram()
+            for us, count in self.join_latency.items():
+                join_hist.record_value(min(us, _HIST_HIGH), count)
+            out["storm"] = {"first": self.storm_first, "last": g.storm_last,
+                            "received": g.storm_received, "expected": g.storm_expected,
+                            "join_histogram": join_hist.encode()}
+        if self.plan["mode"] == "connect":
+            out["connect"] = {"first": self.connect_first, "last": self.connect_last,
+                              "open": len(self.clients), "failed": self.connect_failures}
+        return out
+
+
+def worker_main(plan: dict[str, Any], queue: Any, barrier: Any, schedule: Any,
+                counter: Any) -> None:
+    """Entry point of a generator process (multiprocessing, spawn start method)."""
+    index = plan["index"]
+    try:
+        import uvloop
+
+        from .targets import raise_nofile
+
+        if plan["cpus"]:
+            os.sched_setaffinity(0, plan["cpus"])
+        soft, _ = raise_nofile()
+        if soft < len(plan["members"]) + 64:
+            queue.put(("warning", index, f"generator {index}: RLIMIT_NOFILE {soft} is below "
+                       f"its {len(plan['members'])} connections"))
+        result = uvloop.run(Worker(plan, queue, barrier, schedule, counter).run())
+        queue.put(("result", index, result))
+    except BaseException:
+        queue.put(("error", index, traceback.format_exc()))
+        barrier.abort()

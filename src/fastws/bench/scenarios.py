@@ -1,0 +1,423 @@
+"""The four scenarios: who connects where (the plans handed to generator processes), the
+coordinator that starts those processes and holds the barrier, and the figures computed from
+what they report.
+
+Phases of one run, the same for every scenario:
+
+1. spawn ``--procs`` generator processes; each connects its users (``--concurrency`` at a
+   time over all processes) and joins their rooms, then says "ready" and waits at the barrier;
+2. the coordinator writes the schedule (load start, measured window start and end, as
+   ``time.time_ns()``) into shared memory and joins the barrier, releasing everyone;
+3. at the window's start and end it reads the server's CPU seconds (and memory) from /proc;
+4. the generators drain in-flight messages, report counts and histograms, and disconnect.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import multiprocessing as mp
+import queue as queue_mod
+import secrets
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from .loadgen import new_histogram, worker_main
+from .report import Progress
+from .targets import BenchError, Target, cpu_seconds, rss_bytes
+
+_NS = 1_000_000_000
+_LEAD_NS = 300_000_000  # the schedule starts this long after the barrier is released
+
+
+@dataclass
+class Plan:
+    """One run: the mode, its parameters (as written to the JSON) and one plan per process."""
+
+    scenario: str
+    mode: str  # window | rate | storm | connect
+    title: str
+    parameters: dict[str, Any]
+    procs: list[dict[str, Any]] = field(default_factory=list)
+    unit: str = "deliveries/s"
+
+    @property
+    def clients(self) -> int:
+        return sum(len(p["members"]) for p in self.procs)
+
+    @property
+    def timed(self) -> bool:
+        return self.mode in ("window", "rate")
+
+
+def build_plan(args: argparse.Namespace, target: Target, procs: int,
+               cpus: list[list[int] | None]) -> Plan:
+    """Split the scenario's users over ``procs`` processes. ``members`` rows are
+    ``(user number, room or None, posts or not)``; room names carry a random run id so runs
+    against a shared server never meet."""
+    run = secrets.token_hex(3)
+    scenario = args.scenario
+    rate = args.rate
+    members: list[list[tuple[int, str | None, bool]]] = [[] for _ in range(procs)]
+    rates = [0.0] * procs
+    if scenario == "roundtrip":
+        conns = args.connections or 64
+        for i in range(conns):
+            members[i % procs].append((i, f"b{run}-rt-{i}", True))
+        mode = "rate" if rate else "window"
+        window = args.window or 1
+        if rate:
+            rates = [rate * len(m) / conns for m in members]
+        params: dict[str, Any] = {"connections": conns}
+        title = f"roundtrip, {conns} connections" + (f", {rate:g} msg/s" if rate else "")
+        unit = "round trips/s"
+    elif scenario == "fanout":
+        subs, pubs = args.subscribers, args.publishers
+        room = f"b{run}-fanout"
+        window = args.window or 64
+        if args.join_storm:
+            mode = "storm"
+            for i in range(subs):
+                members[i % procs].append((i, room, False))
+            params = {"subscribers": subs, "join_storm": True,
+                      "expected_deliveries": subs * (subs - 1) // 2}
+            title = f"join storm, {subs} clients"
+            unit = "deliveries/s"
+        else:
+            mode = "rate" if rate else "window"
+            for i in range(pubs + subs):
+                members[i % procs].append((i, room, i < pubs))
+            if rate:
+                rates = [rate * sum(1 for m in ms if m[2]) / pubs for ms in members]
+            params = {"subscribers": subs, "publishers": pubs}
+            how = f"{rate:g} msg/s" if rate else f"window {window}"
+            title = f"fanout, {subs} subscribers, {pubs} publisher{'s' * (pubs > 1)}, {how}"
+            unit = "deliveries/s"
+    elif scenario == "rooms":
+        n_rooms, per_room = args.rooms, args.members
+        window = args.window or 16
+        mode = "rate" if rate else "window"
+        for r in range(n_rooms):
+            for j in range(per_room):
+                members[r % procs].append((r * per_room + j, f"b{run}-room-{r}", True))
+        if rate:
+            rates = [rate * len(m) for m in members]
+        params = {"rooms": n_rooms, "members": per_room}
+        how = f"{rate:g} msg/s per member" if rate else f"window {window}"
+        title = f"rooms, {n_rooms} x {per_room} members, {how}"
+        unit = "deliveries/s"
+    elif scenario == "connections":
+        n = args.connections or 10000
+        for i in range(n):
+            members[i % procs].append((i, None, False))
+        mode = "connect"
+        window = 0
+        params = {"connections": n}
+        title = f"connections, {n} idle"
+        unit = "connections/s"
+    else:
+        raise BenchError(f"unknown scenario {scenario!r}")
+    if mode == "window":
+        params["window"] = window
+    if mode == "rate":
+        params["rate"] = rate
+        params["rate_unit"] = "msg/s per member" if scenario == "rooms" else "msg/s in total"
+    params.update(duration=args.duration, warmup=args.warmup if mode in ("window", "rate")
+                  else 0.0, procs=procs, concurrency=args.concurrency, pad=args.pad)
+    plan = Plan(scenario, mode, title, params, unit=unit)
+    per_proc_concurrency = max(1, math.ceil(args.concurrency / procs))
+    total = sum(len(m) for m in members)
+    for i in range(procs):
+        plan.procs.append({
+            "index": i, "url": target.url, "secret": target.secret, "token": target.token,
+            "cpus": cpus[i], "mode": mode, "members": members[i], "rate": rates[i],
+            "window": window, "concurrency": per_proc_concurrency, "pad": args.pad,
+            "timeout": args.timeout, "drain": args.drain, "duration": args.duration,
+            "storm_size": total if mode == "storm" else 0,
+            "barrier_timeout": args.timeout + args.warmup + args.duration + args.drain + 60,
+            "ttl": 3600 + args.timeout + args.duration,
+        })
+    return plan
+
+
+def generator_cpus(args: argparse.Namespace, target: Target) -> list[int] | None:
+    """The CPUs the generator processes are pinned to, or None for not pinned."""
+    from .targets import available_cpus, parse_cpus
+
+    if args.cpus == "none":
+        return None
+    if args.cpus != "auto":
+        return parse_cpus(args.cpus)
+    if target.started and target.server_cpus:
+        rest = [c for c in available_cpus() if c not in parse_cpus(target.server_cpus)]
+        return rest or None
+    return None
+
+
+class _Inbox:
+    """The generators' queue, read with the processes' health in mind."""
+
+    def __init__(self, q: Any, processes: list[Any]) -> None:
+        self.q = q
+        self.processes = processes
+        self.kept: list[tuple[str, int, Any]] = []
+        self.warnings: list[str] = []
+
+    def wait_for(self, kind: str, count: int, timeout: float,
+                 progress: Progress | None = None, counter: Any = None) -> dict[int, Any]:
+        got: dict[int, Any] = {}
+        for msg in list(self.kept):
+            if msg[0] == kind:
+                self.kept.remove(msg)
+                got[msg[1]] = msg[2]
+        deadline = time.monotonic() + timeout
+        while len(got) < count:
+            if progress is not None and counter is not None:
+                progress.update_to(counter.value)
+            try:
+                msg = self.q.get(timeout=0.1)
+            except queue_mod.Empty:
+                if time.monotonic() > deadline:
+                    raise BenchError(f"timed out after {timeout:.0f}s waiting for the load "
+                                     f"generators ({kind}: {len(got)} of {count})") from None
+                dead = [p for p in self.processes if p.exitcode not in (None, 0)]
+                if dead:
+                    raise BenchError(f"generator process exited with {dead[0].exitcode}"
+                                     ) from None
+                continue
+            if msg[0] == "error":
+                raise BenchError(f"generator {msg[1]} failed:\n{msg[2]}")
+            if msg[0] == "warning":
+                self.warnings.append(msg[2])
+                print(f"fastws bench: warning: {msg[2]}", file=sys.stderr)
+            elif msg[0] == kind:
+                got[msg[1]] = msg[2]
+            else:
+                self.kept.append(msg)
+        return got
+
+
+def _sleep_until(t_ns: int, progress: Progress | None = None, start_ns: int = 0) -> None:
+    while True:
+        left = (t_ns - time.time_ns()) / _NS
+        if progress is not None:
+            progress.update_to((time.time_ns() - start_ns) / _NS)
+        if left <= 0:
+            return
+        time.sleep(min(left, 0.1))
+
+
+def run_plan(plan: Plan, target: Target, args: argparse.Namespace) -> dict[str, Any]:
+    """Run ``plan`` against ``target``; return the raw merged results plus server readings."""
+    ctx = mp.get_context("spawn")
+    n = len(plan.procs)
+    q = ctx.Queue()
+    barrier = ctx.Barrier(n + 1)
+    schedule = ctx.Array("q", 3, lock=False)
+    counter = ctx.Value("q", 0)
+    processes = [ctx.Process(target=worker_main, args=(p, q, barrier, schedule, counter),
+                             name=f"fastws-bench-{p['index']}", daemon=True)
+                 for p in plan.procs]
+    interactive = not args.quiet and sys.stderr.isatty()
+    inbox = _Inbox(q, processes)
+    pid = target.pid
+    readings: dict[str, Any] = {}
+    t_start = m0 = m1 = 0
+    t_setup = time.monotonic()
+    for proc in processes:
+        proc.start()
+    try:
+        progress = Progress(interactive and plan.clients >= 2000, plan.clients,
+                            "connecting" if plan.mode == "connect" else "connecting, joining",
+                            "conn")
+        if plan.mode == "connect":
+            progress.close()
+        inbox.wait_for("ready", n, args.timeout + 30, progress, counter)
+        progress.close()
+        readings["setup_s"] = time.monotonic() - t_setup
+        readings["rss_before"] = rss_bytes(pid)
+        warmup = plan.parameters["warmup"]
+        t_start = time.time_ns() + _LEAD_NS
+        m0 = t_start + int(warmup * _NS)
+        m1 = m0 + int(args.duration * _NS)
+        schedule[0], schedule[1], schedule[2] = t_start, m0, m1
+        barrier.wait(30)
+        if plan.timed:
+            total = warmup + args.duration
+            progress = Progress(interactive and total >= 3, total, plan.scenario, "s")
+            _sleep_until(m0, progress, t_start)
+            readings["cpu_start"] = cpu_seconds(pid)
+            _sleep_until(m1, progress, t_start)
+            readings["cpu_end"] = cpu_seconds(pid)
+            readings["rss_after"] = rss_bytes(pid)
+            progress.close()
+            inbox.wait_for("done", n, 30)
+        else:
+            _sleep_until(t_start)
+            readings["cpu_start"] = cpu_seconds(pid)
+            counter.value = 0
+            progress = Progress(interactive and plan.clients >= 2000, plan.clients,
+                                plan.scenario, "conn" if plan.mode == "connect" else "join")
+            inbox.wait_for("done", n, args.timeout + 30, progress,
+                           counter if plan.mode == "connect" else None)
+            readings["cpu_end"] = cpu_seconds(pid)
+            progress.close()
+            if plan.mode == "connect":
+                time.sleep(0.5)  # let the server finish its per-connection bookkeeping
+                readings["rss_after"] = rss_bytes(pid)
+                barrier.wait(30)
+            else:
+                readings["rss_after"] = rss_bytes(pid)
+        results = inbox.wait_for("result", n, args.drain + 60)
+    except BaseException:
+        barrier.abort()
+        raise
+    finally:
+        _reap(processes)
+    readings["warnings"] = inbox.warnings
+    readings["schedule"] = {"start": t_start, "measure": m0, "end": m1}
+    return merge([results[i] for i in sorted(results)], readings)
+
+
+def _reap(processes: list[Any]) -> None:
+    deadline = time.monotonic() + 10
+    for proc in processes:
+        proc.join(max(0.1, deadline - time.monotonic()))
+    for proc in processes:
+        if proc.is_alive():
+            proc.terminate()
+            proc.join(2)
+
+
+def merge(results: list[dict[str, Any]], readings: dict[str, Any]) -> dict[str, Any]:
+    """Add up what the generator processes reported."""
+    hist = new_histogram()
+    for r in results:
+        hist.decode_and_add(r["histogram"])
+    merged: dict[str, Any] = {"histogram": hist, **readings}
+    for key in ("deliveries", "duplicates", "reorders", "sent_window", "sent_total",
+                "disconnects"):
+        merged[key] = sum(r[key] for r in results)
+    for key in ("series", "sent_series"):
+        length = max(len(r[key]) for r in results)
+        merged[key] = [sum(r[key][i] for r in results if i < len(r[key])) for i in range(length)]
+    rooms: dict[str, list[int]] = {}
+    for r in results:
+        for room, (receivers, distinct, sent) in r["rooms"].items():
+            entry = rooms.setdefault(room, [0, 0, 0])
+            entry[0] += receivers
+            entry[1] += distinct
+            entry[2] += sent
+    merged["expected"] = sum(e[0] * e[2] for e in rooms.values())
+    merged["distinct"] = sum(e[1] for e in rooms.values())
+    merged["closes"] = _add_counts(r["closes"] for r in results)
+    merged["errors"] = _add_counts(r["errors"] for r in results)
+    merged["drain_timed_out"] = any(r["drain_timed_out"] for r in results)
+    if "storm" in results[0]:
+        storms = [r["storm"] for r in results]
+        join_hist = new_histogram()
+        for s in storms:
+            join_hist.decode_and_add(s["join_histogram"])
+        expected = [s["expected"] for s in storms]
+        merged["storm"] = {
+            "first": min(s["first"] for s in storms if s["first"]),
+            "last": max(s["last"] for s in storms),
+            "received": sum(s["received"] for s in storms),
+            "expected_known": all(e is not None for e in expected),
+        }
+        merged["join_histogram"] = join_hist
+    if "connect" in results[0]:
+        conns = [r["connect"] for r in results]
+        firsts = [c["first"] for c in conns if c["first"]]
+        lasts = [c["last"] for c in conns if c["last"]]
+        merged["connect"] = {"first": min(firsts) if firsts else 0,
+                             "last": max(lasts) if lasts else 0,
+                             "open": sum(c["open"] for c in conns),
+                             "failed": sum(c["failed"] for c in conns)}
+    return merged
+
+
+def _add_counts(counts: Any) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for c in counts:
+        for k, v in c.items():
+            total[str(k)] = total.get(str(k), 0) + v
+    return total
+
+
+def latency_figures(hist: Any) -> dict[str, float]:
+    if hist.get_total_count() == 0:
+        return {}
+    return {"p50": hist.get_value_at_percentile(50), "p90": hist.get_value_at_percentile(90),
+            "p99": hist.get_value_at_percentile(99),
+            "p99.9": hist.get_value_at_percentile(99.9), "max": hist.get_max_value(),
+            "mean": round(hist.get_mean_value(), 1), "count": hist.get_total_count()}
+
+
+def figures(plan: Plan, merged: dict[str, Any], duration: float) -> dict[str, Any]:
+    """The headline figures of a run (what the table, the JSON and --compare show)."""
+    cpu = None
+    if merged.get("cpu_start") is not None and merged.get("cpu_end") is not None:
+        cpu = round(merged["cpu_end"] - merged["cpu_start"], 3)
+    head: dict[str, Any] = {"throughput_unit": plan.unit, "server_cpu_s": cpu}
+    if plan.timed:
+        head["throughput"] = merged["deliveries"] / duration
+        head["wall_s"] = duration
+        head["deliveries"] = merged["deliveries"]
+        head["deliveries_per_s"] = merged["deliveries"] / duration
+        head["messages_per_s"] = merged["sent_window"] / duration
+        head["latency_us"] = latency_figures(merged["histogram"])
+        head["latency_of"] = ("send -> own broadcast back" if plan.scenario == "roundtrip"
+                              else "send -> each delivery")
+        head["losses"] = merged["expected"] - merged["distinct"]
+        head["duplicates"] = merged["duplicates"]
+        head["reorders"] = merged["reorders"]
+    elif plan.mode == "storm":
+        storm = merged["storm"]
+        elapsed = max(1e-9, (storm["last"] - storm["first"]) / _NS)
+        expected = plan.parameters["expected_deliveries"]
+        head["throughput"] = storm["received"] / elapsed
+        head["wall_s"] = round(elapsed, 4)
+        head["deliveries"] = storm["received"]
+        head["deliveries_per_s"] = head["throughput"]
+        head["expected_deliveries"] = expected
+        head["losses"] = expected - storm["received"]
+        head["duplicates"] = max(0, storm["received"] - expected)
+        head["latency_us"] = latency_figures(merged["join_histogram"])
+        head["latency_of"] = "join_room -> room_joined"
+    else:
+        conn = merged["connect"]
+        elapsed = max(1e-9, (conn["last"] - conn["first"]) / _NS)
+        head["throughput"] = conn["open"] / elapsed
+        head["wall_s"] = round(elapsed, 4)
+        head["connections"] = conn["open"]
+        head["failed"] = conn["failed"]
+        head["latency_us"] = latency_figures(merged["histogram"])
+        head["latency_of"] = "TCP connect -> `connected` message"
+        before, after = merged.get("rss_before"), merged.get("rss_after")
+        if before is not None and after is not None and conn["open"]:
+            head["memory_per_connection_bytes"] = round((after - before) / conn["open"], 1)
+    head["throughput_per_cpu_s"] = head["throughput"] / cpu if cpu else None
+    head["server_rss_before_bytes"] = merged.get("rss_before")
+    head["server_rss_after_bytes"] = merged.get("rss_after")
+    head["closes"] = merged["closes"]
+    head["errors"] = merged["errors"]
+    head["unexpected_disconnects"] = merged["disconnects"]
+    head["drain_timed_out"] = merged["drain_timed_out"]
+    return head
+
+
+def time_series(plan: Plan, merged: dict[str, Any], duration: float) -> dict[str, Any]:
+    if plan.timed:
+        buckets = int(round(duration * 10))
+        return {"interval_s": 0.1, "origin": "start of the measured window",
+                "deliveries": merged["series"][:buckets],
+                "sent": merged["sent_series"][:buckets]}
+    what = "connections" if plan.mode == "connect" else "deliveries"
+    series = merged["series"]
+    while series and series[-1] == 0:
+        series = series[:-1]
+    return {"interval_s": 0.1, "origin": "start of the load", what: series}
+

@@ -1,0 +1,293 @@
+"""What the load is aimed at: a server started here (fastws or a baseline) or a given URL;
+and what can be read about that server from /proc (CPU seconds, resident memory)."""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import os
+import platform
+import re
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+from ..errors import FastWSError
+
+_LISTENING = re.compile(r"listening on http://([\w.\-\[\]:]+?):(\d+)\b.*?pid (\d+)")
+_START_TIMEOUT = 20.0
+_STOP_TIMEOUT = 15.0
+
+
+class BenchError(FastWSError):
+    """The benchmark could not run (bad options, a server that would not start, a generator
+    process that failed); the message says which."""
+
+
+@dataclass
+class Target:
+    """Where the clients connect, and how they get tokens. ``pid`` is known when the server
+    runs on this machine (started here, or given with ``--server-pid``)."""
+
+    kind: str  # fastws | picows | websockets | url
+    url: str  # ws://host:port/path, without a token
+    secret: str | None = None
+    token: str | None = None
+    pid: int | None = None
+    command: list[str] = field(default_factory=list)
+    started: bool = False
+    server_cpus: str = ""
+
+    def describe(self) -> dict[str, object]:
+        return {"kind": self.kind, "url": self.url, "server_pid": self.pid,
+                "started_here": self.started, "server_cpus": self.server_cpus or None,
+                "command": [_redact(a, self.secret) for a in self.command] or None,
+                "auth": "secret" if self.secret else "token"}
+
+
+def _redact(arg: str, secret: str | None) -> str:
+    return "<secret>" if secret and arg == secret else arg
+
+
+def parse_cpus(text: str) -> list[int]:
+    """``"0,2-3"`` -> ``[0, 2, 3]`` (taskset's list syntax)."""
+    cpus: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        lo, _, hi = part.partition("-")
+        cpus.extend(range(int(lo), int(hi or lo) + 1))
+    return cpus
+
+
+def available_cpus() -> list[int]:
+    return sorted(os.sched_getaffinity(0))
+
+
+def baselines_dir(given: str | None) -> Path:
+    """The folder holding the baseline servers: ``--baselines``, else this checkout's
+    ``benchmarks/baselines`` (found from the source tree, then from the working directory)."""
+    if given:
+        return Path(given)
+    here = Path(__file__).resolve().parents[3] / "benchmarks" / "baselines"
+    if here.is_dir():
+        return here
+    return Path.cwd() / "benchmarks" / "baselines"
+
+
+def server_command(kind: str, secret: str, extra: list[str], baselines: str | None) -> list[str]:
+    if kind == "fastws":
+        # --log-level warning: fastws logs every connect/disconnect at INFO, the baselines log
+        # nothing; the benchmark compares fan-out, not logging.
+        return [sys.executable, "-m", "fastws", "serve", "--host", "127.0.0.1", "--port", "0",
+                "--jwt-secret", secret, "--rate-limit", "0", "--ping-interval", "0",
+                "--log-level", "warning", *extra]
+    script = baselines_dir(baselines) / f"{kind}_server.py"
+    if not script.is_file():
+        raise BenchError(f"baseline server not found: {script} (use --baselines DIR)")
+    return [sys.executable, str(script), "--host", "127.0.0.1", "--port", "0",
+            "--jwt-secret", secret, *extra]
+
+
+def raise_nofile() -> tuple[int, int]:
+    """Raise this process's soft RLIMIT_NOFILE to its hard limit; return (soft, hard)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    return soft, hard
+
+
+class LocalServer:
+    """A server subprocess on 127.0.0.1 port 0, pinned with ``taskset -c CPUS`` when taskset
+    exists. Its output is drained by a thread (so a chatty server never blocks on a full pipe)
+    and its last lines are kept for error messages."""
+
+    def __init__(self, kind: str, secret: str, cpus: str, extra: list[str],
+                 baselines: str | None) -> None:
+        self.kind = kind
+        self.secret = secret
+        self.command = server_command(kind, secret, extra, baselines)
+        self.cpus = cpus if cpus and shutil.which("taskset") else ""
+        self.proc: subprocess.Popen[str] | None = None
+        self.tail: collections.deque[str] = collections.deque(maxlen=40)
+        self._lines: list[str] = []
+        self._cond = threading.Condition()
+
+    def start(self) -> Target:
+        cmd = (["taskset", "-c", self.cpus] if self.cpus else []) + self.command
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        # The server inherits our RLIMIT_NOFILE: raise it so 10k connections fit on its side.
+        raise_nofile()
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True, env=env,
+                                     start_new_session=True)
+        threading.Thread(target=self._drain, daemon=True).start()
+        deadline = time.monotonic() + _START_TIMEOUT
+        seen = 0
+        with self._cond:
+            while True:
+                for line in self._lines[seen:]:
+                    match = _LISTENING.search(line)
+                    if match:
+                        host, port, pid = match.group(1), int(match.group(2)), int(match.group(3))
+                        self._lines.clear()
+                        return Target(self.kind, f"ws://{host}:{port}/ws", secret=self.secret,
+                                      pid=pid, command=cmd, started=True,
+                                      server_cpus=self.cpus)
+                seen = len(self._lines)
+                left = deadline - time.monotonic()
+                if self.proc.poll() is not None or left <= 0:
+                    break
+                self._cond.wait(min(left, 0.2))
+        self.stop()
+        raise BenchError(f"{self.kind} server did not start: "
+                         f"{' '.join(cmd[:4])} ...\n" + "".join(self.tail))
+
+    def _drain(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        for line in self.proc.stdout:
+            with self._cond:
+                self.tail.append(line)
+                if len(self._lines) < 1000:
+                    self._lines.append(line)
+                self._cond.notify_all()
+
+    def stop(self) -> int | None:
+        """SIGTERM (the servers drain and exit 0), SIGKILL after a grace period."""
+        proc = self.proc
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(_STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+        if proc.stdout:
+            with contextlib.suppress(OSError):
+                proc.stdout.close()
+        return proc.returncode
+
+
+@contextlib.contextmanager
+def local_server(kind: str, secret: str, cpus: str, extra: list[str],
+                 baselines: str | None) -> Iterator[Target]:
+    server = LocalServer(kind, secret, cpus, extra, baselines)
+    target = server.start()
+    try:
+        yield target
+    finally:
+        server.stop()
+
+
+# --- /proc readers -------------------------------------------------------------------------
+# CPU: utime + stime of the server process (all its threads) plus, for a supervisor with
+# --workers, of every live descendant found through /proc/<pid>/task/<tid>/children. A child
+# that exits inside the measured window takes its CPU time with it (it moves to the parent's
+# cutime only once reaped), so restarts during a run are under-counted.
+
+_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def descendants(pid: int) -> list[int]:
+    """``pid`` and its live descendants (children of every thread), depth first."""
+    found = [pid]
+    i = 0
+    while i < len(found):
+        p = found[i]
+        i += 1
+        try:
+            tids = os.listdir(f"/proc/{p}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                with open(f"/proc/{p}/task/{tid}/children") as fh:
+                    found.extend(int(c) for c in fh.read().split())
+            except OSError:
+                continue
+    return found
+
+
+def _cpu_one(pid: int) -> float | None:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            stat = fh.read()
+    except OSError:
+        return None
+    # comm (field 2) may hold spaces: split after its closing parenthesis.
+    fields = stat[stat.rindex(")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / _TICK  # utime, stime (fields 14, 15)
+
+
+def cpu_seconds(pid: int | None) -> float | None:
+    """User + system CPU seconds of ``pid`` and its live descendants, or None if unreadable."""
+    if pid is None:
+        return None
+    total = None
+    for p in descendants(pid):
+        value = _cpu_one(p)
+        if value is not None:
+            total = (total or 0.0) + value
+    return total
+
+
+def _rss_one(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def rss_bytes(pid: int | None) -> int | None:
+    """Resident memory (VmRSS) of ``pid`` plus its live descendants, in bytes."""
+    if pid is None:
+        return None
+    total = None
+    for p in descendants(pid):
+        value = _rss_one(p)
+        if value is not None:
+            total = (total or 0) + value
+    return total
+
+
+def versions() -> dict[str, str]:
+    from .. import __version__
+
+    out = {"python": platform.python_version(), "fastws": __version__,
+           "platform": platform.platform()}
+    for name in ("picows", "uvloop", "websockets", "msgspec", "orjson"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "absent"
+    out["cpu"] = _cpu_model()
+    out["cores"] = str(os.cpu_count())
+    return out
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
