@@ -128,23 +128,18 @@ async def test_joined_and_left_counts_span_both_nodes() -> None:
         client(n2, "bob") as b,
         client(n1, "carol") as c,
     ):
-        assert await enter(a, "r", n1, n2) == {
-            "type": "room_joined",
-            "room": "r",
-            "members": 1,
-            "seq": 0,
-        }
+        first = await enter(a, "r", n1, n2)
+        epoch = first.pop("epoch")
+        assert isinstance(epoch, str) and epoch
+        assert first == {"type": "room_joined", "room": "r", "members": 1, "seq": 0}
         assert (await enter(b, "r", n1, n2))["members"] == 2
         await expect(a, "user_joined", username="bob", members=2)
         await send_json(a, "chat_message", {"room": "r", "message": "hi"})
         await expect(a, "chat_message", seq=1)
         await expect(b, "chat_message", seq=1)
-        assert await enter(c, "r", n1, n2) == {
-            "type": "room_joined",
-            "room": "r",
-            "members": 3,
-            "seq": 1,
-        }
+        third = await enter(c, "r", n1, n2)
+        assert third.pop("epoch") == epoch
+        assert third == {"type": "room_joined", "room": "r", "members": 3, "seq": 1}
         for ws in (a, b):
             await expect(ws, "user_joined", username="carol", members=3)
         await send_json(b, "leave_room", {"room": "r"}, id="l")
@@ -155,8 +150,8 @@ async def test_joined_and_left_counts_span_both_nodes() -> None:
             await expect_silence(ws)
 
 
-async def test_seq_and_presence_go_when_the_room_empties() -> None:
-    """As with MemoryBroker, a room's seq restarts once its last member on any node is gone."""
+async def test_presence_goes_and_seq_stays_with_history_when_the_room_empties() -> None:
+    """An emptied room loses its presence but keeps seq and epoch while it has history."""
     async with cluster() as (bus, n1, n2), client(n1, "alice") as a, client(n2, "bob") as b:
         await enter(a, "r", n1, n2)
         await enter(b, "r", n1, n2)
@@ -171,8 +166,9 @@ async def test_seq_and_presence_go_when_the_room_empties() -> None:
         await expect(b, "user_left", members=1)
         await send_json(b, "leave_room", {"room": "r"}, id=2)
         await expect(b, "room_left")
-        assert bus.stats()["seq"] == {} and bus.stats()["rooms"] == {}
-        assert await join(a, "r") == {"type": "room_joined", "room": "r", "members": 1, "seq": 0}
+        assert bus.stats()["seq"] == {"r": 2} and bus.stats()["rooms"] == {}
+        again = await join(a, "r")
+        assert again["members"] == 1 and again["seq"] == 2
 
 
 async def test_presence_lists_users_from_both_nodes_once() -> None:

@@ -70,13 +70,14 @@ def test_invalid_utf8_inside_binary_json_is_invalid_format(raw: bytes) -> None:
 
 def test_outgoing_messages_use_the_seeds_field_names() -> None:
     """Outgoing JSON is flat with the seed's camelCase names and `type` first."""
-    head, tail = p.chat_parts("r", "alice", "hi", "u1")
-    out = head + b"7" + tail
+    from fastws.broker.ledger import chat_payload
+
+    out = chat_payload(p.chat_head("r", "alice", "hi", "u1"), 7, "ep0")
     assert out.startswith(b'{"type":"chat_message"')
     msg = json.loads(out)
     assert isinstance(msg.pop("timestamp"), int)
     assert msg == {"type": "chat_message", "room": "r", "username": "alice",
-                   "message": "hi", "seq": 7, "userId": "u1"}
+                   "message": "hi", "seq": 7, "epoch": "ep0", "userId": "u1"}
     assert json.loads(p.encode(p.Connected("c", 5))) == {
         "type": "connected", "clientId": "c", "timestamp": 5}
     assert json.loads(p.encode(p.TypingBroadcast("r", "a", False))) == {

@@ -56,6 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"HMAC secret [env {env_name('jwt_secret')}]")
     token.add_argument("--jwt-algorithms", dest="jwt_algorithms", default=None,
                        help="signing algorithm, HS256/HS384/HS512 (default HS256)")
+    from .bench.options import add_arguments as add_bench_arguments  # argparse only: cheap
+
+    bench = sub.add_parser("bench", help="benchmark a server: roundtrip, fanout, rooms, "
+                           "connections (load generator on picows + uvloop)")
+    add_bench_arguments(bench)
     return parser
 
 
@@ -98,20 +103,20 @@ async def _run_node(settings: Settings, secret: str, announce: Any, bus_dir: str
                     node_id: str | None, reuse_port: bool) -> int:
     from .broker import Broker
     from .broker.memory import MemoryBroker
-    from .server import Node, serve
+    from .server import Node, history_policy, serve
 
     broker: Broker
     if settings.redis_url:
         from .broker.redis import RedisBroker
 
         broker = RedisBroker(settings.redis_url, node_ttl=settings.redis_node_ttl,
-                             cluster=settings.redis_cluster)
+                             cluster=settings.redis_cluster, policy=history_policy(settings))
     elif bus_dir:
         from .broker.localbus import LocalBusBroker
 
         broker = LocalBusBroker(f"ipc://{bus_dir}/bus-req", f"ipc://{bus_dir}/bus-pub")
     else:
-        broker = MemoryBroker()
+        broker = MemoryBroker(history_policy(settings))
     node = Node(settings, secret, broker, node_id)
     await serve(node, lambda n: announce(n.port), reuse_port=reuse_port)
     return 0
@@ -129,10 +134,16 @@ def _token(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from .bench.runner import run  # picows clients, matplotlib, hdrh: only when benchmarking
+
+    return run(args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    handlers: dict[str, Any] = {"serve": _serve, "token": _token}
+    handlers: dict[str, Any] = {"serve": _serve, "token": _token, "bench": _bench}
     if args.command not in handlers:
         parser.print_help()
         return 2

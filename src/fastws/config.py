@@ -38,6 +38,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     drain_timeout: float = 10.0
     log_level: str = "info"
     log_format: str = "text"
+    history_size: int = 100
+    history_ttl: float = 3600.0
+    history_off: str = ""
     workers: int = 1
     redis_url: str = ""
     redis_node_ttl: float = 15.0
@@ -79,6 +82,12 @@ FIELD_HELP: dict[str, str] = {
     "drain_timeout": "seconds graceful shutdown waits for clients to close (default 10)",
     "log_level": "debug, info, warning or error (default info)",
     "log_format": "text or json (one JSON object per line) (default text)",
+    "history_size": "chat messages kept per room for recovery and `history` (default 100; "
+    "0 = none)",
+    "history_ttl": "seconds a room's messages are kept (default 3600; 0 = until pushed out by "
+    "history_size)",
+    "history_off": "rooms matching this fnmatch pattern keep no history, e.g. 'tmp-*' "
+    "(default none)",
     "workers": "worker processes sharing the port (default 1; 0 = one per core); with more "
     "than one and no Redis, workers talk over a local bus in the supervisor",
     "redis_url": "redis://host:port/db to span rooms across hosts (default none: this host "
@@ -144,6 +153,8 @@ def validate(s: Settings) -> None:
         raise ConfigError("jwt_algorithms: at least one algorithm is required")
     if s.redis_node_ttl < 1:
         raise ConfigError("redis_node_ttl must be at least 1 second")
+    if s.history_size < 0 or s.history_ttl < 0:
+        raise ConfigError("history_size and history_ttl must be >= 0")
     if s.workers < 0:
         raise ConfigError("workers must be >= 0 (0 = one per core)")
     if s.redis_url and not s.redis_url.startswith(("redis://", "rediss://", "unix://")):

@@ -27,16 +27,19 @@ class Room:
     entry into the hole so join and leave stay O(1).
     """
 
-    __slots__ = ("index", "members", "name", "sinks")
+    __slots__ = ("index", "members", "name", "pending", "sinks")
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.sinks: list[Any] = []
         self.members: list[Session] = []
         self.index: dict[Session, int] = {}
+        # Joiners waiting for the broker's answer: what the room was sent meanwhile is kept
+        # for them as (seq, frame), to follow their room_joined and replay without a gap.
+        self.pending: dict[Session, list[tuple[int, bytes]]] = {}
 
     def __len__(self) -> int:
-        return len(self.members)
+        return len(self.members) + len(self.pending)
 
     def add(self, session: Session) -> bool:
         if session in self.index:
@@ -101,31 +104,56 @@ class Hub:
     def get(self, name: str) -> Room | None:
         return self.rooms.get(name)
 
-    def join(self, name: str, session: Session) -> Room:
+    def join(self, name: str, session: Session, pending: bool = False) -> Room:
+        """Add ``session`` to the room, or with ``pending`` hold its traffic until ``activate``."""
         room = self.rooms.get(name)
         if room is None:
             room = self.rooms[name] = Room(name)
-        room.add(session)
+        if pending:
+            room.pending.setdefault(session, [])
+        else:
+            room.add(session)
         return room
+
+    def activate(self, name: str, session: Session) -> list[tuple[int, bytes]]:
+        """Make a pending joiner a member; return the (seq, frame)s held for it meanwhile."""
+        room = self.rooms.get(name)
+        if room is None:
+            return []
+        held = room.pending.pop(session, [])
+        room.add(session)
+        return held
 
     def leave(self, name: str, session: Session) -> Room | None:
         """Remove ``session``; an emptied room is dropped. Returns the room it was in."""
         room = self.rooms.get(name)
-        if room is None or not room.remove(session):
+        if room is None:
             return None
-        if not room.members:
+        if room.pending.pop(session, None) is None and not room.remove(session):
+            return None
+        if not len(room):
             del self.rooms[name]
         return room
 
-    def broadcast(self, name: str, payload: bytes, exclude: Session | None = None) -> int:
+    def broadcast(
+        self, name: str, payload: bytes, exclude: Session | None = None, seq: int = 0
+    ) -> int:
         """Frame ``payload`` once and queue it for every member of ``name`` but ``exclude``."""
         room = self.rooms.get(name)
         if room is None:
             return 0
         self.broadcasts += 1
+        data = self.fanout.frame(payload)
+        if room.pending:
+            for session, held in room.pending.items():
+                if session is not exclude:
+                    held.append((seq, data))
         return int(self.outbox.broadcast(
-            room.sinks, self.fanout.frame(payload), exclude.sink if exclude is not None else None
+            room.sinks, data, exclude.sink if exclude is not None else None
         ))
+
+    def send_frame(self, sink: Any, data: bytes) -> bool:
+        return bool(self.outbox.send(sink, data))
 
     def member_count(self) -> int:
         return sum(len(r) for r in self.rooms.values())

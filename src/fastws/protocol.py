@@ -23,6 +23,21 @@ class RoomPayload(msgspec.Struct):
     room: str
 
 
+class Since(msgspec.Struct):
+    seq: int
+    epoch: str
+
+
+class JoinPayload(msgspec.Struct):
+    room: str
+    since: Since | None = None
+
+
+class HistoryPayload(msgspec.Struct):
+    room: str
+    limit: int = 50
+
+
 class ChatPayload(msgspec.Struct):
     room: str
     message: str
@@ -34,7 +49,7 @@ class TypingPayload(msgspec.Struct):
 
 
 class JoinRoom(msgspec.Struct, tag="join_room", tag_field="type"):
-    payload: RoomPayload
+    payload: JoinPayload
     id: MsgId = None
 
 
@@ -58,6 +73,11 @@ class Presence(msgspec.Struct, tag="presence", tag_field="type"):
     id: MsgId = None
 
 
+class History(msgspec.Struct, tag="history", tag_field="type"):
+    payload: HistoryPayload
+    id: MsgId = None
+
+
 class Ping(msgspec.Struct, tag="ping", tag_field="type"):
     id: MsgId = None
 
@@ -66,9 +86,9 @@ class Pong(msgspec.Struct, tag="pong", tag_field="type"):
     id: MsgId = None
 
 
-ClientMessage = JoinRoom | LeaveRoom | ChatMessage | Typing | Presence | Ping | Pong
+ClientMessage = JoinRoom | LeaveRoom | ChatMessage | Typing | Presence | History | Ping | Pong
 CLIENT_TYPES = frozenset(
-    ("join_room", "leave_room", "chat_message", "typing", "presence", "ping", "pong")
+    ("join_room", "leave_room", "chat_message", "typing", "presence", "history", "ping", "pong")
 )
 
 
@@ -119,6 +139,8 @@ class RoomJoined(_Out, tag="room_joined"):
     room: str
     members: int
     seq: int
+    epoch: str = ""
+    recovered: bool | None = None  # only when the join asked for recovery (``since``)
     id: MsgId = None
 
 
@@ -151,12 +173,20 @@ class _ChatWithoutSeq(_Out, tag="chat_message"):
     userId: str
 
 
-def chat_parts(room: str, username: str, message: str, user_id: str) -> tuple[bytes, bytes]:
-    """A chat_message (room, username, message, timestamp, userId, seq) encoded once, split
-    where its ``seq`` goes: the broker allocates the seq
-    and publishes ``head + b"%d" % seq + tail`` atomically, so no node re-encodes it."""
+def chat_head(room: str, username: str, message: str, user_id: str) -> bytes:
+    """A chat_message (room, username, message, timestamp, userId, seq, epoch) encoded once,
+    up to where its ``seq`` goes: the broker allocates seq and epoch and completes it
+    (``broker.ledger.chat_payload``) atomically with publishing, so no node re-encodes it."""
     body = encode(_ChatWithoutSeq(room, username, message, now_ms(), user_id))
-    return body[:-1] + b',"seq":', b"}"
+    return body[:-1] + b',"seq":'
+
+
+class HistoryReply(_Out, tag="history"):
+    room: str
+    seq: int
+    epoch: str
+    messages: list[msgspec.Raw]
+    id: MsgId = None
 
 
 class TypingBroadcast(_Out, tag="typing"):

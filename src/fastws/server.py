@@ -14,9 +14,12 @@ from collections import Counter
 from importlib import resources
 from typing import Any
 
+import msgspec
+
 from . import protocol as p
 from .auth import Verifier
 from .broker import Broker, MemberInfo
+from .broker.ledger import HistoryPolicy
 from .broker.memory import MemoryBroker
 from .config import Settings
 from .errors import BrokerUnavailable, CloseCode
@@ -34,6 +37,10 @@ def _load_pages() -> dict[str, tuple[bytes, str]]:
     }
 
 
+def history_policy(settings: Settings) -> HistoryPolicy:
+    return HistoryPolicy(settings.history_size, settings.history_ttl, settings.history_off)
+
+
 class Node:
     """One fastws process: its connections, its hub, and the chat semantics of the seed."""
 
@@ -47,7 +54,8 @@ class Node:
         self.settings = settings
         self.verifier = Verifier(settings, secret)
         self.node_id = node_id or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(2)}"
-        self.broker: Broker = broker if broker is not None else MemoryBroker()
+        self.broker: Broker = broker if broker is not None else MemoryBroker(
+            history_policy(settings))
         self.inline = self.broker.inline
         self.broker.attach(self.node_id, self.deliver)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -175,19 +183,37 @@ class Node:
     # ---- NodeActions: what sessions ask for ------------------------------------------------
     # Each is a coroutine; with an inline broker it never suspends (see broker/__init__.py).
 
-    async def join(self, session: Session, room: str, msg_id: p.MsgId) -> None:
+    async def join(
+        self, session: Session, room: str, since: p.Since | None, msg_id: p.MsgId
+    ) -> None:
+        """Join, and with ``since`` replay what was missed: room_joined, then the replay, then
+        what the room was sent while the broker answered (held by the hub), each seq once."""
         fresh = room not in session.rooms
         if fresh:
             session.rooms.add(room)
-            if len(self.hub.join(room, session)) == 1:
+            # Pending: the subscription must be live before the broker's join, so that every
+            # message after its seq reaches this node; until then the hub holds them for us.
+            if len(self.hub.join(room, session, pending=True)) == 1:
                 await self._subscribe(session, room, msg_id)
         try:
-            members, seq = await self.broker.join(room, self._member(session))
+            result = await self.broker.join(
+                room, self._member(session), (since.seq, since.epoch) if since else None
+            )
         except BrokerUnavailable:
             if fresh:
                 await self._drop_local(session, room)
             raise BrokerUnavailable(msg_id) from None
-        session.send(p.RoomJoined(room, members, seq, msg_id))
+        held = self.hub.activate(room, session) if fresh else []
+        members = result.members
+        session.send(p.RoomJoined(room, members, result.seq, result.epoch, result.recovered,
+                                  msg_id))
+        for payload in result.replay:
+            session.send(payload)
+        for seq, data in held:
+            if seq == 0 or seq > result.seq:  # older ones are in the replay or predate us
+                self.hub.send_frame(session.sink, data)
+        if result.recovered is not None:
+            self.counters["recoveries" if result.recovered else "recoveries_incomplete"] += 1
         if fresh:
             who = session.principal
             log.debug("joined", extra={"event": "join", "client_id": session.client_id,
@@ -202,9 +228,9 @@ class Node:
 
     async def chat(self, session: Session, room: str, text: str, msg_id: p.MsgId) -> None:
         who = session.principal
-        head, tail = p.chat_parts(room, who.username, text, who.user_id)
+        head = p.chat_head(room, who.username, text, who.user_id)
         try:
-            seq = await self.broker.publish_seq(room, head, tail)
+            seq = await self.broker.publish_seq(room, head)
         except BrokerUnavailable:
             raise BrokerUnavailable(msg_id) from None
         self.counters["messages_in"] += 1
@@ -230,6 +256,14 @@ class Node:
         for entry in entries:
             seen.setdefault(entry.userId, p.Member(entry.userId, entry.username))
         session.send(p.PresenceReply(room, list(seen.values()), msg_id))
+
+    async def history(self, session: Session, room: str, limit: int, msg_id: p.MsgId) -> None:
+        try:
+            seq, epoch, messages = await self.broker.history(room, limit)
+        except BrokerUnavailable:
+            raise BrokerUnavailable(msg_id) from None
+        session.send(p.HistoryReply(room, seq, epoch, [msgspec.Raw(m) for m in messages],
+                                    msg_id))
 
     # ---- helpers ----------------------------------------------------------------------------
 
@@ -270,9 +304,9 @@ class Node:
         with contextlib.suppress(BrokerUnavailable):
             await action
 
-    def deliver(self, room: str, exclude: str, payload: bytes) -> None:
+    def deliver(self, room: str, exclude: str, payload: bytes, seq: int = 0) -> None:
         """Broker callback: one publication for ``room``, framed once for every local member."""
-        self.hub.broadcast(room, payload, self.sessions.get(exclude) if exclude else None)
+        self.hub.broadcast(room, payload, self.sessions.get(exclude) if exclude else None, seq)
 
     def _run(self, action: Any) -> None:
         """Run a node-internal coroutine: in place when the broker is inline, else as a task."""

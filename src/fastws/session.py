@@ -41,7 +41,9 @@ class NodeActions(Protocol):
 
     inline: bool
 
-    async def join(self, session: Session, room: str, msg_id: p.MsgId) -> None: ...
+    async def join(
+        self, session: Session, room: str, since: p.Since | None, msg_id: p.MsgId
+    ) -> None: ...
 
     async def leave(self, session: Session, room: str, msg_id: p.MsgId) -> None: ...
 
@@ -52,6 +54,8 @@ class NodeActions(Protocol):
     ) -> None: ...
 
     async def presence(self, session: Session, room: str, msg_id: p.MsgId) -> None: ...
+
+    async def history(self, session: Session, room: str, limit: int, msg_id: p.MsgId) -> None: ...
 
 
 class TokenBucket:
@@ -228,13 +232,18 @@ class Session:
             limit = self.settings.max_rooms_per_connection
             if room not in self.rooms and limit and len(self.rooms) >= limit:
                 raise MessageError("too_many_rooms", f"Too many rooms (max {limit})", msg.id)
-            return self.node.join(self, room, msg.id)
+            return self.node.join(self, room, msg.payload.since, msg.id)
         elif isinstance(msg, p.LeaveRoom):
             self._require_member(msg.payload.room, msg.id)
             return self.node.leave(self, msg.payload.room, msg.id)
         elif isinstance(msg, p.Presence):
             self._require_member(msg.payload.room, msg.id)
             return self.node.presence(self, msg.payload.room, msg.id)
+        elif isinstance(msg, p.History):
+            self._require_member(msg.payload.room, msg.id)
+            if not 1 <= msg.payload.limit <= 1000:
+                raise MessageError("invalid_payload", "Invalid history limit (1-1000)", msg.id)
+            return self.node.history(self, msg.payload.room, msg.payload.limit, msg.id)
         elif isinstance(msg, p.Ping):
             self.send(p.ServerPong(p.now_ms(), msg.id))
         # Pong: the seed's heartbeat reply; liveness is tracked by the transport.

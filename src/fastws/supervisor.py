@@ -74,7 +74,9 @@ class Supervisor:
             from .broker.localbus import BusServer
 
             self._bus_dir = tempfile.mkdtemp(prefix="fastws-", dir="/tmp")
-            self.bus = BusServer(self._bus_dir)
+            from .server import history_policy
+
+            self.bus = BusServer(self._bus_dir, history_policy(self.settings))
             await self.bus.start()
         watchers = [loop.create_task(self._watch(w)) for w in self.workers]
         try:

@@ -18,7 +18,8 @@ from typing import Any, Protocol
 
 import msgspec
 
-Deliver = Callable[[str, str, bytes], None]
+#: deliver(room, exclude_client_id, payload, seq): seq is the chat_message's, 0 for other events.
+Deliver = Callable[[str, str, bytes, int], None]
 
 
 class MemberInfo(msgspec.Struct, frozen=True):
@@ -52,12 +53,20 @@ class Broker(Protocol):
 
     async def publish(self, room: str, payload: bytes, exclude: str = "") -> None: ...
 
-    async def publish_seq(self, room: str, head: bytes, tail: bytes) -> int:
-        """Allocate the room's next seq and publish ``head + seq + tail``, atomically."""
+    async def publish_seq(self, room: str, head: bytes) -> int:
+        """Allocate the room's next seq, keep the message in history and publish
+        ``ledger.chat_payload(head, seq, epoch)``, atomically; return the seq."""
         ...
 
-    async def join(self, room: str, member: MemberInfo) -> tuple[int, int]:
-        """Add ``member`` to the room's presence; return (connections in room, last seq)."""
+    async def join(
+        self, room: str, member: MemberInfo, since: tuple[int, str] | None = None
+    ) -> JoinResult:
+        """Add ``member`` to the room's presence; with ``since`` (seq, epoch), also return the
+        chat payloads after that seq, as of the same instant."""
+        ...
+
+    async def history(self, room: str, limit: int) -> tuple[int, str, list[bytes]]:
+        """(last seq, epoch, up to ``limit`` newest chat payloads, oldest first)."""
         ...
 
     async def leave(self, room: str, client_id: str) -> int:
@@ -71,4 +80,6 @@ class Broker(Protocol):
     async def session_closed(self, client_id: str) -> None: ...
 
 
-__all__ = ["Broker", "Deliver", "MemberInfo"]
+from .ledger import JoinResult  # noqa: E402  (needs MemberInfo above)
+
+__all__ = ["Broker", "Deliver", "JoinResult", "MemberInfo"]

@@ -12,10 +12,12 @@
     ======== ============================== =======================================
     op       args                           reply
     ======== ============================== =======================================
-    join     room, MemberInfo               a = connections in room, b = last seq
+    join     room, MemberInfo, since_seq,   a = connections in room, b = last seq,
+             since_epoch                    epoch, recovered (-1/0/1), messages (replay)
     leave    room, client_id                a = connections left
-    seq      room, head, tail               a = the seq allocated; publishes
-                                            ``head + b"%d" % seq + tail``
+    seq      room, head                     a = the seq allocated; publishes
+                                            ``ledger.chat_payload(head, seq, epoch)``
+    history  room, limit                    b = last seq, epoch, messages
     pub      room, payload, exclude         (ok); publishes ``payload``
     presence room                           members = [MemberInfo, ...]
     sync     room, token                    (ok); publishes the sync marker
@@ -25,7 +27,8 @@
     ``BrokerUnavailable``, as it does when no reply comes within its ``timeout``.
 
 ``ipc://{dir}/bus-pub``  PUB (server) -> SUB (one per worker): publications.
-    A publication is ``[topic, exclude_client_id, payload]``; a sync marker is the two frames
+    A publication is ``[topic, exclude_client_id, payload, seq]`` (seq "0" for anything but a
+    chat_message); a sync marker is the two frames
     ``[topic, token]``. ``topic`` is ``room.encode() + b"\\x00"``: SUB filters by byte prefix
     and room names never contain NUL, so "room1" never matches "room10". A worker subscribes
     only to rooms it has local members in.
@@ -63,7 +66,8 @@ import zmq.asyncio
 
 from .. import protocol as p
 from ..errors import BrokerUnavailable
-from . import Deliver, MemberInfo
+from . import Deliver, JoinResult, MemberInfo
+from .ledger import HistoryPolicy, Ledger
 
 log = logging.getLogger("fastws.localbus")
 
@@ -83,6 +87,8 @@ class _Join(msgspec.Struct, array_like=True, tag="join"):
     id: int
     room: str
     member: MemberInfo
+    since_seq: int = -1  # -1: no recovery asked
+    since_epoch: str = ""
 
 
 class _Leave(msgspec.Struct, array_like=True, tag="leave"):
@@ -95,7 +101,12 @@ class _PublishSeq(msgspec.Struct, array_like=True, tag="seq"):
     id: int
     room: str
     head: bytes
-    tail: bytes
+
+
+class _History(msgspec.Struct, array_like=True, tag="history"):
+    id: int
+    room: str
+    limit: int
 
 
 class _Publish(msgspec.Struct, array_like=True, tag="pub"):
@@ -116,7 +127,7 @@ class _Sync(msgspec.Struct, array_like=True, tag="sync"):
     token: bytes
 
 
-_Request = _Join | _Leave | _PublishSeq | _Publish | _Presence | _Sync
+_Request = _Join | _Leave | _PublishSeq | _Publish | _Presence | _History | _Sync
 
 
 class _Reply(msgspec.Struct, array_like=True, omit_defaults=True):
@@ -125,6 +136,9 @@ class _Reply(msgspec.Struct, array_like=True, omit_defaults=True):
     a: int = 0
     b: int = 0
     members: list[MemberInfo] = []
+    epoch: str = ""
+    recovered: int = -1  # -1 none, 0 false, 1 true
+    messages: list[bytes] = []
 
 
 def topic(room: str) -> bytes:
@@ -175,12 +189,11 @@ async def _reap(task: asyncio.Task[None]) -> None:
 class BusServer:
     """The host's seq counters and presence, served to the workers over ZeroMQ."""
 
-    def __init__(self, directory: str) -> None:
+    def __init__(self, directory: str, policy: HistoryPolicy | None = None) -> None:
         self.directory = directory
         self.req_endpoint = _ipc(directory, "bus-req")
         self.pub_endpoint = _ipc(directory, "bus-pub")
-        self._seq: dict[str, int] = {}
-        self._members: dict[str, dict[str, MemberInfo]] = {}
+        self.ledger = Ledger(policy)
         self._nodes: set[str] = set()
         self._forgotten: set[str] = set()
         self._ctx: zmq.asyncio.Context | None = None
@@ -223,9 +236,10 @@ class BusServer:
 
     def stats(self) -> dict[str, Any]:
         """Rooms with presence (connections each), seq counters and known nodes."""
+        rooms = self.ledger.rooms
         return {
-            "rooms": {room: len(members) for room, members in self._members.items()},
-            "seq": dict(self._seq),
+            "rooms": {name: len(r.members) for name, r in rooms.items() if r.members},
+            "seq": {name: r.seq for name, r in rooms.items() if r.seq},
             "nodes": sorted(self._nodes),
             "requests": self.requests,
         }
@@ -238,39 +252,22 @@ class BusServer:
         """
         self._nodes.discard(node_id)
         self._forgotten.add(node_id)
-        for room in list(self._members):
-            members = self._members[room]
-            gone = [m for m in members.values() if m.node == node_id]
-            for member in gone:
-                del members[member.clientId]
-                if members:
-                    self._publish(
-                        room,
-                        p.encode(
-                            p.UserLeft(
-                                room, member.username, p.now_ms(), member.userId, len(members)
-                            )
-                        ),
-                    )
-            if not members:
-                del self._members[room]
-                self._seq.pop(room, None)
-            if gone:
-                log.info(
-                    "forgot node's members",
-                    extra={
-                        "event": "bus_forget",
-                        "node": node_id,
-                        "room": room,
-                        "connections": len(gone),
-                    },
-                )
+        gone = self.ledger.forget_node(node_id)
+        for room, member, left in gone:
+            if left:
+                notice = p.UserLeft(room, member.username, p.now_ms(), member.userId, left)
+                self._publish(room, p.encode(notice))
+        if gone:
+            log.info(
+                "forgot node's members",
+                extra={"event": "bus_forget", "node": node_id, "connections": len(gone)},
+            )
 
     # ---- serving ------------------------------------------------------------------------------
 
-    def _publish(self, room: str, payload: bytes, exclude: str = "") -> None:
+    def _publish(self, room: str, payload: bytes, exclude: str = "", seq: int = 0) -> None:
         if self._pub is not None:
-            self._pub.send_multipart((topic(room), exclude.encode(), payload))
+            self._pub.send_multipart((topic(room), exclude.encode(), payload, b"%d" % seq))
 
     async def _serve(self) -> None:
         assert self._router is not None
@@ -299,9 +296,10 @@ class BusServer:
         await _pump(self._router, serve)
 
     def _handle(self, req: _Request) -> _Reply:
+        ledger = self.ledger
         if isinstance(req, _PublishSeq):
-            seq = self._seq[req.room] = self._seq.get(req.room, 0) + 1
-            self._publish(req.room, b"%b%d%b" % (req.head, seq, req.tail))
+            seq, payload = ledger.publish_seq(req.room, req.head)
+            self._publish(req.room, payload, "", seq)
             return _Reply(req.id, a=seq)
         if isinstance(req, _Publish):
             self._publish(req.room, req.payload, req.exclude)
@@ -309,22 +307,20 @@ class BusServer:
         if isinstance(req, _Join):
             if req.member.node in self._forgotten:  # queued before its worker died
                 return _Reply(req.id, ok=False)
-            members = self._members.setdefault(req.room, {})
-            members[req.member.clientId] = req.member
             if req.member.node:
                 self._nodes.add(req.member.node)
-            return _Reply(req.id, a=len(members), b=self._seq.get(req.room, 0))
+            since = (req.since_seq, req.since_epoch) if req.since_seq >= 0 else None
+            result = ledger.join(req.room, req.member, since)
+            recovered = -1 if result.recovered is None else int(result.recovered)
+            return _Reply(req.id, a=result.members, b=result.seq, epoch=result.epoch,
+                          recovered=recovered, messages=result.replay)
         if isinstance(req, _Leave):
-            room_members = self._members.get(req.room)
-            if room_members is None:
-                return _Reply(req.id, a=0)
-            room_members.pop(req.client_id, None)
-            if not room_members:
-                del self._members[req.room]
-                self._seq.pop(req.room, None)
-            return _Reply(req.id, a=len(room_members))
+            return _Reply(req.id, a=ledger.leave(req.room, req.client_id))
         if isinstance(req, _Presence):
-            return _Reply(req.id, members=list(self._members.get(req.room, {}).values()))
+            return _Reply(req.id, members=ledger.presence(req.room))
+        if isinstance(req, _History):
+            seq, epoch, messages = ledger.history(req.room, req.limit)
+            return _Reply(req.id, b=seq, epoch=epoch, messages=messages)
         if self._pub is not None:  # _Sync: the marker, on the room's topic only
             self._pub.send_multipart((topic(req.room), req.token))
         return _Reply(req.id)
@@ -474,12 +470,20 @@ class LocalBusBroker:
     async def publish(self, room: str, payload: bytes, exclude: str = "") -> None:
         await self._call(_Publish(next(self._ids), room, payload, exclude))
 
-    async def publish_seq(self, room: str, head: bytes, tail: bytes) -> int:
-        return (await self._call(_PublishSeq(next(self._ids), room, head, tail))).a
+    async def publish_seq(self, room: str, head: bytes) -> int:
+        return (await self._call(_PublishSeq(next(self._ids), room, head))).a
 
-    async def join(self, room: str, member: MemberInfo) -> tuple[int, int]:
-        reply = await self._call(_Join(next(self._ids), room, member))
-        return reply.a, reply.b
+    async def join(
+        self, room: str, member: MemberInfo, since: tuple[int, str] | None = None
+    ) -> JoinResult:
+        seq, epoch = since if since is not None else (-1, "")
+        reply = await self._call(_Join(next(self._ids), room, member, seq, epoch))
+        recovered = None if reply.recovered < 0 else bool(reply.recovered)
+        return JoinResult(reply.a, reply.b, reply.epoch, recovered, reply.messages)
+
+    async def history(self, room: str, limit: int) -> tuple[int, str, list[bytes]]:
+        reply = await self._call(_History(next(self._ids), room, limit))
+        return reply.b, reply.epoch, reply.messages
 
     async def leave(self, room: str, client_id: str) -> int:
         return (await self._call(_Leave(next(self._ids), room, client_id))).a
@@ -569,12 +573,12 @@ class LocalBusBroker:
             fut.set_result(reply)
 
     def _on_publication(self, frames: list[bytes]) -> None:
-        if len(frames) == 3:
+        if len(frames) == 4:
             room = frames[0][:-1].decode()
             self.received[room] += 1
             assert self._deliver is not None
             try:
-                self._deliver(room, frames[1].decode(), frames[2])
+                self._deliver(room, frames[1].decode(), frames[2], int(frames[3]))
             except Exception:
                 log.exception("delivery failed", extra={"event": "deliver_error", "room": room})
         elif len(frames) == 2:

@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from typing import Any
 
-from . import Deliver, MemberInfo
+from . import Deliver, JoinResult, MemberInfo
+from .ledger import HistoryPolicy, Ledger
 
 
 class MemoryBroker:
-    """Seq counters and presence for one process. A room's state goes when its last member does."""
+    """Seq, epoch, history and presence for one process, in a ``Ledger``."""
 
     name = "memory"
     inline = True
 
-    def __init__(self) -> None:
+    def __init__(
+        self, policy: HistoryPolicy | None = None, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self._deliver: Deliver | None = None
-        self._seq: dict[str, int] = {}
-        self._members: dict[str, dict[str, MemberInfo]] = {}
+        self.ledger = Ledger(policy, clock)
+        self._publications = 0
 
     def attach(self, node_id: str, deliver: Deliver) -> None:
         self._deliver = deliver
@@ -28,7 +33,7 @@ class MemoryBroker:
         return None
 
     def health(self) -> dict[str, Any]:
-        return {"name": self.name, "state": "ok"}
+        return {"name": self.name, "state": "ok", "rooms": len(self.ledger.rooms)}
 
     async def subscribe(self, room: str) -> None:
         return None
@@ -38,31 +43,30 @@ class MemoryBroker:
 
     async def publish(self, room: str, payload: bytes, exclude: str = "") -> None:
         assert self._deliver is not None
-        self._deliver(room, exclude, payload)
+        self._deliver(room, exclude, payload, 0)
 
-    async def publish_seq(self, room: str, head: bytes, tail: bytes) -> int:
-        seq = self._seq[room] = self._seq.get(room, 0) + 1
+    async def publish_seq(self, room: str, head: bytes) -> int:
+        seq, payload = self.ledger.publish_seq(room, head)
         assert self._deliver is not None
-        self._deliver(room, "", b"%b%d%b" % (head, seq, tail))
+        self._deliver(room, "", payload, seq)
+        self._publications += 1
+        if self._publications % 4096 == 0:
+            self.ledger.sweep()  # expired rooms go without a timer
         return seq
 
-    async def join(self, room: str, member: MemberInfo) -> tuple[int, int]:
-        members = self._members.setdefault(room, {})
-        members[member.clientId] = member
-        return len(members), self._seq.get(room, 0)
+    async def join(
+        self, room: str, member: MemberInfo, since: tuple[int, str] | None = None
+    ) -> JoinResult:
+        return self.ledger.join(room, member, since)
 
     async def leave(self, room: str, client_id: str) -> int:
-        members = self._members.get(room)
-        if members is None:
-            return 0
-        members.pop(client_id, None)
-        if not members:
-            del self._members[room]
-            self._seq.pop(room, None)
-        return len(members)
+        return self.ledger.leave(room, client_id)
 
     async def presence(self, room: str) -> list[MemberInfo]:
-        return list(self._members.get(room, {}).values())
+        return self.ledger.presence(room)
+
+    async def history(self, room: str, limit: int) -> tuple[int, str, list[bytes]]:
+        return self.ledger.history(room, limit)
 
     async def session_opened(self, member: MemberInfo, connected_at: float) -> None:
         return None

@@ -32,26 +32,90 @@ from redis.connection import parse_url
 from redis.exceptions import RedisError
 
 from ..errors import BrokerUnavailable
-from . import Deliver, MemberInfo
+from . import Deliver, JoinResult, MemberInfo
+from .ledger import HistoryPolicy, new_epoch
 
 log = logging.getLogger("fastws.broker.redis")
 
-# ARGV[5] is PUBLISH, or SPUBLISH on a cluster (the channel shares the seq key's slot).
-_PUBLISH_SEQ = """
+# A room's seq, epoch and history move together. A missing epoch means the room's state is
+# gone (expired, or Redis lost it): a new epoch starts, and seq restarts from 1 under it.
+# History entries are "seq:unix_ms:payload", newest first, trimmed to size and aged by ttl.
+_NOW_MS = "local t = redis.call('TIME') local now = t[1] * 1000 + math.floor(t[2] / 1000)"
+
+_EPOCH = """
+local epoch = redis.call('GET', KEYS[2])
+if not epoch then
+  epoch = ARGV[3]
+  redis.call('DEL', KEYS[1], KEYS[4])
+end
+redis.call('SET', KEYS[2], epoch, 'EX', ARGV[4])
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+redis.call('EXPIRE', KEYS[4], ARGV[4])
+"""
+
+# KEYS: seq, epoch, members (unused), history
+# ARGV: channel, head, new epoch, state ttl s, PUBLISH|SPUBLISH, history size, history ttl ms
+_PUBLISH_SEQ = _NOW_MS + _EPOCH + """
 local seq = redis.call('INCR', KEYS[1])
 redis.call('EXPIRE', KEYS[1], ARGV[4])
-redis.call(ARGV[5], ARGV[1], ARGV[2] .. seq .. ARGV[3])
+local payload = ARGV[2] .. seq .. ',"epoch":"' .. epoch .. '"}'
+redis.call(ARGV[5], ARGV[1], "\\n" .. seq .. "\\n" .. payload)
+local size = tonumber(ARGV[6])
+if size > 0 then
+  redis.call('LPUSH', KEYS[4], seq .. ':' .. now .. ':' .. payload)
+  redis.call('LTRIM', KEYS[4], 0, size - 1)
+  redis.call('EXPIRE', KEYS[4], ARGV[4])
+end
 return seq
+"""
+
+# Reads history newer than ARGV[8] (and within ttl), oldest first, into ``out``.
+_READ_HISTORY = """
+local out = {}
+local first = -1
+local entries = redis.call('LRANGE', KEYS[4], 0, -1)
+local ttl = tonumber(ARGV[7])
+for i = #entries, 1, -1 do
+  local e = entries[i]
+  local p1 = string.find(e, ':', 1, true)
+  local p2 = string.find(e, ':', p1 + 1, true)
+  local s = tonumber(string.sub(e, 1, p1 - 1))
+  local t = tonumber(string.sub(e, p1 + 1, p2 - 1))
+  if s > tonumber(ARGV[8]) and (ttl == 0 or now - t <= ttl) then
+    if first < 0 then first = s end
+    table.insert(out, string.sub(e, p2 + 1))
+  end
+end
+"""
+
+# KEYS: seq, epoch, members, history
+# ARGV: clientId, member, new epoch, state ttl s, since epoch, since seq (-1: none),
+#       history ttl ms, since seq again (for _READ_HISTORY)
+_JOIN = _NOW_MS + _EPOCH + """
+redis.call('HSET', KEYS[3], ARGV[1], ARGV[2])
+local count = redis.call('HLEN', KEYS[3])
+local seq = tonumber(redis.call('GET', KEYS[1]) or '0')
+local since = tonumber(ARGV[6])
+if since < 0 then return {count, seq, epoch, -1, {}} end
+if ARGV[5] ~= epoch or since > seq then return {count, seq, epoch, 0, {}} end
+if since == seq then return {count, seq, epoch, 1, {}} end
+""" + _READ_HISTORY + """
+local complete = 0
+if first == since + 1 then complete = 1 end
+return {count, seq, epoch, complete, out}
+"""
+
+# KEYS: seq, epoch, members (unused), history; ARGV: 1-6 unused, history ttl ms, since (-1)
+_HISTORY = _NOW_MS + """
+local epoch = redis.call('GET', KEYS[2]) or ''
+local seq = tonumber(redis.call('GET', KEYS[1]) or '0')
+""" + _READ_HISTORY + """
+return {seq, epoch, out}
 """
 
 # On a cluster a plain SPUBLISH is routed through a script whose key pins the room's slot.
 _SPUBLISH = """
 return redis.call('SPUBLISH', ARGV[1], ARGV[2])
-"""
-
-_JOIN = """
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-return {redis.call('HLEN', KEYS[1]), tonumber(redis.call('GET', KEYS[2]) or '0')}
 """
 
 _LEAVE = """
@@ -61,7 +125,7 @@ if left == 0 then redis.call('DEL', KEYS[1]) end
 return left
 """
 
-_SEQ_TTL = 7 * 86400  # a room's seq survives a week of silence
+_STATE_TTL = 7 * 86400  # without a history ttl, a room's seq and epoch outlive a week of silence
 _SESSION_TTL = 60  # the seed's session records, refreshed every _SESSION_TTL / 3
 _member_encoder = msgspec.msgpack.Encoder()
 _member_decoder = msgspec.msgpack.Decoder(MemberInfo)
@@ -87,15 +151,29 @@ def _seq_key(room: str) -> str:
     return f"fastws:{{{room}}}:seq"
 
 
+def _room_keys(room: str) -> list[str]:
+    return [_seq_key(room), f"fastws:{{{room}}}:epoch", _members_key(room),
+            f"fastws:{{{room}}}:history"]
+
+
 class RedisBroker:
     name = "redis"
     inline = False
 
     def __init__(
-        self, url: str, timeout: float = 2.0, node_ttl: float = 15.0, cluster: bool = False
+        self,
+        url: str,
+        timeout: float = 2.0,
+        node_ttl: float = 15.0,
+        cluster: bool = False,
+        policy: HistoryPolicy | None = None,
     ) -> None:
         self.url = url
         self.cluster = cluster
+        self.policy = policy or HistoryPolicy()
+        ttl = self.policy.ttl
+        self._state_ttl = max(1, int(ttl) + 1) if ttl else _STATE_TTL
+        self._history_ttl_ms = int(ttl * 1000)
         self.timeout = timeout
         self.node_ttl = max(1, int(node_ttl))
         self.sweep_interval = node_ttl / 3
@@ -130,6 +208,7 @@ class RedisBroker:
         self._publish_seq = self._redis.register_script(_PUBLISH_SEQ)
         self._spublish = self._redis.register_script(_SPUBLISH)
         self._join = self._redis.register_script(_JOIN)
+        self._history = self._redis.register_script(_HISTORY)
         self._leave = self._redis.register_script(_LEAVE)
         try:
             await self._connect()
@@ -244,9 +323,11 @@ class RedisBroker:
         return options
 
     def on_message(self, channel: bytes, data: bytes) -> None:
-        exclude, _, payload = data.partition(b"\n")
+        # "exclude \n seq \n payload"; channel is fastws:{room}
+        exclude, _, rest = data.partition(b"\n")
+        seq, _, payload = rest.partition(b"\n")
         assert self._deliver is not None
-        self._deliver(channel[8:-1].decode(), exclude.decode(), payload)  # fastws:{room}
+        self._deliver(channel[8:-1].decode(), exclude.decode(), payload, int(seq or 0))
 
     def on_subscribed(self, channel: bytes) -> None:
         fut = self._confirm.pop(channel, None)
@@ -300,24 +381,35 @@ class RedisBroker:
 
     async def publish(self, room: str, payload: bytes, exclude: str = "") -> None:
         assert self._redis is not None
-        message = b"%b\n%b" % (exclude.encode(), payload)
+        message = b"%b\n0\n%b" % (exclude.encode(), payload)
         if self.cluster:
             await self._call(self._spublish(keys=[_seq_key(room)], args=[_channel(room), message]))
         else:
             await self._call(self._redis.publish(_channel(room), message))
 
-    async def publish_seq(self, room: str, head: bytes, tail: bytes) -> int:
+    async def publish_seq(self, room: str, head: bytes) -> int:
         seq = await self._call(self._publish_seq(
-            keys=[_seq_key(room)],
-            args=[_channel(room), b"\n" + head, tail, _SEQ_TTL, self._publish_cmd]))
+            keys=_room_keys(room),
+            args=[_channel(room), head, new_epoch(), self._state_ttl, self._publish_cmd,
+                  self.policy.size_for(room), self._history_ttl_ms]))
         return int(seq)
 
-    async def join(self, room: str, member: MemberInfo) -> tuple[int, int]:
-        count, seq = await self._call(self._join(
-            keys=[_members_key(room), _seq_key(room)],
-            args=[member.clientId, _member_encoder.encode(member)]))
+    async def join(
+        self, room: str, member: MemberInfo, since: tuple[int, str] | None = None
+    ) -> JoinResult:
+        since_seq, since_epoch = since if since is not None else (-1, "")
+        count, seq, epoch, complete, replay = await self._call(self._join(
+            keys=_room_keys(room),
+            args=[member.clientId, _member_encoder.encode(member), new_epoch(), self._state_ttl,
+                  since_epoch, since_seq, self._history_ttl_ms, since_seq]))
         self._members.setdefault(room, {})[member.clientId] = member
-        return int(count), int(seq)
+        recovered = None if int(complete) < 0 else bool(int(complete))
+        return JoinResult(int(count), int(seq), _text(epoch), recovered, list(replay))
+
+    async def history(self, room: str, limit: int) -> tuple[int, str, list[bytes]]:
+        seq, epoch, messages = await self._call(self._history(
+            keys=_room_keys(room), args=[0, 0, 0, 0, 0, 0, self._history_ttl_ms, -1]))
+        return int(seq), _text(epoch), list(messages)[-limit:]
 
     async def leave(self, room: str, client_id: str) -> int:
         local = self._members.get(room)

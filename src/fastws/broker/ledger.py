@@ -1,0 +1,163 @@
+"""Room-wide facts held in one process: seq, epoch, bounded history and presence.
+
+Shared by ``MemoryBroker`` (one process) and the local bus's ``BusServer`` (the supervisor of
+``--workers N``), so both keep exactly the same rules:
+
+- ``seq`` counts a room's chat messages from 1; ``epoch`` names one unbroken run of them. When a
+  room's state is dropped (emptied with nothing worth keeping, history expired, a restart),
+  the next message starts a new epoch at seq 1, so a client can tell "nothing missed" from
+  "history gone".
+- history keeps the last ``history_size`` chat payloads of a room for ``history_ttl`` seconds;
+  an empty room keeps its state until its newest message is that old.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import secrets
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import NamedTuple
+
+from . import MemberInfo
+
+
+class JoinResult(NamedTuple):
+    members: int  # connections in the room, this one included
+    seq: int  # the room's last seq at the moment of joining
+    epoch: str
+    recovered: bool | None  # None: no recovery was asked for
+    replay: list[bytes]  # chat payloads after the client's seq, oldest first
+
+
+class HistoryPolicy(NamedTuple):
+    size: int = 100  # messages kept per room; 0 = no history
+    ttl: float = 3600.0  # seconds a message is kept; 0 = until pushed out by size
+    off: str = ""  # fnmatch pattern of rooms that keep no history ("" = none)
+
+    def size_for(self, room: str) -> int:
+        if self.off and fnmatch.fnmatchcase(room, self.off):
+            return 0
+        return self.size
+
+
+def new_epoch() -> str:
+    return secrets.token_hex(4)
+
+
+class _Room:
+    __slots__ = ("epoch", "history", "members", "seq", "stamp")
+
+    def __init__(self, size: int) -> None:
+        self.seq = 0
+        self.epoch = new_epoch()
+        self.history: deque[tuple[int, float, bytes]] | None = deque(maxlen=size) if size else None
+        self.members: dict[str, MemberInfo] = {}
+        self.stamp = 0.0  # time of the newest message
+
+
+def chat_payload(head: bytes, seq: int, epoch: str) -> bytes:
+    """The published chat_message: the node's encoded head, then ``seq`` and ``epoch``."""
+    return b'%b%d,"epoch":"%b"}' % (head, seq, epoch.encode())
+
+
+class Ledger:
+    def __init__(
+        self, policy: HistoryPolicy | None = None, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.policy = policy or HistoryPolicy()
+        self.clock = clock
+        self.rooms: dict[str, _Room] = {}
+
+    def _room(self, name: str) -> _Room:
+        room = self.rooms.get(name)
+        if room is None:
+            room = self.rooms[name] = _Room(self.policy.size_for(name))
+        return room
+
+    def _fresh(self, room: _Room, now: float) -> list[tuple[int, float, bytes]]:
+        """The room's history within ttl (expired entries are dropped on the way)."""
+        if room.history is None:
+            return []
+        ttl = self.policy.ttl
+        if ttl:
+            while room.history and now - room.history[0][1] > ttl:
+                room.history.popleft()
+        return list(room.history)
+
+    def publish_seq(self, name: str, head: bytes) -> tuple[int, bytes]:
+        """Allocate the next seq; return it and the payload to publish (kept in history)."""
+        room = self._room(name)
+        room.seq += 1
+        payload = chat_payload(head, room.seq, room.epoch)
+        room.stamp = now = self.clock()
+        if room.history is not None:
+            room.history.append((room.seq, now, payload))
+        return room.seq, payload
+
+    def join(self, name: str, member: MemberInfo, since: tuple[int, str] | None) -> JoinResult:
+        room = self._room(name)
+        room.members[member.clientId] = member
+        recovered: bool | None = None
+        replay: list[bytes] = []
+        if since is not None:
+            recovered, replay = self._recover(room, since)
+        return JoinResult(len(room.members), room.seq, room.epoch, recovered, replay)
+
+    def _recover(self, room: _Room, since: tuple[int, str]) -> tuple[bool, list[bytes]]:
+        seq, epoch = since
+        if epoch != room.epoch or seq > room.seq or seq < 0:
+            return False, []
+        if seq == room.seq:
+            return True, []
+        kept = self._fresh(room, self.clock())
+        missed = [(s, payload) for s, _, payload in kept if s > seq]
+        # Complete only if history still reaches back to the first message missed.
+        complete = bool(missed) and missed[0][0] == seq + 1
+        return complete, [payload for _, payload in missed]
+
+    def leave(self, name: str, client_id: str) -> int:
+        room = self.rooms.get(name)
+        if room is None:
+            return 0
+        room.members.pop(client_id, None)
+        if not room.members and not self._worth_keeping(room):
+            del self.rooms[name]
+        return len(room.members)
+
+    def _worth_keeping(self, room: _Room) -> bool:
+        if room.history is None or not room.history:
+            return False
+        return not self.policy.ttl or self.clock() - room.stamp <= self.policy.ttl
+
+    def presence(self, name: str) -> list[MemberInfo]:
+        room = self.rooms.get(name)
+        return list(room.members.values()) if room is not None else []
+
+    def history(self, name: str, limit: int) -> tuple[int, str, list[bytes]]:
+        """(last seq, epoch, up to ``limit`` newest chat payloads oldest first)."""
+        room = self.rooms.get(name)
+        if room is None:
+            return 0, "", []
+        kept = self._fresh(room, self.clock())
+        return room.seq, room.epoch, [payload for _, _, payload in kept[-limit:]] if limit else []
+
+    def forget_node(self, node_id: str) -> list[tuple[str, MemberInfo, int]]:
+        """Drop every member of ``node_id``; (room, member, connections left) for each."""
+        gone: list[tuple[str, MemberInfo, int]] = []
+        for name in list(self.rooms):
+            room = self.rooms[name]
+            for member in [m for m in room.members.values() if m.node == node_id]:
+                del room.members[member.clientId]
+                gone.append((name, member, len(room.members)))
+            if not room.members and not self._worth_keeping(room):
+                del self.rooms[name]
+        return gone
+
+    def sweep(self) -> int:
+        """Drop empty rooms whose history has expired; return how many."""
+        dead = [n for n, r in self.rooms.items() if not r.members and not self._worth_keeping(r)]
+        for name in dead:
+            del self.rooms[name]
+        return len(dead)
