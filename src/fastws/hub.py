@@ -27,7 +27,7 @@ class Room:
     entry into the hole so join and leave stay O(1).
     """
 
-    __slots__ = ("index", "members", "name", "pending", "sinks")
+    __slots__ = ("fresh", "index", "members", "name", "pending", "sinks")
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -37,6 +37,9 @@ class Room:
         # Joiners waiting for the broker's answer: what the room was sent meanwhile is kept
         # for them as (seq, frame), to follow their room_joined and replay without a gap.
         self.pending: dict[Session, list[tuple[int, bytes]]] = {}
+        # Members whose join reply said "seq N": a late copy of a chat with seq <= N (the
+        # broker's stream can trail its replies) must skip them; cleared once the stream passes N.
+        self.fresh: dict[Session, int] = {}
 
     def __len__(self) -> int:
         return len(self.members) + len(self.pending)
@@ -115,13 +118,16 @@ class Hub:
             room.add(session)
         return room
 
-    def activate(self, name: str, session: Session) -> list[tuple[int, bytes]]:
-        """Make a pending joiner a member; return the (seq, frame)s held for it meanwhile."""
+    def activate(self, name: str, session: Session, seen: int = 0) -> list[tuple[int, bytes]]:
+        """Make a pending joiner a member that has ``seen`` every chat up to that seq; return
+        the (seq, frame)s held for it meanwhile."""
         room = self.rooms.get(name)
         if room is None:
             return []
         held = room.pending.pop(session, [])
         room.add(session)
+        if seen and not any(seq >= seen for seq, _ in held):
+            room.fresh[session] = seen
         return held
 
     def leave(self, name: str, session: Session) -> Room | None:
@@ -129,6 +135,7 @@ class Hub:
         room = self.rooms.get(name)
         if room is None:
             return None
+        room.fresh.pop(session, None)
         if room.pending.pop(session, None) is None and not room.remove(session):
             return None
         if not len(room):
@@ -148,9 +155,20 @@ class Hub:
             for session, held in room.pending.items():
                 if session is not exclude:
                     held.append((seq, data))
+        sinks = room.sinks
+        if seq and room.fresh:
+            sinks = self._skip_seen(room, seq, sinks)
         return int(self.outbox.broadcast(
-            room.sinks, data, exclude.sink if exclude is not None else None
+            sinks, data, exclude.sink if exclude is not None else None
         ))
+
+    @staticmethod
+    def _skip_seen(room: Room, seq: int, sinks: list[Any]) -> list[Any]:
+        """The sinks minus fresh members that already had ``seq`` (rare and short-lived)."""
+        seen = {s.sink for s, mark in room.fresh.items() if seq <= mark}
+        for session in [s for s, mark in room.fresh.items() if seq >= mark]:
+            del room.fresh[session]  # the stream has caught up with its join
+        return [sink for sink in sinks if sink not in seen] if seen else sinks
 
     def send_frame(self, sink: Any, data: bytes) -> bool:
         return bool(self.outbox.send(sink, data))

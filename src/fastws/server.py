@@ -203,12 +203,12 @@ class Node:
             if fresh:
                 await self._drop_local(session, room)
             raise BrokerUnavailable(msg_id) from None
-        held = self.hub.activate(room, session) if fresh else []
+        held = self.hub.activate(room, session, result.seq) if fresh else []
         members = result.members
         session.send(p.RoomJoined(room, members, result.seq, result.epoch, result.recovered,
                                   msg_id))
         for payload in result.replay:
-            session.send(payload)
+            session.outlet.send(payload)  # already encoded by whoever published it
         for seq, data in held:
             if seq == 0 or seq > result.seq:  # older ones are in the replay or predate us
                 self.hub.send_frame(session.sink, data)
