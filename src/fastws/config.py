@@ -38,6 +38,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     drain_timeout: float = 10.0
     log_level: str = "info"
     log_format: str = "text"
+    allowed_origins: str = ""
+    max_connections: int = 0
+    max_connections_per_ip: int = 0
+    trusted_proxies: str = ""
     history_size: int = 100
     history_ttl: float = 3600.0
     history_off: str = ""
@@ -49,6 +53,15 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     @property
     def algorithms(self) -> list[str]:
         return [a.strip() for a in self.jwt_algorithms.split(",") if a.strip()]
+
+    @property
+    def origins(self) -> frozenset[str]:
+        parts = self.allowed_origins.split(",")
+        return frozenset(o.strip().rstrip("/") for o in parts if o.strip())
+
+    @property
+    def proxies(self) -> frozenset[str]:
+        return frozenset(p.strip() for p in self.trusted_proxies.split(",") if p.strip())
 
 
 FIELD_HELP: dict[str, str] = {
@@ -82,6 +95,15 @@ FIELD_HELP: dict[str, str] = {
     "drain_timeout": "seconds graceful shutdown waits for clients to close (default 10)",
     "log_level": "debug, info, warning or error (default info)",
     "log_format": "text or json (one JSON object per line) (default text)",
+    "allowed_origins": "comma-separated browser origins allowed to connect besides the "
+    "server's own host, e.g. https://chat.example.com; '*' allows any (default: own host only; "
+    "requests without Origin, i.e. non-browser clients, are always allowed)",
+    "max_connections": "open WebSocket connections this process accepts; more get HTTP 503 "
+    "(default 0 = bounded only by the file limit)",
+    "max_connections_per_ip": "open connections per client IP; more are closed with 1008 "
+    "(default 0 = no limit; behind NAT many users share an IP)",
+    "trusted_proxies": "comma-separated proxy IPs whose X-Forwarded-For names the client IP "
+    "(default none: the socket's peer is the client)",
     "history_size": "chat messages kept per room for recovery and `history` (default 100; "
     "0 = none)",
     "history_ttl": "seconds a room's messages are kept (default 3600; 0 = until pushed out by "
@@ -153,6 +175,8 @@ def validate(s: Settings) -> None:
         raise ConfigError("jwt_algorithms: at least one algorithm is required")
     if s.redis_node_ttl < 1:
         raise ConfigError("redis_node_ttl must be at least 1 second")
+    if s.max_connections < 0 or s.max_connections_per_ip < 0:
+        raise ConfigError("max_connections and max_connections_per_ip must be >= 0")
     if s.history_size < 0 or s.history_ttl < 0:
         raise ConfigError("history_size and history_ttl must be >= 0")
     if s.workers < 0:

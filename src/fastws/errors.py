@@ -56,4 +56,5 @@ class CloseCode(enum.IntEnum):
     POLICY_VIOLATION = 1008  # kept flooding past the rate limit
     MESSAGE_TOO_BIG = 1009  # frame or reassembled message over max_message_bytes
     INTERNAL_ERROR = 1011  # a bug on our side; logged with a traceback
+    TOKEN_EXPIRED = 4001  # the token expired while connected and no refresh came
     SLOW_CONSUMER = 4008  # unsent output grew past max_send_buffer_bytes

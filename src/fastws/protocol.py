@@ -78,6 +78,15 @@ class History(msgspec.Struct, tag="history", tag_field="type"):
     id: MsgId = None
 
 
+class TokenPayload(msgspec.Struct):
+    token: str
+
+
+class Refresh(msgspec.Struct, tag="refresh", tag_field="type"):
+    payload: TokenPayload
+    id: MsgId = None
+
+
 class Ping(msgspec.Struct, tag="ping", tag_field="type"):
     id: MsgId = None
 
@@ -86,9 +95,12 @@ class Pong(msgspec.Struct, tag="pong", tag_field="type"):
     id: MsgId = None
 
 
-ClientMessage = JoinRoom | LeaveRoom | ChatMessage | Typing | Presence | History | Ping | Pong
+ClientMessage = (
+    JoinRoom | LeaveRoom | ChatMessage | Typing | Presence | History | Refresh | Ping | Pong
+)
 CLIENT_TYPES = frozenset(
-    ("join_room", "leave_room", "chat_message", "typing", "presence", "history", "ping", "pong")
+    ("join_room", "leave_room", "chat_message", "typing", "presence", "history", "refresh",
+     "ping", "pong")
 )
 
 
@@ -210,6 +222,11 @@ class PresenceReply(_Out, tag="presence"):
 class Ack(_Out, tag="ack"):
     id: MsgId
     seq: int = 0
+
+
+class Refreshed(_Out, tag="refreshed"):
+    expiresAt: int  # ms since the epoch
+    id: MsgId = None
 
 
 class ServerPing(_Out, tag="ping"):

@@ -65,6 +65,8 @@ class Node:
         self.draining = False
         self.started_at = time.monotonic()
         self.counters: Counter[str] = Counter()
+        self.auth_failures: Counter[str] = Counter()  # by reason
+        self._per_ip: Counter[str] = Counter()
         self.server: asyncio.Server | None = None
         self.heartbeat: Any = None
         self._idle = asyncio.Event()
@@ -133,12 +135,24 @@ class Node:
             "rooms": len(self.hub.rooms),
             "memberships": self.hub.member_count(),
             "deliveries": self.hub.deliveries,
+            "ips": len(self._per_ip),
+            "auth_failures_by_reason": dict(self.auth_failures),
             **self.counters,
         }
 
     # ---- transport events -----------------------------------------------------------------
 
-    def connect(self, session: Session, remote: str) -> None:
+    def admit(self, ip: str) -> bool:
+        """Whether one more connection from ``ip`` fits max_connections_per_ip."""
+        limit = self.settings.max_connections_per_ip
+        if limit and self._per_ip[ip] >= limit:
+            self.counters["refused_per_ip"] += 1
+            return False
+        return True
+
+    def connect(self, session: Session, remote: str, ip: str = "") -> None:
+        self._per_ip[ip] += 1
+        session.ip = ip
         self.sessions[session.client_id] = session
         self._by_transport[session.transport] = session
         self._idle.clear()
@@ -152,6 +166,9 @@ class Node:
 
     def disconnect(self, session: Session, code: int | None) -> None:
         session.cancel()
+        self._per_ip[session.ip] -= 1
+        if self._per_ip[session.ip] <= 0:
+            del self._per_ip[session.ip]
         self.sessions.pop(session.client_id, None)
         self._by_transport.pop(session.transport, None)
         self._run(self._cleanup(session))
@@ -168,6 +185,7 @@ class Node:
 
     def auth_failed(self, reason: str) -> None:
         self.counters["auth_failures"] += 1
+        self.auth_failures[reason.split(":")[0]] += 1
         log.info("auth failed: %s", reason, extra={"event": "auth_failed", "reason": reason})
 
     def slow_consumer(self, sink: Any) -> None:
@@ -187,7 +205,7 @@ class Node:
         self, session: Session, room: str, since: p.Since | None, msg_id: p.MsgId
     ) -> None:
         """Join, and with ``since`` replay what was missed: room_joined, then the replay, then
-        what the room was sent while the broker answered (held by the hub), each seq once."""
+        the chats the room was sent while the broker answered (held by the hub), each once."""
         fresh = room not in session.rooms
         if fresh:
             session.rooms.add(room)
@@ -210,7 +228,10 @@ class Node:
         for payload in result.replay:
             session.outlet.send(payload)  # already encoded by whoever published it
         for seq, data in held:
-            if seq == 0 or seq > result.seq:  # older ones are in the replay or predate us
+            # Chats after our seq follow the replay; older ones are in it or predate us. Other
+            # events held meanwhile (seq 0) may predate the join, which room_joined already
+            # reflects (a stale user_joined would miscount), so they are dropped.
+            if seq > result.seq:
                 self.hub.send_frame(session.sink, data)
         if result.recovered is not None:
             self.counters["recoveries" if result.recovered else "recoveries_incomplete"] += 1

@@ -7,6 +7,7 @@ the ``NodeActions`` the server gives, so tests can drive a session with plain by
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import re
 import time
@@ -15,7 +16,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
 
 from . import protocol as p
-from .auth import Principal
+from .auth import AuthError, Principal
 from .config import Settings
 from .errors import CloseCode, MessageError
 
@@ -40,6 +41,7 @@ class NodeActions(Protocol):
     """
 
     inline: bool
+    verifier: Any  # auth.Verifier
 
     async def join(
         self, session: Session, room: str, since: p.Since | None, msg_id: p.MsgId
@@ -89,6 +91,7 @@ class Session:
         "bucket",
         "client_id",
         "connected_at",
+        "ip",
         "node",
         "outlet",
         "principal",
@@ -110,6 +113,7 @@ class Session:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.client_id = client_id
+        self.ip = ""
         self.principal = principal
         self.transport = transport
         self.sink: Any = None  # set by the transport: this connection's fan-out sink
@@ -244,10 +248,24 @@ class Session:
             if not 1 <= msg.payload.limit <= 1000:
                 raise MessageError("invalid_payload", "Invalid history limit (1-1000)", msg.id)
             return self.node.history(self, msg.payload.room, msg.payload.limit, msg.id)
+        elif isinstance(msg, p.Refresh):
+            self.refresh(msg.payload.token, msg.id)
         elif isinstance(msg, p.Ping):
             self.send(p.ServerPong(p.now_ms(), msg.id))
         # Pong: the seed's heartbeat reply; liveness is tracked by the transport.
         return None
+
+    def refresh(self, token: str, msg_id: p.MsgId) -> None:
+        """A new token for the same user extends the connection past the old one's expiry."""
+        try:
+            fresh = self.node.verifier.verify(token)
+        except AuthError as exc:
+            raise MessageError("invalid_token", f"Invalid token: {exc.reason}", msg_id) from None
+        if fresh.user_id != self.principal.user_id:
+            raise MessageError("wrong_user", "Token is for another user", msg_id)
+        # Only the expiry changes: presence and rooms keep the identity they were given.
+        self.principal = dataclasses.replace(self.principal, expires_at=fresh.expires_at)
+        self.send(p.Refreshed(int(fresh.expires_at * 1000), msg_id))
 
     def _require_member(self, room: str, msg_id: p.MsgId) -> None:
         if room not in self.rooms:

@@ -7,7 +7,9 @@ a failure is answered with HTTP 401 before any WebSocket exists (RFC 6455 sectio
 from __future__ import annotations
 
 import asyncio
+import codecs
 import logging
+import time
 import uuid
 from collections.abc import Callable
 from http import HTTPStatus
@@ -57,6 +59,8 @@ class Connection(WSListener):
         "_frag_type",
         "_frags",
         "client_id",
+        "forwarded_for",
+        "ip",
         "last_rx",
         "node",
         "path",
@@ -67,10 +71,14 @@ class Connection(WSListener):
         "settings",
         "sink",
         "transport",
+        "utf8",
     )
 
-    def __init__(self, node: Node, principal: Principal, path: str) -> None:
+    def __init__(
+        self, node: Node, principal: Principal, path: str, forwarded_for: str = ""
+    ) -> None:
         super().__init__()
+        self.forwarded_for = forwarded_for
         self.node = node
         self.settings: Settings = node.settings
         self.principal = principal
@@ -82,6 +90,8 @@ class Connection(WSListener):
         self.remote = ""
         self._frag_type: WSMsgType | None = None
         self._frags: bytearray | None = None  # only while a fragmented message is open
+        self.utf8: Any = None  # incremental decoder, only while a fragmented text is open
+        self.ip = ""
         self._abort_handle: asyncio.TimerHandle | None = None
         self.last_rx = monotonic()
         self.ping_sent_at = 0.0
@@ -93,11 +103,20 @@ class Connection(WSListener):
         self.node.hub.fanout.release_handshake(transport)
         peer = transport.underlying_transport.get_extra_info("peername")
         self.remote = f"{peer[0]}:{peer[1]}" if peer else ""
+        self.ip = peer[0] if peer else ""
+        if self.forwarded_for and self.ip in self.settings.proxies:
+            # The nearest hop the trusted proxy saw is the last entry it appended.
+            self.ip = self.forwarded_for.split(",")[-1].strip() or self.ip
+        self.forwarded_for = ""
+        if not self.node.admit(self.ip):
+            transport.send_close(WSCloseCode.POLICY_VIOLATION, b"too many connections")
+            transport.disconnect()
+            return
         self.session = Session(self.client_id, self.principal, transport, self, self.node,
                                self.settings)
         self.sink = self.node.hub.sink(transport, self.session)
         self.session.sink = self.sink
-        self.node.connect(self.session, self.remote)
+        self.node.connect(self.session, self.remote, self.ip)
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         self.last_rx = monotonic()  # any frame proves the peer alive (see Heartbeat)
@@ -122,6 +141,7 @@ class Connection(WSListener):
                 data, kind = bytes(self._frags or b""), self._frag_type
                 self._frags = None
                 self._frag_type = None
+                self.utf8 = None
                 self._deliver(kind, data)
         elif msg_type == WSMsgType.PING:
             # Answered here rather than by picows, so that the RSV check above applies.
@@ -187,9 +207,18 @@ class Connection(WSListener):
     def _append(self, frame: WSFrame) -> None:
         if self._frags is None:
             self._frags = bytearray()
+            if self._frag_type == WSMsgType.TEXT:
+                self.utf8 = codecs.getincrementaldecoder("utf-8")()
         if len(self._frags) + frame.payload_size > self.settings.max_message_bytes:
             raise WSProtocolError(WSCloseCode.MESSAGE_TOO_BIG, "message too big")
-        self._frags += frame.get_payload_as_memoryview()
+        chunk = frame.get_payload_as_bytes()
+        if self.utf8 is not None:
+            try:
+                # Fail fast: invalid UTF-8 closes at the fragment that has it (RFC 6455 8.1).
+                self.utf8.decode(chunk, final=bool(frame.fin))
+            except UnicodeDecodeError:
+                raise WSProtocolError(WSCloseCode.INVALID_TEXT, "invalid UTF-8") from None
+        self._frags += chunk
 
     def _deliver(self, msg_type: WSMsgType, data: bytes) -> None:
         if msg_type == WSMsgType.TEXT:
@@ -209,6 +238,8 @@ class Heartbeat:
 
     A connection that sent nothing for ``ping_interval`` is pinged; if it still sends nothing
     within ``ping_timeout`` it is closed with 1001. Browsers answer protocol pings themselves.
+    A connection whose token has expired (plus jwt_leeway) is closed with 4001 unless it sent a
+    ``refresh``.
     """
 
     def __init__(self, node: Node) -> None:
@@ -216,13 +247,15 @@ class Heartbeat:
         s = node.settings
         self.interval = s.ping_interval
         self.timeout = s.ping_timeout
-        self.tick = max(0.02, min(s.ping_interval, s.ping_timeout or s.ping_interval) / 4)
+        self.leeway = s.jwt_leeway
+        pings = min(s.ping_interval, s.ping_timeout or s.ping_interval) / 4
+        self.tick = max(0.02, min(pings, 1.0) if s.ping_interval > 0 else 1.0)
         self.task: asyncio.Task[None] | None = None
         self.timeouts = 0
+        self.expired = 0
 
     def start(self) -> Heartbeat:
-        if self.interval > 0:
-            self.task = asyncio.get_running_loop().create_task(self._run())
+        self.task = asyncio.get_running_loop().create_task(self._run())
         return self
 
     def stop(self) -> None:
@@ -232,12 +265,19 @@ class Heartbeat:
     async def _run(self) -> None:
         while True:
             await asyncio.sleep(self.tick)
-            self.beat(monotonic())
+            self.beat(monotonic(), time.time())
 
-    def beat(self, now: float) -> None:
+    def beat(self, now: float, wall: float) -> None:
+        """One round over every connection; ``now`` is monotonic, ``wall`` Unix seconds."""
         for session in list(self.node.sessions.values()):
             conn = session.outlet
-            if not isinstance(conn, Connection):
+            if not isinstance(conn, Connection) or session.transport.is_close_frame_sent:
+                continue
+            if wall > session.principal.expires_at + self.leeway:
+                self.expired += 1
+                conn.close(CloseCode.TOKEN_EXPIRED, "token expired")
+                continue
+            if self.interval <= 0:
                 continue
             if conn.ping_sent_at:
                 if conn.last_rx >= conn.ping_sent_at:
@@ -275,8 +315,19 @@ class Gateway:
         return _response(HTTPStatus.NOT_FOUND, b"not found\n", "text/plain; charset=utf-8")
 
     def _upgrade(self, request: WSUpgradeRequest, raw_path: str) -> Any:
-        if self.node.draining:
+        node = self.node
+        if node.draining:
             return _response(HTTPStatus.SERVICE_UNAVAILABLE, b"shutting down\n", "text/plain")
+        limit = node.settings.max_connections
+        if limit and len(node.sessions) >= limit:
+            node.counters["refused_full"] += 1
+            return _response(HTTPStatus.SERVICE_UNAVAILABLE, b"server full\n", "text/plain")
+        origin = request.headers.get("Origin")
+        if origin is not None and not self._origin_allowed(origin, request.headers.get("Host")):
+            # Cross-Site WebSocket Hijacking: a page elsewhere must not ride a user's cookies
+            # or token into this server (RFC 6455 section 10.2).
+            node.counters["refused_origin"] += 1
+            return _response(HTTPStatus.FORBIDDEN, b"origin not allowed\n", "text/plain")
         token = extract_token(raw_path, request.headers.get("Authorization"))
         try:
             if token is None:
@@ -290,7 +341,15 @@ class Gateway:
                 "text/plain; charset=utf-8",
                 {"WWW-Authenticate": 'Bearer realm="fastws"'},
             )
-        return Connection(self.node, principal, "/ws")
+        return Connection(self.node, principal, "/ws",
+                          request.headers.get("X-Forwarded-For", ""))
+
+    def _origin_allowed(self, origin: str, host: str | None) -> bool:
+        allowed = self.node.settings.origins
+        if "*" in allowed or origin.rstrip("/") in allowed:
+            return True
+        # Same host: the Origin's authority is the Host the browser connected to.
+        return host is not None and origin.partition("://")[2].rstrip("/") == host
 
 
 def _response(
