@@ -66,19 +66,23 @@ async def test_per_ip_limit_closes_the_extra_connection_with_1008() -> None:
 
 async def test_forwarded_for_counts_only_from_trusted_proxies() -> None:
     """X-Forwarded-For names the client only when the peer is a trusted proxy."""
-    async with running_node(max_connections_per_ip=1, trusted_proxies="127.0.0.1") as node:
-        async with connect(ws_url(node, "a"), additional_headers={"X-Forwarded-For": "10.0.0.1"}):
-            async with connect(ws_url(node, "b"),
-                               additional_headers={"X-Forwarded-For": "10.0.0.2"}) as b:
-                assert (await recv_json(b))["type"] == "connected"
-                assert node.stats()["ips"] == 2
-    async with running_node(max_connections_per_ip=1) as node:  # untrusted: the peer counts
-        async with connect(ws_url(node, "a"), additional_headers={"X-Forwarded-For": "10.0.0.1"}):
-            async with connect(ws_url(node, "b"),
-                               additional_headers={"X-Forwarded-For": "10.0.0.2"}) as b:
-                with pytest.raises(ConnectionClosed):
-                    await asyncio.wait_for(b.recv(), TIMEOUT)
-                assert b.close_code == 1008
+    first = {"X-Forwarded-For": "10.0.0.1"}
+    second = {"X-Forwarded-For": "10.0.0.2"}
+    async with (
+        running_node(max_connections_per_ip=1, trusted_proxies="127.0.0.1") as node,
+        connect(ws_url(node, "a"), additional_headers=first),
+        connect(ws_url(node, "b"), additional_headers=second) as b,
+    ):
+        assert (await recv_json(b))["type"] == "connected"
+        assert node.stats()["ips"] == 2
+    async with (
+        running_node(max_connections_per_ip=1) as node,  # untrusted: the peer counts
+        connect(ws_url(node, "a"), additional_headers=first),
+        connect(ws_url(node, "b"), additional_headers=second) as b,
+    ):
+        with pytest.raises(ConnectionClosed):
+            await asyncio.wait_for(b.recv(), TIMEOUT)
+        assert b.close_code == 1008
 
 
 async def test_expired_token_closes_the_connection_with_4001() -> None:
@@ -137,7 +141,7 @@ async def test_invalid_utf8_fails_at_the_fragment_that_has_it() -> None:
         try:  # a character split across fragments is fine
             await ws.send_frame(OP_TEXT, b'{"type":"ping","x":"\xe2\x82', fin=False)
             await ws.send_frame(OP_CONT, b'\xac"}', fin=True)
-            opcode, payload = await ws.read_frame()
+            _, payload = await ws.read_frame()
             assert b'"pong"' in payload
         finally:
             await ws.close()

@@ -46,7 +46,7 @@ _parsed: dict[bytes, tuple[int, int, int]] = {}
 
 
 def new_histogram() -> Any:
-    from hdrh.histogram import HdrHistogram  # type: ignore[import-untyped]
+    from hdrh.histogram import HdrHistogram
 
     return HdrHistogram(_HIST_LOW, _HIST_HIGH, _HIST_DIGITS)
 
@@ -76,12 +76,13 @@ class Gen:
         self.storm_expected: int | None = None
 
 
-class Client(picows.WSListener):  # type: ignore[misc]
+class Client(picows.WSListener):
     """One simulated user. Control messages resolve ``waiter`` when their type is ``want``;
     chat messages go through the fast path in ``on_ws_frame``."""
 
-    def __init__(self, gen: Gen, cid: int, room: str | None, publisher: bool, window: int,
-                 pad: int) -> None:
+    def __init__(
+        self, gen: Gen, cid: int, room: str | None, publisher: bool, window: int, pad: int
+    ) -> None:
         super().__init__()
         self.gen = gen
         self.cid = cid
@@ -96,10 +97,12 @@ class Client(picows.WSListener):  # type: ignore[misc]
         self.want = "connected"
         self.waiter: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self.closing = False
+        self.close_code = 0
+        self.gone = False  # disconnected: its in-flight messages will never come back
         self.suffix = ((":" + "x" * pad if pad else "") + '"}}').encode()
         if room is not None:
             self.prefix = (
-                '{"type":"chat_message","payload":{"room":"%s","message":"%d:' % (room, cid)
+                f'{{"type":"chat_message","payload":{{"room":"{room}","message":"{cid}:'
             ).encode()
             self.join_msg = orjson.dumps({"type": "join_room", "payload": {"room": room}})
 
@@ -109,10 +112,16 @@ class Client(picows.WSListener):  # type: ignore[misc]
         self.transport = transport
 
     def on_ws_disconnected(self, transport: picows.WSTransport) -> None:
+        self.gone = True
         if not self.closing:
             self.gen.disconnects += 1
         if not self.waiter.done():
-            self.waiter.set_exception(ConnectionError("disconnected"))
+            how = f"closed by the server with {self.close_code}" if self.close_code else "dropped"
+            self.waiter.set_exception(
+                ConnectionError(
+                    f"user {self.cid} disconnected while waiting for {self.want}: {how}"
+                )
+            )
 
     def on_ws_frame(self, transport: picows.WSTransport, frame: picows.WSFrame) -> None:
         if frame.msg_type != _TEXT:
@@ -163,7 +172,7 @@ class Client(picows.WSListener):  # type: ignore[misc]
 
     def _frame(self, transport: picows.WSTransport, frame: picows.WSFrame) -> None:
         if frame.msg_type == _CLOSE:
-            code = int(frame.get_close_code())
+            code = self.close_code = frame.get_close_code().value
             if not self.closing:
                 self.gen.closes[code] += 1
             self.closing = True
@@ -222,7 +231,7 @@ class Client(picows.WSListener):  # type: ignore[misc]
 
     def close(self) -> None:
         self.closing = True
-        if self.transport is not None and not self.transport.is_disconnected():
+        if self.transport is not None and not self.transport.is_disconnected:
             self.transport.send_close(picows.WSCloseCode.OK)
             self.transport.disconnect()
 
@@ -242,8 +251,9 @@ async def _sleep_until(t_ns: int) -> None:
 class Worker:
     """One generator process: connect, wait at the barrier, run the plan's mode, report."""
 
-    def __init__(self, plan: dict[str, Any], queue: Any, barrier: Any, schedule: Any,
-                 counter: Any) -> None:
+    def __init__(
+        self, plan: dict[str, Any], queue: Any, barrier: Any, schedule: Any, counter: Any
+    ) -> None:
         self.plan = plan
         self.queue = queue
         self.barrier = barrier
@@ -260,7 +270,7 @@ class Worker:
         self.drain_timed_out = False
         self.window: int = plan["window"]
         self.pad: int = plan["pad"]
-        self._tokens: dict[str, str] = {}
+        self.urls: dict[int, str] = {}  # pre-minted, so minting is not measured
 
     # -- setup --------------------------------------------------------------------------
 
@@ -277,9 +287,12 @@ class Worker:
     async def connect(self, cid: int, room: str | None, publisher: bool) -> Client:
         window = self.window if publisher else 0
         client = Client(self.gen, cid, room, publisher, window, self.pad)
-        await picows.ws_connect(lambda: client, self.url_for(cid),
-                                websocket_handshake_timeout=self.plan["timeout"],
-                                max_frame_size=1 << 20)
+        await picows.ws_connect(
+            lambda: client,
+            self.urls.get(cid) or self.url_for(cid),
+            websocket_handshake_timeout=self.plan["timeout"],
+            max_frame_size=1 << 20,
+        )
         self.clients.append(client)
         await asyncio.wait_for(client.waiter, self.plan["timeout"])
         return client
@@ -318,7 +331,9 @@ class Worker:
         plan = self.plan
         mode = plan["mode"]
         t0 = time.monotonic()
-        if mode != "connect":
+        if mode == "connect":
+            self.urls = {m[0]: self.url_for(m[0]) for m in plan["members"]}
+        else:
             await self.setup(join=mode != "storm")
         self.queue.put(("ready", self.index, {"setup_s": time.monotonic() - t0}))
         gc.collect()
@@ -362,7 +377,8 @@ class Worker:
             if now >= deadline:
                 self.drain_timed_out = True
                 break
-            if not any(c.outstanding > 0 for c in pubs) and now - g.last_delivery > _IDLE_NS:
+            waiting = any(c.outstanding > 0 and not c.gone for c in pubs)
+            if not waiting and now - g.last_delivery > _IDLE_NS:
                 break
             await asyncio.sleep(0.05)
 
@@ -413,9 +429,9 @@ class Worker:
                 break
             if expected is not None and g.storm_received >= expected:
                 break
-            if expected is None:  # a server without room_joined.members: wait for silence
-                if now - max(g.storm_last, idle_since) > 1_000_000_000:
-                    break
+            # a server without room_joined.members: wait for a second of silence
+            if expected is None and now - max(g.storm_last, idle_since) > 1_000_000_000:
+                break
             await asyncio.sleep(0.005)
         self.queue.put(("done", self.index, None))
 
@@ -443,7 +459,7 @@ class Worker:
                 self.tick()
 
         tasks = [asyncio.ensure_future(one(m[0])) for m in self.plan["members"]]
-        done, pending = await asyncio.wait(tasks, timeout=timeout)
+        _, pending = await asyncio.wait(tasks, timeout=timeout)
         for task in pending:
             task.cancel()
         if pending:
@@ -487,17 +503,26 @@ class Worker:
             join_hist = new_histogram()
             for us, count in self.join_latency.items():
                 join_hist.record_value(min(us, _HIST_HIGH), count)
-            out["storm"] = {"first": self.storm_first, "last": g.storm_last,
-                            "received": g.storm_received, "expected": g.storm_expected,
-                            "join_histogram": join_hist.encode()}
+            out["storm"] = {
+                "first": self.storm_first,
+                "last": g.storm_last,
+                "received": g.storm_received,
+                "expected": g.storm_expected,
+                "join_histogram": join_hist.encode(),
+            }
         if self.plan["mode"] == "connect":
-            out["connect"] = {"first": self.connect_first, "last": self.connect_last,
-                              "open": len(self.clients), "failed": self.connect_failures}
+            out["connect"] = {
+                "first": self.connect_first,
+                "last": self.connect_last,
+                "open": len(self.clients),
+                "failed": self.connect_failures,
+            }
         return out
 
 
-def worker_main(plan: dict[str, Any], queue: Any, barrier: Any, schedule: Any,
-                counter: Any) -> None:
+def worker_main(
+    plan: dict[str, Any], queue: Any, barrier: Any, schedule: Any, counter: Any
+) -> None:
     """Entry point of a generator process (multiprocessing, spawn start method)."""
     index = plan["index"]
     try:
@@ -509,8 +534,14 @@ def worker_main(plan: dict[str, Any], queue: Any, barrier: Any, schedule: Any,
             os.sched_setaffinity(0, plan["cpus"])
         soft, _ = raise_nofile()
         if soft < len(plan["members"]) + 64:
-            queue.put(("warning", index, f"generator {index}: RLIMIT_NOFILE {soft} is below "
-                       f"its {len(plan['members'])} connections"))
+            queue.put(
+                (
+                    "warning",
+                    index,
+                    f"generator {index}: RLIMIT_NOFILE {soft} is below "
+                    f"its {len(plan['members'])} connections",
+                )
+            )
         result = uvloop.run(Worker(plan, queue, barrier, schedule, counter).run())
         queue.put(("result", index, result))
     except BaseException:

@@ -36,81 +36,182 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("scenario", nargs="?", choices=SCENARIOS, help="what to measure")
 
     target = parser.add_argument_group("target")
-    target.add_argument("--server", choices=(*SERVERS, "all"),
-                        help="start this server locally (port 0) and stop it after; "
-                        "'all' runs the scenario against all three and prints ratios")
-    target.add_argument("--url", help="an already running server: ws://HOST:PORT/ws")
-    target.add_argument("--secret", help="HS256 secret: mint one token per simulated user "
-                        "(with --server: the secret given to the started server)")
-    target.add_argument("--token", help="one ready token used by every simulated user")
-    target.add_argument("--server-pid", type=int,
-                        help="pid of the --url server, to report its CPU seconds and memory "
-                        "(read from /proc: so only for a server on this machine)")
-    target.add_argument("--server-cpus", default="0",
-                        help="CPU list for a started server, applied with taskset -c "
-                        "(default 0; '' = not pinned)")
-    target.add_argument("--server-arg", action="append", default=[], metavar="ARG",
-                        help="extra argument for a started server, repeatable "
-                        "(e.g. --server-arg=--workers=2)")
-    target.add_argument("--baselines", metavar="DIR",
-                        help="folder of picows_server.py and websockets_server.py "
-                        "(default: benchmarks/baselines of this checkout)")
+    target.add_argument(
+        "--server",
+        choices=(*SERVERS, "all"),
+        help="start this server locally (port 0) and stop it after; "
+        "'all' runs the scenario against all three and prints ratios",
+    )
+    target.add_argument("--url", metavar="URL", help="an already running server: ws://HOST:PORT/ws")
+    target.add_argument(
+        "--secret",
+        metavar="SECRET",
+        help="HS256 secret: mint one token per simulated user "
+        "(with --server: the secret given to the started server)",
+    )
+    target.add_argument(
+        "--token", metavar="JWT", help="one ready token used by every simulated user"
+    )
+    target.add_argument(
+        "--server-pid",
+        type=int,
+        metavar="PID",
+        help="pid of the --url server, to report its CPU seconds and memory "
+        "(read from /proc: so only for a server on this machine)",
+    )
+    target.add_argument(
+        "--server-cpus",
+        default="0",
+        metavar="CPUS",
+        help="CPU list for a started server, applied with taskset -c (default 0; '' = not pinned)",
+    )
+    target.add_argument(
+        "--server-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="extra argument for a started server, repeatable (e.g. --server-arg=--workers=2)",
+    )
+    target.add_argument(
+        "--baselines",
+        metavar="DIR",
+        help="folder of picows_server.py and websockets_server.py "
+        "(default: benchmarks/baselines of this checkout)",
+    )
 
     gen = parser.add_argument_group("load generator")
-    gen.add_argument("--procs", type=int,
-                     help="generator processes (default: one per generator CPU)")
-    gen.add_argument("--cpus", default="auto",
-                     help="CPU list for the generator processes, process i on the i-th CPU "
-                     "(cycling); 'auto' (default) = the CPUs the started server does not use, "
-                     "unpinned otherwise; 'none' = never pin")
-    gen.add_argument("--concurrency", type=int, default=200,
-                     help="connections being opened at once, over all processes (default 200)")
-    gen.add_argument("--timeout", type=float, default=120.0,
-                     help="seconds allowed for connecting and joining, and for a join storm "
-                     "or a connection run to complete (default 120)")
+    gen.add_argument(
+        "--procs",
+        type=int,
+        metavar="N",
+        help="generator processes (default: one per generator CPU)",
+    )
+    gen.add_argument(
+        "--cpus",
+        default="auto",
+        metavar="CPUS",
+        help="CPU list for the generator processes, process i on the i-th CPU "
+        "(cycling); 'auto' (default) = the CPUs the started server does not use, "
+        "unpinned otherwise; 'none' = never pin",
+    )
+    gen.add_argument(
+        "--concurrency",
+        type=int,
+        default=200,
+        metavar="N",
+        help="connections being opened at once, over all processes (default 200)",
+    )
+    gen.add_argument(
+        "--timeout",
+        type=float,
+        default=120.0,
+        metavar="SEC",
+        help="seconds allowed for connecting and joining, and for a join storm "
+        "or a connection run to complete (default 120)",
+    )
 
     run = parser.add_argument_group("run")
-    run.add_argument("--duration", type=float, default=10.0,
-                     help="measured seconds (default 10)")
-    run.add_argument("--warmup", type=float, default=1.0,
-                     help="seconds of load before measuring (default 1)")
-    run.add_argument("--drain", type=float, default=5.0,
-                     help="at most this many seconds after the run for in-flight messages "
-                     "to arrive before they count as lost (default 5)")
-    run.add_argument("--rate", type=float,
-                     help="fixed offered rate instead of flat out: total msgs/s (roundtrip, "
-                     "fanout) or msgs/s per member (rooms)")
-    run.add_argument("--window", type=int,
-                     help="flat out: messages in flight per publisher, each complete when its "
-                     "own broadcast comes back (default: 1 roundtrip, 64 fanout, 16 rooms)")
-    run.add_argument("--connections", type=int,
-                     help="roundtrip: connections (default 64); connections: idle "
-                     "connections to open (default 10000)")
-    run.add_argument("--subscribers", type=int, default=100,
-                     help="fanout: subscribers in the room (default 100)")
-    run.add_argument("--publishers", type=int, default=1, help="fanout: publishers (default 1)")
-    run.add_argument("--join-storm", action="store_true",
-                     help="fanout: --subscribers clients join one room one after another; "
-                     "measures the S*(S-1)/2 user_joined deliveries")
-    run.add_argument("--rooms", type=int, default=500, help="rooms: rooms (default 500)")
-    run.add_argument("--members", type=int, default=4,
-                     help="rooms: members per room, each one posting (default 4)")
-    run.add_argument("--pad", type=int, default=0,
-                     help="characters of padding added to each chat text (default 0)")
+    run.add_argument(
+        "--duration", type=float, default=10.0, metavar="SEC", help="measured seconds (default 10)"
+    )
+    run.add_argument(
+        "--warmup",
+        type=float,
+        default=1.0,
+        metavar="SEC",
+        help="seconds of load before measuring (default 1)",
+    )
+    run.add_argument(
+        "--drain",
+        type=float,
+        default=5.0,
+        metavar="SEC",
+        help="at most this many seconds after the run for in-flight messages "
+        "to arrive before they count as lost (default 5)",
+    )
+    run.add_argument(
+        "--rate",
+        type=float,
+        metavar="MSG/S",
+        help="fixed offered rate instead of flat out: total msgs/s (roundtrip, "
+        "fanout) or msgs/s per member (rooms)",
+    )
+    run.add_argument(
+        "--window",
+        type=int,
+        metavar="N",
+        help="flat out: messages in flight per publisher, each complete when its "
+        "own broadcast comes back (default: 1 roundtrip, 64 fanout, 16 rooms)",
+    )
+    run.add_argument(
+        "--connections",
+        type=int,
+        metavar="N",
+        help="roundtrip: connections (default 64); connections: idle "
+        "connections to open (default 10000)",
+    )
+    run.add_argument(
+        "--subscribers",
+        type=int,
+        metavar="N",
+        default=100,
+        help="fanout: subscribers in the room (default 100)",
+    )
+    run.add_argument(
+        "--publishers", type=int, metavar="N", default=1, help="fanout: publishers (default 1)"
+    )
+    run.add_argument(
+        "--join-storm",
+        action="store_true",
+        help="fanout: --subscribers clients join one room one after another; "
+        "measures the S*(S-1)/2 user_joined deliveries",
+    )
+    run.add_argument(
+        "--rooms", type=int, metavar="N", default=500, help="rooms: rooms (default 500)"
+    )
+    run.add_argument(
+        "--members",
+        type=int,
+        metavar="N",
+        default=4,
+        help="rooms: members per room, each one posting (default 4)",
+    )
+    run.add_argument(
+        "--pad",
+        type=int,
+        metavar="N",
+        default=0,
+        help="characters of padding added to each chat text (default 0)",
+    )
 
     out = parser.add_argument_group("output")
-    out.add_argument("--out", default="benchmarks/results", metavar="DIR",
-                     help="where the JSON and PNG go (default benchmarks/results)")
+    out.add_argument(
+        "--out",
+        default="benchmarks/results",
+        metavar="DIR",
+        help="where the JSON and PNG go (default benchmarks/results)",
+    )
     out.add_argument("--no-plot", action="store_true", help="do not draw the PNG")
     out.add_argument("--quiet", action="store_true", help="no progress bar, only the tables")
-    out.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"),
-                     help="print the ratios A/B between two runs' headline figures and exit")
-    out.add_argument("--summarize", nargs="+", metavar="RUN.json",
-                     help="print a Markdown table of these runs (grouped by scenario, one "
-                     "column per server) and exit")
-    out.add_argument("--readme", metavar="README.md",
-                     help="with --summarize: write the table into this file between "
-                     "<!-- results:start --> and <!-- results:end -->")
+    out.add_argument(
+        "--compare",
+        nargs=2,
+        metavar=("A.json", "B.json"),
+        help="print the ratios A/B between two runs' headline figures and exit",
+    )
+    out.add_argument(
+        "--summarize",
+        nargs="+",
+        metavar="RUN.json",
+        help="print a Markdown table of these runs (grouped by scenario, one "
+        "column per server) and exit",
+    )
+    out.add_argument(
+        "--readme",
+        metavar="README.md",
+        help="with --summarize: write the table into this file between "
+        "<!-- results:start --> and <!-- results:end -->",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

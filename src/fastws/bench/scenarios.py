@@ -26,7 +26,7 @@ from typing import Any
 
 from .loadgen import new_histogram, worker_main
 from .report import Progress
-from .targets import BenchError, Target, cpu_seconds, rss_bytes
+from .targets import BenchError, Target, cpu_seconds, listen_overflows, rss_bytes
 
 _NS = 1_000_000_000
 _LEAD_NS = 300_000_000  # the schedule starts this long after the barrier is released
@@ -52,8 +52,9 @@ class Plan:
         return self.mode in ("window", "rate")
 
 
-def build_plan(args: argparse.Namespace, target: Target, procs: int,
-               cpus: list[list[int] | None]) -> Plan:
+def build_plan(
+    args: argparse.Namespace, target: Target, procs: int, cpus: list[list[int] | None]
+) -> Plan:
     """Split the scenario's users over ``procs`` processes. ``members`` rows are
     ``(user number, room or None, posts or not)``; room names carry a random run id so runs
     against a shared server never meet."""
@@ -81,8 +82,11 @@ def build_plan(args: argparse.Namespace, target: Target, procs: int,
             mode = "storm"
             for i in range(subs):
                 members[i % procs].append((i, room, False))
-            params = {"subscribers": subs, "join_storm": True,
-                      "expected_deliveries": subs * (subs - 1) // 2}
+            params = {
+                "subscribers": subs,
+                "join_storm": True,
+                "expected_deliveries": subs * (subs - 1) // 2,
+            }
             title = f"join storm, {subs} clients"
             unit = "deliveries/s"
         else:
@@ -121,24 +125,43 @@ def build_plan(args: argparse.Namespace, target: Target, procs: int,
         raise BenchError(f"unknown scenario {scenario!r}")
     if mode == "window":
         params["window"] = window
+    else:
+        window = 0  # paced (or not posting): no message is sent in reply to an echo
     if mode == "rate":
         params["rate"] = rate
         params["rate_unit"] = "msg/s per member" if scenario == "rooms" else "msg/s in total"
-    params.update(duration=args.duration, warmup=args.warmup if mode in ("window", "rate")
-                  else 0.0, procs=procs, concurrency=args.concurrency, pad=args.pad)
+    params.update(
+        duration=args.duration,
+        warmup=args.warmup if mode in ("window", "rate") else 0.0,
+        procs=procs,
+        concurrency=args.concurrency,
+        pad=args.pad,
+    )
     plan = Plan(scenario, mode, title, params, unit=unit)
     per_proc_concurrency = max(1, math.ceil(args.concurrency / procs))
     total = sum(len(m) for m in members)
     for i in range(procs):
-        plan.procs.append({
-            "index": i, "url": target.url, "secret": target.secret, "token": target.token,
-            "cpus": cpus[i], "mode": mode, "members": members[i], "rate": rates[i],
-            "window": window, "concurrency": per_proc_concurrency, "pad": args.pad,
-            "timeout": args.timeout, "drain": args.drain, "duration": args.duration,
-            "storm_size": total if mode == "storm" else 0,
-            "barrier_timeout": args.timeout + args.warmup + args.duration + args.drain + 60,
-            "ttl": 3600 + args.timeout + args.duration,
-        })
+        plan.procs.append(
+            {
+                "index": i,
+                "url": target.url,
+                "secret": target.secret,
+                "token": target.token,
+                "cpus": cpus[i],
+                "mode": mode,
+                "members": members[i],
+                "rate": rates[i],
+                "window": window,
+                "concurrency": per_proc_concurrency,
+                "pad": args.pad,
+                "timeout": args.timeout,
+                "drain": args.drain,
+                "duration": args.duration,
+                "storm_size": total if mode == "storm" else 0,
+                "barrier_timeout": args.timeout + args.warmup + args.duration + args.drain + 60,
+                "ttl": 3600 + args.timeout + args.duration,
+            }
+        )
     return plan
 
 
@@ -165,8 +188,14 @@ class _Inbox:
         self.kept: list[tuple[str, int, Any]] = []
         self.warnings: list[str] = []
 
-    def wait_for(self, kind: str, count: int, timeout: float,
-                 progress: Progress | None = None, counter: Any = None) -> dict[int, Any]:
+    def wait_for(
+        self,
+        kind: str,
+        count: int,
+        timeout: float,
+        progress: Progress | None = None,
+        counter: Any = None,
+    ) -> dict[int, Any]:
         got: dict[int, Any] = {}
         for msg in list(self.kept):
             if msg[0] == kind:
@@ -180,12 +209,13 @@ class _Inbox:
                 msg = self.q.get(timeout=0.1)
             except queue_mod.Empty:
                 if time.monotonic() > deadline:
-                    raise BenchError(f"timed out after {timeout:.0f}s waiting for the load "
-                                     f"generators ({kind}: {len(got)} of {count})") from None
+                    raise BenchError(
+                        f"timed out after {timeout:.0f}s waiting for the load "
+                        f"generators ({kind}: {len(got)} of {count})"
+                    ) from None
                 dead = [p for p in self.processes if p.exitcode not in (None, 0)]
                 if dead:
-                    raise BenchError(f"generator process exited with {dead[0].exitcode}"
-                                     ) from None
+                    raise BenchError(f"generator process exited with {dead[0].exitcode}") from None
                 continue
             if msg[0] == "error":
                 raise BenchError(f"generator {msg[1]} failed:\n{msg[2]}")
@@ -217,9 +247,15 @@ def run_plan(plan: Plan, target: Target, args: argparse.Namespace) -> dict[str, 
     barrier = ctx.Barrier(n + 1)
     schedule = ctx.Array("q", 3, lock=False)
     counter = ctx.Value("q", 0)
-    processes = [ctx.Process(target=worker_main, args=(p, q, barrier, schedule, counter),
-                             name=f"fastws-bench-{p['index']}", daemon=True)
-                 for p in plan.procs]
+    processes = [
+        ctx.Process(
+            target=worker_main,
+            args=(p, q, barrier, schedule, counter),
+            name=f"fastws-bench-{p['index']}",
+            daemon=True,
+        )
+        for p in plan.procs
+    ]
     interactive = not args.quiet and sys.stderr.isatty()
     inbox = _Inbox(q, processes)
     pid = target.pid
@@ -229,9 +265,12 @@ def run_plan(plan: Plan, target: Target, args: argparse.Namespace) -> dict[str, 
     for proc in processes:
         proc.start()
     try:
-        progress = Progress(interactive and plan.clients >= 2000, plan.clients,
-                            "connecting" if plan.mode == "connect" else "connecting, joining",
-                            "conn")
+        progress = Progress(
+            interactive and plan.clients >= 2000,
+            plan.clients,
+            "connecting" if plan.mode == "connect" else "connecting, joining",
+            "conn",
+        )
         if plan.mode == "connect":
             progress.close()
         inbox.wait_for("ready", n, args.timeout + 30, progress, counter)
@@ -257,12 +296,19 @@ def run_plan(plan: Plan, target: Target, args: argparse.Namespace) -> dict[str, 
         else:
             _sleep_until(t_start)
             readings["cpu_start"] = cpu_seconds(pid)
+            readings["overflows_start"] = listen_overflows()
             counter.value = 0
-            progress = Progress(interactive and plan.clients >= 2000, plan.clients,
-                                plan.scenario, "conn" if plan.mode == "connect" else "join")
-            inbox.wait_for("done", n, args.timeout + 30, progress,
-                           counter if plan.mode == "connect" else None)
+            progress = Progress(
+                interactive and plan.clients >= 2000,
+                plan.clients,
+                plan.scenario,
+                "conn" if plan.mode == "connect" else "join",
+            )
+            inbox.wait_for(
+                "done", n, args.timeout + 30, progress, counter if plan.mode == "connect" else None
+            )
             readings["cpu_end"] = cpu_seconds(pid)
+            readings["overflows_end"] = listen_overflows()
             progress.close()
             if plan.mode == "connect":
                 time.sleep(0.5)  # let the server finish its per-connection bookkeeping
@@ -297,8 +343,7 @@ def merge(results: list[dict[str, Any]], readings: dict[str, Any]) -> dict[str, 
     for r in results:
         hist.decode_and_add(r["histogram"])
     merged: dict[str, Any] = {"histogram": hist, **readings}
-    for key in ("deliveries", "duplicates", "reorders", "sent_window", "sent_total",
-                "disconnects"):
+    for key in ("deliveries", "duplicates", "reorders", "sent_window", "sent_total", "disconnects"):
         merged[key] = sum(r[key] for r in results)
     for key in ("series", "sent_series"):
         length = max(len(r[key]) for r in results)
@@ -332,10 +377,12 @@ def merge(results: list[dict[str, Any]], readings: dict[str, Any]) -> dict[str, 
         conns = [r["connect"] for r in results]
         firsts = [c["first"] for c in conns if c["first"]]
         lasts = [c["last"] for c in conns if c["last"]]
-        merged["connect"] = {"first": min(firsts) if firsts else 0,
-                             "last": max(lasts) if lasts else 0,
-                             "open": sum(c["open"] for c in conns),
-                             "failed": sum(c["failed"] for c in conns)}
+        merged["connect"] = {
+            "first": min(firsts) if firsts else 0,
+            "last": max(lasts) if lasts else 0,
+            "open": sum(c["open"] for c in conns),
+            "failed": sum(c["failed"] for c in conns),
+        }
     return merged
 
 
@@ -350,10 +397,15 @@ def _add_counts(counts: Any) -> dict[str, int]:
 def latency_figures(hist: Any) -> dict[str, float]:
     if hist.get_total_count() == 0:
         return {}
-    return {"p50": hist.get_value_at_percentile(50), "p90": hist.get_value_at_percentile(90),
-            "p99": hist.get_value_at_percentile(99),
-            "p99.9": hist.get_value_at_percentile(99.9), "max": hist.get_max_value(),
-            "mean": round(hist.get_mean_value(), 1), "count": hist.get_total_count()}
+    return {
+        "p50": hist.get_value_at_percentile(50),
+        "p90": hist.get_value_at_percentile(90),
+        "p99": hist.get_value_at_percentile(99),
+        "p99.9": hist.get_value_at_percentile(99.9),
+        "max": hist.get_max_value(),
+        "mean": round(hist.get_mean_value(), 1),
+        "count": hist.get_total_count(),
+    }
 
 
 def figures(plan: Plan, merged: dict[str, Any], duration: float) -> dict[str, Any]:
@@ -363,14 +415,18 @@ def figures(plan: Plan, merged: dict[str, Any], duration: float) -> dict[str, An
         cpu = round(merged["cpu_end"] - merged["cpu_start"], 3)
     head: dict[str, Any] = {"throughput_unit": plan.unit, "server_cpu_s": cpu}
     if plan.timed:
-        head["throughput"] = merged["deliveries"] / duration
+        count = merged["deliveries"]
+        head["throughput"] = count / duration
         head["wall_s"] = duration
         head["deliveries"] = merged["deliveries"]
         head["deliveries_per_s"] = merged["deliveries"] / duration
         head["messages_per_s"] = merged["sent_window"] / duration
         head["latency_us"] = latency_figures(merged["histogram"])
-        head["latency_of"] = ("send -> own broadcast back" if plan.scenario == "roundtrip"
-                              else "send -> each delivery")
+        head["latency_of"] = (
+            "send -> own broadcast back"
+            if plan.scenario == "roundtrip"
+            else "send -> each delivery"
+        )
         head["losses"] = merged["expected"] - merged["distinct"]
         head["duplicates"] = merged["duplicates"]
         head["reorders"] = merged["reorders"]
@@ -378,7 +434,8 @@ def figures(plan: Plan, merged: dict[str, Any], duration: float) -> dict[str, An
         storm = merged["storm"]
         elapsed = max(1e-9, (storm["last"] - storm["first"]) / _NS)
         expected = plan.parameters["expected_deliveries"]
-        head["throughput"] = storm["received"] / elapsed
+        count = storm["received"]
+        head["throughput"] = count / elapsed
         head["wall_s"] = round(elapsed, 4)
         head["deliveries"] = storm["received"]
         head["deliveries_per_s"] = head["throughput"]
@@ -390,16 +447,22 @@ def figures(plan: Plan, merged: dict[str, Any], duration: float) -> dict[str, An
     else:
         conn = merged["connect"]
         elapsed = max(1e-9, (conn["last"] - conn["first"]) / _NS)
-        head["throughput"] = conn["open"] / elapsed
+        count = conn["open"]
+        head["throughput"] = count / elapsed
         head["wall_s"] = round(elapsed, 4)
         head["connections"] = conn["open"]
         head["failed"] = conn["failed"]
         head["latency_us"] = latency_figures(merged["histogram"])
         head["latency_of"] = "TCP connect -> `connected` message"
+        start, end = merged.get("overflows_start"), merged.get("overflows_end")
+        if start is not None and end is not None:
+            # system-wide, so other traffic counts too; each one costs its client a 1 s retry
+            head["listen_overflows"] = end - start
         before, after = merged.get("rss_before"), merged.get("rss_after")
         if before is not None and after is not None and conn["open"]:
             head["memory_per_connection_bytes"] = round((after - before) / conn["open"], 1)
-    head["throughput_per_cpu_s"] = head["throughput"] / cpu if cpu else None
+    # the same events as "throughput", counted over the same window, per server CPU-second
+    head["throughput_per_cpu_s"] = count / cpu if cpu else None
     head["server_rss_before_bytes"] = merged.get("rss_before")
     head["server_rss_after_bytes"] = merged.get("rss_after")
     head["closes"] = merged["closes"]
@@ -411,13 +474,15 @@ def figures(plan: Plan, merged: dict[str, Any], duration: float) -> dict[str, An
 
 def time_series(plan: Plan, merged: dict[str, Any], duration: float) -> dict[str, Any]:
     if plan.timed:
-        buckets = int(round(duration * 10))
-        return {"interval_s": 0.1, "origin": "start of the measured window",
-                "deliveries": merged["series"][:buckets],
-                "sent": merged["sent_series"][:buckets]}
+        buckets = round(duration * 10)
+        return {
+            "interval_s": 0.1,
+            "origin": "start of the measured window",
+            "deliveries": merged["series"][:buckets],
+            "sent": merged["sent_series"][:buckets],
+        }
     what = "connections" if plan.mode == "connect" else "deliveries"
     series = merged["series"]
     while series and series[-1] == 0:
         series = series[:-1]
     return {"interval_s": 0.1, "origin": "start of the load", what: series}
-

@@ -45,12 +45,18 @@ class Target:
     command: list[str] = field(default_factory=list)
     started: bool = False
     server_cpus: str = ""
+    log: collections.deque[str] | None = None  # a started server's last output lines
 
     def describe(self) -> dict[str, object]:
-        return {"kind": self.kind, "url": self.url, "server_pid": self.pid,
-                "started_here": self.started, "server_cpus": self.server_cpus or None,
-                "command": [_redact(a, self.secret) for a in self.command] or None,
-                "auth": "secret" if self.secret else "token"}
+        return {
+            "kind": self.kind,
+            "url": self.url,
+            "server_pid": self.pid,
+            "started_here": self.started,
+            "server_cpus": self.server_cpus or None,
+            "command": [_redact(a, self.secret) for a in self.command] or None,
+            "auth": "secret" if self.secret else "token",
+        }
 
 
 def _redact(arg: str, secret: str | None) -> str:
@@ -88,14 +94,39 @@ def server_command(kind: str, secret: str, extra: list[str], baselines: str | No
     if kind == "fastws":
         # --log-level warning: fastws logs every connect/disconnect at INFO, the baselines log
         # nothing; the benchmark compares fan-out, not logging.
-        return [sys.executable, "-m", "fastws", "serve", "--host", "127.0.0.1", "--port", "0",
-                "--jwt-secret", secret, "--rate-limit", "0", "--ping-interval", "0",
-                "--log-level", "warning", *extra]
+        return [
+            sys.executable,
+            "-m",
+            "fastws",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--jwt-secret",
+            secret,
+            "--rate-limit",
+            "0",
+            "--ping-interval",
+            "0",
+            "--log-level",
+            "warning",
+            *extra,
+        ]
     script = baselines_dir(baselines) / f"{kind}_server.py"
     if not script.is_file():
         raise BenchError(f"baseline server not found: {script} (use --baselines DIR)")
-    return [sys.executable, str(script), "--host", "127.0.0.1", "--port", "0",
-            "--jwt-secret", secret, *extra]
+    return [
+        sys.executable,
+        str(script),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--jwt-secret",
+        secret,
+        *extra,
+    ]
 
 
 def raise_nofile() -> tuple[int, int]:
@@ -113,8 +144,9 @@ class LocalServer:
     exists. Its output is drained by a thread (so a chatty server never blocks on a full pipe)
     and its last lines are kept for error messages."""
 
-    def __init__(self, kind: str, secret: str, cpus: str, extra: list[str],
-                 baselines: str | None) -> None:
+    def __init__(
+        self, kind: str, secret: str, cpus: str, extra: list[str], baselines: str | None
+    ) -> None:
         self.kind = kind
         self.secret = secret
         self.command = server_command(kind, secret, extra, baselines)
@@ -129,9 +161,15 @@ class LocalServer:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         # The server inherits our RLIMIT_NOFILE: raise it so 10k connections fit on its side.
         raise_nofile()
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True, env=env,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+            start_new_session=True,
+        )
         threading.Thread(target=self._drain, daemon=True).start()
         deadline = time.monotonic() + _START_TIMEOUT
         seen = 0
@@ -142,17 +180,25 @@ class LocalServer:
                     if match:
                         host, port, pid = match.group(1), int(match.group(2)), int(match.group(3))
                         self._lines.clear()
-                        return Target(self.kind, f"ws://{host}:{port}/ws", secret=self.secret,
-                                      pid=pid, command=cmd, started=True,
-                                      server_cpus=self.cpus)
+                        return Target(
+                            self.kind,
+                            f"ws://{host}:{port}/ws",
+                            secret=self.secret,
+                            pid=pid,
+                            command=cmd,
+                            started=True,
+                            server_cpus=self.cpus,
+                            log=self.tail,
+                        )
                 seen = len(self._lines)
                 left = deadline - time.monotonic()
                 if self.proc.poll() is not None or left <= 0:
                     break
                 self._cond.wait(min(left, 0.2))
         self.stop()
-        raise BenchError(f"{self.kind} server did not start: "
-                         f"{' '.join(cmd[:4])} ...\n" + "".join(self.tail))
+        raise BenchError(
+            f"{self.kind} server did not start: {' '.join(cmd[:4])} ...\n" + "".join(self.tail)
+        )
 
     def _drain(self) -> None:
         assert self.proc is not None and self.proc.stdout is not None
@@ -182,8 +228,9 @@ class LocalServer:
 
 
 @contextlib.contextmanager
-def local_server(kind: str, secret: str, cpus: str, extra: list[str],
-                 baselines: str | None) -> Iterator[Target]:
+def local_server(
+    kind: str, secret: str, cpus: str, extra: list[str], baselines: str | None
+) -> Iterator[Target]:
     server = LocalServer(kind, secret, cpus, extra, baselines)
     target = server.start()
     try:
@@ -228,7 +275,7 @@ def _cpu_one(pid: int) -> float | None:
     except OSError:
         return None
     # comm (field 2) may hold spaces: split after its closing parenthesis.
-    fields = stat[stat.rindex(")") + 2:].split()
+    fields = stat[stat.rindex(")") + 2 :].split()
     return (int(fields[11]) + int(fields[12])) / _TICK  # utime, stime (fields 14, 15)
 
 
@@ -270,8 +317,11 @@ def rss_bytes(pid: int | None) -> int | None:
 def versions() -> dict[str, str]:
     from .. import __version__
 
-    out = {"python": platform.python_version(), "fastws": __version__,
-           "platform": platform.platform()}
+    out = {
+        "python": platform.python_version(),
+        "fastws": __version__,
+        "platform": platform.platform(),
+    }
     for name in ("picows", "uvloop", "websockets", "msgspec", "orjson"):
         try:
             out[name] = metadata.version(name)
@@ -291,3 +341,19 @@ def _cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+def listen_overflows() -> int | None:
+    """The system-wide TcpExt ListenOverflows counter (SYNs dropped because a listen backlog
+    was full: the client retries after 1 s), from /proc/net/netstat."""
+    try:
+        with open("/proc/net/netstat") as fh:
+            lines = fh.read().splitlines()
+    except OSError:
+        return None
+    for names, values in zip(lines[::2], lines[1::2], strict=False):
+        if names.startswith("TcpExt:"):
+            table = dict(zip(names.split()[1:], values.split()[1:], strict=False))
+            value = table.get("ListenOverflows")
+            return int(value) if value is not None else None
+    return None
