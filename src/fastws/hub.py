@@ -8,7 +8,7 @@ each socket once per event-loop turn.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 try:
@@ -79,7 +79,6 @@ class Hub:
         self._on_slow = on_slow
         self.fanout = fanout_module
         self._outbox: Any = None
-        self.broadcasts = 0
 
     @property
     def outbox(self) -> Any:
@@ -103,9 +102,6 @@ class Hub:
 
     def flush(self, sink: Any) -> None:
         self.outbox.flush_sink(sink)
-
-    def get(self, name: str) -> Room | None:
-        return self.rooms.get(name)
 
     def join(self, name: str, session: Session, pending: bool = False) -> Room:
         """Add ``session`` to the room, or with ``pending`` hold its traffic until ``activate``."""
@@ -149,7 +145,6 @@ class Hub:
         room = self.rooms.get(name)
         if room is None:
             return 0
-        self.broadcasts += 1
         data = self.fanout.frame(payload)
         if room.pending:
             for session, held in room.pending.items():
@@ -175,6 +170,3 @@ class Hub:
 
     def member_count(self) -> int:
         return sum(len(r) for r in self.rooms.values())
-
-    def __iter__(self) -> Iterator[Room]:
-        return iter(self.rooms.values())

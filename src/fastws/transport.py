@@ -11,7 +11,6 @@ import codecs
 import logging
 import time
 import uuid
-from collections.abc import Callable
 from http import HTTPStatus
 from time import monotonic
 from typing import TYPE_CHECKING, Any
@@ -388,6 +387,4 @@ async def listen(
     )
 
 
-SlowHandler = Callable[[WSTransport], None]
-
-__all__ = ["Connection", "Gateway", "SlowHandler", "listen"]
+__all__ = ["Connection", "Gateway", "Heartbeat", "listen"]

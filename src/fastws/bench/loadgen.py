@@ -267,6 +267,7 @@ class Worker:
         self.connect_last = 0
         self.join_latency: dict[int, int] = {}
         self.storm_first = 0
+        self.pacer_lag = 0  # ns: the furthest behind schedule a paced send went out
         self.drain_timed_out = False
         self.window: int = plan["window"]
         self.pad: int = plan["pad"]
@@ -384,7 +385,9 @@ class Worker:
 
     async def pace(self, pubs: list[Client], rate: float) -> None:
         """Open loop: the k-th message of this process goes out at t_start + k/rate, to the
-        publishers in turn; late ticks catch up in a burst (no coordinated omission)."""
+        publishers in turn, whatever the replies do; a late tick catches up in a burst. Each
+        message carries its actual send time, so a stall of this process shows up as
+        ``pacer_max_lag_us`` (how far behind schedule a send went out), not as latency."""
         g = self.gen
         interval = 1e9 / rate
         count = len(pubs)
@@ -394,6 +397,10 @@ class Worker:
             if now >= g.m1:
                 return
             due = int((now - g.t_start) / interval) + 1
+            if k < due and now >= g.m0:
+                lag = now - (g.t_start + int(k * interval))
+                if lag > self.pacer_lag:
+                    self.pacer_lag = lag
             while k < due:
                 pubs[k % count].send_chat()
                 k += 1
@@ -498,6 +505,7 @@ class Worker:
             "errors": dict(g.errors),
             "disconnects": g.disconnects,
             "drain_timed_out": self.drain_timed_out,
+            "pacer_max_lag_us": self.pacer_lag // 1000,
         }
         if g.storm:
             join_hist = new_histogram()

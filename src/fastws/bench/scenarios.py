@@ -360,6 +360,7 @@ def merge(results: list[dict[str, Any]], readings: dict[str, Any]) -> dict[str, 
     merged["closes"] = _add_counts(r["closes"] for r in results)
     merged["errors"] = _add_counts(r["errors"] for r in results)
     merged["drain_timed_out"] = any(r["drain_timed_out"] for r in results)
+    merged["pacer_max_lag_us"] = max(r["pacer_max_lag_us"] for r in results)
     if "storm" in results[0]:
         storms = [r["storm"] for r in results]
         join_hist = new_histogram()
@@ -430,6 +431,9 @@ def figures(plan: Plan, merged: dict[str, Any], duration: float) -> dict[str, An
         head["losses"] = merged["expected"] - merged["distinct"]
         head["duplicates"] = merged["duplicates"]
         head["reorders"] = merged["reorders"]
+        if plan.mode == "rate":
+            # how far behind its schedule the generator sent (a stall of the generator itself)
+            head["pacer_max_lag_us"] = merged["pacer_max_lag_us"]
     elif plan.mode == "storm":
         storm = merged["storm"]
         elapsed = max(1e-9, (storm["last"] - storm["first"]) / _NS)
