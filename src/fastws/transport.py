@@ -119,6 +119,23 @@ class Connection(WSListener):
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         self.last_rx = monotonic()  # any frame proves the peer alive (see Heartbeat)
+        if transport.is_close_frame_sent:
+            # After our Close nothing more is acted on (RFC 6455 section 5.5.1): the peer's
+            # answering Close ends it; data it sent meanwhile is dropped, not half-served.
+            if frame.msg_type == WSMsgType.CLOSE:
+                transport.disconnect()
+            return
+        try:
+            self._on_frame(transport, frame)
+        except WSProtocolError:
+            self._flush()  # replies already queued go out before picows' close frame
+            raise
+
+    def _flush(self) -> None:
+        if self.sink is not None and not self.sink.closed:
+            self.node.hub.flush(self.sink)
+
+    def _on_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         msg_type = frame.msg_type
         if frame.rsv1 or frame.rsv2 or frame.rsv3:
             # No extension is negotiated, so any RSV bit is a protocol error (section 5.2).
@@ -152,6 +169,7 @@ class Connection(WSListener):
                 code = frame.get_close_code().value
                 if code not in _VALID_CLOSE:
                     raise WSProtocolError(WSCloseCode.PROTOCOL_ERROR, "invalid close code")
+            self._flush()
             transport.send_close(WSCloseCode(code))
             transport.disconnect()
         # An unsolicited PONG is ignored (section 5.5.3).

@@ -60,7 +60,7 @@ class Target:
 
 
 def _redact(arg: str, secret: str | None) -> str:
-    return "<secret>" if secret and arg == secret else arg
+    return arg.replace(secret, "<secret>") if secret else arg
 
 
 def parse_cpus(text: str) -> list[int]:
@@ -103,8 +103,7 @@ def server_command(kind: str, secret: str, extra: list[str], baselines: str | No
             "127.0.0.1",
             "--port",
             "0",
-            "--jwt-secret",
-            secret,
+            f"--jwt-secret={secret}",  # one word: a secret may start with "-"
             "--rate-limit",
             "0",
             "--ping-interval",
@@ -123,8 +122,7 @@ def server_command(kind: str, secret: str, extra: list[str], baselines: str | No
         "127.0.0.1",
         "--port",
         "0",
-        "--jwt-secret",
-        secret,
+        f"--jwt-secret={secret}",
         *extra,
     ]
 

@@ -1,0 +1,451 @@
+"""Everything a run leaves behind: the JSON document, the terminal tables, the PNG (latency by
+percentile, throughput per 100 ms), ``--compare`` of two runs and the Markdown results table
+that ``benchmarks/run_all.sh`` writes into ``benchmarks/README.md``."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+SCHEMA = "fastws-bench/1"
+SERVER_ORDER = ("fastws", "picows", "websockets")
+MARK_START, MARK_END = "<!-- results:start -->", "<!-- results:end -->"
+
+# (path in "headline", label, True if higher is better, None if neither)
+FIGURES: list[tuple[str, str, bool | None]] = [
+    ("throughput", "throughput", True),
+    ("throughput_per_cpu_s", "per server CPU-second", True),
+    ("server_cpu_s", "server CPU seconds", None),
+    ("messages_per_s", "messages sent/s", True),
+    ("latency_us.p50", "latency p50 (us)", False),
+    ("latency_us.p90", "latency p90 (us)", False),
+    ("latency_us.p99", "latency p99 (us)", False),
+    ("latency_us.p99.9", "latency p99.9 (us)", False),
+    ("latency_us.max", "latency max (us)", False),
+    ("memory_per_connection_bytes", "server bytes per connection", False),
+    ("losses", "losses", False),
+    ("duplicates", "duplicates", False),
+    ("reorders", "reorders", False),
+]
+
+
+class Progress:
+    """A tqdm bar when ``enabled`` (interactive and long enough), otherwise nothing."""
+
+    def __init__(self, enabled: bool, total: float, desc: str, unit: str) -> None:
+        self.bar: Any = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(
+                total=total,
+                desc=desc,
+                unit=unit,
+                leave=False,
+                bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} "
+                "{unit} [{elapsed}<{remaining}]",
+            )
+
+    def update_to(self, value: float) -> None:
+        if self.bar is not None:
+            self.bar.n = max(0.0, min(value, self.bar.total))
+            self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+# --- the document ------------------------------------------------------------------------
+
+
+def get(doc_or_head: dict[str, Any], path: str) -> Any:
+    """``get(head, "latency_us.p99")``; keys may themselves contain dots (``p99.9``)."""
+    value: Any = doc_or_head
+    rest = path
+    while rest:
+        if not isinstance(value, dict):
+            return None
+        if rest in value:
+            return value[rest]
+        key, _, rest = rest.partition(".")
+        value = value.get(key)
+    return value
+
+
+def document(
+    *,
+    scenario: str,
+    mode: str,
+    title: str,
+    parameters: dict[str, Any],
+    target: dict[str, Any],
+    server: str,
+    versions: dict[str, str],
+    headline: dict[str, Any],
+    timeseries: dict[str, Any],
+    histogram: Any,
+    details: dict[str, Any],
+) -> dict[str, Any]:
+    return {
+        "schema": SCHEMA,
+        "scenario": scenario,
+        "mode": mode,
+        "title": title,
+        "server": server,
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "parameters": parameters,
+        "target": target,
+        "versions": versions,
+        "headline": headline,
+        "details": details,
+        "timeseries": timeseries,
+        # HdrHistogram.encode() of the latencies (1 us .. 60 s, 3 digits), for re-analysis:
+        # HdrHistogram(1, 60_000_000, 3).decode_and_add(doc["histogram"])
+        "histogram": histogram.encode().decode("ascii"),
+    }
+
+
+def output_paths(out_dir: str, doc: dict[str, Any], stamp: str) -> tuple[Path, Path]:
+    mode = {"storm": "-joinstorm", "rate": "-rate"}.get(doc["mode"], "")
+    base = f"{stamp}-{doc['scenario']}{mode}-{doc['server']}"
+    folder = Path(out_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{base}.json"
+    i = 2
+    while path.exists():
+        path = folder / f"{base}-{i}.json"
+        i += 1
+    return path, path.with_suffix(".png")
+
+
+def write_json(doc: dict[str, Any], path: Path) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(doc, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def load(path: str | Path) -> dict[str, Any]:
+    doc = json.loads(Path(path).read_text())
+    if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
+        raise ValueError(f"{path}: not a fastws bench result ({SCHEMA})")
+    return doc
+
+
+# --- numbers -------------------------------------------------------------------------
+
+
+def fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        if math.isnan(value) or math.isinf(value):
+            return str(value)
+        if abs(value) >= 100:
+            return f"{value:,.0f}"
+        return f"{value:.3g}"
+    return str(value)
+
+
+def ratio(a: Any, b: Any) -> float | None:
+    if not isinstance(a, int | float) or not isinstance(b, int | float) or not b:
+        return None
+    return a / b
+
+
+def fmt_ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def _table(rows: list[list[str]], right_from: int = 1) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = []
+    for row in rows:
+        cells = [
+            c.ljust(w) if i < right_from else c.rjust(w)
+            for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        ]
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines)
+
+
+def _label(doc: dict[str, Any], key: str, label: str) -> str:
+    if key == "throughput":
+        return f"throughput ({doc['headline']['throughput_unit']})"
+    if key == "throughput_per_cpu_s":
+        return f"{doc['headline']['throughput_unit'].split('/')[0]} per server CPU-second"
+    return label
+
+
+def _present(docs: list[dict[str, Any]]) -> list[tuple[str, str, bool | None]]:
+    return [f for f in FIGURES if any(get(d["headline"], f[0]) is not None for d in docs)]
+
+
+def run_table(doc: dict[str, Any]) -> str:
+    """The table printed after one run."""
+    head = doc["headline"]
+    rows = [["figure", "value"]]
+    for key, label, _ in _present([doc]):
+        rows.append([_label(doc, key, label), fmt(get(head, key))])
+    extra = []
+    if head.get("latency_of"):
+        extra.append(f"latency is {head['latency_of']}; {fmt(head.get('wall_s'))} s measured")
+    if head.get("expected_deliveries") is not None:
+        extra.append(
+            f"deliveries {fmt(head['deliveries'])} of {fmt(head['expected_deliveries'])} expected"
+        )
+    if head.get("connections") is not None:
+        extra.append(f"connections open {fmt(head['connections'])}, failed {fmt(head['failed'])}")
+    if head.get("listen_overflows"):
+        extra.append(
+            f"listen backlog overflows (system-wide TcpExtListenOverflows): "
+            f"{fmt(head['listen_overflows'])}; each delays its client by a 1 s SYN retry"
+        )
+    if head.get("closes"):
+        extra.append(f"closed by the server: {head['closes']} (close code: count)")
+    if head.get("unexpected_disconnects"):
+        extra.append(f"unexpected disconnects: {head['unexpected_disconnects']}")
+    if head.get("errors"):
+        extra.append(f"error replies: {head['errors']}")
+    if head.get("pacer_max_lag_us", 0) > 20_000:
+        extra.append(
+            f"the generator fell up to {head['pacer_max_lag_us'] / 1000:.0f} ms behind "
+            "its send schedule (generator overloaded or descheduled)"
+        )
+    if head.get("drain_timed_out"):
+        extra.append("the drain timed out: some messages never arrived (counted as losses)")
+    title = f"{doc['title']} -- {doc['server']} ({doc['target']['url']})"
+    return "\n".join([title, _table(rows), *("  " + e for e in extra)])
+
+
+def ratios_table(docs: list[dict[str, Any]]) -> str:
+    """Servers side by side, with fastws / each other server."""
+    by_server = {d["server"]: d for d in docs}
+    servers = [s for s in SERVER_ORDER if s in by_server] + [
+        s for s in by_server if s not in SERVER_ORDER
+    ]
+    base = servers[0]
+    others = servers[1:]
+    rows = [["figure", *servers, *(f"{base} / {o}" for o in others)]]
+    for key, label, _better in _present(docs):
+        values = [get(by_server[s]["headline"], key) for s in servers]
+        rows.append(
+            [
+                _label(docs[0], key, label),
+                *(fmt(v) for v in values),
+                *(fmt_ratio(ratio(values[0], v)) for v in values[1:]),
+            ]
+        )
+    return f"{docs[0]['title']}: servers compared\n{_table(rows)}"
+
+
+def compare(path_a: str, path_b: str) -> str:
+    """``--compare``: the headline figures of two runs and their ratio A / B."""
+    a, b = load(path_a), load(path_b)
+    rows = [["figure", "A", "B", "A / B"]]
+    for key, label, better in _present([a, b]):
+        va, vb = get(a["headline"], key), get(b["headline"], key)
+        r = ratio(va, vb)
+        note = ""
+        if r is not None and better is not None and abs(r - 1) > 0.005:
+            note = " (A better)" if (r > 1) == better else " (B better)"
+        rows.append([_label(a, key, label), fmt(va), fmt(vb), fmt_ratio(r) + note])
+    lines = [
+        f"A: {path_a}\n   {a['title']} -- {a['server']}, {a['date']}",
+        f"B: {path_b}\n   {b['title']} -- {b['server']}, {b['date']}",
+    ]
+    if (a["scenario"], a["mode"]) != (b["scenario"], b["mode"]):
+        lines.append("warning: the two runs are of different scenarios or modes")
+    return "\n".join([*lines, _table(rows)])
+
+
+# --- the README table ------------------------------------------------------------------
+
+_SUMMARY = [
+    ("throughput", None),
+    ("throughput_per_cpu_s", None),
+    ("latency_us.p50", "latency p50 (us)"),
+    ("latency_us.p99", "latency p99 (us)"),
+    ("memory_per_connection_bytes", "server bytes per connection"),
+    ("losses", "losses + duplicates + reorders"),
+]
+
+
+def summarize(paths: list[str]) -> str:
+    """A Markdown table of these runs: one row per (run, figure), one column per server,
+    then fastws / picows and fastws / websockets."""
+    docs = sorted((load(p) for p in paths), key=lambda d: d["date"])
+    groups: dict[str, dict[str, dict[str, Any]]] = {}
+    for d in docs:
+        groups.setdefault(d["title"], {})[d["server"]] = d  # the latest run of each wins
+    seen = {s for g in groups.values() for s in g}
+    servers = [s for s in SERVER_ORDER if s in seen] + sorted(seen - set(SERVER_ORDER))
+    others = [s for s in servers if s != "fastws"]
+    header = ["run", "figure", *servers]
+    if "fastws" in servers:
+        header += [f"fastws / {o}" for o in others]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * 2 + "---:|" * (len(header) - 2)]
+    for title, runs in groups.items():
+        first = True
+        sample = next(iter(runs.values()))
+        for key, label in _SUMMARY:
+            values = []
+            for s in servers:
+                head = runs[s]["headline"] if s in runs else {}
+                if key == "losses":
+                    parts = [head.get(k) for k in ("losses", "duplicates", "reorders")]
+                    counts = [p for p in parts if isinstance(p, int)]
+                    values.append(sum(counts) if isinstance(parts[0], int) else None)
+                else:
+                    values.append(get(head, key))
+            if all(v is None for v in values):
+                continue
+            name = label or _label(sample, key, "")
+            row = [title if first else "", name, *(fmt(v) for v in values)]
+            if "fastws" in servers and key != "losses":
+                base = values[servers.index("fastws")]
+                row += [fmt_ratio(ratio(base, values[servers.index(o)])) for o in others]
+            elif "fastws" in servers:
+                row += ["" for _ in others]
+            lines.append("| " + " | ".join(row) + " |")
+            first = False
+    v = docs[-1]["versions"] if docs else {}
+    target = docs[-1]["target"] if docs else {}
+    timed = [d for d in docs if d["mode"] in ("window", "rate")] or docs
+    params = timed[-1]["parameters"] if timed else {}
+    intro = (
+        f"Measured {docs[-1]['date'][:10] if docs else '-'} on {v.get('cpu', '?')} "
+        f"({v.get('cores', '?')} cores, {v.get('platform', '?')}); server pinned to CPU "
+        f"{target.get('server_cpus') or '-'}, load generator on the other core(s). "
+        f"Python {v.get('python')}, fastws {v.get('fastws')}, picows {v.get('picows')}, "
+        f"uvloop {v.get('uvloop')}, websockets {v.get('websockets')}. Timed runs: "
+        f"{fmt(params.get('warmup'))} s warmup then {fmt(params.get('duration'))} s measured. "
+        "Ratios above 1 favour fastws for throughput, below 1 for latency and memory."
+    )
+    return intro + "\n\n" + "\n".join(lines) + "\n"
+
+
+def write_readme(readme: str, table: str) -> None:
+    path = Path(readme)
+    text = path.read_text()
+    pattern = re.compile(re.escape(MARK_START) + r".*?" + re.escape(MARK_END), re.S)
+    if not pattern.search(text):
+        raise ValueError(f"{readme}: no {MARK_START} ... {MARK_END} markers")
+    path.write_text(pattern.sub(lambda _: f"{MARK_START}\n{table}{MARK_END}", text))
+
+
+# --- plots -----------------------------------------------------------------------------
+
+
+def _percentile_curve(encoded: str) -> tuple[list[float], list[float]]:
+    from .loadgen import new_histogram
+
+    hist = new_histogram()
+    hist.decode_and_add(encoded)
+    xs: list[float] = []
+    ys: list[float] = []
+    if hist.get_total_count() == 0:
+        return xs, ys
+    for item in hist.get_percentile_iterator(5):
+        # HdrHistogram's plot: x = 1 / (1 - percentile), so 90, 99, 99.9 are evenly spaced.
+        level = min(item.percentile_level_iterated_to, 99.9999)
+        xs.append(1.0 / (1.0 - level / 100.0))
+        ys.append(item.value_iterated_to)
+    return xs, ys
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _percentile_axis(ax: Any) -> None:
+    ticks = [2, 10, 100, 1000, 10000, 100000]
+    ax.set_xscale("log")
+    ax.set_xlim(left=1)
+    ax.set_xticks(ticks)
+    ax.set_xticklabels(["50%", "90%", "99%", "99.9%", "99.99%", "99.999%"])
+    ax.minorticks_off()
+    ax.set_xlabel("percentile")
+    ax.set_ylabel("latency (us)")
+    ax.grid(True, which="major", alpha=0.3)
+
+
+def plot_run(doc: dict[str, Any], path: Path) -> None:
+    """Latency by percentile (left) and throughput per 100 ms (right)."""
+    plt = _pyplot()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    head = doc["headline"]
+    xs, ys = _percentile_curve(doc["histogram"])
+    if xs:
+        ax1.plot(xs, ys, drawstyle="steps-post")
+        ax1.set_yscale("log")
+    _percentile_axis(ax1)
+    ax1.set_title(f"latency: {head.get('latency_of', '')}", fontsize=10)
+    series = doc["timeseries"]
+    key = next(k for k in ("deliveries", "connections") if k in series)
+    values = [v / series["interval_s"] for v in series[key]]
+    ax2.plot([i * series["interval_s"] for i in range(len(values))], values, label=key)
+    ax2.set_xlabel(f"seconds from {series['origin']}")
+    ax2.set_ylabel(f"{key} per second (100 ms buckets)")
+    ax2.set_ylim(bottom=0)
+    ax2.grid(True, alpha=0.3)
+    if series.get("sent") and series["sent"] != series.get("deliveries"):
+        sent = [v / series["interval_s"] for v in series["sent"]]
+        ax3 = ax2.twinx()  # a fan-out sends far fewer messages than it delivers
+        ax3.plot(
+            [i * series["interval_s"] for i in range(len(sent))],
+            sent,
+            color="tab:orange",
+            alpha=0.7,
+        )
+        ax3.set_ylabel("messages sent per second", color="tab:orange")
+        ax3.set_ylim(bottom=0)
+    ax2.set_title(f"throughput: {fmt(head['throughput'])} {head['throughput_unit']}", fontsize=10)
+    fig.suptitle(f"{doc['title']} -- {doc['server']}", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def plot_servers(docs: list[dict[str, Any]], path: Path) -> None:
+    """``--server all``: the servers' latency curves and throughput over time overlaid."""
+    plt = _pyplot()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for doc in docs:
+        xs, ys = _percentile_curve(doc["histogram"])
+        if xs:
+            ax1.plot(xs, ys, drawstyle="steps-post", label=doc["server"])
+        series = doc["timeseries"]
+        key = next(k for k in ("deliveries", "connections") if k in series)
+        values = [v / series["interval_s"] for v in series[key]]
+        ax2.plot(
+            [i * series["interval_s"] for i in range(len(values))], values, label=doc["server"]
+        )
+    if any(ax1.get_lines()):
+        ax1.set_yscale("log")
+    _percentile_axis(ax1)
+    ax1.legend(fontsize=8)
+    ax2.set_xlabel("seconds")
+    ax2.set_ylabel(f"{docs[0]['headline']['throughput_unit']} (100 ms buckets)")
+    ax2.set_ylim(bottom=0)
+    ax2.grid(True, alpha=0.3)
+    ax2.legend(fontsize=8)
+    fig.suptitle(docs[0]["title"], fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

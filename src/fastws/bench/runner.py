@@ -1,0 +1,193 @@
+"""``fastws bench``: resolve the target(s), run the scenario against each, write and print
+the results; or ``--compare`` two result files; or ``--summarize`` runs into Markdown."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from ..errors import FastWSError
+from .options import SERVERS, build_parser
+from .targets import BenchError, Target
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except FastWSError as exc:
+        print(f"fastws bench: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def run(args: argparse.Namespace) -> int:
+    """The ``bench`` command with parsed ``args``: 0 when every run was clean, 1 when a run saw
+    losses, duplicates, reorders, failed connections or server closes."""
+    from . import report
+
+    if args.compare:
+        try:
+            print(report.compare(*args.compare))
+        except (OSError, ValueError) as exc:
+            raise BenchError(str(exc)) from exc
+        return 0
+    if args.summarize:
+        try:
+            table = report.summarize(args.summarize)
+            if args.readme:
+                report.write_readme(args.readme, table)
+        except (OSError, ValueError) as exc:
+            raise BenchError(str(exc)) from exc
+        print(table, end="")
+        return 0
+    _check(args)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    docs: list[dict[str, Any]] = []
+    if args.server:
+        from ..auth import random_secret
+        from .targets import local_server
+
+        secret = args.secret or random_secret()
+        kinds = list(SERVERS) if args.server == "all" else [args.server]
+        for kind in kinds:
+            with local_server(
+                kind, secret, args.server_cpus, args.server_arg, args.baselines
+            ) as target:
+                try:
+                    docs.append(run_one(args, target, stamp))
+                except BenchError as exc:
+                    tail = "".join(target.log or ())
+                    raise BenchError(
+                        f"{exc}\n--- last lines of the {kind} server ---\n{tail}"
+                    ) from exc
+    else:
+        target = Target("url", args.url, secret=args.secret, token=args.token, pid=args.server_pid)
+        docs.append(run_one(args, target, stamp))
+    if len(docs) > 1:
+        print()
+        print(report.ratios_table(docs))
+        if not args.no_plot:
+            json_path, _ = report.output_paths(args.out, {**docs[0], "server": "all"}, stamp)
+            png = json_path.with_suffix(".png")
+            report.plot_servers(docs, png)
+            print(f"wrote {png}")
+    dirty = [d["server"] for d in docs if not _clean(d["headline"])]
+    if dirty:
+        print(
+            f"fastws bench: integrity or connection problems with: {', '.join(dirty)} "
+            "(see the tables above)",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+def _clean(head: dict[str, Any]) -> bool:
+    return not (
+        head.get("losses")
+        or head.get("duplicates")
+        or head.get("reorders")
+        or head.get("failed")
+        or head.get("closes")
+        or head.get("unexpected_disconnects")
+    )
+
+
+def _check(args: argparse.Namespace) -> None:
+    if not args.scenario:
+        raise BenchError(
+            "give a SCENARIO (roundtrip, fanout, rooms, connections), "
+            "or --compare A.json B.json, or --summarize RUN.json..."
+        )
+    if args.server and args.url:
+        raise BenchError("--server starts a server here; --url targets a running one: not both")
+    if not args.server and not args.url:
+        raise BenchError(
+            "no target: --server fastws|picows|websockets|all, or --url "
+            "ws://HOST:PORT/ws with --secret or --token"
+        )
+    if args.url and not (args.secret or args.token):
+        raise BenchError("--url needs --secret (one token minted per user) or --token")
+    if args.secret and args.token:
+        raise BenchError("--secret or --token, not both")
+    if args.server and args.token:
+        raise BenchError("--server makes its own secret (or takes --secret), not --token")
+    if args.url and not args.url.startswith(("ws://", "wss://")):
+        raise BenchError("--url must be ws://HOST:PORT/PATH (or wss://)")
+    if args.duration <= 0 or args.warmup < 0 or args.drain < 0 or args.timeout <= 0:
+        raise BenchError("--duration and --timeout must be > 0, --warmup and --drain >= 0")
+    for name in (
+        "connections",
+        "subscribers",
+        "publishers",
+        "rooms",
+        "members",
+        "window",
+        "procs",
+        "concurrency",
+    ):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise BenchError(f"--{name} must be at least 1")
+    if args.rate is not None and args.rate <= 0:
+        raise BenchError("--rate must be > 0")
+    if args.pad < 0:
+        raise BenchError("--pad must be >= 0")
+    if args.join_storm and args.scenario != "fanout":
+        raise BenchError("--join-storm belongs to the fanout scenario")
+
+
+def run_one(args: argparse.Namespace, target: Target, stamp: str) -> dict[str, Any]:
+    """One scenario against one target: run, write JSON (+ PNG), print the table."""
+    from . import report
+    from .scenarios import build_plan, figures, generator_cpus, run_plan, time_series
+    from .targets import versions
+
+    cpus = generator_cpus(args, target)
+    procs = args.procs or (len(cpus) if cpus else 1)
+    per_proc = [[cpus[i % len(cpus)]] if cpus else None for i in range(procs)]
+    plan = build_plan(args, target, procs, per_proc)
+    plan.parameters["generator_cpus"] = [p[0] for p in per_proc if p] or None
+    if not args.quiet:
+        where = f"CPU {','.join(str(c) for c in cpus)}" if cpus else "unpinned"
+        print(
+            f"fastws bench: {plan.title} against {target.kind} at {target.url}: "
+            f"{procs} generator process{'es' * (procs > 1)} ({where})",
+            flush=True,
+        )
+    merged = run_plan(plan, target, args)
+    head = figures(plan, merged, args.duration)
+    hist = merged["join_histogram"] if plan.mode == "storm" else merged["histogram"]
+    doc = report.document(
+        scenario=plan.scenario,
+        mode=plan.mode,
+        title=plan.title,
+        parameters=plan.parameters,
+        target=target.describe(),
+        server=target.kind,
+        versions=versions(),
+        headline=head,
+        timeseries=time_series(plan, merged, args.duration),
+        histogram=hist,
+        details={
+            "setup_s": round(merged["setup_s"], 3),
+            "warnings": merged["warnings"],
+            "schedule_ns": merged["schedule"],
+            "sent_total": merged["sent_total"],
+            "server_cpu_measures": "utime+stime of the server pid and its live "
+            "descendants (/proc/<pid>/stat, task/*/children), over the measured window",
+        },
+    )
+    json_path, png_path = report.output_paths(args.out, doc, stamp)
+    doc["files"] = {"json": json_path.name, "png": None if args.no_plot else png_path.name}
+    if not args.no_plot:
+        report.plot_run(doc, png_path)
+    report.write_json(doc, json_path)
+    print(report.run_table(doc))
+    print(f"wrote {json_path}" + ("" if args.no_plot else f" and {png_path.name}"), flush=True)
+    return doc

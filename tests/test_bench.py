@@ -1,0 +1,140 @@
+"""Smoke tests of the benchmark harness (``fastws bench``): every scenario at tiny sizes against
+a real fastws, the JSON and PNG each run writes, ``--compare``, ``--summarize``, and one run
+against the picows baseline. Each run is a subprocess, as a user would start it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fastws.cli import main as fastws_main
+
+from .utils import SECRET, server_process
+
+BASELINE = Path(__file__).resolve().parents[1] / "benchmarks" / "baselines" / "picows_server.py"
+RUN_TIMEOUT = 40.0
+
+
+@pytest.fixture(scope="module")
+def fastws_target() -> Iterator[list[str]]:
+    """One fastws server for the module; the harness is pointed at it with --url."""
+    with server_process("--rate-limit", "0", "--ping-interval", "0", "--log-level", "warning") as (
+        proc,
+        port,
+    ):
+        yield ["--url", f"ws://127.0.0.1:{port}/ws", "--secret", SECRET,
+               "--server-pid", str(proc.pid)]  # fmt: skip
+
+
+def bench(out: Path, *args: str) -> tuple[dict[str, Any], Path]:
+    """Run ``python -m fastws.bench`` with tiny defaults; return its JSON and the file."""
+    cmd = [sys.executable, "-m", "fastws.bench", *args, "--out", str(out), "--quiet",
+           "--warmup", "0", "--duration", "1", "--drain", "3", "--timeout", "20"]  # fmt: skip
+    before = set(out.glob("*.json")) if out.exists() else set()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}"
+    [path] = [p for p in out.glob("*.json") if p not in before]
+    return json.loads(path.read_text()), path
+
+
+def assert_sane(doc: dict[str, Any], path: Path) -> dict[str, Any]:
+    head = doc["headline"]
+    assert head["throughput"] > 0
+    assert head["throughput_per_cpu_s"] is None or head["throughput_per_cpu_s"] > 0
+    assert head.get("losses", 0) == 0
+    assert head.get("duplicates", 0) == 0
+    assert head.get("reorders", 0) == 0
+    assert not head["closes"] and not head["errors"] and not head["unexpected_disconnects"]
+    lat = head["latency_us"]
+    assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["p99.9"] <= lat["max"]
+    assert {"python", "fastws", "picows", "uvloop", "platform"} <= set(doc["versions"])
+    assert doc["parameters"]["duration"] == 1.0 and doc["date"] and doc["target"]["url"]
+    assert path.with_suffix(".png").stat().st_size > 1000
+    return head
+
+
+def test_roundtrip(tmp_path: Path, fastws_target: list[str]) -> None:
+    """roundtrip: each connection gets its own broadcasts back, none lost, reordered or doubled."""
+    doc, path = bench(tmp_path, "roundtrip", "--connections", "4", *fastws_target)
+    head = assert_sane(doc, path)
+    assert doc["scenario"] == "roundtrip" and doc["server"] == "url"
+    assert head["server_cpu_s"] is not None and head["server_cpu_s"] > 0
+    assert head["messages_per_s"] > 0
+    assert len(doc["timeseries"]["deliveries"]) == 10 and sum(doc["timeseries"]["deliveries"])
+
+
+def test_fanout_window(tmp_path: Path, fastws_target: list[str]) -> None:
+    """fanout flat out with a window: every subscriber receives every message once, in order."""
+    doc, path = bench(tmp_path, "fanout", "--subscribers", "20", "--window", "8", *fastws_target)
+    head = assert_sane(doc, path)
+    assert doc["mode"] == "window" and doc["parameters"]["window"] == 8
+    # 21 members (20 subscribers + the publisher) receive each message
+    assert head["deliveries_per_s"] >= 20 * head["messages_per_s"] * 0.9
+
+
+def test_fanout_rate(tmp_path: Path, fastws_target: list[str]) -> None:
+    """fanout at a fixed offered rate sends about that rate and measures each delivery."""
+    doc, path = bench(tmp_path, "fanout", "--subscribers", "20", "--rate", "200", *fastws_target)
+    head = assert_sane(doc, path)
+    assert doc["mode"] == "rate"
+    assert 150 <= head["messages_per_s"] <= 250
+    assert head["latency_us"]["count"] >= 21 * 150
+
+
+def test_join_storm(tmp_path: Path, fastws_target: list[str]) -> None:
+    """a 20-client join storm delivers exactly 20*19/2 user_joined messages."""
+    doc, path = bench(tmp_path, "fanout", "--join-storm", "--subscribers", "20", *fastws_target)
+    head = assert_sane(doc, path)
+    assert doc["mode"] == "storm"
+    assert head["deliveries"] == head["expected_deliveries"] == 190
+
+
+def test_rooms(tmp_path: Path, fastws_target: list[str]) -> None:
+    """rooms: 10 rooms of 3 members, everyone posting, no message lost across rooms."""
+    doc, path = bench(tmp_path, "rooms", "--rooms", "10", "--members", "3", *fastws_target)
+    head = assert_sane(doc, path)
+    assert head["deliveries_per_s"] >= 2.5 * head["messages_per_s"]
+
+
+def test_connections_on_a_started_server(tmp_path: Path) -> None:
+    """connections with --server fastws: opens all 50, reports connect rate and memory each."""
+    doc, path = bench(tmp_path, "connections", "--connections", "50", "--server", "fastws")
+    head = assert_sane(doc, path)
+    assert doc["server"] == "fastws" and doc["target"]["started_here"]
+    assert head["connections"] == 50 and head["failed"] == 0
+    assert head["memory_per_connection_bytes"] > 0
+    assert head["server_cpu_s"] is not None
+
+
+def test_compare_and_summarize(tmp_path: Path, fastws_target: list[str],
+                               capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    """--compare prints A/B ratios of two runs; --summarize writes the README table."""
+    a, path_a = bench(tmp_path, "roundtrip", "--connections", "2", "--no-plot", *fastws_target)
+    b, path_b = bench(tmp_path, "roundtrip", "--connections", "4", "--no-plot", *fastws_target)
+    assert fastws_main(["bench", "--compare", str(path_a), str(path_b)]) == 0
+    text = capsys.readouterr().out
+    ratio = a["headline"]["throughput"] / b["headline"]["throughput"]
+    assert f"{ratio:.2f}x" in text and "latency p99 (us)" in text
+
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n<!-- results:start -->\nold\n<!-- results:end -->\ntail\n")
+    argv = ["bench", "--summarize", str(path_a), str(path_b), "--readme", str(readme)]
+    assert fastws_main(argv) == 0
+    written = readme.read_text()
+    assert "old" not in written and written.endswith("<!-- results:end -->\ntail\n")
+    assert "| run | figure | url |" in written  # one column per server kind ("url": --url runs)
+    assert "roundtrip, 4 connections" in written and "round trips/s" in written
+
+
+@pytest.mark.skipif(not BASELINE.is_file(), reason=f"baseline server not written yet: {BASELINE}")
+def test_picows_baseline(tmp_path: Path) -> None:
+    """--server picows starts the picows baseline and measures it like fastws."""
+    doc, path = bench(tmp_path, "roundtrip", "--connections", "4", "--server", "picows")
+    assert_sane(doc, path)
+    assert doc["server"] == "picows" and doc["headline"]["server_cpu_s"] is not None
