@@ -397,6 +397,9 @@ async def listen(
         max_frame_size=s.max_message_bytes,
         enable_auto_pong=False,
         reuse_port=reuse_port,
+        # asyncio's default backlog of 100 overflows under connect bursts (clients then wait
+        # a 1 s SYN retry); the kernel caps it at net.core.somaxconn anyway.
+        backlog=4096,
         # Chat messages are small; picows grows the buffer for a bigger one. Its 16 KiB
         # default would be most of an idle connection's memory.
         read_buffer_init_size=2048,
