@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import pytest
 import uvloop
@@ -18,3 +18,15 @@ def pytest_asyncio_loop_factories(
     if item.get_closest_marker("both_loops"):
         return {"uvloop": uvloop.new_event_loop, "asyncio": asyncio.new_event_loop}
     return {"uvloop": uvloop.new_event_loop}
+
+
+@pytest.fixture
+def redis_server() -> Iterator[object]:
+    """A real redis-server on a free loopback port, for the multi-node tests."""
+    from .redisutil import RedisServer
+
+    server = RedisServer().start()
+    try:
+        yield server
+    finally:
+        server.close()

@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import shutil
 import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastws.broker.redis import RedisBroker
+from fastws.config import load_settings
+from fastws.server import Node, history_policy
+
+from .utils import SECRET, TIMEOUT
 
 
 def free_port() -> int:
@@ -113,3 +123,17 @@ class RedisClusterServers:
     def close(self) -> None:
         for node in self.nodes:
             node.close()
+
+
+@contextlib.asynccontextmanager
+async def redis_node(url: str, name: str, **overrides: Any) -> AsyncIterator[Node]:
+    """An in-loop node on ``url`` whose dead peers are swept after 1 s; drained on exit."""
+    settings = load_settings({"host": "127.0.0.1", "port": 0, "jwt_secret": SECRET,
+                              "redis_url": url, **overrides}, environ={})
+    broker = RedisBroker(url, timeout=0.5, node_ttl=1, policy=history_policy(settings))
+    node = Node(settings, SECRET, broker, node_id=name)
+    await node.start()
+    try:
+        yield node
+    finally:
+        await asyncio.wait_for(node.drain(), TIMEOUT * 2)

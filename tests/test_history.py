@@ -3,21 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import signal
-from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
-import pytest
 from websockets.asyncio.client import ClientConnection
 
 from fastws.broker.ledger import HistoryPolicy
 from fastws.broker.memory import MemoryBroker
-from fastws.broker.redis import RedisBroker
 from fastws.config import load_settings
 from fastws.server import Node
 
-from .redisutil import RedisServer, free_port
+from .redisutil import free_port, redis_node
 from .utils import (
     SECRET,
     TIMEOUT,
@@ -198,29 +194,6 @@ async def test_epoch_changes_when_the_in_memory_broker_restarts() -> None:
 
 
 # ---- across nodes -------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def redis_server() -> Iterator[RedisServer]:
-    server = RedisServer().start()
-    try:
-        yield server
-    finally:
-        server.close()
-
-
-@contextlib.asynccontextmanager
-async def redis_node(url: str, name: str, **overrides: Any) -> AsyncIterator[Node]:
-    settings = load_settings({"host": "127.0.0.1", "port": 0, "jwt_secret": SECRET,
-                              "redis_url": url, **overrides}, environ={})
-    policy = HistoryPolicy(settings.history_size, settings.history_ttl, settings.history_off)
-    node = Node(settings, SECRET, RedisBroker(url, timeout=1.0, node_ttl=1, policy=policy),
-                node_id=name)
-    await node.start()
-    try:
-        yield node
-    finally:
-        await asyncio.wait_for(node.drain(), TIMEOUT * 2)
 
 
 async def test_recovery_across_two_redis_nodes_while_traffic_continues(redis_server) -> None:

@@ -14,31 +14,9 @@ from fastws.broker.redis import RedisBroker
 from fastws.config import load_settings
 from fastws.server import Node
 
-from .redisutil import RedisServer
+from .redisutil import redis_node
 from .utils import SECRET, TIMEOUT, client, expect_silence, recv_json, send_json
 from .utils import join_across_nodes as join
-
-
-@pytest.fixture
-def redis_server() -> Iterator[RedisServer]:
-    server = RedisServer().start()
-    try:
-        yield server
-    finally:
-        server.close()
-
-
-@contextlib.asynccontextmanager
-async def redis_node(url: str, name: str, **overrides: Any) -> AsyncIterator[Node]:
-    settings = load_settings({"host": "127.0.0.1", "port": 0, "jwt_secret": SECRET,
-                              "redis_url": url, **overrides}, environ={})
-    node = Node(settings, SECRET, RedisBroker(url, timeout=0.5, node_ttl=1),
-                node_id=name)
-    await node.start()
-    try:
-        yield node
-    finally:
-        await asyncio.wait_for(node.drain(), TIMEOUT * 2)
 
 
 async def until(predicate: Any, timeout: float = TIMEOUT) -> None:
