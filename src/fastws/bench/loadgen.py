@@ -414,14 +414,18 @@ class Worker:
         await _sleep_until(g.t_start)
         g.storm_last = _time_ns()
         expected: int | None = 0
-        first = 0
-        for client in self.clients:
-            t = _time_ns()
-            first = first or t
-            reply = await self.join(client)
-            us = max(1, (_time_ns() - t) // 1000)
-            self.join_latency[us] = self.join_latency.get(us, 0) + 1
-            members = reply.get("members")
+        first = _time_ns()
+        gate = asyncio.Semaphore(self.plan.get("storm_concurrency", 1))
+
+        async def one(client: Any) -> Any:
+            async with gate:
+                t = _time_ns()
+                reply = await self.join(client)
+                us = max(1, (_time_ns() - t) // 1000)
+                self.join_latency[us] = self.join_latency.get(us, 0) + 1
+                return reply.get("members")
+
+        for members in await asyncio.gather(*(one(c) for c in self.clients)):
             if expected is not None and isinstance(members, int):
                 expected += size - members  # this client hears of everyone after it
             else:

@@ -167,6 +167,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "measures the S*(S-1)/2 user_joined deliveries",
     )
     run.add_argument(
+        "--storm-concurrency",
+        type=int,
+        metavar="N",
+        default=1,
+        help="join storm: joins in flight per generator process (default 1: one after another; "
+        "more lets a server batch the notices of joins that arrive together)",
+    )
+    run.add_argument(
         "--rooms", type=int, metavar="N", default=500, help="rooms: rooms (default 500)"
     )
     run.add_argument(

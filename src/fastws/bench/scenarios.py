@@ -85,6 +85,7 @@ def build_plan(
             params = {
                 "subscribers": subs,
                 "join_storm": True,
+                "storm_concurrency": args.storm_concurrency,
                 "expected_deliveries": subs * (subs - 1) // 2,
             }
             title = f"join storm, {subs} clients"
@@ -158,6 +159,7 @@ def build_plan(
                 "drain": args.drain,
                 "duration": args.duration,
                 "storm_size": total if mode == "storm" else 0,
+                "storm_concurrency": max(1, getattr(args, "storm_concurrency", 1)),
                 "barrier_timeout": args.timeout + args.warmup + args.duration + args.drain + 60,
                 "ttl": 3600 + args.timeout + args.duration,
             }
