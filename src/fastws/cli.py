@@ -93,6 +93,10 @@ def _serve(args: argparse.Namespace) -> int:
                   f"        and as bob:     {base}/#token={bob}", flush=True)
 
     workers = settings.workers or os.cpu_count() or 1
+    if ENV_WORKER in os.environ:
+        from .supervisor import die_with_parent
+
+        die_with_parent()
     if workers > 1 and ENV_WORKER not in os.environ:
         return uvloop.run(Supervisor(settings, secret, workers).run(announce))
     return uvloop.run(_run_node(settings, secret, announce, os.environ.get(ENV_BUS),

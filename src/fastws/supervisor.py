@@ -29,6 +29,20 @@ ENV_NODE = "FASTWS_INTERNAL_NODE_ID"
 ENV_WORKER = "FASTWS_INTERNAL_WORKER"
 
 
+def die_with_parent() -> None:
+    """A worker gets SIGTERM when its supervisor dies, even by SIGKILL (Linux prctl), so no
+    orphan keeps serving on the shared port."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() == 1:  # the supervisor died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def reserve_port(host: str, port: int) -> socket.socket:
     """Bind (without listening) so port 0 becomes one concrete port every worker can share."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
