@@ -11,7 +11,7 @@ import pytest
 
 from fastws.server import Node
 
-from .utils import TIMEOUT, Collector, picows_client, running_node
+from .utils import TIMEOUT, Collector, close_picows, picows_client, running_node
 
 ROOMS = [f"r{j}" for j in range(5)]
 EMPTY = {"sessions": 0, "transports": 0, "rooms": 0, "memberships": 0}
@@ -64,12 +64,7 @@ async def drain(c: Collector) -> list[dict[str, Any]]:
 
 
 async def close_all(clients: list[Collector]) -> None:
-    for c in clients:
-        assert c.transport is not None
-        c.transport.disconnect()
-    for c in clients:
-        assert c.transport is not None
-        await asyncio.wait_for(c.transport.wait_disconnected(), TIMEOUT)
+    await close_picows(*clients)
 
 
 async def test_aborted_clients_are_announced_once_and_every_table_empties() -> None:

@@ -12,7 +12,7 @@ import pytest
 
 from fastws.server import Node
 
-from .utils import TIMEOUT, Collector, picows_client, running_node, ws_url
+from .utils import TIMEOUT, Collector, close_picows, picows_client, running_node, ws_url
 
 FAST = {"ping_interval": 0.3, "ping_timeout": 0.2}
 
@@ -87,13 +87,7 @@ async def next_of_type(c: Collector, type_: str, timeout: float = TIMEOUT) -> di
     return msg
 
 
-async def close(*clients: Collector) -> None:
-    for c in clients:
-        assert c.transport is not None
-        c.transport.disconnect()
-    for c in clients:
-        assert c.transport is not None
-        await asyncio.wait_for(c.transport.wait_disconnected(), TIMEOUT)
+close = close_picows
 
 
 async def test_peer_that_never_pongs_is_closed_1001_and_cleaned_up() -> None:

@@ -121,6 +121,16 @@ class Collector(picows.WSListener):  # type: ignore[misc]
         return await asyncio.wait_for(self.queue.get(), timeout)
 
 
+async def close_picows(*clients: Collector) -> None:
+    """Disconnect picows clients and wait until each is fully gone."""
+    for c in clients:
+        assert c.transport is not None
+        c.transport.disconnect()
+    for c in clients:
+        assert c.transport is not None
+        await asyncio.wait_for(c.transport.wait_disconnected(), TIMEOUT)
+
+
 async def picows_client(node: Node | int, user: str = "alice", **kw: Any) -> Collector:
     """A picows client past its `connected` message; close with ``.transport.disconnect()``."""
     _, listener = await picows.ws_connect(Collector, ws_url(node, user), **kw)
