@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -14,8 +15,9 @@ from fastws.broker.redis import RedisBroker
 from fastws.config import load_settings
 from fastws.server import Node
 
+from .rawws import OP_TEXT, build_frame, raw_connect
 from .redisutil import redis_node
-from .utils import SECRET, TIMEOUT, client, expect_silence, recv_json, send_json
+from .utils import SECRET, TIMEOUT, client, expect_silence, recv_json, send_json, token
 from .utils import join_across_nodes as join
 
 
@@ -246,3 +248,45 @@ async def test_redis_cluster_with_sharded_pubsub(redis_cluster) -> None:
             assert got == {room: [1, 2] for room in rooms}
         await send_json(ben, "presence", {"room": "gamma"})
         assert sorted(m["userId"] for m in (await recv_json(ben))["members"]) == ["ann", "ben"]
+
+
+def chat_frames(count: int, room: str = "pending") -> bytes:
+    """``count`` chat_messages with ids 0..count-1, as masked frames for one write."""
+    return b"".join(
+        build_frame(OP_TEXT, json.dumps({"type": "chat_message", "id": str(i),
+                                         "payload": {"room": room, "message": f"m{i}"}}).encode())
+        for i in range(count)
+    )
+
+
+async def test_messages_waiting_on_the_broker_keep_their_order_up_to_rate_burst(
+        redis_server) -> None:
+    """With a remote broker a connection's messages wait while its previous one is in flight;
+    up to rate_burst of them wait and then take effect in the order they were sent."""
+    async with redis_node(redis_server.url, "A", rate_limit=0, rate_burst=40) as node, \
+            await raw_connect(node.port, token("alice")) as ws:
+        await ws.send_text(json.dumps({"type": "join_room", "payload": {"room": "pending"}}))
+        assert json.loads(await ws.read_text())["type"] == "room_joined"
+        await ws.send_raw(chat_frames(40))
+        acks = []
+        while len(acks) < 40:
+            reply = json.loads(await ws.read_text())
+            if reply["type"] == "ack":
+                acks.append(reply)
+        assert [a["id"] for a in acks] == [str(i) for i in range(40)]
+        assert [a["seq"] for a in acks] == list(range(1, 41))
+
+
+async def test_more_than_rate_burst_pending_messages_close_with_1008(redis_server) -> None:
+    """One write of many messages behind an in-flight Redis call: past rate_burst waiting,
+    the connection is closed with 1008 (memory per connection stays bounded)."""
+    async with redis_node(redis_server.url, "A", rate_limit=0, rate_burst=5) as node:
+        async with await raw_connect(node.port, token("alice")) as ws:
+            await ws.send_text(json.dumps({"type": "join_room", "payload": {"room": "pending"}}))
+            assert json.loads(await ws.read_text())["type"] == "room_joined"
+            await ws.send_raw(chat_frames(200))
+            assert await ws.expect_close(timeout=TIMEOUT) == 1008
+            await ws.send_close(1008)
+        async with asyncio.timeout(TIMEOUT):
+            while node.sessions:
+                await asyncio.sleep(0.01)
