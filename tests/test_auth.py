@@ -420,6 +420,7 @@ BAD_TOKENS = {
     "wrong-key": lambda: _hs(key=OTHER_SECRET),
     "alg-none": _alg_none,
     "tampered": lambda: _tampered(userId="mallory", roles=["admin"]),
+    "unknown-crit": lambda: jwt.encode(_claims(), SECRET, headers={"crit": ["x-f"], "x-f": 1}),
 }
 
 
@@ -434,13 +435,24 @@ async def test_bad_token_gets_401_at_upgrade(case: str, header: bool) -> None:
         assert stats["auth_failures"] == 1
 
 
-async def test_all_bad_tokens_are_counted_on_one_node() -> None:
-    """auth_failures counts every refused upgrade; no session is ever created."""
+async def test_all_bad_tokens_are_counted_on_one_node(caplog: pytest.LogCaptureFixture) -> None:
+    """auth_failures counts every refused upgrade; no session is ever created; the log holds
+    one line per refusal with its reason and never a stack trace."""
+    caplog.set_level(logging.DEBUG)
     async with running_node() as node:
         for n, make in enumerate(BAD_TOKENS.values(), start=1):
             await _refused(node, make())
             assert node.stats()["sessions"] == 0
             assert node.stats()["auth_failures"] == n
+    assert not [r for r in caplog.records if r.exc_info or "Traceback" in r.getMessage()]
+    refusals = [r for r in caplog.records if "auth" in r.getMessage().lower()]
+    assert len(refusals) >= len(BAD_TOKENS), [r.getMessage() for r in caplog.records]
+
+
+def test_unknown_critical_header_is_rejected() -> None:
+    """A `crit` extension fastws does not implement makes the token invalid (RFC 7515)."""
+    tok = jwt.encode(_claims(), SECRET, headers={"crit": ["x-f"], "x-f": 1})
+    _reject(_hs_verifier(jwt_secret=SECRET), tok, "unsupported critical header")
 
 
 async def test_hs_rs_confusion_gets_401(rsa_keys: KeyPair) -> None:

@@ -89,6 +89,9 @@ class Verifier:
         except (jwt.InvalidAudienceError, jwt.InvalidIssuerError) as exc:
             raise AuthError(str(exc).lower()) from exc
         except jwt.PyJWTError as exc:
+            if str(exc).startswith("Unsupported critical extension"):
+                # RFC 7515 4.1.11: a `crit` extension we do not implement voids the token.
+                raise AuthError("unsupported critical header") from exc
             raise AuthError(f"invalid token: {type(exc).__name__}") from exc
         user_id = claims.get("userId", claims.get("sub"))
         if not isinstance(user_id, str | int) or isinstance(user_id, bool) or user_id == "":
@@ -102,15 +105,38 @@ class Verifier:
         return Principal(str(user_id), username[:64], tuple(roles), float(claims["exp"]))
 
 
-def extract_token(path: str, authorization: str | None) -> str | None:
-    """The token from ``?token=`` or ``Authorization: Bearer`` (the seed's order)."""
+# Browsers cannot set Authorization on a WebSocket and a query string ends up in proxy logs,
+# so a browser offers two subprotocols: PROTOCOL, which the server echoes, and
+# TOKEN_PROTOCOL_PREFIX + jwt, which it never does (a JWT is base64url and dots: a valid
+# subprotocol token, RFC 6455 section 4.1).
+PROTOCOL = "fastws.v1"
+TOKEN_PROTOCOL_PREFIX = "fastws.token."
+
+
+def offered_protocols(headers: list[str]) -> list[str]:
+    """The subprotocols offered in every ``Sec-WebSocket-Protocol`` header, in order."""
+    return [item.strip() for header in headers for item in header.split(",") if item.strip()]
+
+
+def extract_token(
+    path: str, authorization: str | None, protocols: list[str] | None = None
+) -> str | None:
+    """The token from ``?token=``, ``Authorization: Bearer`` (the seed's order), or else a
+    ``fastws.token.<jwt>`` subprotocol among ``protocols``."""
     _, _, query = path.partition("?")
     if query:
         values = parse_qs(query).get("token")
         if values and values[0]:
             return values[0]
     if authorization and authorization[:7].lower() == "bearer ":
-        return authorization[7:].strip() or None
+        token = authorization[7:].strip()
+        if token:
+            return token
+    for protocol in protocols or ():
+        if protocol.startswith(TOKEN_PROTOCOL_PREFIX) and len(protocol) > len(
+            TOKEN_PROTOCOL_PREFIX
+        ):
+            return protocol[len(TOKEN_PROTOCOL_PREFIX):]
     return None
 
 
