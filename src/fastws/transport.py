@@ -30,7 +30,14 @@ from picows import (
 from picows.picows import WSProtocolError  # type: ignore[attr-defined]
 
 from . import protocol as p
-from .auth import AuthError, Principal, extract_token
+from .auth import (
+    PROTOCOL,
+    TOKEN_PROTOCOL_PREFIX,
+    AuthError,
+    Principal,
+    extract_token,
+    offered_protocols,
+)
 from .config import Settings
 from .errors import CloseCode
 from .session import Session
@@ -345,7 +352,14 @@ class Gateway:
             # or token into this server (RFC 6455 section 10.2).
             node.counters["refused_origin"] += 1
             return _response(HTTPStatus.FORBIDDEN, b"origin not allowed\n", "text/plain")
-        token = extract_token(raw_path, request.headers.get("Authorization"))
+        offered = offered_protocols(request.headers.getall("Sec-WebSocket-Protocol", []))
+        if PROTOCOL not in offered and any(o.startswith(TOKEN_PROTOCOL_PREFIX) for o in offered):
+            # We never echo the token, and a browser fails a handshake whose answer names no
+            # protocol it offered (RFC 6455 section 4.1): say so instead of a silent failure.
+            return _response(HTTPStatus.BAD_REQUEST,
+                             f"offer the {PROTOCOL} subprotocol with the token\n".encode(),
+                             "text/plain; charset=utf-8")
+        token = extract_token(raw_path, request.headers.get("Authorization"), offered)
         try:
             if token is None:
                 raise AuthError("no token")
@@ -358,8 +372,12 @@ class Gateway:
                 "text/plain; charset=utf-8",
                 {"WWW-Authenticate": 'Bearer realm="fastws"'},
             )
-        return Connection(self.node, principal, "/ws",
-                          request.headers.get("X-Forwarded-For", ""))
+        conn = Connection(self.node, principal, "/ws", request.headers.get("X-Forwarded-For", ""))
+        if PROTOCOL not in offered:
+            return conn
+        # Exactly one protocol, and never the token one (section 4.2.2, /subprotocol/).
+        accept = WSUpgradeResponse.create_101_response({"Sec-WebSocket-Protocol": PROTOCOL})
+        return WSUpgradeResponseWithListener(accept, conn)
 
     def _origin_allowed(self, origin: str, host: str | None) -> bool:
         allowed = self.node.settings.origins
