@@ -95,6 +95,21 @@ def test_join_storm(tmp_path: Path, fastws_target: list[str]) -> None:
     assert head["deliveries"] == head["expected_deliveries"] == 190
 
 
+def test_flooder_is_closed_while_the_measured_clients_lose_nothing(tmp_path: Path) -> None:
+    """roundtrip at a fixed rate beside a flooder: the server (default rate limit) closes the
+    flooder with 1008 and every measured round trip still comes back."""
+    with server_process("--ping-interval", "0", "--log-level", "warning") as (proc, port):
+        doc, path = bench(tmp_path, "roundtrip", "--connections", "8", "--rate", "400",
+                          "--flooders", "1", "--url", f"ws://127.0.0.1:{port}/ws",
+                          "--secret", SECRET, "--server-pid", str(proc.pid))  # fmt: skip
+    head = assert_sane(doc, path)
+    assert doc["parameters"]["flooders"] == 1
+    flood = head["flood"]
+    assert flood["clients"] == 1 and flood["closes"] == {"1008": 1}, flood
+    assert flood["sent"] > 200 and flood["refused"] >= 1 and flood["open_at_end"] == 0
+    assert head["latency_us"]["count"] >= 300  # 400/s for 1 s, all measured
+
+
 def test_rooms(tmp_path: Path, fastws_target: list[str]) -> None:
     """rooms: 10 rooms of 3 members, everyone posting, no message lost across rooms."""
     doc, path = bench(tmp_path, "rooms", "--rooms", "10", "--members", "3", *fastws_target)

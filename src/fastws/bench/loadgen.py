@@ -272,6 +272,7 @@ class Worker:
         self.window: int = plan["window"]
         self.pad: int = plan["pad"]
         self.urls: dict[int, str] = {}  # pre-minted, so minting is not measured
+        self.flood_sent = 0
 
     # -- setup --------------------------------------------------------------------------
 
@@ -344,7 +345,9 @@ class Worker:
         g = self.gen
         g.t_start, g.m0, g.m1 = self.schedule[0], self.schedule[1], self.schedule[2]
         try:
-            if mode in ("window", "rate"):
+            if plan.get("flood"):
+                await self.run_flood()
+            elif mode in ("window", "rate"):
                 await self.run_chat(mode)
             elif mode == "storm":
                 await self.run_storm()
@@ -382,6 +385,26 @@ class Worker:
             if not waiting and now - g.last_delivery > _IDLE_NS:
                 break
             await asyncio.sleep(0.05)
+
+    async def run_flood(self) -> None:
+        """Write chat_messages from every flooder as fast as the event loop turns, from the
+        load's start to the window's end or until the server closes them. The message is not
+        the measured format, so echoes and refusals are only parsed, never counted as load."""
+        g = self.gen
+        burst = 256  # frames per flooder per loop turn: enough to outrun any rate limit
+        await _sleep_until(g.t_start)
+        while _time_ns() < g.m1:
+            alive = [c for c in self.clients if not c.gone and c.transport is not None]
+            if not alive:
+                break
+            for c in alive:
+                message = c.prefix + b'flood"}}'
+                for _ in range(burst):
+                    c.transport.send(_TEXT, message)  # type: ignore[union-attr]
+                self.flood_sent += burst
+            await asyncio.sleep(0)
+        self.queue.put(("done", self.index, None))
+        await _sleep_until(g.m1)
 
     async def pace(self, pubs: list[Client], rate: float) -> None:
         """Open loop: the k-th message of this process goes out at t_start + k/rate, to the
@@ -483,6 +506,8 @@ class Worker:
 
     def result(self) -> dict[str, Any]:
         g = self.gen
+        if self.plan.get("flood"):
+            return self.flood_result()
         hist = new_histogram()
         for us, count in g.latency.items():
             hist.record_value(min(max(us, _HIST_LOW), _HIST_HIGH), count)
@@ -530,6 +555,30 @@ class Worker:
                 "failed": self.connect_failures,
             }
         return out
+
+
+    def flood_result(self) -> dict[str, Any]:
+        """The flooders' fate, apart from the measured load (which they are not part of)."""
+        g = self.gen
+        return {
+            "index": self.index,
+            "histogram": new_histogram().encode(),
+            **dict.fromkeys(("deliveries", "duplicates", "reorders", "sent_window",
+                             "sent_total", "disconnects", "pacer_max_lag_us"), 0),
+            "series": [0],
+            "sent_series": [0],
+            "rooms": {},
+            "closes": {},
+            "errors": {},
+            "drain_timed_out": False,
+            "flood": {
+                "clients": len(self.clients),
+                "sent": self.flood_sent,
+                "refused": sum(g.errors.values()),
+                "closes": dict(g.closes),
+                "open_at_end": sum(1 for c in self.clients if not c.gone),
+            },
+        }
 
 
 def worker_main(

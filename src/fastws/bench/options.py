@@ -167,6 +167,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "measures the S*(S-1)/2 user_joined deliveries",
     )
     run.add_argument(
+        "--flooders",
+        type=int,
+        metavar="N",
+        default=0,
+        help="roundtrip/fanout/rooms: N more clients, in a generator process of their own, "
+        "each writing chat_messages into its own room as fast as its socket takes them from the "
+        "load's start (an abuser; a server should rate-limit and close them while the measured "
+        "clients keep their latency). Their traffic is not counted; their fate is reported as "
+        "'flood' (default 0)",
+    )
+    run.add_argument(
         "--storm-concurrency",
         type=int,
         metavar="N",

@@ -211,6 +211,13 @@ def run_table(doc: dict[str, Any]) -> str:
             f"listen backlog overflows (system-wide TcpExtListenOverflows): "
             f"{fmt(head['listen_overflows'])}; each delays its client by a 1 s SYN retry"
         )
+    flood = head.get("flood")
+    if flood:
+        extra.append(
+            f"flooders: {flood['clients']} wrote {flood['sent']:,} messages; "
+            f"{flood['refused']:,} error replies; closed by the server: {flood['closes']}; "
+            f"{flood['open_at_end']} still open at the end"
+        )
     if head.get("closes"):
         extra.append(f"closed by the server: {head['closes']} (close code: count)")
     if head.get("unexpected_disconnects"):

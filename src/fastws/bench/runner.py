@@ -138,6 +138,10 @@ def _check(args: argparse.Namespace) -> None:
         raise BenchError("--rate must be > 0")
     if args.pad < 0:
         raise BenchError("--pad must be >= 0")
+    if args.flooders < 0:
+        raise BenchError("--flooders must be >= 0")
+    if args.flooders and (args.scenario == "connections" or args.join_storm):
+        raise BenchError("--flooders belongs to the roundtrip, fanout and rooms scenarios")
     if args.join_storm and args.scenario != "fanout":
         raise BenchError("--join-storm belongs to the fanout scenario")
 

@@ -138,10 +138,19 @@ def build_plan(
         concurrency=args.concurrency,
         pad=args.pad,
     )
+    flooders = getattr(args, "flooders", 0)
+    if flooders:
+        # An abuser of its own process, so its flood does not slow the measured clients'
+        # generators; user numbers past everyone else's, one room each.
+        members.append([(1_000_000 + i, f"b{run}-flood-{i}", False) for i in range(flooders)])
+        rates.append(0.0)
+        cpus = [*cpus, cpus[-1]]
+        params["flooders"] = flooders
+        title += f", {flooders} flooder{'s' * (flooders > 1)}"
     plan = Plan(scenario, mode, title, params, unit=unit)
     per_proc_concurrency = max(1, math.ceil(args.concurrency / procs))
     total = sum(len(m) for m in members)
-    for i in range(procs):
+    for i in range(len(members)):
         plan.procs.append(
             {
                 "index": i,
@@ -158,6 +167,7 @@ def build_plan(
                 "timeout": args.timeout,
                 "drain": args.drain,
                 "duration": args.duration,
+                "flood": bool(flooders) and i == procs,
                 "storm_size": total if mode == "storm" else 0,
                 "storm_concurrency": max(1, getattr(args, "storm_concurrency", 1)),
                 "barrier_timeout": args.timeout + args.warmup + args.duration + args.drain + 60,
@@ -363,6 +373,15 @@ def merge(results: list[dict[str, Any]], readings: dict[str, Any]) -> dict[str, 
     merged["errors"] = _add_counts(r["errors"] for r in results)
     merged["drain_timed_out"] = any(r["drain_timed_out"] for r in results)
     merged["pacer_max_lag_us"] = max(r["pacer_max_lag_us"] for r in results)
+    floods = [r["flood"] for r in results if "flood" in r]
+    if floods:
+        merged["flood"] = {
+            "clients": sum(f["clients"] for f in floods),
+            "sent": sum(f["sent"] for f in floods),
+            "refused": sum(f["refused"] for f in floods),
+            "closes": _add_counts(f["closes"] for f in floods),
+            "open_at_end": sum(f["open_at_end"] for f in floods),
+        }
     if "storm" in results[0]:
         storms = [r["storm"] for r in results]
         join_hist = new_histogram()
@@ -436,6 +455,8 @@ def figures(plan: Plan, merged: dict[str, Any], duration: float) -> dict[str, An
         if plan.mode == "rate":
             # how far behind its schedule the generator sent (a stall of the generator itself)
             head["pacer_max_lag_us"] = merged["pacer_max_lag_us"]
+        if "flood" in merged:
+            head["flood"] = merged["flood"]
     elif plan.mode == "storm":
         storm = merged["storm"]
         elapsed = max(1e-9, (storm["last"] - storm["first"]) / _NS)
