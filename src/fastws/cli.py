@@ -1,4 +1,4 @@
-"""Command line: ``fastws serve`` and ``fastws token``. ``main(argv) -> int``."""
+"""Command line: ``fastws serve``, ``token``, ``config`` and ``bench``. ``main(argv) -> int``."""
 
 from __future__ import annotations
 
@@ -11,7 +11,17 @@ import msgspec
 
 from . import __version__
 from .auth import mint, random_secret
-from .config import FIELD_HELP, Settings, env_name, load_settings
+from .config import (
+    CONFIG_ENV,
+    FIELD_HELP,
+    Settings,
+    env_name,
+    environ_for,
+    load_settings,
+    render_json,
+    render_toml,
+    resolve,
+)
 from .errors import ConfigError, FastWSError
 
 _METAVAR = {int: "N", float: "NUM", str: "TEXT"}
@@ -31,11 +41,18 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
                                 metavar=_METAVAR[type(f.default)], help=help_text)
 
 
+def _add_config_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", dest="config_file", metavar="PATH", default=None,
+                        help="TOML file of settings, in sections as `fastws config --print` "
+                        f"shows them; FASTWS_* variables and flags override it [env {CONFIG_ENV}]")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fastws",
         description="WebSocket chat and pub/sub server with a compiled broadcast fan-out. "
-        "Every setting can also come from a FASTWS_* environment variable; flags win.",
+        "Every setting can also come from a TOML file (--config) or a FASTWS_* environment "
+        "variable; flags beat variables, which beat the file.",
     )
     parser.add_argument("--version", action="version", version=f"fastws {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -44,7 +61,20 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the server. Without --jwt-secret a random secret is made for this run "
         "and a ready demo link with a token is printed.",
     )
+    _add_config_flag(serve)
     _add_settings_flags(serve)
+    config = sub.add_parser(
+        "config", help="show the effective configuration (file < env < flags), secrets masked",
+        description="Print the settings `fastws serve` would run with, given the same --config, "
+        "FASTWS_* variables and flags, as a TOML file --config reads, each value marked with "
+        "where it came from. Secrets (and passwords in URLs) are masked and their lines "
+        "commented out. Exits 2 with the reason if the configuration is invalid.")
+    config.add_argument("--print", dest="print_config", action="store_true",
+                        help="print the effective configuration")
+    config.add_argument("--format", choices=("toml", "json"), default="toml",
+                        help="toml (default; loadable with --config) or json")
+    _add_config_flag(config)
+    _add_settings_flags(config)
     token = sub.add_parser("token", help="mint a JWT for a user with the configured secret",
                            description="Print a token signed with --jwt-secret or "
                            "FASTWS_JWT_SECRET (HS256 by default).")
@@ -56,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"HMAC secret [env {env_name('jwt_secret')}]")
     token.add_argument("--jwt-algorithms", dest="jwt_algorithms", default=None,
                        help="signing algorithm, HS256/HS384/HS512 (default HS256)")
+    _add_config_flag(token)
     from .bench.options import add_arguments as add_bench_arguments  # argparse only: cheap
 
     bench = sub.add_parser("bench", help="benchmark a server: roundtrip, fanout, rooms, "
@@ -72,7 +103,7 @@ def _serve(args: argparse.Namespace) -> int:
     from .logs import configure
     from .supervisor import ENV_BUS, ENV_NODE, ENV_WORKER, Supervisor
 
-    settings = load_settings(vars(args))
+    settings = load_settings(vars(args), config_file=args.config_file)
     configure(settings.log_level, settings.log_format)
     secret = settings.jwt_secret
     generated = not secret and settings.algorithms[0].startswith("HS")
@@ -98,6 +129,10 @@ def _serve(args: argparse.Namespace) -> int:
 
         die_with_parent()
     if workers > 1 and ENV_WORKER not in os.environ:
+        # Workers are started with only --host/--port/--workers: the rest of the effective
+        # settings (from the file, variables and flags alike) reach them as FASTWS_* variables.
+        os.environ.update(environ_for(settings))
+        os.environ.pop(CONFIG_ENV, None)
         return uvloop.run(Supervisor(settings, secret, workers).run(announce))
     return uvloop.run(_run_node(settings, secret, announce, os.environ.get(ENV_BUS),
                                 os.environ.get(ENV_NODE), ENV_WORKER in os.environ))
@@ -128,13 +163,22 @@ async def _run_node(settings: Settings, secret: str, announce: Any, bus_dir: str
 
 def _token(args: argparse.Namespace) -> int:
     settings = load_settings({"jwt_secret": args.jwt_secret,
-                              "jwt_algorithms": args.jwt_algorithms})
+                              "jwt_algorithms": args.jwt_algorithms}, config_file=args.config_file)
     if not settings.jwt_secret:
         raise ConfigError("no secret: pass --jwt-secret or set FASTWS_JWT_SECRET "
                           "(the same one the server uses)")
     roles = tuple(r for r in args.roles.split(",") if r)
     print(mint(settings.jwt_secret, args.user, args.username, roles, args.ttl,
                settings.algorithms[0]))
+    return 0
+
+
+def _config(args: argparse.Namespace) -> int:
+    if not args.print_config:
+        print("fastws config: nothing to do; pass --print", file=sys.stderr)
+        return 2
+    resolved = resolve(vars(args), config_file=args.config_file)
+    print(render_json(resolved) if args.format == "json" else render_toml(resolved), end="")
     return 0
 
 
@@ -147,7 +191,8 @@ def _bench(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    handlers: dict[str, Any] = {"serve": _serve, "token": _token, "bench": _bench}
+    handlers: dict[str, Any] = {"serve": _serve, "token": _token, "config": _config,
+                                "bench": _bench}
     if args.command not in handlers:
         parser.print_help()
         return 2

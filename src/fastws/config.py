@@ -1,14 +1,18 @@
-"""One frozen settings struct, filled from defaults, ``FASTWS_*`` variables and CLI flags.
+"""One frozen settings struct, filled from defaults, a TOML file, ``FASTWS_*`` variables and
+CLI flags, in that order (flags win).
 
 Every field's help says its unit, default and what 0 means; the CLI builds its flags
-and ``--help`` from ``FIELD_HELP`` so the three never drift apart.
+and ``--help`` from ``FIELD_HELP`` so the three never drift apart. The TOML file groups the
+same fields into sections (``SECTIONS``); ``render_toml`` writes the format ``read_file`` reads.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 
@@ -49,6 +53,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     redis_url: str = ""
     redis_node_ttl: float = 15.0
     redis_cluster: bool = False
+    admin_host: str = "127.0.0.1"
+    admin_port: int = -1
+    api_key: str = ""
 
     @property
     def algorithms(self) -> list[str]:
@@ -118,9 +125,16 @@ FIELD_HELP: dict[str, str] = {
     "(SSUBSCRIBE/SPUBLISH) (default off)",
     "redis_node_ttl": "seconds after which a node that stopped refreshing its Redis liveness "
     "key is presumed dead and its connections are removed from presence (default 15)",
+    "admin_host": "address of the admin listener: /api/publish, /api/rooms/ROOM/presence, "
+    "/metrics, /healthz (default 127.0.0.1: keep it off public interfaces)",
+    "admin_port": "TCP port of the admin listener (default -1 = off; 0 picks a free port and "
+    "logs it; 8081 is the usual choice)",
+    "api_key": "key that /api/* requests must send as 'Authorization: Bearer KEY' or "
+    "'X-API-Key: KEY' (default none: /api/* answers 403; /metrics and /healthz need no key)",
 }
 
 ENV_PREFIX = "FASTWS_"
+CONFIG_ENV = "FASTWS_CONFIG"  # path of the TOML file when --config is not given
 
 
 def env_name(field: str) -> str:
@@ -142,25 +156,63 @@ def _convert(field: str, raw: Any, kind: type) -> Any:
 
 
 def load_settings(
-    overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+    config_file: str | None = None,
 ) -> Settings:
-    """Defaults, then ``FASTWS_*`` variables, then ``overrides`` (CLI flags; None = unset)."""
+    """Defaults, then the TOML file (``config_file``, else ``$FASTWS_CONFIG``), then
+    ``FASTWS_*`` variables, then ``overrides`` (CLI flags; None = unset)."""
+    return resolve(overrides, environ, config_file).settings
+
+
+class Resolved(NamedTuple):
+    settings: Settings
+    sources: dict[str, str]  # field -> "default" | "file" | "env" | "flag": who set it last
+
+
+def resolve(
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+    config_file: str | None = None,
+) -> Resolved:
+    """``load_settings``, also saying where each value came from (for ``fastws config``)."""
     environ = os.environ if environ is None else environ
+    path = config_file or environ.get(CONFIG_ENV) or None
+    layers = [
+        ("file", read_file(path) if path else {}),
+        ("env", {f: environ[env_name(f)] for f in FIELDS if env_name(f) in environ}),
+        ("flag", {f: v for f, v in (overrides or {}).items() if f in FIELDS and v is not None}),
+    ]
     values: dict[str, Any] = {}
-    for f in msgspec.structs.fields(Settings):
-        kind = type(f.default)
-        if env_name(f.name) in environ:
-            values[f.name] = _convert(f.name, environ[env_name(f.name)], kind)
-        if overrides and overrides.get(f.name) is not None:
-            values[f.name] = _convert(f.name, overrides[f.name], kind)
+    sources = dict.fromkeys(FIELDS, "default")
+    for source, layer in layers:
+        for name, raw in layer.items():
+            values[name] = _convert(name, raw, FIELDS[name])
+            sources[name] = source
     settings = Settings(**values)
-    validate(settings)
-    return settings
+    try:
+        validate(settings)
+    except ConfigError as exc:
+        raise ConfigError(f"{exc}{_origins(str(exc), sources, path)}") from None
+    return Resolved(settings, sources)
+
+
+def _origins(message: str, sources: dict[str, str], path: str | None) -> str:
+    """" (port from fastws.toml)": where the settings a range error names were set."""
+    where = {"file": path, "env": "the environment", "flag": "the command line",
+             "default": "default"}
+    named = dict.fromkeys(w for w in re.findall(r"\w+", message) if w in FIELDS)
+    parts = [f"{name} from {where[sources[name]]}" for name in named]
+    return f" ({', '.join(parts)})" if parts else ""
 
 
 def validate(s: Settings) -> None:
     if not 0 <= s.port <= 65535:
         raise ConfigError(f"port: {s.port} is not a TCP port")
+    if not -1 <= s.admin_port <= 65535:
+        raise ConfigError(f"admin_port: {s.admin_port} is not a TCP port (-1 = off)")
+    if s.admin_port > 0 and s.admin_port == s.port:
+        raise ConfigError("admin_port must differ from port")
     if s.ping_interval < 0 or s.ping_timeout < 0:
         raise ConfigError("ping_interval and ping_timeout must be >= 0")
     if s.ping_interval and s.ping_timeout > s.ping_interval:
@@ -187,3 +239,149 @@ def validate(s: Settings) -> None:
         raise ConfigError(f"log_format: expected text or json, got {s.log_format!r}")
     if s.log_level.lower() not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"log_level: expected debug, info, warning or error, got {s.log_level!r}")
+
+
+# ---- the TOML file ---------------------------------------------------------------------------
+
+# Every setting by name, with the type its default has (str, int, float or bool).
+FIELDS: dict[str, type] = {f.name: type(f.default) for f in msgspec.structs.fields(Settings)}
+
+# The file's sections, mapped onto fields by name prefix: the only place that knows the layout.
+# A key inside a section is the field's own name (= the flag without dashes = FASTWS_<NAME>),
+# so nothing is renamed; the first matching prefix wins and a field matching none is in
+# [server]. New Settings fields thereby get a section without touching this table.
+SECTIONS: dict[str, tuple[str, ...]] = {
+    "server": (),
+    "auth": ("jwt_",),
+    "heartbeat": ("ping_", "json_ping"),
+    "limits": ("max_", "rate_"),
+    "history": ("history_",),
+    "redis": ("redis_",),
+    "log": ("log_",),
+    "admin": ("admin_", "api_key"),
+}
+
+
+def section_of(field: str) -> str:
+    for section, prefixes in SECTIONS.items():
+        if prefixes and field.startswith(prefixes):
+            return section
+    return "server"
+
+
+def _file_struct() -> Any:
+    """A msgspec struct per section (every field optional, unknown keys refused) under one
+    file struct, so decoding checks names and types and says where a mistake is."""
+    sections: dict[str, list[tuple[str, Any, Any]]] = {name: [] for name in SECTIONS}
+    for name, kind in FIELDS.items():
+        sections[section_of(name)].append((name, kind | msgspec.UnsetType, msgspec.UNSET))
+    return msgspec.defstruct("ConfigFile", [
+        (section, msgspec.defstruct(section, fields, forbid_unknown_fields=True, kw_only=True)
+         | msgspec.UnsetType, msgspec.UNSET)
+        for section, fields in sections.items() if fields
+    ], forbid_unknown_fields=True, kw_only=True)
+
+
+_ConfigFile = _file_struct()
+
+
+def read_file(path: str) -> dict[str, Any]:
+    """The settings a TOML file sets (typed), by field name; ``ConfigError`` naming the file
+    and the key when the file is missing, is not TOML, or has an unknown or mistyped key."""
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from None
+    try:
+        parsed = msgspec.toml.decode(data, type=_ConfigFile)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{path}: {_explain(str(exc))}") from None
+    except msgspec.DecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    values: dict[str, Any] = {}
+    for section in msgspec.structs.asdict(parsed).values():
+        if section is not msgspec.UNSET:
+            values.update({k: v for k, v in msgspec.structs.asdict(section).items()
+                           if v is not msgspec.UNSET})
+    return values
+
+
+def _explain(error: str) -> str:
+    """msgspec's "Object contains unknown field `x` - at `$.s`" -> "unknown key s.x", with a
+    hint when the key is a setting in the wrong place."""
+    match = re.fullmatch(r"(.*?)(?: - at `\$(.*)`)?", error)
+    assert match is not None
+    detail, where = match.group(1), (match.group(2) or "").lstrip(".")
+    unknown = re.fullmatch(r"Object contains unknown field `(.*)`", detail)
+    if not unknown:
+        return f"{where}: {detail[0].lower()}{detail[1:]}" if where else detail
+    key = unknown.group(1)
+    if not where and key in FIELDS:
+        return f"key {key!r} must be inside a section: put it under [{section_of(key)}]"
+    if not where:
+        used = dict.fromkeys(section_of(name) for name in FIELDS)
+        return f"unknown section [{key}] (sections: {', '.join(s for s in SECTIONS if s in used)})"
+    if key in FIELDS:
+        return f"unknown key {where}.{key}: {key} belongs in [{section_of(key)}]"
+    return f"unknown key {where}.{key} (a typo? `fastws serve --help` lists every setting)"
+
+
+# ---- showing the effective configuration ------------------------------------------------------
+
+MASK = "***"
+_URL_PASSWORD = re.compile(r"(://[^:/@\s]*:)[^@\s]+@")
+
+
+def is_secret(field: str) -> bool:
+    return field.endswith(("secret", "password", "_key", "token"))
+
+
+def masked(field: str, value: Any) -> Any:
+    """``value`` fit to show: secrets become ``***``, and so does a password inside a URL."""
+    if isinstance(value, str) and value and is_secret(field):
+        return MASK
+    if isinstance(value, str):
+        return _URL_PASSWORD.sub(rf"\g<1>{MASK}@", value)
+    return value
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)  # a JSON string is a TOML basic string
+    return repr(value)
+
+
+def render_toml(resolved: Resolved) -> str:
+    """The effective settings as a file ``--config`` reads, each line saying who set it.
+
+    A masked line is commented out, so that loading the output never installs ``***`` as a
+    secret: secrets stay wherever they came from (env, flag or the original file)."""
+    lines = ["# fastws effective configuration: `fastws serve --config` reads this file.",
+             "# Precedence: defaults < this file < FASTWS_* variables < command-line flags."]
+    by_section: dict[str, list[str]] = {name: [] for name in SECTIONS}
+    for name, value in msgspec.structs.asdict(resolved.settings).items():
+        shown = masked(name, value)
+        line = f"{name} = {_toml_value(shown)}"
+        note = resolved.sources[name]
+        if shown != value:
+            line, note = f"# {line}", f"{note}, masked"
+        by_section[section_of(name)].append(f"{line}  # {note}")
+    for section, body in by_section.items():
+        if body:
+            lines += ["", f"[{section}]", *body]
+    return "\n".join(lines) + "\n"
+
+
+def render_json(resolved: Resolved) -> str:
+    settings = {k: masked(k, v) for k, v in msgspec.structs.asdict(resolved.settings).items()}
+    return json.dumps({"settings": settings, "sources": resolved.sources}, indent=2)
+
+
+def environ_for(settings: Settings) -> dict[str, str]:
+    """Every setting as a ``FASTWS_*`` variable: how worker processes inherit the
+    supervisor's effective settings, whatever file, variable or flag they came from."""
+    return {env_name(name): str(value).lower() if isinstance(value, bool) else str(value)
+            for name, value in msgspec.structs.asdict(settings).items() if name in FIELDS}
