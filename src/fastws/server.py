@@ -34,6 +34,8 @@ def _load_pages() -> dict[str, tuple[bytes, str]]:
     return {
         "/": ((static / "index.html").read_bytes(), "text/html; charset=utf-8"),
         "/index.html": ((static / "index.html").read_bytes(), "text/html; charset=utf-8"),
+        # The JavaScript client (clients/js re-exports it), so pages import it from the server.
+        "/fastws.js": ((static / "fastws.js").read_bytes(), "text/javascript; charset=utf-8"),
     }
 
 
@@ -69,6 +71,7 @@ class Node:
         self._per_ip: Counter[str] = Counter()
         self.server: asyncio.Server | None = None
         self.heartbeat: Any = None
+        self.admin: Any = None  # admin.Admin when admin_port >= 0: publish API, /metrics
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -80,6 +83,10 @@ class Node:
         await self.broker.start()
         self.server = await listen(self, _load_pages(), reuse_port=reuse_port)
         self.heartbeat = Heartbeat(self).start()
+        if self.settings.admin_port >= 0:
+            from .admin import start_admin
+
+            self.admin = await start_admin(self, reuse_port)
 
     @property
     def port(self) -> int:
@@ -112,6 +119,8 @@ class Node:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.server.wait_closed(), 1.0)
         await self.broker.close()
+        if self.admin is not None:
+            await self.admin.close()
         log.info("stopped", extra={"event": "stopped", "connections": count})
 
     def health(self) -> dict[str, Any]:
@@ -258,6 +267,12 @@ class Node:
         if msg_id is not None:
             session.send(p.Ack(msg_id, seq))
 
+    async def publish_system(self, room: str, text: str, username: str, user_id: str) -> int:
+        """A chat_message from a backend (the admin API): same path, seq and history as chat."""
+        seq = await self.broker.publish_seq(room, p.chat_head(room, username, text, user_id))
+        self.counters["api_messages_in"] += 1
+        return seq
+
     async def typing(self, session: Session, room: str, is_typing: bool, msg_id: p.MsgId) -> None:
         who = session.principal
         try:
@@ -327,6 +342,7 @@ class Node:
 
     def deliver(self, room: str, exclude: str, payload: bytes, seq: int = 0) -> None:
         """Broker callback: one publication for ``room``, framed once for every local member."""
+        self.counters["messages_out"] += 1
         self.hub.broadcast(room, payload, self.sessions.get(exclude) if exclude else None, seq)
 
     def _run(self, action: Any) -> None:
