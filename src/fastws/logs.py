@@ -4,11 +4,28 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 
 # Attributes every LogRecord has; anything else came in through ``extra=`` and is a field.
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+
+# Nothing logs a credential on purpose; this is the net under that rule for the ones that
+# could slip into a message or field: a JWT anywhere (query string, fastws.token.<jwt>
+# subprotocol), ?token=/&token= values, and Authorization / X-API-Key header values.
+_SECRETS = re.compile(
+    r"eyJ[\w-]+\.[\w-]+\.[\w-]*"
+    r"|(?<=[?&]token=)[^&\s\"'\\]+"  # a backslash ends it too: JSON escapes stay whole
+    r"|(?<=Bearer )[^\s\"'\\]+"
+    r"|(?<=X-API-Key: )[^\s\"'\\]+",
+    re.IGNORECASE,
+)
+
+
+def redact(text: str) -> str:
+    """``text`` with every credential-shaped part replaced by ``***``."""
+    return _SECRETS.sub("***", text)
 
 
 class JsonFormatter(logging.Formatter):
@@ -27,7 +44,7 @@ class JsonFormatter(logging.Formatter):
                 out[key] = value
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
-        return json.dumps(out, default=str)
+        return redact(json.dumps(out, default=str))
 
 
 class TextFormatter(logging.Formatter):
@@ -40,7 +57,7 @@ class TextFormatter(logging.Formatter):
         line = super().format(record)
         extras = [f"{k}={v}" for k, v in vars(record).items()
                   if k not in _STANDARD and not k.startswith("_") and k != "event"]
-        return f"{line} {' '.join(extras)}" if extras else line
+        return redact(f"{line} {' '.join(extras)}" if extras else line)
 
 
 def configure(level: str = "info", fmt: str = "text") -> None:

@@ -323,6 +323,7 @@ class Node:
     async def _leave(self, session: Session, room: str) -> None:
         """Leave locally at once; then tell the broker and the room (best effort if it is down)."""
         await self._drop_local(session, room)
+        log.debug("left", extra={"event": "leave", "client_id": session.client_id, "room": room})
         try:
             left = await self.broker.leave(room, session.client_id)
         except BrokerUnavailable:
