@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from typing import Any
 
 from fastws.auth import Principal
@@ -20,6 +21,7 @@ class Recorder:
         self.sent: list[dict[str, Any]] = []
         self.closed: tuple[int, str] | None = None
         self.calls: list[tuple[Any, ...]] = []
+        self.counters: Counter[str] = Counter()
 
     def send(self, payload: bytes) -> None:
         self.sent.append(json.loads(payload))

@@ -3,6 +3,7 @@
 from .auth import Principal, Verifier, mint
 from .config import Settings, load_settings
 from .errors import AuthError, CloseCode, ConfigError, FastWSError, MessageError
+from .publisher import Publisher, PublishError
 from .server import Node, serve
 
 __version__ = "0.1.0"
@@ -15,6 +16,8 @@ __all__ = [
     "MessageError",
     "Node",
     "Principal",
+    "PublishError",
+    "Publisher",
     "Settings",
     "Verifier",
     "__version__",

@@ -42,6 +42,7 @@ class NodeActions(Protocol):
 
     inline: bool
     verifier: Any  # auth.Verifier
+    counters: Any  # collections.Counter of node events, exported as metrics
 
     async def join(
         self, session: Session, room: str, since: p.Since | None, msg_id: p.MsgId
@@ -141,6 +142,7 @@ class Session:
         """Act on one complete client message; every refusal becomes an ``error`` reply."""
         if self.bucket is not None and not self.bucket.take():
             self.rejected_in_row += 1
+            self.node.counters["rate_limited"] += 1
             if self.rejected_in_row > self.settings.rate_burst:
                 self.outlet.close(CloseCode.POLICY_VIOLATION, "rate limit exceeded")
                 return

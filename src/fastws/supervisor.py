@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import secrets
+import shutil
 import signal
 import socket
 import sys
@@ -72,6 +73,8 @@ class Supervisor:
         self.stopping = False
         self.restarts = 0
         self.port = settings.port
+        self.admin_port = settings.admin_port
+        self._metrics_dir: str | None = None  # PROMETHEUS_MULTIPROC_DIR of the workers
         self.bus: Any = None  # BusServer when there is no Redis
         self._bus_dir: str | None = None
         self._ready: asyncio.Queue[Worker] = asyncio.Queue()
@@ -84,6 +87,12 @@ class Supervisor:
             loop.add_signal_handler(sig, stop.set)
         holder = reserve_port(self.settings.host, self.settings.port)
         self.port = holder.getsockname()[1]
+        admin_holder = None
+        if self.admin_port >= 0:
+            # Workers share the admin port too; /metrics reads every worker's values from here.
+            admin_holder = reserve_port(self.settings.admin_host, self.admin_port)
+            self.admin_port = admin_holder.getsockname()[1]
+            self._metrics_dir = tempfile.mkdtemp(prefix="fastws-metrics-", dir="/tmp")
         if not self.settings.redis_url:
             from .broker.localbus import BusServer
 
@@ -97,7 +106,7 @@ class Supervisor:
             for _ in self.workers:
                 await asyncio.wait_for(self._ready.get(), 30)
             log.info("workers ready", extra={"event": "ready", "workers": self.count,
-                                             "port": self.port})
+                                             "port": self.port, "admin_port": self.admin_port})
             if on_ready is not None:
                 on_ready(self.port)
             await stop.wait()
@@ -117,6 +126,10 @@ class Supervisor:
                         os.unlink(os.path.join(self._bus_dir, name))
                     os.rmdir(self._bus_dir)
             holder.close()
+            if admin_holder is not None:
+                admin_holder.close()
+            if self._metrics_dir:
+                shutil.rmtree(self._metrics_dir, ignore_errors=True)
         return 0
 
     async def _spawn(self, w: Worker) -> None:
@@ -130,6 +143,12 @@ class Supervisor:
         })
         if self._bus_dir:
             env[ENV_BUS] = self._bus_dir
+        if self._metrics_dir:
+            from .config import env_name
+            from .metrics import MULTIPROC_ENV
+
+            env.update({MULTIPROC_ENV: self._metrics_dir,
+                        env_name("admin_port"): str(self.admin_port)})
         w.proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "fastws", "serve", "--workers", "1",
             "--port", str(self.port), "--host", self.settings.host,
@@ -153,6 +172,10 @@ class Supervisor:
             self.restarts += 1
             if self.bus is not None:
                 self.bus.forget_node(w.node_id)
+            if self._metrics_dir:
+                from .metrics import mark_process_dead
+
+                mark_process_dead(w.proc.pid, self._metrics_dir)
             ran = time.monotonic() - w.started_at
             w.failures = 0 if ran > 30 else w.failures + 1
             delay = min(0.2 * 2 ** w.failures, 30.0) if w.failures else 0.0

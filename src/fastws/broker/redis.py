@@ -199,6 +199,16 @@ class RedisBroker:
         self._deliver = deliver
 
     async def start(self) -> None:
+        self._open()
+        try:
+            await self._connect()
+        except (RedisError, OSError) as exc:
+            # Serve anyway: local clients still work, and the monitor keeps trying.
+            self._went_down(exc)
+        self._keeper = asyncio.get_running_loop().create_task(self._keep_alive())
+
+    def _open(self) -> None:
+        """Make the client and register the scripts; no I/O yet."""
         options: dict[str, Any] = {"socket_timeout": self.timeout,
                                    "socket_connect_timeout": self.timeout}
         if self.cluster:
@@ -210,12 +220,6 @@ class RedisBroker:
         self._join = self._redis.register_script(_JOIN)
         self._history = self._redis.register_script(_HISTORY)
         self._leave = self._redis.register_script(_LEAVE)
-        try:
-            await self._connect()
-        except (RedisError, OSError) as exc:
-            # Serve anyway: local clients still work, and the monitor keeps trying.
-            self._went_down(exc)
-        self._keeper = asyncio.get_running_loop().create_task(self._keep_alive())
 
     async def close(self) -> None:
         self._closing = True
@@ -495,6 +499,27 @@ class RedisBroker:
         log.info("swept dead node", extra={"event": "node_swept", "node": node,
                                            "connections": removed})
         return removed
+
+
+class RedisRooms(RedisBroker):
+    """Publish into rooms and read their presence and history without being a node (for
+    ``fastws.Publisher.over_redis``): the nodes' own Lua script and keys, so every node with
+    members in the room delivers the message and its history keeps it. It subscribes to
+    nothing and registers nothing; each call either succeeds or raises ``BrokerUnavailable``.
+    """
+
+    name = "redis-rooms"
+
+    async def start(self) -> None:
+        self._open()
+        self.state = "ok"  # redis-py reconnects on the next call by itself
+
+    def _went_down(self, exc: BaseException) -> None:
+        log.debug("redis call failed: %s", type(exc).__name__)
+
+    async def close(self) -> None:
+        if self._redis is not None:
+            await self._redis.aclose()
 
 
 class _Listener:

@@ -1,0 +1,201 @@
+"""Prometheus metrics for one node: exported from the node's own counters, off the hot path.
+
+The message path only bumps plain counters it already keeps (``node.counters``, the hub's
+delivery count); ``Metrics.sync`` turns their growth into prometheus-client values on a short
+timer and right before a scrape, so no message pays for Prometheus. Two things are measured
+here directly: event-loop lag (a periodic timer's lateness) and broker latency (each
+``publish_seq`` round trip, only for brokers that have one).
+
+Under ``fastws serve --workers N`` the supervisor sets ``PROMETHEUS_MULTIPROC_DIR`` for its
+workers; prometheus-client then keeps every value in a per-process file there, and a scrape,
+whichever worker answers it, reads them all: counters and histograms are summed over workers
+(dead ones included, so totals never go back), gauges use the ``multiprocess_mode`` named
+beside them. Values of other workers are at most ``SYNC_INTERVAL`` old.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+if TYPE_CHECKING:
+    from .server import Node
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+SYNC_INTERVAL = 0.5  # seconds: how stale another worker's values may be in a scrape
+LAG_INTERVAL = 0.25  # seconds between event-loop lag probes
+
+_LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+                    0.25, 0.5, 1.0, 2.5)
+_LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+#: node.counters key -> (metric name, help). Each becomes a ``fastws_<name>_total`` counter.
+COUNTERS: dict[str, tuple[str, str]] = {
+    "connections_total": ("connections_opened", "WebSocket connections accepted"),
+    "messages_out": ("messages_out", "publications (chat, joins/leaves, typing, API) fanned "
+                     "out to this process's members, one per publication"),
+    "slow_consumers": ("slow_consumers", "connections closed as slow consumers (4008)"),
+    "rate_limited": ("rate_limited_messages", "client messages dropped by the rate limit"),
+    "refused_full": ("refused_full", "upgrades refused with 503 at max_connections"),
+    "refused_origin": ("refused_origin", "upgrades refused with 403 for their Origin"),
+    "refused_per_ip": ("refused_per_ip", "connections closed at max_connections_per_ip"),
+}
+
+
+def multiprocess() -> bool:
+    return bool(os.environ.get(MULTIPROC_ENV))
+
+
+class Metrics:
+    """The Prometheus side of one node. ``start()`` runs its timers; ``render()`` is a scrape."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        # A registry per node: several nodes may share a process (tests), each with its own.
+        self.registry = r = CollectorRegistry(auto_describe=True)
+        self.connections = Gauge("fastws_connections", "open WebSocket connections",
+                                 registry=r, multiprocess_mode="livesum")
+        self.rooms = Gauge("fastws_rooms", "rooms with members in this process (summed over "
+                           "workers: a room spanning two workers counts twice)",
+                           registry=r, multiprocess_mode="livesum")
+        self.broker_up = Gauge("fastws_broker_up", "1 when the broker is reachable, 0 when "
+                               "degraded (with workers: the minimum over them)",
+                               ["broker"], registry=r, multiprocess_mode="livemin")
+        self.loop_lag = Gauge("fastws_event_loop_lag_last_seconds", "lateness of the last "
+                              "event-loop probe (with workers: the maximum over them)",
+                              registry=r, multiprocess_mode="livemax")
+        self.loop_lag_hist = Histogram("fastws_event_loop_lag_seconds", "lateness of "
+                                       f"a timer due every {LAG_INTERVAL} s",
+                                       registry=r, buckets=_LAG_BUCKETS)
+        self.broker_latency = Histogram("fastws_broker_publish_seconds", "round trip of a "
+                                        "chat publish to the broker (seq allocation, history, "
+                                        "publish); none for the in-process broker",
+                                        ["broker"], registry=r, buckets=_LATENCY_BUCKETS)
+        self.messages_in = Counter("fastws_messages_in", "chat messages accepted, by source "
+                                   "(websocket clients, or the publish API)", ["source"],
+                                   registry=r)
+        self.deliveries = Counter("fastws_fanout_deliveries", "messages queued to member "
+                                  "sockets by the fan-out (one per recipient)", registry=r)
+        self.auth_failures = Counter("fastws_auth_failures", "refused WebSocket upgrades and "
+                                     "expired tokens, by reason", ["reason"], registry=r)
+        self.api_requests = Counter("fastws_api_requests", "admin API requests, by route and "
+                                    "HTTP status", ["route", "status"], registry=r)
+        self.counters = {key: Counter(f"fastws_{name}", text, registry=r)
+                         for key, (name, text) in COUNTERS.items()}
+        self._seen: dict[Any, float] = {}  # what was already exported, by source key
+        self._tasks: list[asyncio.Task[None]] = []
+        broker = node.broker
+        self._broker_name = str(getattr(broker, "name", type(broker).__name__))
+        # Touch the labelled series once, so a scrape lists them before the first event.
+        self.messages_in.labels("websocket")
+        self.messages_in.labels("api")
+        self.broker_up.labels(self._broker_name)
+        if not broker.inline:
+            self.broker_latency.labels(self._broker_name)
+            self._time_publishes()
+
+    def _time_publishes(self) -> None:
+        """Time every ``publish_seq`` of a remote broker: one per chat, never per recipient.
+        An inline (in-process) broker has no round trip, so it is left untouched."""
+        broker = self.node.broker
+        inner: Callable[[str, bytes], Awaitable[int]] = broker.publish_seq
+        observe = self.broker_latency.labels(self._broker_name).observe
+        clock = time.perf_counter
+
+        async def publish_seq(room: str, head: bytes) -> int:
+            start = clock()
+            try:
+                return await inner(room, head)
+            finally:
+                observe(clock() - start)
+
+        broker.publish_seq = publish_seq  # type: ignore[method-assign]
+
+    # ---- timers ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._sync_forever()),
+                       loop.create_task(self._probe_lag())]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+        self.sync()  # the last word of this process, for the other workers' scrapes
+
+    async def _sync_forever(self) -> None:
+        while True:
+            await asyncio.sleep(SYNC_INTERVAL)
+            self.sync()
+
+    async def _probe_lag(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            due = loop.time() + LAG_INTERVAL
+            await asyncio.sleep(LAG_INTERVAL)
+            lag = max(0.0, loop.time() - due)
+            self.loop_lag.set(lag)
+            self.loop_lag_hist.observe(lag)
+
+    # ---- export ---------------------------------------------------------------------------
+
+    def _add(self, metric: Any, key: Any, value: float) -> None:
+        """Increase ``metric`` by how much ``value`` grew since the last sync."""
+        grown = value - self._seen.get(key, 0)
+        if grown > 0:
+            metric.inc(grown)
+            self._seen[key] = value
+
+    def sync(self) -> None:
+        """Copy the node's counters and table sizes into the Prometheus values."""
+        node = self.node
+        counters = node.counters
+        self.connections.set(len(node.sessions))
+        self.rooms.set(len(node.hub.rooms))
+        up = node.broker.health().get("state") == "ok"
+        self.broker_up.labels(self._broker_name).set(1 if up else 0)
+        self._add(self.messages_in.labels("websocket"), "messages_in",
+                  counters["messages_in"])
+        self._add(self.messages_in.labels("api"), "api_messages_in",
+                  counters["api_messages_in"])
+        self._add(self.deliveries, "deliveries", node.hub.deliveries)
+        for key, metric in self.counters.items():
+            self._add(metric, key, counters[key])
+        for reason, count in list(node.auth_failures.items()):
+            self._add(self.auth_failures.labels(reason), ("auth", reason), count)
+
+    def render(self) -> bytes:
+        """One scrape in the Prometheus text format: this process, or every worker's files."""
+        self.sync()
+        if multiprocess():
+            from prometheus_client import multiprocess as mp
+
+            registry = CollectorRegistry()
+            mp.MultiProcessCollector(registry)
+            return bytes(generate_latest(registry))
+        return bytes(generate_latest(self.registry))
+
+
+def mark_process_dead(pid: int, directory: str) -> None:
+    """Supervisor: drop a dead worker's live gauges (its counters stay in the totals)."""
+    from prometheus_client import multiprocess as mp
+
+    mp.mark_process_dead(pid, directory)
