@@ -169,6 +169,14 @@ export class FastWS {
     this._setState("closed");
   }
 
+  /** While reconnecting, try now instead of waiting out the backoff (a "Retry now" button). */
+  retryNow() {
+    if (this._state !== "reconnecting" || this._ws || !this._retryTimer) return;
+    clearTimeout(this._retryTimer);
+    this._retryTimer = null;
+    this._open();
+  }
+
   // ---- requests -------------------------------------------------------------------------
 
   /** Join `room`; resolves with its `room_joined` (`members`, `seq`, `epoch`). From then on
@@ -468,7 +476,10 @@ export class FastWS {
     }
     if (entry.waiter === null) {  // one of our own: a re-join or a presence refresh
       if (msg.type === "error") {
-        if (entry.type === "join_room") this._rooms.delete(entry.room);
+        // A refused re-join drops the room; a refused presence refresh (the room was left
+        // meanwhile) is nothing to report.
+        if (entry.type !== "join_room") return;
+        this._rooms.delete(entry.room);
         this._emit("error", new ServerError(msg.code ?? "error", msg.error ?? "error", { room: entry.room }));
       } else if (msg.type === "room_joined") {
         const { id, ...event } = msg;
