@@ -1,0 +1,267 @@
+"""/metrics: a scrape's counters match exactly what real clients sent, on one node and summed
+over ``--workers 2``."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import Counter
+from typing import Any
+
+import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import InvalidStatus
+
+from fastws.auth import mint
+from fastws.server import Node
+
+from .redisutil import free_port, redis_node
+from .utils import (
+    SECRET,
+    TIMEOUT,
+    client,
+    close_picows,
+    join,
+    picows_client,
+    recv_json,
+    running_node,
+    send_json,
+    server_process,
+    ws_url,
+)
+
+KEY = "metrics-test-key-0123456789"
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+EVERY_METRIC = [
+    "fastws_connections", "fastws_rooms", "fastws_messages_in", "fastws_messages_out",
+    "fastws_fanout_deliveries", "fastws_slow_consumers", "fastws_rate_limited_messages",
+    "fastws_auth_failures", "fastws_broker_up", "fastws_broker_publish_seconds",
+    "fastws_event_loop_lag_seconds", "fastws_event_loop_lag_last_seconds",
+    "fastws_connections_opened", "fastws_api_requests",
+]
+
+
+async def scrape_text(port: int) -> str:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=TIMEOUT)) as h, \
+            h.get(f"http://127.0.0.1:{port}/metrics") as r:
+        assert r.status == 200
+        assert r.headers["Content-Type"].startswith("text/plain")
+        return (await r.read()).decode()
+
+
+async def scrape(port: int) -> Samples:
+    samples: Samples = {}
+    for family in text_string_to_metric_families(await scrape_text(port)):
+        for s in family.samples:
+            samples[(s.name, frozenset(s.labels.items()))] = s.value
+    return samples
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def admin_port(node: Node) -> int:
+    assert node.admin is not None
+    return int(node.admin.port)
+
+
+async def test_scrape_under_load_matches_what_was_sent() -> None:
+    """Six clients post 600 messages and a backend 5 more: messages in/out, fan-out deliveries,
+    connections and rooms in the scrape are exactly what the clients saw."""
+    async with running_node(admin_port=0, api_key=KEY) as node:
+        clients = [await picows_client(node, f"u{i}") for i in range(6)]
+        try:
+            for i, c in enumerate(clients):
+                c.send_json({"type": "join_room", "payload": {"room": "load"}})
+                while (await c.next())["type"] != "room_joined":
+                    pass
+                for earlier in clients[:i]:  # each earlier member gets this one's user_joined
+                    assert (await earlier.next())["type"] == "user_joined"
+            for n in range(100):
+                for c in clients:
+                    c.send_json({"type": "chat_message",
+                                 "payload": {"room": "load", "message": f"m{n}"}})
+            for c in clients:
+                got = [await c.next() for _ in range(600)]
+                assert all(m["type"] == "chat_message" for m in got)
+            async with aiohttp.ClientSession(headers={"X-API-Key": KEY}) as h:
+                for n in range(5):
+                    async with h.post(f"http://127.0.0.1:{admin_port(node)}/api/publish",
+                                      json={"room": "load", "text": f"api{n}"}) as r:
+                        assert r.status == 200
+            for c in clients:
+                assert [(await c.next())["message"] for _ in range(5)] == [
+                    f"api{n}" for n in range(5)]
+            s = await scrape(admin_port(node))
+            assert value(s, "fastws_messages_in_total", source="websocket") == 600
+            assert value(s, "fastws_messages_in_total", source="api") == 5
+            joins = 0 + 1 + 2 + 3 + 4 + 5  # user_joined copies
+            assert value(s, "fastws_fanout_deliveries_total") == 605 * 6 + joins
+            assert value(s, "fastws_messages_out_total") == 605 + 6  # + six user_joined
+            assert value(s, "fastws_connections") == 6
+            assert value(s, "fastws_connections_opened_total") == 6
+            assert value(s, "fastws_rooms") == 1
+            assert value(s, "fastws_api_requests_total", route="/api/publish",
+                         status="200") == 5
+            assert value(s, "fastws_broker_up", broker="memory") == 1
+        finally:
+            await close_picows(*clients)
+        for _ in range(100):  # the gauges follow the disconnects
+            s = await scrape(admin_port(node))
+            if value(s, "fastws_connections") == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert value(s, "fastws_connections") == 0 and value(s, "fastws_rooms") == 0
+        assert value(s, "fastws_connections_opened_total") == 6
+
+
+async def test_every_metric_has_help_and_type() -> None:
+    """Each documented metric is in the scrape with HELP and TYPE lines; the event-loop lag
+    probe has run."""
+    async with running_node(admin_port=0) as node:
+        await asyncio.sleep(0.6)  # let the 0.25 s lag probe fire (what is measured is time)
+        text = await scrape_text(admin_port(node))
+        for name in EVERY_METRIC:
+            kind = "counter" if f"# TYPE {name}_total counter" in text else None
+            shown = f"{name}_total" if kind else name  # counters are shown with _total
+            assert f"# HELP {shown} " in text, name
+            assert f"# TYPE {shown} " in text, name
+        s = await scrape(admin_port(node))
+        assert value(s, "fastws_event_loop_lag_seconds_count") >= 1
+
+
+async def test_rate_limited_messages_are_counted() -> None:
+    """Every message refused by the rate limit is counted: as many as rate_limited errors."""
+    async with running_node(admin_port=0, rate_limit=1, rate_burst=4) as node, \
+            client(node) as ws:
+        await join(ws, "r")  # one token
+        for n in range(6):
+            await send_json(ws, "chat_message", {"room": "r", "message": f"m{n}"})
+        kinds = Counter()
+        for _ in range(6):
+            msg = await recv_json(ws)
+            kinds[msg.get("code") or msg["type"]] += 1
+        assert kinds["rate_limited"] >= 2 and kinds["chat_message"] >= 3, kinds
+        s = await scrape(admin_port(node))
+        assert value(s, "fastws_rate_limited_messages_total") == kinds["rate_limited"]
+        assert value(s, "fastws_messages_in_total", source="websocket") == kinds["chat_message"]
+
+
+async def test_auth_failures_are_counted_by_reason() -> None:
+    """Refused upgrades show up under their reason: no token, bad signature, expired."""
+    async with running_node(admin_port=0) as node:
+        bad = [
+            ws_url(node, None),
+            ws_url(node, None) + "?token=" + mint("another-secret-also-long-enough-32b", "x"),
+            ws_url(node, None) + "?token=" + mint("another-secret-also-long-enough-32b", "y"),
+            ws_url(node, None) + "?token=" + mint(SECRET, "z", ttl=-60),
+        ]
+        for url in bad:
+            try:
+                async with connect(url, open_timeout=TIMEOUT):
+                    raise AssertionError("the upgrade should have been refused")
+            except InvalidStatus as exc:
+                assert exc.response.status_code == 401
+        s = await scrape(admin_port(node))
+        assert value(s, "fastws_auth_failures_total", reason="no token") == 1
+        assert value(s, "fastws_auth_failures_total", reason="bad signature") == 2
+        assert value(s, "fastws_auth_failures_total", reason="token expired") == 1
+        assert sum(v for (name, _), v in s.items()
+                   if name == "fastws_auth_failures_total") == 4
+
+
+async def test_redis_broker_state_and_latency(redis_server: Any) -> None:
+    """With Redis: one publish round trip observed per chat message; broker_up goes to 0
+    when Redis stops."""
+    async with redis_node(redis_server.url, "m1", admin_port=0) as node, \
+            client(node) as ws:
+        await join(ws, "r")
+        for n in range(7):
+            await send_json(ws, "chat_message", {"room": "r", "message": f"m{n}"})
+        for _ in range(7):
+            assert (await recv_json(ws))["type"] == "chat_message"
+        s = await scrape(admin_port(node))
+        assert value(s, "fastws_broker_publish_seconds_count", broker="redis") == 7
+        assert value(s, "fastws_broker_publish_seconds_sum", broker="redis") > 0
+        assert value(s, "fastws_broker_up", broker="redis") == 1
+        redis_server.stop()
+        for _ in range(200):
+            s = await scrape(admin_port(node))
+            if value(s, "fastws_broker_up", broker="redis") == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert value(s, "fastws_broker_up", broker="redis") == 0
+
+
+async def _join_counting(ws: ClientConnection, room: str) -> int:
+    """join_room; returns how many user_joined arrived before room_joined (another worker's
+    notice may overtake our reply)."""
+    await send_json(ws, "join_room", {"room": room})
+    early = 0
+    while (msg := await recv_json(ws))["type"] != "room_joined":
+        assert msg["type"] == "user_joined", msg
+        early += 1
+    return early
+
+
+async def test_scrape_sums_both_workers() -> None:
+    """Under --workers 2, whichever worker answers, the scrape is the sum over both: 16
+    connections split between them, every message counted once in, delivered by each worker
+    (messages_out twice), one fan-out copy per member."""
+    admin = free_port()
+    with server_process("--workers", "2", "--admin-port", str(admin)) as (_proc, port):
+        clients: list[ClientConnection] = []
+        nodes: list[str] = []
+        try:
+            for i in range(16):
+                ws = await connect(ws_url(port, f"u{i}"), open_timeout=TIMEOUT, close_timeout=1)
+                nodes.append((await recv_json(ws))["node"])
+                clients.append(ws)
+            per_worker = Counter(nodes)
+            assert len(per_worker) == 2 and max(per_worker.values()) < 16, per_worker
+            joined = [await _join_counting(ws, "all") for ws in clients]
+            for n in range(20):
+                await send_json(clients[n % 16], "chat_message",
+                                {"room": "all", "message": f"m{n}"})
+            for i, ws in enumerate(clients):
+                chats = 0
+                while chats < 20:
+                    kind = (await recv_json(ws))["type"]
+                    chats += kind == "chat_message"
+                    joined[i] += kind == "user_joined"
+            # Every user_joined was published before the first chat (each one left its worker
+            # before that joiner saw room_joined), so all of them have arrived by now.
+            expected = {
+                ("fastws_messages_in_total", "websocket"): 20,
+                # Each worker fans out each chat; a user_joined reaches the workers that had
+                # members by then (joins are one after another).
+                ("fastws_messages_out_total", ""): 2 * 20 + sum(
+                    len(set(nodes[: i + 1])) for i in range(16)),
+                ("fastws_fanout_deliveries_total", ""): 20 * 16 + sum(joined),
+                ("fastws_connections", ""): 16,
+                ("fastws_connections_opened_total", ""): 16,
+                ("fastws_rooms", ""): 2,  # the room has members on both workers
+            }
+            pids: set[int] = set()
+            got: dict[tuple[str, str], float] = {}
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + TIMEOUT * 2
+            # Other workers' values are at most SYNC_INTERVAL old; fresh connections let both
+            # workers answer, and each must give the whole sum.
+            while (got != expected or len(pids) < 2) and loop.time() < deadline:
+                s = await scrape(admin)
+                got = {(name, source): value(s, name, **({"source": source} if source else {}))
+                       for name, source in expected}
+                async with aiohttp.ClientSession() as h, \
+                        h.get(f"http://127.0.0.1:{admin}/healthz") as r:
+                    pids.add(json.loads(await r.read())["pid"])
+                await asyncio.sleep(0.05)
+            assert got == expected and len(pids) == 2, (got, pids)
+            for _ in range(6):  # and it stays so, whoever answers
+                s = await scrape(admin)
+                assert value(s, "fastws_messages_in_total", source="websocket") == 20
+        finally:
+            await asyncio.gather(*(ws.close() for ws in clients), return_exceptions=True)
