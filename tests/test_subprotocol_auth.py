@@ -17,7 +17,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
-from fastws.auth import PROTOCOL, TOKEN_PROTOCOL_PREFIX, mint
+from fastws.auth import PROTOCOL, TOKEN_PROTOCOL_PREFIX, extract_token, mint, offered_protocols
 
 from .utils import (
     TIMEOUT,
@@ -33,6 +33,24 @@ from .utils import (
 
 def offer(jwt: str) -> list[str]:
     return [PROTOCOL, TOKEN_PROTOCOL_PREFIX + jwt]
+
+
+def test_offered_protocols_splits_every_header_line() -> None:
+    """Comma lists over one or several header lines become one list, blanks dropped."""
+    assert offered_protocols(["fastws.v1, fastws.token.a.b.c", " x ,,"]) == [
+        "fastws.v1", "fastws.token.a.b.c", "x"]
+    assert offered_protocols([]) == []
+
+
+def test_extract_token_reads_the_subprotocol_last() -> None:
+    """The subprotocol token is used only when neither query nor header has one."""
+    offered = [PROTOCOL, TOKEN_PROTOCOL_PREFIX + "a.b.c"]
+    assert extract_token("/ws", None, offered) == "a.b.c"
+    assert extract_token("/ws?token=q", "Bearer h", offered) == "q"
+    assert extract_token("/ws", "Bearer h", offered) == "h"
+    assert extract_token("/ws", "Bearer ", offered) == "a.b.c"
+    assert extract_token("/ws", None, [PROTOCOL, TOKEN_PROTOCOL_PREFIX]) is None
+    assert extract_token("/ws", None, [PROTOCOL, "fastws.tokenX"]) is None
 
 
 async def test_websockets_client_connects_with_the_token_as_subprotocol() -> None:

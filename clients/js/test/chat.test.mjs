@@ -6,7 +6,7 @@ import { after, before, describe, test } from "node:test";
 import WebSocket from "ws";
 
 import { AuthError, ClosedError, FastWS, PROTOCOL, ServerError } from "../index.js";
-import { connected, mint, next, SECRET, startServer, TIMEOUT, within } from "../support/helpers.mjs";
+import { connected, mint, next, SECRET, sleep, startServer, TIMEOUT, within } from "../support/helpers.mjs";
 
 describe("chat", { timeout: 30000 }, () => {
   let server;
@@ -163,6 +163,24 @@ describe("chat", { timeout: 30000 }, () => {
     assert.equal(alice.state, "closed");
     assert.equal(alice.socket, null);
     assert.deepEqual(alice.rooms, []);
+  });
+
+  test("a failing getToken fails connect(); close() while getToken runs opens nothing", async () => {
+    const failing = new FastWS(server.url, { WebSocket, getToken: async () => { throw new Error("no token service"); } });
+    await assert.rejects(within(failing.connect(), TIMEOUT, "connect"), (err) =>
+      err instanceof ClosedError && err.code === "handshake_failed" && /no token service/.test(err.message));
+    assert.equal(failing.state, "closed");
+
+    let release;
+    const gate = new Promise((resolve) => { release = resolve; });
+    const slow = new FastWS(server.url, { WebSocket, getToken: async () => { await gate; return mint("alice"); } });
+    const pending = slow.connect();
+    slow.close();
+    await assert.rejects(pending, (err) => err instanceof ClosedError && err.code === "closed");
+    release();
+    await sleep(200);
+    assert.equal(slow.socket, null);
+    assert.equal(slow.state, "closed");
   });
 
   test("bad arguments are TypeErrors at once", () => {

@@ -116,6 +116,7 @@ export class FastWS {
     this._members = new Map(); // room -> [{userId, username}] from the last presence reply
     this._pending = new Map(); // id -> {type, room, resolve, reject, timer}
     this._nextId = 0;
+    this._run = 0;            // bumped by close(): an attempt from before it must not go on
     this._listeners = new Map();
     this.clientId = null;
     this.userId = null;
@@ -153,6 +154,7 @@ export class FastWS {
   /** Close with 1000 and stop: no more reconnects, pending requests reject with ClosedError
    *  `closed`, and the remembered rooms are forgotten. Safe to call more than once. */
   close() {
+    this._run += 1;
     clearTimeout(this._retryTimer);
     this._retryTimer = null;
     const ws = this._ws;
@@ -256,14 +258,17 @@ export class FastWS {
   // ---- internals: connecting ------------------------------------------------------------
 
   async _open() {
+    const run = this._run;
     let token;
     try {
       token = this._getToken ? await this._getToken() : this._token;
     } catch (err) {
-      this._handshakeFailed(new ClosedError("handshake_failed", `getToken failed: ${err}`, { cause: err }));
+      if (run === this._run) {
+        this._handshakeFailed(new ClosedError("handshake_failed", `getToken failed: ${err}`, { cause: err }));
+      }
       return;
     }
-    if (this._state === "closed") return;  // close() while getToken ran
+    if (run !== this._run || this._state === "closed") return;  // close() while getToken ran
     const protocols = typeof token === "string" && token ? [PROTOCOL, TOKEN_PROTOCOL_PREFIX + token] : [PROTOCOL];
     let ws;
     try {
