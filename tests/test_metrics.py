@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -207,12 +210,15 @@ async def _join_counting(ws: ClientConnection, room: str) -> int:
     return early
 
 
-async def test_scrape_sums_both_workers() -> None:
+async def test_scrape_sums_both_workers(tmp_path: Path) -> None:
     """Under --workers 2, whichever worker answers, the scrape is the sum over both: 16
     connections split between them, every message counted once in, delivered by each worker
-    (messages_out twice), one fan-out copy per member."""
+    (messages_out twice), one fan-out copy per member. The metrics directory is removed on
+    exit."""
     admin = free_port()
-    with server_process("--workers", "2", "--admin-port", str(admin)) as (_proc, port):
+    with server_process("--workers", "2", "--admin-port", str(admin),
+                        env={"TMPDIR": str(tmp_path)}) as (proc, port):
+        [metrics_dir] = tmp_path.glob("fastws-metrics-*")
         clients: list[ClientConnection] = []
         nodes: list[str] = []
         try:
@@ -263,5 +269,62 @@ async def test_scrape_sums_both_workers() -> None:
             for _ in range(6):  # and it stays so, whoever answers
                 s = await scrape(admin)
                 assert value(s, "fastws_messages_in_total", source="websocket") == 20
+            assert len(list(metrics_dir.glob("*.db"))) >= 2  # values of both workers
+        finally:
+            await asyncio.gather(*(ws.close() for ws in clients), return_exceptions=True)
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(proc.wait, TIMEOUT * 2) == 0
+        assert not metrics_dir.exists()
+
+
+async def _node_pids(admin: int) -> dict[str, int]:
+    """node id -> pid of each worker, asked of /healthz on the admin port until both answered."""
+    found: dict[str, int] = {}
+    for _ in range(200):
+        async with aiohttp.ClientSession() as h, \
+                h.get(f"http://127.0.0.1:{admin}/healthz") as r:
+            health = json.loads(await r.read())
+        found[health["node"]] = health["pid"]
+        if len(found) == 2:
+            break
+    return found
+
+
+async def test_dead_worker_keeps_its_counts_and_drops_its_gauges() -> None:
+    """A worker killed with SIGKILL: its counters stay in the totals (they never go back), its
+    connections leave the gauge; its replacement starts from zero beside them."""
+    admin = free_port()
+    with server_process("--workers", "2", "--admin-port", str(admin)) as (_proc, port):
+        clients: list[ClientConnection] = []
+        nodes: list[str] = []
+        try:
+            for i in range(10):
+                ws = await connect(ws_url(port, f"u{i}"), open_timeout=TIMEOUT, close_timeout=1)
+                nodes.append((await recv_json(ws))["node"])
+                clients.append(ws)
+            pids = await _node_pids(admin)
+            assert set(pids) == set(nodes), (pids, nodes)
+            victim = nodes[0]
+            survivors = sum(n != victim for n in nodes)
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + TIMEOUT
+            while loop.time() < deadline:
+                s = await scrape(admin)
+                if value(s, "fastws_connections_opened_total") == 10:
+                    break
+                await asyncio.sleep(0.05)
+            assert value(s, "fastws_connections") == 10
+            os.kill(pids[victim], signal.SIGKILL)
+            deadline = loop.time() + TIMEOUT * 2
+            while loop.time() < deadline:
+                try:
+                    s = await scrape(admin)
+                except (aiohttp.ClientError, AssertionError):
+                    continue  # the dead worker's queued admin connections are reset
+                if value(s, "fastws_connections") == survivors:
+                    break
+                await asyncio.sleep(0.05)
+            assert value(s, "fastws_connections") == survivors
+            assert value(s, "fastws_connections_opened_total") == 10
         finally:
             await asyncio.gather(*(ws.close() for ws in clients), return_exceptions=True)

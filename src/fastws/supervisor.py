@@ -92,7 +92,7 @@ class Supervisor:
             # Workers share the admin port too; /metrics reads every worker's values from here.
             admin_holder = reserve_port(self.settings.admin_host, self.admin_port)
             self.admin_port = admin_holder.getsockname()[1]
-            self._metrics_dir = tempfile.mkdtemp(prefix="fastws-metrics-", dir="/tmp")
+            self._metrics_dir = tempfile.mkdtemp(prefix="fastws-metrics-")
         if not self.settings.redis_url:
             from .broker.localbus import BusServer
 
