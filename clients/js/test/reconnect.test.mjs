@@ -6,7 +6,7 @@ import { test } from "node:test";
 import WebSocket from "ws";
 
 import { AuthError, ClosedError, FastWS, ServerError } from "../index.js";
-import { connected, mint, next, startServer, TIMEOUT, within } from "../support/helpers.mjs";
+import { connected, mint, next, sleep, startServer, TIMEOUT, within } from "../support/helpers.mjs";
 
 const FAST = { backoffInitial: 50, backoffMax: 200 };
 
@@ -115,7 +115,9 @@ test("token expiry (4001) stops the client unless getToken gives a fresh token",
     // With getToken: a fresh token and a reconnect, rooms rejoined.
     let minted = 0;
     const renewing = new FastWS(server.url, {
-      WebSocket, ...FAST, getToken: () => { minted += 1; return mint("bob", { ttl: minted === 1 ? 1 : 3600 }); },
+      // refreshBefore 0: no renewal ahead of time, so the token really expires.
+      WebSocket, ...FAST, refreshBefore: 0,
+      getToken: () => { minted += 1; return mint("bob", { ttl: minted === 1 ? 1 : 3600 }); },
     });
     try {
       await within(renewing.connect(), TIMEOUT, "connect");
@@ -131,6 +133,33 @@ test("token expiry (4001) stops the client unless getToken gives a fresh token",
       renewing.close();
     }
   } finally {
+    await server.stop();
+  }
+});
+
+test("with getToken the client renews its token before expiry and is never closed", { timeout: 30000 }, async () => {
+  const server = await startServer({ args: ["--jwt-leeway", "0"] });
+  let minted = 0;
+  const alice = new FastWS(server.url, {
+    WebSocket, ...FAST, refreshBefore: 1000, getToken: () => { minted += 1; return mint("alice", { ttl: 2 }); },
+  });
+  try {
+    let drops = 0;
+    alice.on("disconnected", () => { drops += 1; });
+    await within(alice.connect(), TIMEOUT, "connect");
+    await alice.join("k");
+    const renewals = [];
+    alice.on("refreshed", (e) => renewals.push(e.expiresAt));
+    // Each token lives under 2 s; 4.5 s later the first connection is still the one in use.
+    await sleep(4500);
+    assert.equal(drops, 0);
+    assert.equal(alice.state, "open");
+    assert.ok(renewals.length >= 2, `renewed ${renewals.length} times`);
+    assert.ok(renewals.every((ms) => ms > Date.now() - 3000));
+    assert.ok(minted >= 3);
+    assert.equal(await alice.send("k", "still the same connection"), 1);
+  } finally {
+    alice.close();
     await server.stop();
   }
 });

@@ -64,7 +64,18 @@ const noop = () => {};
 const detach = (ws) => { ws.onopen = ws.onmessage = ws.onerror = ws.onclose = noop; };
 const POLICY_VIOLATION = 1008;
 const EVENTS = new Set(["message", "user_joined", "user_left", "typing", "presence", "room_joined",
-                        "state", "error", "connected", "disconnected", "reconnected", "*"]);
+                        "state", "error", "connected", "disconnected", "reconnected", "refreshed", "*"]);
+
+/** The `exp` claim of a JWT, in ms, or null: read only to schedule a refresh, never trusted. */
+function expiryOf(token) {
+  try {
+    const part = token.split(".")[1].replace(/-/g, "+").replace(/_/g, "/");
+    const exp = JSON.parse(atob(part.padEnd(Math.ceil(part.length / 4) * 4, "="))).exp;
+    return Number.isFinite(exp) ? exp * 1000 : null;
+  } catch {
+    return null;
+  }
+}
 
 export class FastWS {
   /**
@@ -80,6 +91,8 @@ export class FastWS {
    * - `requestTimeout` (10000 ms): bounds each request and each connection attempt.
    * - `trackPresence` (false): ask for `presence` after every join, rejoin, user_joined and
    *   user_left, so the `presence` event always carries the room's current member list.
+   * - `refreshBefore` (30000 ms; 0 = off): with `getToken`, renew the connection's token that
+   *   long before its `exp` (half way through a shorter life) with a `refresh` message.
    */
   constructor(url, options = {}) {
     if (typeof url !== "string" || !/^(wss?|https?):\/\//.test(url)) {
@@ -105,6 +118,9 @@ export class FastWS {
     this._reconnectOnPolicyClose = o.reconnectOnPolicyClose ?? false;
     this._requestTimeout = o.requestTimeout ?? 10000;
     this._trackPresence = o.trackPresence ?? false;
+    this._refreshBefore = o.refreshBefore ?? 30000;
+    this._refreshTimer = null;
+    this._connToken = null;   // the token the current connection was opened with
 
     this._state = "closed";
     this._ws = null;          // the socket messages are taken from
@@ -155,6 +171,7 @@ export class FastWS {
    *  `closed`, and the remembered rooms are forgotten. Safe to call more than once. */
   close() {
     this._run += 1;
+    clearTimeout(this._refreshTimer);
     clearTimeout(this._retryTimer);
     this._retryTimer = null;
     const ws = this._ws;
@@ -223,6 +240,9 @@ export class FastWS {
     if (typeof token !== "string") throw new TypeError("FastWS.refresh: token must be a string");
     const reply = await this._request("refresh", { token }, "");
     this._token = token;
+    this._connToken = token;
+    this._scheduleRefresh();
+    this._emit("refreshed", { expiresAt: reply.expiresAt });
     return reply.expiresAt;
   }
 
@@ -239,7 +259,8 @@ export class FastWS {
    * Call `callback(event)` for each `event`: 'message' (a chat_message, once each),
    * 'user_joined', 'user_left', 'typing', 'presence' ({room, members}), 'room_joined' (the
    * outcome of a re-join: `recovered` false means reload history()), 'state' (the new state
-   * string), 'connected', 'disconnected' ({code, reason}), 'reconnected', 'error' (a
+   * string), 'connected', 'disconnected' ({code, reason}), 'reconnected', 'refreshed'
+   * ({expiresAt}: the token was renewed), 'error' (a
    * FastWSError: a server error with no request to reject, a failed re-join, or why the
    * client stopped), '*' (every server message). Returns a function that removes it.
    */
@@ -269,6 +290,7 @@ export class FastWS {
       return;
     }
     if (run !== this._run || this._state === "closed") return;  // close() while getToken ran
+    this._connToken = typeof token === "string" ? token : null;
     const protocols = typeof token === "string" && token ? [PROTOCOL, TOKEN_PROTOCOL_PREFIX + token] : [PROTOCOL];
     let ws;
     try {
@@ -317,6 +339,7 @@ export class FastWS {
     this._ws = null;
     const wasReady = this._ready;
     this._ready = false;
+    clearTimeout(this._refreshTimer);
     this._failPending(new ClosedError("disconnected", "the connection dropped before the reply", { closeCode: code }));
     if (wasReady) this._emit("disconnected", { code, reason });
     if (refused === 401) {
@@ -382,11 +405,35 @@ export class FastWS {
       this._sendRequest("join_room", payload, room, null);
     }
     this._setState("open");
+    this._scheduleRefresh();
     this._emit("connected", msg);
     if (rejoin) this._emit("reconnected", {});
     const opening = this._opening;
     this._opening = null;
     opening?.resolve(msg);
+  }
+
+  /** With getToken, renew the connection's token (a `refresh` message) `refreshBefore` ms
+   *  before it expires, or half way through a shorter life, so the server never closes
+   *  with 4001. A failed renewal is an `error` event; the 4001 path then takes over. */
+  _scheduleRefresh() {
+    clearTimeout(this._refreshTimer);
+    this._refreshTimer = null;
+    const expires = this._connToken && expiryOf(this._connToken);
+    if (!this._getToken || !this._refreshBefore || !expires) return;
+    const remaining = expires - Date.now();
+    const delay = remaining > 2 * this._refreshBefore ? remaining - this._refreshBefore : remaining / 2;
+    this._refreshTimer = setTimeout(async () => {
+      this._refreshTimer = null;
+      try {
+        const token = await this._getToken();
+        if (this._ready) await this.refresh(token);
+      } catch (err) {
+        if (this._ready) {
+          this._emit("error", err instanceof FastWSError ? err : new AuthError("refresh_failed", `token refresh failed: ${err}`, { cause: err }));
+        }
+      }
+    }, Math.max(0, delay));
   }
 
   _setState(state) {
