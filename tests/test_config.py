@@ -209,6 +209,13 @@ def test_example_file_loads() -> None:
     assert got.sources["redis_url"] == "file" and got.settings.jwt_secret == ""
 
 
+def test_deploy_doc_shows_the_example_file_verbatim() -> None:
+    """docs/deploy.md's TOML example is examples/fastws.toml, so the tested file is the
+    documented one."""
+    doc = (EXAMPLE.parent.parent / "docs" / "deploy.md").read_text()
+    assert f"```toml\n{EXAMPLE.read_text()}```" in doc
+
+
 async def _check_limits(ws: ClientConnection) -> None:
     """max_rooms_per_connection is 1 and max_message_chars is 5 on the node behind ``ws``."""
     await send_json(ws, "join_room", {"room": "a"})
