@@ -230,11 +230,11 @@ async def _check_limits(ws: ClientConnection) -> None:
 
 
 async def test_serve_uses_the_file(tmp_path: Path) -> None:
-    """A real `fastws serve --config f.toml` enforces the file's max_message_chars, and a
-    FASTWS_* variable beats the file's max_rooms_per_connection."""
+    """A real `fastws serve` with FASTWS_CONFIG=f.toml enforces the file's max_message_chars,
+    and a FASTWS_* variable beats the file's max_rooms_per_connection."""
     path = write(tmp_path, "[limits]\nmax_message_chars = 5\nmax_rooms_per_connection = 3\n")
-    env = {"FASTWS_MAX_ROOMS_PER_CONNECTION": "1"}
-    with server_process("--config", path, env=env) as (_proc, port):
+    env = {"FASTWS_CONFIG": path, "FASTWS_MAX_ROOMS_PER_CONNECTION": "1"}
+    with server_process(env=env) as (_proc, port):
         async with client(port) as ws:
             await _check_limits(ws)
 
