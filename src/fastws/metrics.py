@@ -46,8 +46,6 @@ _LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.
 #: node.counters key -> (metric name, help). Each becomes a ``fastws_<name>_total`` counter.
 COUNTERS: dict[str, tuple[str, str]] = {
     "connections_total": ("connections_opened", "WebSocket connections accepted"),
-    "messages_out": ("messages_out", "publications (chat, joins/leaves, typing, API) fanned "
-                     "out to this process's members, one per publication"),
     "slow_consumers": ("slow_consumers", "connections closed as slow consumers (4008)"),
     "rate_limited": ("rate_limited_messages", "client messages dropped by the rate limit"),
     "refused_full": ("refused_full", "upgrades refused with 503 at max_connections"),
@@ -88,6 +86,9 @@ class Metrics:
         self.messages_in = Counter("fastws_messages_in", "chat messages accepted, by source "
                                    "(websocket clients, or the publish API)", ["source"],
                                    registry=r)
+        self.messages_out = Counter("fastws_messages_out", "publications (chat, joins/leaves, "
+                                    "typing, API) fanned out to this process's members, one "
+                                    "per publication however many members got it", registry=r)
         self.deliveries = Counter("fastws_fanout_deliveries", "messages queued to member "
                                   "sockets by the fan-out (one per recipient)", registry=r)
         self.auth_failures = Counter("fastws_auth_failures", "refused WebSocket upgrades and "
@@ -177,6 +178,7 @@ class Metrics:
         self._add(self.messages_in.labels("api"), "api_messages_in",
                   counters["api_messages_in"])
         self._add(self.deliveries, "deliveries", node.hub.deliveries)
+        self._add(self.messages_out, "messages_out", node.messages_out)
         for key, metric in self.counters.items():
             self._add(metric, key, counters[key])
         for reason, count in list(node.auth_failures.items()):
