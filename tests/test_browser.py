@@ -136,3 +136,24 @@ async def test_two_browsers_chat_and_survive_a_server_restart() -> None:
     assert shot.is_file() and shot.stat().st_size > 1000
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert errors == []
+
+
+@pytest.mark.timeout(60)
+async def test_refused_token_asks_for_another_and_a_pasted_one_connects() -> None:
+    """A bad token opens the token panel saying so; pasting a good one connects."""
+    errors: list[str] = []
+    async with chromium() as browser:
+        with server_process() as (_, port):
+            page = await browser.new_page()
+            page.set_default_timeout(WAIT)
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            await page.goto(f"http://127.0.0.1:{port}/?token={token('alice', ttl=-3600)}")
+            await expect(page.get_by_test_id("token-panel")).to_be_visible()
+            await expect(page.locator("#token-note")).to_contain_text("invalid or expired")
+            await expect(page.get_by_test_id("status")).to_have_attribute("data-state", "closed")
+            await page.locator("#token-input").fill(token("carol"))
+            await page.locator("#connect-btn").click()
+            await expect(page.get_by_test_id("status")).to_have_attribute("data-state", "open")
+            await expect(page.get_by_test_id("status")).to_have_text("connected as carol")
+            await expect(page.get_by_test_id("token-panel")).to_be_hidden()
+    assert errors == []
