@@ -137,6 +137,38 @@ test("token expiry (4001) stops the client unless getToken gives a fresh token",
   }
 });
 
+test("a 401 on a reconnect is retried once with a fresh token from getToken, then stops", { timeout: 30000 }, async () => {
+  const server = await startServer();
+  const tokens = [];
+  // The script of what getToken hands out: good, then an expired one (401), then good again.
+  const script = ["good", "expired", "good", "expired", "expired"];
+  const bob = new FastWS(server.url, {
+    WebSocket, ...FAST, refreshBefore: 0,
+    getToken: () => { const kind = script[tokens.length]; tokens.push(kind); return mint("bob", { ttl: kind === "good" ? 3600 : -3600 }); },
+  });
+  try {
+    await within(bob.connect(), TIMEOUT, "connect");
+    await bob.join("a");
+    const back = next(bob, "reconnected", undefined, 10000);
+    bob.socket.terminate();
+    await back;
+    assert.deepEqual(tokens, ["good", "expired", "good"]);
+    assert.equal(await bob.send("a", "back"), 1);
+
+    // Two refusals in a row: the client gives up with auth_failed.
+    const stopped = next(bob, "error", (e) => e.code === "auth_failed", 10000);
+    bob.socket.terminate();
+    const error = await stopped;
+    assert.ok(error instanceof AuthError);
+    assert.equal(error.status, 401);
+    assert.deepEqual(tokens, ["good", "expired", "good", "expired", "expired"]);
+    assert.equal(bob.state, "closed");
+  } finally {
+    bob.close();
+    await server.stop();
+  }
+});
+
 test("with getToken the client renews its token before expiry and is never closed", { timeout: 30000 }, async () => {
   const server = await startServer({ args: ["--jwt-leeway", "0"] });
   let minted = 0;

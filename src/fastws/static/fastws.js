@@ -19,7 +19,8 @@
 //   reaches the app once and in order.
 // - It does not reconnect after close 4001 (token expired) unless `getToken` can give a
 //   fresh token, nor after 1008 (policy) unless `reconnectOnPolicyClose` is set, nor after an
-//   HTTP 401 at the upgrade (when the WebSocket implementation reports it; browsers do not).
+//   HTTP 401 at the upgrade (when the WebSocket implementation reports it; browsers do not),
+//   except once with a fresh token from `getToken`.
 
 export const PROTOCOL = "fastws.v1";
 export const TOKEN_PROTOCOL_PREFIX = "fastws.token.";
@@ -133,6 +134,7 @@ export class FastWS {
     this._pending = new Map(); // id -> {type, room, resolve, reject, timer}
     this._nextId = 0;
     this._run = 0;            // bumped by close(): an attempt from before it must not go on
+    this._authRetried = false; // a 401 on a reconnect was retried once with a fresh token
     this._listeners = new Map();
     this.clientId = null;
     this.userId = null;
@@ -343,7 +345,14 @@ export class FastWS {
     this._failPending(new ClosedError("disconnected", "the connection dropped before the reply", { closeCode: code }));
     if (wasReady) this._emit("disconnected", { code, reason });
     if (refused === 401) {
-      this._stop(new AuthError("auth_failed", "the server refused the token (HTTP 401)", { status: 401 }));
+      const error = new AuthError("auth_failed", "the server refused the token (HTTP 401)", { status: 401 });
+      // A token that expired while the server was away: one more try with a fresh one.
+      if (this._getToken && !this._opening && !this._authRetried) {
+        this._authRetried = true;
+        this._afterDrop(error, 0);
+      } else {
+        this._stop(error);
+      }
       return;
     }
     if (code === TOKEN_EXPIRED) {
@@ -397,6 +406,7 @@ export class FastWS {
     this.username = msg.username ?? null;
     const rejoin = this._state === "reconnecting";
     this._attempt = 0;
+    this._authRetried = false;
     this._ready = true;
     // Re-join before anything of the app can be sent, so the server handles them first.
     for (const [room, pos] of this._rooms) {
