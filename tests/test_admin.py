@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
+import subprocess
+import sys
 from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
@@ -17,6 +20,7 @@ from fastws.server import Node
 
 from .redisutil import free_port, redis_node
 from .utils import (
+    SECRET,
     TIMEOUT,
     client,
     join,
@@ -264,3 +268,17 @@ async def test_publish_reaches_clients_on_every_worker() -> None:
                 assert got == ["n0", "n1", "n2", "n3"]
         finally:
             await asyncio.gather(*(ws.close() for ws in clients), return_exceptions=True)
+
+
+def test_busy_admin_port_is_a_clear_error() -> None:
+    """An admin port already taken stops `fastws serve` with exit code 2 and says which."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = busy.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "-m", "fastws", "serve", "--port", "0", "--jwt-secret", SECRET,
+             "--admin-port", str(taken)], capture_output=True, text=True, timeout=TIMEOUT * 3)
+    assert done.returncode == 2, done.stderr
+    assert f"admin listener: cannot listen on 127.0.0.1:{taken}" in done.stderr
+    assert "Traceback" not in done.stderr

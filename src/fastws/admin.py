@@ -29,7 +29,7 @@ import msgspec
 from aiohttp import web
 
 from .broker import MemberInfo
-from .errors import BrokerUnavailable
+from .errors import BrokerUnavailable, ConfigError
 from .metrics import CONTENT_TYPE, Metrics
 from .session import ROOM_NAME
 
@@ -121,7 +121,12 @@ class Admin:
         await self.runner.setup()
         self._site = web.TCPSite(self.runner, self.settings.admin_host, self.settings.admin_port,
                                  reuse_port=reuse_port or None, backlog=1024)
-        await self._site.start()
+        try:
+            await self._site.start()
+        except OSError as exc:
+            await self.runner.cleanup()
+            raise ConfigError(f"admin listener: cannot listen on {self.settings.admin_host}:"
+                              f"{self.settings.admin_port}: {exc.strerror}") from None
         self.metrics.start()
         log.info("admin listening on %s:%d", self.settings.admin_host, self.port,
                  extra={"event": "admin_listening", "port": self.port})

@@ -87,8 +87,8 @@ class Metrics:
                                    "(websocket clients, or the publish API)", ["source"],
                                    registry=r)
         self.messages_out = Counter("fastws_messages_out", "publications (chat, joins/leaves, "
-                                    "typing, API) fanned out to this process's members, one "
-                                    "per publication however many members got it", registry=r)
+                                    "typing, API) this process received to fan out to its "
+                                    "members, one each however many got it", registry=r)
         self.deliveries = Counter("fastws_fanout_deliveries", "messages queued to member "
                                   "sockets by the fan-out (one per recipient)", registry=r)
         self.auth_failures = Counter("fastws_auth_failures", "refused WebSocket upgrades and "
