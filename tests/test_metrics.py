@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -241,7 +242,9 @@ async def test_scrape_sums_both_workers(tmp_path: Path) -> None:
             # Every user_joined was published before the first chat (each one left its worker
             # before that joiner saw room_joined), so all of them have arrived by now.
             expected = {
-                ("fastws_messages_in_total", "websocket"): 20,
+                ("fastws_messages_in_total", "source=websocket"): 20,
+                # one local-bus round trip timed per chat, by the worker that took it
+                ("fastws_broker_publish_seconds_count", "broker=localbus"): 20,
                 # Each worker fans out each chat; a user_joined reaches the workers that had
                 # members by then (joins are one after another).
                 ("fastws_messages_out_total", ""): 2 * 20 + sum(
@@ -253,14 +256,14 @@ async def test_scrape_sums_both_workers(tmp_path: Path) -> None:
             }
             pids: set[int] = set()
             got: dict[tuple[str, str], float] = {}
+            labels = {k: dict([k[1].split("=")]) if k[1] else {} for k in expected}
             loop = asyncio.get_running_loop()
             deadline = loop.time() + TIMEOUT * 2
             # Other workers' values are at most SYNC_INTERVAL old; fresh connections let both
             # workers answer, and each must give the whole sum.
             while (got != expected or len(pids) < 2) and loop.time() < deadline:
                 s = await scrape(admin)
-                got = {(name, source): value(s, name, **({"source": source} if source else {}))
-                       for name, source in expected}
+                got = {key: value(s, key[0], **labels[key]) for key in expected}
                 async with aiohttp.ClientSession() as h, \
                         h.get(f"http://127.0.0.1:{admin}/healthz") as r:
                     pids.add(json.loads(await r.read())["pid"])
@@ -328,3 +331,38 @@ async def test_dead_worker_keeps_its_counts_and_drops_its_gauges() -> None:
             assert value(s, "fastws_connections_opened_total") == 10
         finally:
             await asyncio.gather(*(ws.close() for ws in clients), return_exceptions=True)
+
+
+async def test_slow_consumer_is_counted() -> None:
+    """A member that stops reading is closed as a slow consumer, and the scrape says so once."""
+    from .test_slow_consumer import raw_client
+
+    async with running_node(admin_port=0, max_send_buffer_bytes=65536, close_timeout=0.5,
+                            rate_limit=0) as node:
+        sender = await picows_client(node, "sender")
+        try:
+            sender.send_json({"type": "join_room", "payload": {"room": "busy"}})
+            assert (await sender.next())["type"] == "room_joined"
+            async with raw_client(node, "slow") as slow:
+                hello = await slow.recv_json()
+                await slow.send_json({"type": "join_room", "payload": {"room": "busy"}})
+                while (await slow.recv_json())["type"] != "room_joined":
+                    pass
+                assert (await sender.next())["type"] == "user_joined"
+                session = node.sessions[hello["clientId"]]
+                # A small kernel buffer, so the 64 KiB limit is what the test runs into.
+                sock = session.transport.underlying_transport.get_extra_info("socket")
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+                for _ in range(40):  # at most 2000 messages of 900 characters
+                    for _ in range(50):
+                        sender.send_json({"type": "chat_message",
+                                          "payload": {"room": "busy", "message": "x" * 900}})
+                    for _ in range(50):
+                        while (await sender.next())["type"] != "chat_message":
+                            pass
+                    if node.counters["slow_consumers"]:
+                        break
+                s = await scrape(admin_port(node))
+                assert value(s, "fastws_slow_consumers_total") == 1
+        finally:
+            await close_picows(sender)

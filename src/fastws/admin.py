@@ -114,7 +114,9 @@ class Admin:
         app.router.add_get("/api/rooms/{room}/presence", self.api_presence)
         app.router.add_get("/metrics", self.serve_metrics)
         app.router.add_get("/healthz", self.serve_health)
-        self.runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        # Shutdown waits for requests in flight at most close_timeout, never aiohttp's 60 s.
+        self.runner = web.AppRunner(app, access_log=None, handle_signals=False,
+                                    shutdown_timeout=self.settings.close_timeout)
         self._site: web.TCPSite | None = None
 
     async def start(self, reuse_port: bool = False) -> None:
