@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -105,3 +106,24 @@ async def test_redis_publisher_without_redis_is_503(redis_server: Any) -> None:
         redis_server.start()
         # A fresh Redis without persistence: the room starts a new epoch at seq 1.
         assert await pub.publish("r", "three") == 1
+
+
+async def test_http_publisher_times_out() -> None:
+    """An admin listener that accepts but never answers costs ``timeout``, then 503."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def hold(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+
+    server = await asyncio.start_server(hold, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with Publisher(f"http://127.0.0.1:{port}", KEY, timeout=0.3) as pub:
+            with pytest.raises(PublishError) as err:
+                await asyncio.wait_for(pub.publish("ops", "x"), 5)
+            assert (err.value.status, err.value.code) == (503, "unreachable")
+    finally:
+        for writer in held:
+            writer.close()
+        server.close()
+        await server.wait_closed()

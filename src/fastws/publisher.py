@@ -14,6 +14,7 @@ every node receives it, and history and recovery include it.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from types import TracebackType
 from typing import Any
@@ -131,7 +132,7 @@ class Publisher:
             async with self._http.request(method, self.url + path, json=body) as response:
                 raw = await response.read()
                 status = response.status
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:  # not builtin on 3.10
             raise PublishError(503, "unreachable", f"{self.url}: {exc!r}") from exc
         try:
             reply = json.loads(raw)
