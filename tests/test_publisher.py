@@ -41,6 +41,10 @@ async def test_http_publisher_publishes_and_reads_presence() -> None:
             members = await pub.presence("ops")
             assert sorted(members, key=lambda m: m.userId) == [Member("alice", "alice"),
                                                                Member("bob", "bob")]
+            await join(alice, "team#1:@ops")  # '#' and ':' are room characters, not URL syntax
+            assert await pub.publish("team#1:@ops", "hash") == 1
+            assert (await next_chat(alice))["room"] == "team#1:@ops"
+            assert await pub.presence("team#1:@ops") == [Member("alice", "alice")]
 
 
 async def test_http_publisher_raises_typed_errors() -> None:

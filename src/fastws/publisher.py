@@ -18,6 +18,7 @@ import asyncio
 import json
 from types import TracebackType
 from typing import Any
+from urllib.parse import quote
 
 import msgspec
 
@@ -117,7 +118,8 @@ class Publisher:
             except BrokerUnavailable:
                 raise PublishError(503, "unavailable", "Redis unavailable") from None
             return [Member(**m) for m in unique_members(entries)]
-        reply = await self._request("GET", f"/api/rooms/{room}/presence")
+        # Room names may hold '#' and ':', which must not end or split the path.
+        reply = await self._request("GET", f"/api/rooms/{quote(room, safe='')}/presence")
         return [Member(m["userId"], m["username"]) for m in reply["members"]]
 
     # ---- HTTP -------------------------------------------------------------------------------
