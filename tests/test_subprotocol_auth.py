@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import time
+from typing import Any
 
 import picows
 import pytest
@@ -18,6 +19,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from fastws.auth import PROTOCOL, TOKEN_PROTOCOL_PREFIX, extract_token, mint, offered_protocols
+from fastws.server import Node
 
 from .utils import (
     TIMEOUT,
@@ -98,6 +100,15 @@ async def test_protocols_in_separate_headers_are_read_too() -> None:
             await close_picows(listener)
 
 
+async def refused(node: Node, subprotocols: list[str]) -> Any:
+    """The HTTP response of an upgrade offering ``subprotocols`` that the node refuses."""
+    with pytest.raises(InvalidStatus) as info:
+        async with connect(ws_url(node, None), subprotocols=subprotocols,
+                           open_timeout=TIMEOUT):
+            pass
+    return info.value.response
+
+
 @pytest.mark.parametrize(
     "jwt",
     [
@@ -110,44 +121,28 @@ async def test_protocols_in_separate_headers_are_read_too() -> None:
 async def test_bad_token_in_subprotocol_is_refused_with_401(jwt: str) -> None:
     """A refused token in the subprotocol gets HTTP 401 before any WebSocket exists."""
     async with running_node() as node:
-        with pytest.raises(InvalidStatus) as info:
-            async with connect(ws_url(node, None), subprotocols=offer(jwt),
-                               open_timeout=TIMEOUT):
-                pass
-        assert info.value.response.status_code == 401
+        assert (await refused(node, offer(jwt))).status_code == 401
         assert node.counters["auth_failures"] == 1
 
 
 async def test_no_token_with_the_protocol_offered_is_refused_with_401() -> None:
     """fastws.v1 alone is no credential: 401."""
     async with running_node() as node:
-        with pytest.raises(InvalidStatus) as info:
-            async with connect(ws_url(node, None), subprotocols=[PROTOCOL],
-                               open_timeout=TIMEOUT):
-                pass
-        assert info.value.response.status_code == 401
+        assert (await refused(node, [PROTOCOL])).status_code == 401
 
 
 async def test_empty_token_subprotocol_is_no_token() -> None:
     """`fastws.token.` with nothing after it is treated as no token: 401."""
     async with running_node() as node:
-        with pytest.raises(InvalidStatus) as info:
-            async with connect(ws_url(node, None), subprotocols=offer(""),
-                               open_timeout=TIMEOUT):
-                pass
-        assert info.value.response.status_code == 401
+        assert (await refused(node, offer(""))).status_code == 401
 
 
 async def test_token_without_the_protocol_is_refused_with_400() -> None:
     """A token offered without fastws.v1 gets 400 saying what to offer (no echo possible)."""
     async with running_node() as node:
-        with pytest.raises(InvalidStatus) as info:
-            async with connect(ws_url(node, None),
-                               subprotocols=[TOKEN_PROTOCOL_PREFIX + token()],
-                               open_timeout=TIMEOUT):
-                pass
-        assert info.value.response.status_code == 400
-        assert PROTOCOL.encode() in info.value.response.body
+        response = await refused(node, [TOKEN_PROTOCOL_PREFIX + token()])
+        assert response.status_code == 400
+        assert PROTOCOL.encode() in response.body
 
 
 async def test_query_token_wins_over_subprotocol_token() -> None:
