@@ -27,12 +27,13 @@ from hypothesis import strategies as st
 from websockets.asyncio.client import ClientConnection
 
 from fastws import protocol as p
-from fastws.auth import Principal, Verifier
+from fastws.auth import Principal
 from fastws.config import load_settings
 from fastws.errors import MessageError
 from fastws.session import Session
 
-from .utils import SECRET, client, join, recv_json, running_node
+from .recorder import Recorder
+from .utils import client, join, recv_json, running_node
 
 DECODE_CODES = {"invalid_format", "unknown_type", "invalid_payload"}
 # Refusals the session adds after a successful decode (see session.py and docs/protocol.md §4).
@@ -245,41 +246,6 @@ def test_decode_of_deeply_nested_input_raises_only_message_error(data: str) -> N
 
 
 # ---- (b1) a Session without sockets ---------------------------------------------------------
-
-
-class Recorder:
-    """Outlet and NodeActions that record replies; the node actions succeed in place."""
-
-    inline = True
-
-    def __init__(self) -> None:
-        self.sent: list[dict[str, Any]] = []
-        self.closed: tuple[int, str] | None = None
-        self.verifier = Verifier(load_settings({}, environ={}), SECRET)
-
-    def send(self, payload: bytes) -> None:
-        self.sent.append(json.loads(payload))
-
-    def close(self, code: int, reason: str) -> None:
-        self.closed = (code, reason)
-
-    async def join(self, session: Session, room: str, since: Any, msg_id: Any) -> None:
-        session.rooms.add(room)
-
-    async def leave(self, session: Session, room: str, msg_id: Any) -> None:
-        session.rooms.discard(room)
-
-    async def chat(self, session: Session, room: str, text: str, msg_id: Any) -> None:
-        pass
-
-    async def typing(self, session: Session, room: str, is_typing: bool, msg_id: Any) -> None:
-        pass
-
-    async def presence(self, session: Session, room: str, msg_id: Any) -> None:
-        pass
-
-    async def history(self, session: Session, room: str, limit: int, msg_id: Any) -> None:
-        pass
 
 
 def expected_error(data: bytes | str) -> dict[str, Any] | None:
