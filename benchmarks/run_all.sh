@@ -30,9 +30,10 @@ run() {
 }
 
 run roundtrip --connections 64
+run roundtrip --connections 64 --rate 5000
 run fanout --subscribers 1000 --window 64
 run fanout --subscribers 1000 --rate 50
-run fanout --subscribers 1000 --join-storm
+run fanout --subscribers 1000 --join-storm --storm-concurrency 64
 run rooms --rooms 500 --members 4
 run connections --connections 10000
 
