@@ -137,6 +137,12 @@ class Connection(WSListener):
         except WSProtocolError:
             self._flush()  # replies already queued go out before picows' close frame
             raise
+        if frame.last_in_buffer:
+            # This peer has nothing more to read this turn: its own replies (and echoes) go
+            # out now instead of a loop iteration later; others' copies stay corked.
+            sink = self.sink
+            if sink is not None and sink.pending:
+                self.node.hub.flush(sink)
 
     def _flush(self) -> None:
         if self.sink is not None and not self.sink.closed:
