@@ -30,11 +30,8 @@ def token(user: str = "alice", **kw: Any) -> str:
 
 @contextlib.asynccontextmanager
 async def running_node(**overrides: Any) -> AsyncIterator[Node]:
-    """A real node in this event loop on a free loopback port; drained on exit. Its socket
-    layer is ``$FASTWS_TEST_TRANSPORT`` (uvloop by default): .ci/run runs the transport-facing
-    tests once more with aiofastnet."""
+    """A real node in this event loop on a free loopback port; drained on exit."""
     settings = load_settings({"host": "127.0.0.1", "port": 0, "jwt_secret": SECRET,
-                              "transport": os.environ.get("FASTWS_TEST_TRANSPORT", "uvloop"),
                               **overrides}, environ={})
     node = Node(settings, SECRET)
     await node.start()

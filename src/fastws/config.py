@@ -50,7 +50,6 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     history_ttl: float = 3600.0
     history_off: str = ""
     workers: int = 1
-    transport: str = "uvloop"
     redis_url: str = ""
     redis_node_ttl: float = 15.0
     redis_cluster: bool = False
@@ -120,9 +119,6 @@ FIELD_HELP: dict[str, str] = {
     "(default none)",
     "workers": "worker processes sharing the port (default 1; 0 = one per core); with more "
     "than one and no Redis, workers talk over a local bus in the supervisor",
-    "transport": "socket layer under picows: uvloop (default: the least memory per idle "
-    "connection, ~7.5 KiB) or aiofastnet (about a quarter less server CPU per message, a lower "
-    "p99 at a fixed rate, ~5 KiB more per connection)",
     "redis_url": "redis://host:port/db to span rooms across hosts (default none: this host "
     "only)",
     "redis_cluster": "treat --redis-url as a Redis Cluster node and use sharded pub/sub "
@@ -239,8 +235,6 @@ def validate(s: Settings) -> None:
         raise ConfigError("workers must be >= 0 (0 = one per core)")
     if s.redis_url and not s.redis_url.startswith(("redis://", "rediss://", "unix://")):
         raise ConfigError("redis_url must start with redis://, rediss:// or unix://")
-    if s.transport not in ("uvloop", "aiofastnet"):
-        raise ConfigError(f"transport: expected uvloop or aiofastnet, got {s.transport!r}")
     if s.log_format not in ("text", "json"):
         raise ConfigError(f"log_format: expected text or json, got {s.log_format!r}")
     if s.log_level.lower() not in ("debug", "info", "warning", "error"):

@@ -427,9 +427,8 @@ async def listen(
         # Chat messages are small; picows grows the buffer for a bigger one. Its 16 KiB
         # default would be most of an idle connection's memory.
         read_buffer_init_size=2048,
-        # uvloop's own transport by default: aiofastnet's is faster per message but costs
-        # ~5 KiB more per connection (benchmarks/README.md, "Choosing the transport").
-        use_aiofastnet=s.transport == "aiofastnet",
+        # The plain uvloop transport: aiofastnet's costs ~5 KiB more per connection.
+        use_aiofastnet=False,
     )
 
 
