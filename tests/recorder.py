@@ -25,6 +25,7 @@ class Recorder:
         self.calls: list[tuple[Any, ...]] = []
         self.counters: Counter[str] = Counter()
         self.verifier = Verifier(load_settings({}, environ={}), SECRET)
+        self.chat_now: Any = None  # chats go through the ``chat`` coroutine
 
     def send(self, payload: bytes) -> None:
         self.sent.append(json.loads(payload))
@@ -42,6 +43,10 @@ class Recorder:
 
     async def chat(self, session: Session, room: str, text: str, msg_id: Any) -> None:
         self.calls.append(("chat", room, text, msg_id))
+
+    def record_chat_now(self, session: Session, room: str, text: str, msg_id: Any) -> None:
+        """Set as ``chat_now`` to take the synchronous chat path (an in-process broker)."""
+        self.calls.append(("chat_now", room, text, msg_id))
 
     async def typing(self, session: Session, room: str, is_typing: bool, msg_id: Any) -> None:
         self.calls.append(("typing", room, is_typing, msg_id))

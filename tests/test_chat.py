@@ -201,3 +201,18 @@ async def test_too_many_rooms_is_refused() -> None:
         await join(ws, "b")
         await send_json(ws, "join_room", {"room": "c"})
         assert (await recv_json(ws))["code"] == "too_many_rooms"
+
+
+async def test_the_in_process_broker_takes_the_synchronous_chat_path() -> None:
+    """The default node chats without a coroutine per message, and its acks and seqs are
+    those of the coroutine path (which a remote broker uses)."""
+    async with running_node() as node, client(node) as ws:
+        assert node.chat_now is not None
+        await join(ws, "r")
+        for i in range(3):
+            await send_json(ws, "chat_message", {"room": "r", "message": f"m{i}"}, id=f"c{i}")
+        got = [await recv_json(ws) for _ in range(6)]
+        acks = [m for m in got if m["type"] == "ack"]
+        echoes = [m for m in got if m["type"] == "chat_message"]
+        assert [(a["id"], a["seq"]) for a in acks] == [("c0", 1), ("c1", 2), ("c2", 3)]
+        assert [(e["message"], e["seq"]) for e in echoes] == [("m0", 1), ("m1", 2), ("m2", 3)]

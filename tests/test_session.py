@@ -46,6 +46,19 @@ def test_valid_messages_become_node_calls() -> None:
     assert rec.sent == []
 
 
+def test_chat_takes_the_synchronous_path_when_the_node_offers_one() -> None:
+    """With ``chat_now`` (an in-process broker) a valid chat calls it instead of the ``chat``
+    coroutine; a refused chat reaches neither."""
+    s, rec, _ = make()
+    rec.chat_now = rec.record_chat_now
+    s.handle(msg("join_room", room="r"))
+    s.handle(msg("chat_message", room="r", message="hi"))
+    s.handle(msg("chat_message", room="r", message=" "))
+    s.handle(msg("chat_message", room="other", message="hi"))
+    assert rec.calls == [("join", "r", None), ("chat_now", "r", "hi", None)]
+    assert [m["code"] for m in rec.sent] == ["empty_message", "not_in_room"]
+
+
 def test_empty_message_is_refused() -> None:
     """A blank chat_message is refused rather than broadcast."""
     s, rec, _ = make()

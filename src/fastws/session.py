@@ -43,6 +43,8 @@ class NodeActions(Protocol):
     inline: bool
     verifier: Any  # auth.Verifier
     counters: Any  # collections.Counter of node events, exported as metrics
+    # ``chat`` done synchronously, when the broker allows it (an in-process one); else None.
+    chat_now: Callable[[Session, str, str, p.MsgId], None] | None
 
     async def join(
         self, session: Session, room: str, since: p.Since | None, msg_id: p.MsgId
@@ -214,7 +216,8 @@ class Session:
         """Validate ``msg``; return the node action to run, or None when already answered."""
         if isinstance(msg, p.ChatMessage):
             room, text = msg.payload.room, msg.payload.message
-            self._require_member(room, msg.id)
+            if room not in self.rooms:
+                self._require_member(room, msg.id)  # raises not_in_room
             if len(text) > self.settings.max_message_chars:
                 raise MessageError(
                     "message_too_long",
@@ -223,6 +226,10 @@ class Session:
                 )
             if not text.strip():
                 raise MessageError("empty_message", "Message is empty", msg.id)
+            if self.node.chat_now is not None:
+                # The hot path: no coroutine to build and drive for an in-process broker.
+                self.node.chat_now(self, room, text, msg.id)
+                return None
             return self.node.chat(self, room, text, msg.id)
         elif isinstance(msg, p.Typing):
             self._require_member(msg.payload.room, msg.id)

@@ -88,7 +88,7 @@ class Ledger:
 
     def publish_seq(self, name: str, head: bytes) -> tuple[int, bytes]:
         """Allocate the next seq; return it and the payload to publish (kept in history)."""
-        room = self._room(name)
+        room = self.rooms.get(name) or self._room(name)  # hot: no call when it exists
         room.seq += 1
         payload = chat_payload(head, room.seq, room.epoch)
         room.stamp = now = self.clock()

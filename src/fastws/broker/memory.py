@@ -46,6 +46,10 @@ class MemoryBroker:
         self._deliver(room, exclude, payload, 0)
 
     async def publish_seq(self, room: str, head: bytes) -> int:
+        return self.publish_seq_now(room, head)
+
+    def publish_seq_now(self, room: str, head: bytes) -> int:
+        """``publish_seq`` without a coroutine: the chat hot path calls it directly."""
         seq, payload = self.ledger.publish_seq(room, head)
         assert self._deliver is not None
         self._deliver(room, "", payload, seq)
