@@ -113,6 +113,8 @@ class _Envelope(msgspec.Struct):
 
 _decoder = msgspec.json.Decoder(ClientMessage)
 _envelope_decoder = msgspec.json.Decoder(_Envelope)
+# Raises msgspec errors as they are; ``decode`` turns them into the seed's MessageError.
+decode_valid = _decoder.decode
 
 
 def decode(data: bytes | str) -> ClientMessage:
@@ -189,7 +191,7 @@ def chat_head(room: str, username: str, message: str, user_id: str) -> bytes:
     """A chat_message (room, username, message, timestamp, userId, seq, epoch) encoded once,
     up to where its ``seq`` goes: the broker allocates seq and epoch and completes it
     (``broker.ledger.chat_payload``) atomically with publishing, so no node re-encodes it."""
-    body = encode(_ChatWithoutSeq(room, username, message, now_ms(), user_id))
+    body = encode(_ChatWithoutSeq(room, username, message, int(time.time() * 1000), user_id))
     return body[:-1] + b',"seq":'
 
 

@@ -15,6 +15,8 @@ from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
 
+import msgspec
+
 from . import protocol as p
 from .auth import AuthError, Principal
 from .config import Settings
@@ -178,7 +180,11 @@ class Session:
 
     def _start(self, data: bytes | str) -> Action | None:
         try:
-            return self.dispatch(p.decode(data))
+            try:
+                msg = p.decode_valid(data)  # the hot path: a call less than p.decode
+            except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):
+                msg = p.decode(data)  # raises the seed's MessageError for it
+            return self.dispatch(msg)
         except MessageError as exc:
             self.outlet.send(p.error_bytes(exc))
             return None

@@ -142,7 +142,7 @@ class Connection(WSListener):
             # out now instead of a loop iteration later; others' copies stay corked.
             sink = self.sink
             if sink is not None and sink.pending:
-                self.node.hub.flush(sink)
+                self.node.hub.outbox.flush_sink(sink)
 
     def _flush(self) -> None:
         if self.sink is not None and not self.sink.closed:

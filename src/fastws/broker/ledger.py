@@ -47,11 +47,12 @@ def new_epoch() -> str:
 
 
 class _Room:
-    __slots__ = ("epoch", "history", "members", "seq", "stamp")
+    __slots__ = ("epoch", "epoch_bytes", "history", "members", "seq", "stamp")
 
     def __init__(self, size: int) -> None:
         self.seq = 0
         self.epoch = new_epoch()
+        self.epoch_bytes = self.epoch.encode()  # spliced into every chat payload
         self.history: deque[tuple[int, float, bytes]] | None = deque(maxlen=size) if size else None
         self.members: dict[str, MemberInfo] = {}
         self.stamp = 0.0  # time of the newest message
@@ -89,12 +90,12 @@ class Ledger:
     def publish_seq(self, name: str, head: bytes) -> tuple[int, bytes]:
         """Allocate the next seq; return it and the payload to publish (kept in history)."""
         room = self.rooms.get(name) or self._room(name)  # hot: no call when it exists
-        room.seq += 1
-        payload = chat_payload(head, room.seq, room.epoch)
+        seq = room.seq = room.seq + 1
+        payload = b'%b%d,"epoch":"%b"}' % (head, seq, room.epoch_bytes)  # chat_payload, inline
         room.stamp = now = self.clock()
         if room.history is not None:
-            room.history.append((room.seq, now, payload))
-        return room.seq, payload
+            room.history.append((seq, now, payload))
+        return seq, payload
 
     def join(self, name: str, member: MemberInfo, since: tuple[int, str] | None) -> JoinResult:
         room = self._room(name)
