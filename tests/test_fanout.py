@@ -190,3 +190,31 @@ async def test_broadcast_survives_a_dead_socket(fanout: ModuleType, pairs) -> No
     for r in receivers[2:]:
         assert [await asyncio.wait_for(r.frames.get(), TIMEOUT) for _ in range(2)] == [
             (1, b"warm"), (1, b"ok")]
+
+
+@pytest.mark.parametrize(
+    ("msg_type", "payload", "fin", "rsv1", "expected"),
+    [
+        (picows.WSMsgType.TEXT, "héllo".encode(), True, False, "héllo"),
+        (picows.WSMsgType.TEXT, b"", True, False, ""),
+        (picows.WSMsgType.TEXT, b"part", False, False, None),  # fragmented: the full path
+        (picows.WSMsgType.TEXT, b"x", True, True, None),  # RSV1: the full path refuses it
+        (picows.WSMsgType.BINARY, b"{}", True, False, None),
+        (picows.WSMsgType.CONTINUATION, b"x", True, False, None),
+        (picows.WSMsgType.PING, b"x", True, False, None),
+    ],
+    ids=["text", "empty", "not-final", "rsv1", "binary", "continuation", "ping"],
+)
+def test_whole_text_takes_only_final_plain_text_frames(
+    fanout: ModuleType, msg_type: Any, payload: bytes, fin: bool, rsv1: bool, expected: Any
+) -> None:
+    """whole_text is the transport's fast path: the text of a final TEXT frame without RSV
+    bits, None for every other frame; both modules agree."""
+    frame = picows.picows._make_test_ws_frame(msg_type, payload, fin, rsv1)
+    assert fanout.whole_text(frame) == expected
+
+
+def test_whole_text_refuses_invalid_utf8(fanout: ModuleType) -> None:
+    frame = picows.picows._make_test_ws_frame(picows.WSMsgType.TEXT, b"\xff\xfe", True, False)
+    with pytest.raises(UnicodeDecodeError):
+        fanout.whole_text(frame)

@@ -2,7 +2,7 @@ from asyncio import AbstractEventLoop
 from collections.abc import Callable
 from typing import Any
 
-from picows import WSTransport
+from picows import WSFrame, WSTransport
 
 def frame(payload: bytes, opcode: int = 1) -> bytes:
     """One unmasked final server frame (text by default) holding ``payload``."""
@@ -37,6 +37,9 @@ class Outbox:
         """Write every queued sink (scheduled automatically once per loop turn)."""
     def flush_sink(self, sink: Sink) -> None:
         """Write one sink now, e.g. before a close frame."""
+
+def whole_text(frame: WSFrame) -> str | None:
+    """The text of a final unfragmented TEXT frame without RSV bits, else None."""
 
 def release_handshake(transport: WSTransport) -> None:
     """Drop the upgrade request/response picows keeps per connection (memory)."""

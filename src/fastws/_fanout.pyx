@@ -16,7 +16,7 @@ from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
 from libc.stdint cimport uint8_t
 from libc.stdlib cimport free, realloc
 from libc.string cimport memcpy
-from picows.picows cimport WSTransport
+from picows.picows cimport WSFrame, WSMsgType, WSTransport
 
 
 cdef extern from "<sys/socket.h>" nogil:
@@ -227,6 +227,19 @@ cdef class Outbox:
                 sent = 0  # EAGAIN, or an error the transport meets itself and reports
         t._tr_write(PyBytes_FromStringAndSize(s.buf + sent, s.size - sent))
         return 0
+
+
+def whole_text(WSFrame frame):
+    """The text of a final, unfragmented TEXT frame with no RSV bit set, else None.
+
+    The common case of every incoming message, read from the frame's C fields: no Python enum
+    is made for its type and no bytes object for its payload. Raises ``UnicodeDecodeError``
+    if the payload is not UTF-8. For None (any other frame) the caller takes its full path.
+    """
+    if (frame.msg_type == WSMsgType.TEXT and frame.fin
+            and not (frame.rsv1 | frame.rsv2 | frame.rsv3)):
+        return frame.get_payload_as_utf8_text()
+    return None
 
 
 def release_handshake(WSTransport transport):

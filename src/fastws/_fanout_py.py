@@ -8,7 +8,7 @@ import struct
 from collections.abc import Callable
 from typing import Any
 
-from picows import WSTransport
+from picows import WSFrame, WSMsgType, WSTransport
 
 
 def frame(payload: bytes, opcode: int = 1) -> bytes:
@@ -116,6 +116,14 @@ class Outbox:
             return
         self.writes += 1
         tr.write(bytes(s.buf))
+
+
+def whole_text(frame: WSFrame) -> str | None:
+    """The text of a final, unfragmented TEXT frame with no RSV bit set, else None."""
+    if (frame.msg_type == WSMsgType.TEXT and frame.fin
+            and not (frame.rsv1 or frame.rsv2 or frame.rsv3)):
+        return frame.get_payload_as_utf8_text()
+    return None
 
 
 def release_handshake(transport: WSTransport) -> None:

@@ -40,6 +40,7 @@ from .auth import (
 )
 from .config import Settings
 from .errors import CloseCode
+from .hub import fanout as _fanout
 from .session import Session
 
 if TYPE_CHECKING:
@@ -54,6 +55,9 @@ picows_log.addFilter(lambda record: record.levelno >= logging.INFO)
 
 # Close codes a peer may send (RFC 6455 section 7.4.1 and the IANA registry); we echo them.
 _VALID_CLOSE = set(range(1000, 1004)) | set(range(1007, 1015)) | set(range(3000, 5000))
+
+
+whole_text = _fanout.whole_text
 
 
 class Connection(WSListener):
@@ -133,7 +137,16 @@ class Connection(WSListener):
                 transport.disconnect()
             return
         try:
-            self._on_frame(transport, frame)
+            # The common case, a whole text message, read in C; anything else takes _on_frame.
+            text = whole_text(frame) if self._frag_type is None else None
+            if text is None:
+                self._on_frame(transport, frame)
+            else:
+                self.session.handle(text)  # type: ignore[union-attr]
+        except UnicodeDecodeError:
+            # Text messages must be valid UTF-8 (RFC 6455 section 8.1).
+            self._flush()
+            raise WSProtocolError(WSCloseCode.INVALID_TEXT, "invalid UTF-8") from None
         except WSProtocolError:
             self._flush()  # replies already queued go out before picows' close frame
             raise
