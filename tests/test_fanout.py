@@ -177,6 +177,25 @@ async def test_flush_sink_writes_now(fanout: ModuleType, pairs) -> None:
     assert kinds[0] == (1, b"first") and kinds[1][0] == int(picows.WSMsgType.CLOSE)
 
 
+async def test_flush_if_last_writes_the_sink_at_the_end_of_a_read_batch(
+    fanout: ModuleType, pairs
+) -> None:
+    """flush_if_last flushes a peer's sink when the frame ends its read batch (picows' test
+    frames do), and takes a peer without a sink (refused at connect) in its stride."""
+    transports, receivers = pairs
+    outbox, _ = _outbox(fanout)
+    sink = fanout.Sink(transports[0])
+    last = picows.picows._make_test_ws_frame(picows.WSMsgType.TEXT, b"{}", True, False)
+    assert last.last_in_buffer
+    outbox.flush_if_last(last, None)
+    outbox.send(sink, fanout.frame(b"reply"))
+    outbox.flush_if_last(last, sink)
+    assert sink.pending == 0
+    transports[0].send_close(picows.WSCloseCode.GOING_AWAY)
+    kinds = [await asyncio.wait_for(receivers[0].frames.get(), TIMEOUT) for _ in range(2)]
+    assert kinds[0] == (1, b"reply") and kinds[1][0] == int(picows.WSMsgType.CLOSE)
+
+
 async def test_broadcast_survives_a_dead_socket(fanout: ModuleType, pairs) -> None:
     """An aborted peer never makes broadcast or flush raise; the others still get the frame."""
     transports, receivers = pairs

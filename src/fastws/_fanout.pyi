@@ -35,6 +35,8 @@ class Outbox:
         """Queue ``data`` for every open sink but ``exclude``; return how many took it."""
     def flush(self) -> None:
         """Write every queued sink (scheduled automatically once per loop turn)."""
+    def flush_if_last(self, frame: WSFrame, sink: Sink | None) -> None:
+        """``flush_sink(sink)`` when ``frame`` ends its read batch and the sink holds bytes."""
     def flush_sink(self, sink: Sink) -> None:
         """Write one sink now, e.g. before a close frame."""
 

@@ -205,6 +205,12 @@ cdef class Outbox:
                 pass
             s._reset()
 
+    def flush_if_last(self, WSFrame frame, Sink sink):
+        """``flush_sink(sink)`` if ``frame`` ends its read batch and ``sink`` holds bytes: the
+        peer has nothing more to read this turn, so its own replies need not wait for it."""
+        if frame.last_in_buffer and sink is not None and sink.size:
+            self.flush_sink(sink)
+
     def flush_sink(self, Sink sink):
         """Write one sink's queued bytes now (before a close frame, so nothing overtakes it)."""
         if sink.size and not sink._dead():

@@ -104,6 +104,10 @@ class Outbox:
                     self._write(s)
             s.buf.clear()
 
+    def flush_if_last(self, frame: WSFrame, sink: Sink | None) -> None:
+        if frame.last_in_buffer and sink is not None and sink.buf:
+            self.flush_sink(sink)
+
     def flush_sink(self, sink: Sink) -> None:
         if sink.buf and not sink._dead():
             self._write(sink)

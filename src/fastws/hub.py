@@ -78,6 +78,7 @@ class Hub:
         self.max_send_buffer_bytes = max_send_buffer_bytes
         self._on_slow = on_slow
         self.fanout = fanout_module
+        self._frame = fanout_module.frame
         self._outbox: Any = None
 
     @property
@@ -145,7 +146,7 @@ class Hub:
         room = self.rooms.get(name)
         if room is None:
             return 0
-        data = self.fanout.frame(payload)
+        data = self._frame(payload)
         if room.pending:
             for session, held in room.pending.items():
                 if session is not exclude:
@@ -153,9 +154,8 @@ class Hub:
         sinks = room.sinks
         if seq and room.fresh:
             sinks = self._skip_seen(room, seq, sinks)
-        return int(self.outbox.broadcast(
-            sinks, data, exclude.sink if exclude is not None else None
-        ))
+        outbox = self._outbox or self.outbox  # the property only until it exists
+        return outbox.broadcast(sinks, data, exclude.sink if exclude is not None else None)
 
     @staticmethod
     def _skip_seen(room: Room, seq: int, sinks: list[Any]) -> list[Any]:

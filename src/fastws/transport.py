@@ -73,6 +73,7 @@ class Connection(WSListener):
         "ip",
         "last_rx",
         "node",
+        "outbox",
         "path",
         "ping_sent_at",
         "principal",
@@ -97,6 +98,7 @@ class Connection(WSListener):
         self.transport: WSTransport | None = None
         self.session: Session | None = None
         self.sink: Any = None
+        self.outbox: Any = None  # the hub's, once connected (read per frame)
         self.remote = ""
         self._frag_type: WSMsgType | None = None
         self._frags: bytearray | None = None  # only while a fragmented message is open
@@ -125,6 +127,7 @@ class Connection(WSListener):
         self.session = Session(self.client_id, self.principal, transport, self, self.node,
                                self.settings)
         self.sink = self.node.hub.sink(transport, self.session)
+        self.outbox = self.node.hub.outbox
         self.session.sink = self.sink
         self.node.connect(self.session, self.remote, self.ip)
 
@@ -150,12 +153,10 @@ class Connection(WSListener):
         except WSProtocolError:
             self._flush()  # replies already queued go out before picows' close frame
             raise
-        if frame.last_in_buffer:
-            # This peer has nothing more to read this turn: its own replies (and echoes) go
-            # out now instead of a loop iteration later; others' copies stay corked.
-            sink = self.sink
-            if sink is not None and sink.pending:
-                self.node.hub.outbox.flush_sink(sink)
+        # At the end of this peer's read batch its own replies (and echoes) go out now
+        # instead of a loop iteration later; others' copies stay corked.
+        if self.outbox is not None:
+            self.outbox.flush_if_last(frame, self.sink)
 
     def _flush(self) -> None:
         if self.sink is not None and not self.sink.closed:
