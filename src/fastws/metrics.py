@@ -173,8 +173,7 @@ class Metrics:
         self.rooms.set(len(node.hub.rooms))
         up = node.broker.health().get("state") == "ok"
         self.broker_up.labels(self._broker_name).set(1 if up else 0)
-        self._add(self.messages_in.labels("websocket"), "messages_in",
-                  counters["messages_in"])
+        self._add(self.messages_in.labels("websocket"), "messages_in", node.messages_in)
         self._add(self.messages_in.labels("api"), "api_messages_in",
                   counters["api_messages_in"])
         self._add(self.deliveries, "deliveries", node.hub.deliveries)

@@ -73,6 +73,7 @@ class Node:
         self.started_at = time.monotonic()
         self.counters: Counter[str] = Counter()
         self.messages_out = 0  # publications delivered here; an int: deliver() is hot
+        self.messages_in = 0  # chat messages accepted from WebSockets; an int: chat is hot
         self.auth_failures: Counter[str] = Counter()  # by reason
         self._per_ip: Counter[str] = Counter()
         self.server: asyncio.Server | None = None
@@ -153,6 +154,7 @@ class Node:
             "ips": len(self._per_ip),
             "auth_failures_by_reason": dict(self.auth_failures),
             "messages_out": self.messages_out,
+            "messages_in": self.messages_in,
             **self.counters,
         }
 
@@ -270,7 +272,7 @@ class Node:
             seq = await self.broker.publish_seq(room, head)
         except BrokerUnavailable:
             raise BrokerUnavailable(msg_id) from None
-        self.counters["messages_in"] += 1
+        self.messages_in += 1
         if msg_id is not None:
             session.send(p.Ack(msg_id, seq))
 
@@ -284,7 +286,7 @@ class Node:
         """``chat`` for an in-process broker, without a coroutine per message (the hot path)."""
         who = session.principal
         seq = self._publish_seq_now(room, p.chat_head(room, who.username, text, who.user_id))
-        self.counters["messages_in"] += 1
+        self.messages_in += 1
         if msg_id is not None:
             session.send(p.Ack(msg_id, seq))
 
