@@ -29,9 +29,9 @@ import msgspec
 from aiohttp import web
 
 from .broker import MemberInfo
-from .errors import BrokerUnavailable, ConfigError
+from .errors import BrokerUnavailable, ConfigError, MessageError
 from .metrics import CONTENT_TYPE, Metrics
-from .session import ROOM_NAME
+from .session import check_chat_text, check_room_name
 
 if TYPE_CHECKING:
     from .server import Node
@@ -70,19 +70,20 @@ def _json(data: Any, status: int = 200) -> web.Response:
 
 
 def check_room(room: str) -> None:
-    """The WebSocket path's rule (session.ROOM_NAME), with its message."""
-    if not ROOM_NAME.fullmatch(room):
-        raise ApiError(422, "invalid_room",
-                       "Invalid room name (1-64 characters: letters, digits, _ . : @ # -)")
+    """The WebSocket path's rule (session.check_room_name), with its message, as a 422."""
+    try:
+        check_room_name(room)
+    except MessageError as exc:
+        raise ApiError(422, exc.code, exc.text) from None
 
 
 def check_publish(body: PublishBody, max_chars: int) -> None:
     """The checks a chat_message gets on the WebSocket path, with the same codes and texts."""
     check_room(body.room)
-    if len(body.text) > max_chars:
-        raise ApiError(422, "message_too_long", f"Message too long (max {max_chars} characters)")
-    if not body.text.strip():
-        raise ApiError(422, "empty_message", "Message is empty")
+    try:
+        check_chat_text(body.text, max_chars)
+    except MessageError as exc:
+        raise ApiError(422, exc.code, exc.text) from None
     if not 1 <= len(body.username) <= MAX_USERNAME_CHARS or not body.username.strip():
         raise ApiError(422, "invalid_user",
                        f"username must be 1-{MAX_USERNAME_CHARS} characters, not blank")

@@ -27,6 +27,24 @@ log = logging.getLogger("fastws.session")
 Action = Coroutine[Any, Any, None]
 
 
+def check_room_name(room: str, msg_id: p.MsgId = None) -> None:
+    """Raise ``invalid_room`` unless ``room`` is a valid name (also for the admin API)."""
+    if not ROOM_NAME.fullmatch(room):
+        raise MessageError(
+            "invalid_room", "Invalid room name (1-64 characters: letters, digits, _ . : @ # -)",
+            msg_id)
+
+
+def check_chat_text(text: str, max_chars: int, msg_id: p.MsgId = None) -> None:
+    """Raise ``message_too_long`` or ``empty_message`` for a chat text that may not be posted
+    (also for the admin API)."""
+    if len(text) > max_chars:
+        raise MessageError(
+            "message_too_long", f"Message too long (max {max_chars} characters)", msg_id)
+    if not text.strip():
+        raise MessageError("empty_message", "Message is empty", msg_id)
+
+
 class Outlet(Protocol):
     """How a session's own replies leave (implemented by the transport)."""
 
@@ -224,14 +242,7 @@ class Session:
             room, text = msg.payload.room, msg.payload.message
             if room not in self.rooms:
                 self._require_member(room, msg.id)  # raises not_in_room
-            if len(text) > self.settings.max_message_chars:
-                raise MessageError(
-                    "message_too_long",
-                    f"Message too long (max {self.settings.max_message_chars} characters)",
-                    msg.id,
-                )
-            if not text.strip():
-                raise MessageError("empty_message", "Message is empty", msg.id)
+            check_chat_text(text, self.settings.max_message_chars, msg.id)
             if self.node.chat_now is not None:
                 # The hot path: no coroutine to build and drive for an in-process broker.
                 self.node.chat_now(self, room, text, msg.id)
@@ -242,12 +253,7 @@ class Session:
             return self.node.typing(self, msg.payload.room, msg.payload.isTyping, msg.id)
         elif isinstance(msg, p.JoinRoom):
             room = msg.payload.room
-            if not ROOM_NAME.fullmatch(room):
-                raise MessageError(
-                    "invalid_room",
-                    "Invalid room name (1-64 characters: letters, digits, _ . : @ # -)",
-                    msg.id,
-                )
+            check_room_name(room, msg.id)
             limit = self.settings.max_rooms_per_connection
             if room not in self.rooms and limit and len(self.rooms) >= limit:
                 raise MessageError("too_many_rooms", f"Too many rooms (max {limit})", msg.id)
