@@ -15,8 +15,6 @@ from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
 
-import msgspec
-
 from . import protocol as p
 from .auth import AuthError, Principal
 from .config import Settings
@@ -200,7 +198,7 @@ class Session:
         try:
             try:
                 msg = p.decode_valid(data)  # the hot path: a call less than p.decode
-            except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):
+            except p.DECODE_ERRORS:
                 msg = p.decode(data)  # raises the seed's MessageError for it
             return self.dispatch(msg)
         except MessageError as exc:

@@ -58,9 +58,13 @@ class _Room:
         self.stamp = 0.0  # time of the newest message
 
 
+# The published chat_message: the node's encoded head, then ``seq`` and ``epoch``.
+_CHAT_TAIL = b'%b%d,"epoch":"%b"}'
+
+
 def chat_payload(head: bytes, seq: int, epoch: str) -> bytes:
     """The published chat_message: the node's encoded head, then ``seq`` and ``epoch``."""
-    return b'%b%d,"epoch":"%b"}' % (head, seq, epoch.encode())
+    return _CHAT_TAIL % (head, seq, epoch.encode())
 
 
 class Ledger:
@@ -91,7 +95,7 @@ class Ledger:
         """Allocate the next seq; return it and the payload to publish (kept in history)."""
         room = self.rooms.get(name) or self._room(name)  # hot: no call when it exists
         seq = room.seq = room.seq + 1
-        payload = b'%b%d,"epoch":"%b"}' % (head, seq, room.epoch_bytes)  # chat_payload, inline
+        payload = _CHAT_TAIL % (head, seq, room.epoch_bytes)  # chat_payload without a call
         room.stamp = now = self.clock()
         if room.history is not None:
             room.history.append((seq, now, payload))
