@@ -70,7 +70,7 @@ def test_invalid_utf8_inside_binary_json_is_invalid_format(raw: bytes) -> None:
 
 def test_outgoing_messages_use_the_seeds_field_names() -> None:
     """Outgoing JSON is flat with the seed's camelCase names and `type` first."""
-    from fastws.broker.ledger import chat_payload
+    from fastws.broker.types import chat_payload
 
     out = chat_payload(p.chat_head("r", "alice", "hi", "u1"), 7, "ep0")
     assert out.startswith(b'{"type":"chat_message"')

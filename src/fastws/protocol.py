@@ -192,7 +192,7 @@ class _ChatWithoutSeq(_Out, tag="chat_message"):
 def chat_head(room: str, username: str, message: str, user_id: str) -> bytes:
     """A chat_message (room, username, message, timestamp, userId, seq, epoch) encoded once,
     up to where its ``seq`` goes: the broker allocates seq and epoch and completes it
-    (``broker.ledger.chat_payload``) atomically with publishing, so no node re-encodes it."""
+    (``broker.types.chat_payload``) atomically with publishing, so no node re-encodes it."""
     now = int(time.time() * 1000)  # now_ms() without a call: this runs per chat message
     body = encode(_ChatWithoutSeq(room, username, message, now, user_id))
     return body[:-1] + b',"seq":'

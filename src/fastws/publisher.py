@@ -68,8 +68,8 @@ class Publisher:
         """Publish through Redis directly. ``history_*``, ``cluster`` and ``max_message_chars``
         should match the nodes' settings (their defaults are the nodes' defaults): no node
         checks these messages, so the publisher applies the nodes' rules itself."""
-        from .broker.ledger import HistoryPolicy
         from .broker.redis import RedisRooms
+        from .broker.types import HistoryPolicy
 
         publisher = cls("", "", timeout=timeout)
         publisher._max_chars = max_message_chars

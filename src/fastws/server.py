@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import secrets
@@ -20,8 +21,8 @@ import msgspec
 from . import protocol as p
 from .auth import Verifier
 from .broker import Broker, MemberInfo
-from .broker.ledger import HistoryPolicy
 from .broker.memory import MemoryBroker
+from .broker.types import HistoryPolicy
 from .config import Settings
 from .errors import BrokerUnavailable, CloseCode
 from .hub import Hub
@@ -60,11 +61,10 @@ class Node:
         self.broker: Broker = broker if broker is not None else MemoryBroker(
             history_policy(settings))
         self.inline = self.broker.inline
-        self.broker.attach(self.node_id, self.deliver)
-        publish_now = getattr(self.broker, "publish_seq_now", None) if self.inline else None
-        self._publish_seq_now: Any = publish_now
-        self.chat_now: Callable[[Session, str, str, p.MsgId], None] | None = (
-            self._chat_now if publish_now is not None else None)
+        self.broker.attach(self.node_id, self.deliver, self.pressure)
+        self._publish_seq_nowait = self.broker.publish_seq_nowait
+        self.chat_now: Callable[[Session, str, str, p.MsgId], None] | None = self._chat_now
+        self.paused = False  # the broker is over its queue bound: clients are not read
         self._tasks: set[asyncio.Task[None]] = set()
         self.hub = Hub(settings.max_send_buffer_bytes, self.slow_consumer)
         self.sessions: dict[str, Session] = {}
@@ -175,6 +175,8 @@ class Node:
         self._by_transport[session.transport] = session
         self._idle.clear()
         self.counters["connections_total"] += 1
+        if self.paused:
+            _pause_reading(session, True)
         log.info("connected", extra={"event": "connected", "client_id": session.client_id,
                                      "user_id": session.principal.user_id, "remote": remote})
         session.send(p.Connected(session.client_id, p.now_ms(), session.principal.user_id,
@@ -283,12 +285,29 @@ class Node:
         return seq
 
     def _chat_now(self, session: Session, room: str, text: str, msg_id: p.MsgId) -> None:
-        """``chat`` for an in-process broker, without a coroutine per message (the hot path)."""
+        """``chat`` without a coroutine per message (the hot path): the broker answers through
+        a callback, in place when it is in-process, else when its reply arrives."""
         who = session.principal
-        seq = self._publish_seq_now(room, p.chat_head(room, who.username, text, who.user_id))
-        self.messages_in += 1
-        if msg_id is not None:
-            session.send(p.Ack(msg_id, seq))
+        head = p.chat_head(room, who.username, text, who.user_id)
+        if self.inline:
+            self.messages_in += 1
+            done = None if msg_id is None else functools.partial(self._acked, session, msg_id)
+            self._publish_seq_nowait(room, head, done)
+            return
+        session.in_flight += 1
+        self._publish_seq_nowait(room, head, functools.partial(self._chat_done, session, msg_id))
+
+    def _acked(self, session: Session, msg_id: p.MsgId, seq: int) -> None:
+        session.send(p.Ack(msg_id, seq))
+
+    def _chat_done(self, session: Session, msg_id: p.MsgId, seq: int) -> None:
+        session.in_flight -= 1
+        if seq:
+            self.messages_in += 1
+            if msg_id is not None:
+                session.send(p.Ack(msg_id, seq))
+        elif session.client_id in self.sessions:
+            session.outlet.send(p.error_bytes(BrokerUnavailable(msg_id)))
 
     async def typing(self, session: Session, room: str, is_typing: bool, msg_id: p.MsgId) -> None:
         who = session.principal
@@ -358,6 +377,19 @@ class Node:
         with contextlib.suppress(BrokerUnavailable):
             await action
 
+    def pressure(self, paused: bool) -> None:
+        """Broker callback: stop reading from every client while the broker's queue is full
+        (TCP then pushes back on them), and read again once it has drained."""
+        if paused == self.paused:
+            return
+        self.paused = paused
+        self.counters["broker_pauses" if paused else "broker_resumes"] += 1
+        log.warning("broker backlog full: pausing clients" if paused else
+                    "broker backlog drained: resuming clients",
+                    extra={"event": "broker_pressure", "paused": paused})
+        for session in self.sessions.values():
+            _pause_reading(session, paused)
+
     def deliver(self, room: str, exclude: str, payload: bytes, seq: int = 0) -> None:
         """Broker callback: one publication for ``room``, framed once for every local member."""
         self.messages_out += 1
@@ -375,6 +407,17 @@ class Node:
         task = asyncio.get_running_loop().create_task(action)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+def _pause_reading(session: Session, paused: bool) -> None:
+    underlying = getattr(session.transport, "underlying_transport", None)
+    if underlying is None:  # a test double
+        return
+    with contextlib.suppress(RuntimeError, AttributeError):  # a transport already closing
+        if paused:
+            underlying.pause_reading()
+        else:
+            underlying.resume_reading()
 
 
 async def serve(node: Node, on_ready: Any = None, reuse_port: bool = False) -> None:

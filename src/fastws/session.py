@@ -61,7 +61,7 @@ class NodeActions(Protocol):
     inline: bool
     verifier: Any  # auth.Verifier
     counters: Any  # collections.Counter of node events, exported as metrics
-    # ``chat`` done synchronously, when the broker allows it (an in-process one); else None.
+    # ``chat`` without a coroutine (the broker answers by callback); None: use ``chat``.
     chat_now: Callable[[Session, str, str, p.MsgId], None] | None
 
     async def join(
@@ -112,6 +112,7 @@ class Session:
         "bucket",
         "client_id",
         "connected_at",
+        "in_flight",
         "ip",
         "node",
         "outlet",
@@ -147,6 +148,7 @@ class Session:
             settings.rate_limit > 0
         ) else None
         self.rejected_in_row = 0
+        self.in_flight = 0  # chats handed to a remote broker and not yet answered
         # While an action awaits a remote broker, later messages wait here, so one client's
         # messages take effect in the order it sent them.
         self._backlog: deque[bytes | str] | None = None  # made on first need
@@ -242,7 +244,11 @@ class Session:
                 self._require_member(room, msg.id)  # raises not_in_room
             check_chat_text(text, self.settings.max_message_chars, msg.id)
             if self.node.chat_now is not None:
-                # The hot path: no coroutine to build and drive for an in-process broker.
+                # The hot path: no coroutine to build and drive; a remote broker answers by
+                # callback, up to rate_burst chats in flight per connection.
+                if self.in_flight >= self.settings.rate_burst:
+                    self.outlet.close(CloseCode.POLICY_VIOLATION, "too many pending messages")
+                    return None
                 self.node.chat_now(self, room, text, msg.id)
                 return None
             return self.node.chat(self, room, text, msg.id)

@@ -13,37 +13,13 @@ Shared by ``MemoryBroker`` (one process) and the local bus's ``BusServer`` (the 
 
 from __future__ import annotations
 
-import fnmatch
-import secrets
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import NamedTuple
 
-from . import MemberInfo
+from .types import CHAT_TAIL, HistoryPolicy, JoinResult, MemberInfo, new_epoch
 
-
-class JoinResult(NamedTuple):
-    members: int  # connections in the room, this one included
-    seq: int  # the room's last seq at the moment of joining
-    epoch: str
-    recovered: bool | None  # None: no recovery was asked for
-    replay: list[bytes]  # chat payloads after the client's seq, oldest first
-
-
-class HistoryPolicy(NamedTuple):
-    size: int = 100  # messages kept per room; 0 = no history
-    ttl: float = 3600.0  # seconds a message is kept; 0 = until pushed out by size
-    off: str = ""  # fnmatch pattern of rooms that keep no history ("" = none)
-
-    def size_for(self, room: str) -> int:
-        if self.off and fnmatch.fnmatchcase(room, self.off):
-            return 0
-        return self.size
-
-
-def new_epoch() -> str:
-    return secrets.token_hex(4)
+__all__ = ["HistoryPolicy", "JoinResult", "Ledger", "new_epoch"]
 
 
 class _Room:
@@ -56,15 +32,6 @@ class _Room:
         self.history: deque[tuple[int, float, bytes]] | None = deque(maxlen=size) if size else None
         self.members: dict[str, MemberInfo] = {}
         self.stamp = 0.0  # time of the newest message
-
-
-# The published chat_message: the node's encoded head, then ``seq`` and ``epoch``.
-_CHAT_TAIL = b'%b%d,"epoch":"%b"}'
-
-
-def chat_payload(head: bytes, seq: int, epoch: str) -> bytes:
-    """The published chat_message: the node's encoded head, then ``seq`` and ``epoch``."""
-    return _CHAT_TAIL % (head, seq, epoch.encode())
 
 
 class Ledger:
@@ -95,7 +62,7 @@ class Ledger:
         """Allocate the next seq; return it and the payload to publish (kept in history)."""
         room = self.rooms.get(name) or self._room(name)  # hot: no call when it exists
         seq = room.seq = room.seq + 1
-        payload = _CHAT_TAIL % (head, seq, room.epoch_bytes)  # chat_payload without a call
+        payload = CHAT_TAIL % (head, seq, room.epoch_bytes)  # types.chat_payload without a call
         room.stamp = now = self.clock()
         if room.history is not None:
             room.history.append((seq, now, payload))

@@ -16,7 +16,7 @@
              since_epoch                    epoch, recovered (-1/0/1), messages (replay)
     leave    room, client_id                a = connections left
     seq      room, head                     a = the seq allocated; publishes
-                                            ``ledger.chat_payload(head, seq, epoch)``
+                                            ``types.chat_payload(head, seq, epoch)``
     history  room, limit                    b = last seq, epoch, messages
     pub      room, payload, exclude         (ok); publishes ``payload``
     presence room                           members = [MemberInfo, ...]
@@ -66,8 +66,8 @@ import zmq.asyncio
 
 from .. import protocol as p
 from ..errors import BrokerUnavailable
-from . import Deliver, JoinResult, MemberInfo
-from .ledger import HistoryPolicy, Ledger
+from .ledger import Ledger
+from .types import Deliver, HistoryPolicy, JoinResult, MemberInfo, Pressure, SeqDone
 
 log = logging.getLogger("fastws.localbus")
 
@@ -359,7 +359,7 @@ class LocalBusBroker:
         #: Publications received per room (sync markers excluded): tests watch it.
         self.received: Counter[str] = Counter()
 
-    def attach(self, node_id: str, deliver: Deliver) -> None:
+    def attach(self, node_id: str, deliver: Deliver, pressure: Pressure | None = None) -> None:
         self.node_id = node_id
         self._deliver = deliver
 
@@ -472,6 +472,11 @@ class LocalBusBroker:
 
     async def publish_seq(self, room: str, head: bytes) -> int:
         return (await self._call(_PublishSeq(next(self._ids), room, head))).a
+
+    def publish_seq_nowait(self, room: str, head: bytes, done: SeqDone | None) -> None:
+        assert done is not None  # not inline: the answer always comes later
+        task = asyncio.get_running_loop().create_task(self.publish_seq(room, head))
+        task.add_done_callback(lambda t: done(0 if t.cancelled() or t.exception() else t.result()))
 
     async def join(
         self, room: str, member: MemberInfo, since: tuple[int, str] | None = None

@@ -6,8 +6,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from . import Deliver, JoinResult, MemberInfo
-from .ledger import HistoryPolicy, Ledger
+from .ledger import Ledger
+from .types import Deliver, HistoryPolicy, JoinResult, MemberInfo, Pressure, SeqDone
 
 
 class MemoryBroker:
@@ -23,8 +23,8 @@ class MemoryBroker:
         self.ledger = Ledger(policy, clock)
         self._publications = 0
 
-    def attach(self, node_id: str, deliver: Deliver) -> None:
-        self._deliver = deliver
+    def attach(self, node_id: str, deliver: Deliver, pressure: Pressure | None = None) -> None:
+        self._deliver = deliver  # never under pressure: every call is answered in place
 
     async def start(self) -> None:
         return None
@@ -46,10 +46,14 @@ class MemoryBroker:
         self._deliver(room, exclude, payload, 0)
 
     async def publish_seq(self, room: str, head: bytes) -> int:
-        return self.publish_seq_now(room, head)
+        return self._publish_seq(room, head)
 
-    def publish_seq_now(self, room: str, head: bytes) -> int:
-        """``publish_seq`` without a coroutine: the chat hot path calls it directly."""
+    def publish_seq_nowait(self, room: str, head: bytes, done: SeqDone | None) -> None:
+        seq = self._publish_seq(room, head)
+        if done is not None:
+            done(seq)
+
+    def _publish_seq(self, room: str, head: bytes) -> int:
         seq, payload = self.ledger.publish_seq(room, head)
         assert self._deliver is not None
         self._deliver(room, "", payload, seq)
@@ -77,3 +81,6 @@ class MemoryBroker:
 
     async def session_closed(self, client_id: str) -> None:
         return None
+
+    async def flush(self) -> None:
+        return None  # every publication was delivered before its call returned

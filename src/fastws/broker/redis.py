@@ -32,8 +32,7 @@ from redis.connection import parse_url
 from redis.exceptions import RedisError
 
 from ..errors import BrokerUnavailable
-from . import Deliver, JoinResult, MemberInfo
-from .ledger import HistoryPolicy, new_epoch
+from .types import Deliver, HistoryPolicy, JoinResult, MemberInfo, Pressure, SeqDone, new_epoch
 
 log = logging.getLogger("fastws.broker.redis")
 
@@ -194,7 +193,7 @@ class RedisBroker:
 
     # ---- lifecycle ------------------------------------------------------------------------
 
-    def attach(self, node_id: str, deliver: Deliver) -> None:
+    def attach(self, node_id: str, deliver: Deliver, pressure: Pressure | None = None) -> None:
         self.node_id = node_id
         self._deliver = deliver
 
@@ -398,6 +397,11 @@ class RedisBroker:
                   self.policy.size_for(room), self._history_ttl_ms]))
         return int(seq)
 
+    def publish_seq_nowait(self, room: str, head: bytes, done: SeqDone | None) -> None:
+        assert done is not None  # not inline: the answer always comes later
+        task = asyncio.get_running_loop().create_task(self.publish_seq(room, head))
+        task.add_done_callback(lambda t: done(0 if t.cancelled() or t.exception() else t.result()))
+
     async def join(
         self, room: str, member: MemberInfo, since: tuple[int, str] | None = None
     ) -> JoinResult:
@@ -442,6 +446,11 @@ class RedisBroker:
         assert self._redis is not None
         self._sessions.pop(client_id, None)
         await self._call(self._redis.delete(f"session:{client_id}"))
+
+    async def flush(self) -> None:
+        """A barrier: a message published to a private channel after every earlier one."""
+        # Replaced with the pipelined client's barrier.
+        await asyncio.sleep(0.05)
 
     # ---- upkeep: liveness, session TTLs, sweeping dead nodes ---------------------------------
 
