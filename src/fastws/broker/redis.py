@@ -1,40 +1,66 @@
 """Redis broker: rooms span hosts through Redis pub/sub; seq and presence live in Redis.
 
-The only module that imports redis. Keys (room names are hash-tagged so a room's keys share a
-slot):
+It speaks to Redis through ``resp`` (our own pipelined client; its docstring says why not
+redis-py): every command this node issues in one loop turn leaves in one write on one
+connection per server, and every publication read from Redis in one read is delivered in
+that same loop turn, so the hub's corking survives the broker. Keys (room names are
+hash-tagged so a room's keys share a slot):
 
     fastws:{room}:seq        INCR counter; allocation and PUBLISH happen in one Lua script
+    fastws:{room}:epoch      the name of the room's current run of seqs
+    fastws:{room}:history    "seq:unix_ms:payload", newest first
     fastws:{room}:members    hash clientId -> MemberInfo (msgpack)
-    fastws:{room}            the pub/sub channel; a message is ``exclude_client_id \\n payload``
+    fastws:{room}            the pub/sub channel; a message is ``exclude \\n seq \\n payload``
     session:<clientId>       the seed's session record: userId, nodeId, connectedAt (TTL, refreshed)
     fastws:node:<id>         this node is alive (TTL, refreshed)
     fastws:node:<id>:rooms   rooms this node has members in, so a dead node can be swept
     fastws:nodes             every node id seen
+    fastws:flush:{tag}:<id>  this node's private channel for ``flush`` (one per shard)
 
 If Redis goes away the node keeps its clients: calls raise ``BrokerUnavailable`` (the client
-gets an ``unavailable`` error, never a false success), ``health()`` says down, and a monitor
-reconnects with backoff, then resubscribes and re-registers everything this node holds.
+gets an ``unavailable`` error, never a false success, and the cause is logged, at most once a
+second per cause), ``health()`` says down, and a monitor reconnects with backoff, then
+resubscribes and re-registers everything this node holds. When Redis is merely slow, commands
+queue up to a bound and the node stops reading its clients (``pressure``) until they drain.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import hashlib
 import logging
 import random
+import secrets
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
-import redis.asyncio as aioredis
-from redis.asyncio.cluster import RedisCluster
-from redis.connection import parse_url
-from redis.exceptions import RedisError
 
 from ..errors import BrokerUnavailable
-from .types import Deliver, HistoryPolicy, JoinResult, MemberInfo, Pressure, SeqDone, new_epoch
+from .rediscluster import ClusterServers
+from .resp import ConnectionLost, ReplyError, RespError, Servers, parse_url
+from .types import (
+    CHAT_END,
+    CHAT_EPOCH,
+    Deliver,
+    HistoryPolicy,
+    JoinResult,
+    MemberInfo,
+    Pressure,
+    SeqDone,
+    new_epoch,
+)
 
 log = logging.getLogger("fastws.broker.redis")
+
+
+def _lua_string(raw: bytes) -> str:
+    """A Lua string literal of exactly ``raw`` (anything but [A-Za-z0-9 ,:_-] escaped)."""
+    safe = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 ,:_-"
+    return "'" + "".join(chr(c) if c in safe else f"\\{c:03d}" for c in raw) + "'"
+
 
 # A room's seq, epoch and history move together. A missing epoch means the room's state is
 # gone (expired, or Redis lost it): a new epoch starts, and seq restarts from 1 under it.
@@ -48,19 +74,21 @@ if not epoch then
   redis.call('DEL', KEYS[1], KEYS[4])
 end
 redis.call('SET', KEYS[2], epoch, 'EX', ARGV[4])
-redis.call('EXPIRE', KEYS[1], ARGV[4])
-redis.call('EXPIRE', KEYS[4], ARGV[4])
 """
 
 # KEYS: seq, epoch, members (unused), history
 # ARGV: channel, head, new epoch, state ttl s, PUBLISH|SPUBLISH, history size, history ttl ms
-_PUBLISH_SEQ = _NOW_MS + _EPOCH + """
+# The payload is types.chat_payload, spelled with its own constants (tests compare the bytes).
+# Each touched key's TTL is refreshed once (redis-server's CPU is part of the cost of a chat).
+_PUBLISH_SEQ = _EPOCH + """
 local seq = redis.call('INCR', KEYS[1])
 redis.call('EXPIRE', KEYS[1], ARGV[4])
-local payload = ARGV[2] .. seq .. ',"epoch":"' .. epoch .. '"}'
-redis.call(ARGV[5], ARGV[1], "\\n" .. seq .. "\\n" .. payload)
+local payload = ARGV[2] .. seq .. """ + _lua_string(CHAT_EPOCH) + """ .. epoch .. """ + \
+    _lua_string(CHAT_END) + """
+redis.call(ARGV[5], ARGV[1], '\\n' .. seq .. '\\n' .. payload)
 local size = tonumber(ARGV[6])
 if size > 0 then
+  """ + _NOW_MS + """
   redis.call('LPUSH', KEYS[4], seq .. ':' .. now .. ':' .. payload)
   redis.call('LTRIM', KEYS[4], 0, size - 1)
   redis.call('EXPIRE', KEYS[4], ARGV[4])
@@ -91,6 +119,8 @@ end
 # ARGV: clientId, member, new epoch, state ttl s, since epoch, since seq (-1: none),
 #       history ttl ms, since seq again (for _READ_HISTORY)
 _JOIN = _NOW_MS + _EPOCH + """
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+redis.call('EXPIRE', KEYS[4], ARGV[4])
 redis.call('HSET', KEYS[3], ARGV[1], ARGV[2])
 local count = redis.call('HLEN', KEYS[3])
 local seq = tonumber(redis.call('GET', KEYS[1]) or '0')
@@ -112,11 +142,7 @@ local seq = tonumber(redis.call('GET', KEYS[1]) or '0')
 return {seq, epoch, out}
 """
 
-# On a cluster a plain SPUBLISH is routed through a script whose key pins the room's slot.
-_SPUBLISH = """
-return redis.call('SPUBLISH', ARGV[1], ARGV[2])
-"""
-
+# KEYS: members; ARGV: clientId
 _LEAVE = """
 redis.call('HDEL', KEYS[1], ARGV[1])
 local left = redis.call('HLEN', KEYS[1])
@@ -124,8 +150,23 @@ if left == 0 then redis.call('DEL', KEYS[1]) end
 return left
 """
 
+
+class _Script(NamedTuple):
+    source: bytes
+    sha: bytes
+
+    @classmethod
+    def of(cls, source: str) -> _Script:
+        return cls(source.encode(), hashlib.sha1(source.encode()).hexdigest().encode())
+
+
+_SCRIPTS = {name: _Script.of(source) for name, source in
+            (("publish_seq", _PUBLISH_SEQ), ("join", _JOIN), ("history", _HISTORY),
+             ("leave", _LEAVE))}
+
 _STATE_TTL = 7 * 86400  # without a history ttl, a room's seq and epoch outlive a week of silence
 _SESSION_TTL = 60  # the seed's session records, refreshed every _SESSION_TTL / 3
+_QUEUE_LIMIT = 10_000  # commands waiting on one connection before the node is paused
 _member_encoder = msgspec.msgpack.Encoder()
 _member_decoder = msgspec.msgpack.Decoder(MemberInfo)
 
@@ -134,30 +175,48 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def _raw(value: bytes | str) -> bytes:
-    return value.encode() if isinstance(value, str) else value
+class _RoomKeys(NamedTuple):
+    seq: bytes
+    epoch: bytes
+    members: bytes
+    history: bytes
+    channel: bytes
 
 
-def _channel(room: str) -> str:
-    return f"fastws:{{{room}}}"
+@functools.lru_cache(maxsize=65536)
+def _room_keys(room: str) -> _RoomKeys:
+    tag = b"fastws:{" + room.encode() + b"}"
+    return _RoomKeys(tag + b":seq", tag + b":epoch", tag + b":members", tag + b":history", tag)
 
 
-def _members_key(room: str) -> str:
-    return f"fastws:{{{room}}}:members"
+class _Refusals:
+    """Why calls were refused: each ``unavailable`` a client sees has a logged cause, logged
+    at most once a second per cause with the count of the ones not logged."""
 
+    def __init__(self) -> None:
+        self.total = 0
+        self._last: dict[str, tuple[float, int]] = {}
 
-def _seq_key(room: str) -> str:
-    return f"fastws:{{{room}}}:seq"
-
-
-def _room_keys(room: str) -> list[str]:
-    return [_seq_key(room), f"fastws:{{{room}}}:epoch", _members_key(room),
-            f"fastws:{{{room}}}:history"]
+    def __call__(self, cause: object) -> BrokerUnavailable:
+        self.total += 1
+        reason = str(cause) or type(cause).__name__
+        key = reason.split(":")[0][:60]
+        now = time.monotonic()
+        last, unlogged = self._last.get(key, (0.0, 0))
+        if now - last >= 1.0:
+            log.warning("redis call refused (unavailable): %s%s", reason,
+                        f" (and {unlogged} more since)" if unlogged else "",
+                        extra={"event": "broker_refused", "cause": key})
+            self._last[key] = (now, 0)
+        else:
+            self._last[key] = (last, unlogged + 1)
+        return BrokerUnavailable()
 
 
 class RedisBroker:
     name = "redis"
     inline = False
+    _listens = True  # a node subscribes and registers itself; RedisRooms does neither
 
     def __init__(
         self,
@@ -166,29 +225,36 @@ class RedisBroker:
         node_ttl: float = 15.0,
         cluster: bool = False,
         policy: HistoryPolicy | None = None,
+        queue_limit: int = _QUEUE_LIMIT,
     ) -> None:
         self.url = url
+        self.endpoint = parse_url(url)
         self.cluster = cluster
         self.policy = policy or HistoryPolicy()
         ttl = self.policy.ttl
         self._state_ttl = max(1, int(ttl) + 1) if ttl else _STATE_TTL
         self._history_ttl_ms = int(ttl * 1000)
         self.timeout = timeout
+        self.queue_limit = queue_limit
         self.node_ttl = max(1, int(node_ttl))
         self.sweep_interval = node_ttl / 3
         self._deliver: Deliver | None = None
+        self._pressure: Pressure | None = None
         self.node_id = ""
-        self._redis: Any = None  # Redis, or RedisCluster in sharded mode
-        self._listeners: dict[str, _Listener] = {}  # "" standalone, else one per shard primary
+        self._servers: Servers | None = None
+        self._publish_cmd = b"SPUBLISH" if cluster else b"PUBLISH"
         self._monitor: asyncio.Task[None] | None = None
         self._keeper: asyncio.Task[None] | None = None
-        self._confirm: dict[bytes, asyncio.Future[None]] = {}
         self._rooms: set[str] = set()  # rooms subscribed here
         self._members: dict[str, dict[str, MemberInfo]] = {}  # local presence, to re-register
         self._sessions: dict[str, tuple[MemberInfo, float]] = {}
+        self._flush_channels: set[bytes] = set()
+        self._flushes: dict[bytes, asyncio.Future[None]] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
         self.state = "down"
-        self._publish_cmd = "SPUBLISH" if cluster else "PUBLISH"
         self.outages = 0
+        self.dropped = 0  # pub/sub messages that did not parse
+        self._refused = _Refusals()
         self._closing = False
 
     # ---- lifecycle ------------------------------------------------------------------------
@@ -196,92 +262,105 @@ class RedisBroker:
     def attach(self, node_id: str, deliver: Deliver, pressure: Pressure | None = None) -> None:
         self.node_id = node_id
         self._deliver = deliver
+        self._pressure = pressure
 
     async def start(self) -> None:
-        self._open()
         try:
             await self._connect()
-        except (RedisError, OSError) as exc:
+        except (RespError, OSError) as exc:
             # Serve anyway: local clients still work, and the monitor keeps trying.
             self._went_down(exc)
         self._keeper = asyncio.get_running_loop().create_task(self._keep_alive())
 
-    def _open(self) -> None:
-        """Make the client and register the scripts; no I/O yet."""
-        options: dict[str, Any] = {"socket_timeout": self.timeout,
-                                   "socket_connect_timeout": self.timeout}
-        if self.cluster:
-            self._redis = RedisCluster.from_url(self.url, **options)
-        else:
-            self._redis = aioredis.Redis.from_url(self.url, health_check_interval=0, **options)
-        self._publish_seq = self._redis.register_script(_PUBLISH_SEQ)
-        self._spublish = self._redis.register_script(_SPUBLISH)
-        self._join = self._redis.register_script(_JOIN)
-        self._history = self._redis.register_script(_HISTORY)
-        self._leave = self._redis.register_script(_LEAVE)
-
     async def close(self) -> None:
         self._closing = True
-        for task in (self._keeper, self._monitor):
+        for task in (self._keeper, self._monitor, *self._tasks):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
-        if self._redis is not None and self.state == "ok":
-            with contextlib.suppress(RedisError, OSError):
-                await asyncio.wait_for(self._redis.delete(f"fastws:node:{self.node_id}"), 1.0)
-        await self._close_pubsub()
-        if self._redis is not None:
-            await self._redis.aclose()
+        if self._servers is not None and self.state == "ok" and self._listens:
+            key = b"fastws:node:" + self.node_id.encode()
+            with contextlib.suppress(RespError, asyncio.TimeoutError):
+                await asyncio.wait_for(self._servers.call(key, b"DEL", key), 1.0)
+        if self._servers is not None:
+            self._servers.close()
+        self.state = "down"
 
     def health(self) -> dict[str, Any]:
+        servers = self._servers
         return {"name": self.name, "state": self.state, "outages": self.outages,
-                "rooms": len(self._rooms)}
+                "rooms": len(self._rooms), "dropped": self.dropped,
+                "refused": self._refused.total,
+                "waiting": servers.waiting if servers is not None else 0}
+
+    def _new_servers(self) -> Servers:
+        kind = ClusterServers if self.cluster else Servers
+        return kind(self.endpoint, timeout=self.timeout, limit=self.queue_limit,
+                    on_message=self.on_message, on_lost=self._lost,
+                    pressure=self._pressure_changed, on_dropped=self._dropped)
 
     async def _connect(self) -> None:
-        """(Re)build the subscription and re-register everything this node holds in Redis."""
-        assert self._redis is not None
-        await self._redis.ping()
-        await self._close_pubsub()
-        by_listener: dict[str, list[bytes]] = {}
-        for room in self._rooms:
-            channel = _channel(room).encode()
-            by_listener.setdefault(await self._listener_name(channel), []).append(channel)
-        for name, channels in by_listener.items():
-            await self._listener(name).subscribe(*channels)
-        pipe = self._redis.pipeline(transaction=False)
-        for room, members in self._members.items():
-            for client_id, member in members.items():
-                pipe.hset(_members_key(room), client_id, _member_encoder.encode(member))
-            pipe.sadd(f"fastws:node:{self.node_id}:rooms", room)
-        for client_id, (member, connected_at) in self._sessions.items():
-            pipe.set(f"session:{client_id}", self._session_record(member, connected_at),
-                     ex=_SESSION_TTL)
-        pipe.set(f"fastws:node:{self.node_id}", b"1", ex=self.node_ttl)
-        pipe.sadd("fastws:nodes", self.node_id)
-        await pipe.execute()
+        """(Re)connect, then resubscribe and re-register everything this node holds."""
+        servers = self._new_servers()
+        try:
+            await servers.connect(listen=self._listens)
+            for script in _SCRIPTS.values():
+                await servers.call_all(b"SCRIPT", b"LOAD", script.source)
+            if self._listens:
+                await self._register(servers)
+        except BaseException:
+            servers.close()
+            raise
+        old, self._servers = self._servers, servers
+        if old is not None:
+            old.close()
         if self.state != "ok":
             log.info("redis connected", extra={"event": "broker_up", "url": self._safe_url()})
         self.state = "ok"
 
-    async def _close_pubsub(self) -> None:
-        listeners, self._listeners = self._listeners, {}
-        for listener in listeners.values():
-            await listener.close()
-        for fut in self._confirm.values():
-            if not fut.done():
-                fut.set_exception(BrokerUnavailable())
-        self._confirm.clear()
+    async def _register(self, servers: Servers) -> None:
+        node = self.node_id.encode()
+        self._flush_channels = set()
+        waits = []
+        for listener in servers.listeners.values():
+            channel = b"fastws:flush:{%b}:%b" % (servers.hash_tag_for(listener), node)
+            self._flush_channels.add(channel)
+            waits.append(listener.subscribe(channel))
+        waits += [servers.listener_for(_room_keys(room).channel).subscribe(
+            _room_keys(room).channel) for room in self._rooms]
+        rooms_key = b"fastws:node:%b:rooms" % node
+        for room, members in self._members.items():
+            for client_id, member in members.items():
+                waits.append(servers.call(_room_keys(room).members, b"HSET",
+                                          _room_keys(room).members, client_id,
+                                          _member_encoder.encode(member)))
+            waits.append(servers.call(rooms_key, b"SADD", rooms_key, room))
+        for client_id, (member, connected_at) in self._sessions.items():
+            key = f"session:{client_id}".encode()
+            waits.append(servers.call(key, b"SET", key, self._session_record(member, connected_at),
+                                      b"EX", _SESSION_TTL))
+        waits.append(self._announce(servers))
+        await asyncio.gather(*waits)  # one write per connection: they were all issued together
+
+    async def _announce(self, servers: Servers) -> None:
+        key = b"fastws:node:" + self.node_id.encode()
+        await asyncio.gather(servers.call(key, b"SET", key, b"1", b"EX", self.node_ttl),
+                             servers.call(b"fastws:nodes", b"SADD", b"fastws:nodes", self.node_id))
 
     def _safe_url(self) -> str:
         return self.url.split("@")[-1]  # never log a password
+
+    def _lost(self, exc: BaseException | None) -> None:
+        """A connection of the current servers died: everything is reconnected."""
+        self._went_down(exc or ConnectionLost("connection closed"))
 
     def _went_down(self, exc: BaseException) -> None:
         if self._closing:
             return
         if self.state != "down" or self._monitor is None:
             self.outages += 1
-            log.warning("redis unavailable: %s", type(exc).__name__,
+            log.warning("redis unavailable: %s", exc or type(exc).__name__,
                         extra={"event": "broker_down", "url": self._safe_url()})
         self.state = "down"
         if self._monitor is None or self._monitor.done():
@@ -294,163 +373,248 @@ class RedisBroker:
             try:
                 await self._connect()
                 return
-            except (RedisError, OSError) as exc:
+            except (RespError, OSError) as exc:
                 log.debug("redis reconnect failed: %s", exc)
                 delay = min(delay * 2, 2.0)
 
+    def _pressure_changed(self, paused: bool) -> None:
+        if self._pressure is not None:
+            self._pressure(paused)
+
     # ---- the subscription -----------------------------------------------------------------
 
-    async def _listener_name(self, channel: bytes) -> str:
-        """Which connection carries ``channel``: the one, or its shard's primary on a cluster."""
-        if not self.cluster:
-            return ""
-        node = self._redis.get_node_from_key(channel)
-        return f"{node.host}:{node.port}"
-
-    def _listener(self, name: str) -> _Listener:
-        listener = self._listeners.get(name)
-        if listener is None:
-            if name:
-                host, _, port = name.rpartition(":")
-                client = aioredis.Redis(host=host, port=int(port), **self._node_options())
-            else:
-                client = self._redis
-            listener = self._listeners[name] = _Listener(self, client, sharded=self.cluster)
-        return listener
-
-    def _node_options(self) -> dict[str, Any]:
-        options = parse_url(self.url)
-        for key in ("host", "port", "db", "path", "connection_class"):
-            options.pop(key, None)
-        options.update(socket_timeout=self.timeout, socket_connect_timeout=self.timeout)
-        return options
-
     def on_message(self, channel: bytes, data: bytes) -> None:
-        # "exclude \n seq \n payload"; channel is fastws:{room}
-        exclude, _, rest = data.partition(b"\n")
-        seq, _, payload = rest.partition(b"\n")
-        assert self._deliver is not None
-        self._deliver(channel[8:-1].decode(), exclude.decode(), payload, int(seq or 0))
+        """One pub/sub message, called for every message of a read within that read."""
+        if channel.startswith(b"fastws:{"):
+            # "exclude \n seq \n payload"; channel is fastws:{room}. Untrusted: parse, or drop.
+            exclude, _, rest = data.partition(b"\n")
+            seq, sep, payload = rest.partition(b"\n")
+            try:
+                if not sep or payload[:1] != b"{" or payload[-1:] != b"}":
+                    raise ValueError("not exclude\\nseq\\n{payload}")
+                room, number, client = channel[8:-1].decode(), int(seq), exclude.decode()
+            except (ValueError, UnicodeDecodeError) as exc:
+                self._drop(channel, exc)
+                return
+            assert self._deliver is not None
+            self._deliver(room, client, payload, number)
+        elif channel in self._flush_channels:
+            future = self._flushes.pop(data, None)
+            if future is not None and not future.done():
+                future.set_result(None)
+        else:
+            self._drop(channel, ValueError("unknown channel"))
 
-    def on_subscribed(self, channel: bytes) -> None:
-        fut = self._confirm.pop(channel, None)
-        if fut is not None and not fut.done():
-            fut.set_result(None)
+    def _drop(self, channel: bytes, exc: Exception) -> None:
+        self.dropped += 1
+        if self.dropped & (self.dropped - 1) == 0:  # the 1st, 2nd, 4th, 8th...: rate-limited
+            log.warning("dropped an unparsable pub/sub message on %.80r: %s (%d dropped)",
+                        channel, exc, self.dropped, extra={"event": "broker_dropped"})
+
+    def _dropped(self, channel: bytes) -> None:
+        """Redis unsubscribed us (a shard's slot moved): subscribe where it lives now."""
+        room = channel[8:-1].decode(errors="replace")
+        if room in self._rooms:
+            self._spawn(self._resubscribe(room))
+
+    async def _resubscribe(self, room: str) -> None:
+        servers = self._servers
+        if isinstance(servers, ClusterServers):
+            servers.refresh()
+            await asyncio.sleep(0.1)
+        with contextlib.suppress(BrokerUnavailable):
+            if room in self._rooms:
+                await self.subscribe(room)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def subscribe(self, room: str) -> None:
+        servers = self._servers
+        if self.state != "ok" or servers is None:
+            raise self._refused("redis is down")
         self._rooms.add(room)
-        if self.state != "ok":
-            self._rooms.discard(room)
-            raise BrokerUnavailable()
-        channel = _channel(room).encode()
-        fut = self._confirm.get(channel)
-        if fut is None:
-            fut = self._confirm[channel] = asyncio.get_running_loop().create_future()
+        channel = _room_keys(room).channel
+        rooms_key = b"fastws:node:%b:rooms" % self.node_id.encode()
+        # Sent now, so that it and a later SREM of the same room leave in the order called.
+        servers.send(rooms_key, (b"SADD", rooms_key, room), self._checked)
         try:
-            listener = self._listener(await self._listener_name(channel))
-            await self._call(listener.subscribe(channel))
-            await asyncio.wait_for(asyncio.shield(fut), self.timeout)
-            await self._call(self._redis_sadd_room(room))
-        except (asyncio.TimeoutError, BrokerUnavailable):
+            for attempt in range(3):
+                try:
+                    await servers.listener_for(channel).subscribe(channel)
+                    return
+                except ReplyError as exc:
+                    # MOVED on a cluster: the shard changed; reload the map and try again.
+                    if not isinstance(servers, ClusterServers) or attempt == 2:
+                        raise
+                    servers.refresh()
+                    await asyncio.sleep(0.05 * (attempt + 1))
+                    log.debug("resubscribing %s after %s", room, exc)
+        except RespError as exc:
             self._rooms.discard(room)
-            raise BrokerUnavailable() from None
-
-    def _redis_sadd_room(self, room: str) -> Any:
-        assert self._redis is not None
-        return self._redis.sadd(f"fastws:node:{self.node_id}:rooms", room)
+            raise self._refused(exc) from None
 
     async def unsubscribe(self, room: str) -> None:
         self._rooms.discard(room)
         self._members.pop(room, None)
-        if self.state != "ok" or self._redis is None:
+        servers = self._servers
+        if self.state != "ok" or servers is None:
             return
-        channel = _channel(room).encode()
-        listener = self._listeners.get(await self._listener_name(channel))
-        if listener is not None:
-            await self._call(listener.unsubscribe(channel))
-        await self._call(self._redis.srem(f"fastws:node:{self.node_id}:rooms", room))
+        channel = _room_keys(room).channel
+        servers.listener_for(channel).unsubscribe(channel)
+        rooms_key = b"fastws:node:%b:rooms" % self.node_id.encode()
+        servers.send(rooms_key, (b"SREM", rooms_key, room), self._checked)
+
+    def _checked(self, reply: Any) -> None:
+        """A fire-and-forget command's reply: failures are logged (and seen by the monitor)."""
+        if isinstance(reply, RespError):
+            log.debug("redis command failed: %s", reply)
 
     # ---- commands -------------------------------------------------------------------------
 
-    async def _call(self, aw: Any) -> Any:
-        if self.state != "ok":
-            aw.close()
-            raise BrokerUnavailable()
+    async def _call(self, key: bytes, *args: Any) -> Any:
+        servers = self._servers
+        if self.state != "ok" or servers is None:
+            raise self._refused("redis is down")
         try:
-            return await aw
-        except (RedisError, OSError) as exc:
-            self._went_down(exc)
-            raise BrokerUnavailable() from exc
+            return await servers.call(key, *args)
+        except RespError as exc:
+            raise self._refused(exc) from None
+
+    async def _script(self, name: str, keys: tuple[bytes, ...], *args: Any) -> Any:
+        script = _SCRIPTS[name]
+        servers = self._servers
+        if self.state != "ok" or servers is None:
+            raise self._refused("redis is down")
+        try:
+            try:
+                return await servers.call(keys[0], b"EVALSHA", script.sha, len(keys), *keys,
+                                          *args)
+            except ReplyError as exc:
+                if not str(exc).startswith("NOSCRIPT"):
+                    raise
+            # A SCRIPT FLUSH or a failover lost it: EVAL loads it again.
+            return await servers.call(keys[0], b"EVAL", script.source, len(keys), *keys, *args)
+        except RespError as exc:
+            raise self._refused(exc) from None
 
     async def publish(self, room: str, payload: bytes, exclude: str = "") -> None:
-        assert self._redis is not None
-        message = b"%b\n0\n%b" % (exclude.encode(), payload)
-        if self.cluster:
-            await self._call(self._spublish(keys=[_seq_key(room)], args=[_channel(room), message]))
-        else:
-            await self._call(self._redis.publish(_channel(room), message))
+        channel = _room_keys(room).channel
+        await self._call(channel, self._publish_cmd, channel,
+                         b"%b\n0\n%b" % (exclude.encode(), payload))
+
+    def _publish_seq_args(self, room: str, head: bytes) -> tuple[Any, ...]:
+        keys = _room_keys(room)
+        return (b"EVALSHA", _SCRIPTS["publish_seq"].sha, 4, keys.seq, keys.epoch, keys.members,
+                keys.history, keys.channel, head, new_epoch(), self._state_ttl,
+                self._publish_cmd, self.policy.size_for(room), self._history_ttl_ms)
 
     async def publish_seq(self, room: str, head: bytes) -> int:
-        seq = await self._call(self._publish_seq(
-            keys=_room_keys(room),
-            args=[_channel(room), head, new_epoch(), self._state_ttl, self._publish_cmd,
-                  self.policy.size_for(room), self._history_ttl_ms]))
+        future = asyncio.get_running_loop().create_future()
+        self.publish_seq_nowait_(room, head, future.set_result)
+        seq = await future
+        if not seq:
+            raise BrokerUnavailable()
         return int(seq)
 
     def publish_seq_nowait(self, room: str, head: bytes, done: SeqDone | None) -> None:
         assert done is not None  # not inline: the answer always comes later
-        task = asyncio.get_running_loop().create_task(self.publish_seq(room, head))
-        task.add_done_callback(lambda t: done(0 if t.cancelled() or t.exception() else t.result()))
+        timed = self.__dict__.get("publish_seq")
+        if timed is not None:
+            # Someone wrapped publish_seq (metrics times each round trip): go through it. The
+            # pipe is FIFO, so tasks started in order still allocate seqs in order.
+            task = asyncio.get_running_loop().create_task(timed(room, head))
+            task.add_done_callback(
+                lambda t: done(0 if t.cancelled() or t.exception() else t.result()))
+            return
+        self.publish_seq_nowait_(room, head, done)
+
+    def publish_seq_nowait_(self, room: str, head: bytes, done: SeqDone) -> None:
+        """The hot path: one EVALSHA appended to this turn's write; ``done`` on its reply."""
+        servers = self._servers
+        if self.state != "ok" or servers is None:
+            self._refused("redis is down")
+            done(0)
+            return
+        args = self._publish_seq_args(room, head)
+        servers.send(args[3], args, functools.partial(self._seq_reply, done, args))
+
+    def _seq_reply(self, done: SeqDone, args: tuple[Any, ...] | None, reply: Any) -> None:
+        if type(reply) is int:
+            done(reply)
+            return
+        servers = self._servers
+        if (args is not None and type(reply) is ReplyError and str(reply).startswith("NOSCRIPT")
+                and servers is not None):
+            retry = (b"EVAL", _SCRIPTS["publish_seq"].source, *args[2:])
+            servers.send(args[3], retry, functools.partial(self._seq_reply, done, None))
+            return
+        self._refused(reply)
+        done(0)
 
     async def join(
         self, room: str, member: MemberInfo, since: tuple[int, str] | None = None
     ) -> JoinResult:
         since_seq, since_epoch = since if since is not None else (-1, "")
-        count, seq, epoch, complete, replay = await self._call(self._join(
-            keys=_room_keys(room),
-            args=[member.clientId, _member_encoder.encode(member), new_epoch(), self._state_ttl,
-                  since_epoch, since_seq, self._history_ttl_ms, since_seq]))
+        count, seq, epoch, complete, replay = await self._script(
+            "join", _room_keys(room)[:4], member.clientId, _member_encoder.encode(member),
+            new_epoch(), self._state_ttl, since_epoch, since_seq, self._history_ttl_ms,
+            since_seq)
         self._members.setdefault(room, {})[member.clientId] = member
         recovered = None if int(complete) < 0 else bool(int(complete))
         return JoinResult(int(count), int(seq), _text(epoch), recovered, list(replay))
 
     async def history(self, room: str, limit: int) -> tuple[int, str, list[bytes]]:
-        seq, epoch, messages = await self._call(self._history(
-            keys=_room_keys(room), args=[0, 0, 0, 0, 0, 0, self._history_ttl_ms, -1]))
-        return int(seq), _text(epoch), list(messages)[-limit:]
+        seq, epoch, messages = await self._script(
+            "history", _room_keys(room)[:4], 0, 0, 0, 0, 0, 0, self._history_ttl_ms, -1)
+        return int(seq), _text(epoch), list(messages)[-limit:] if limit else []
 
     async def leave(self, room: str, client_id: str) -> int:
         local = self._members.get(room)
         if local is not None:
             local.pop(client_id, None)
-        left = await self._call(self._leave(keys=[_members_key(room)], args=[client_id]))
-        return int(left)
+        return int(await self._script("leave", (_room_keys(room).members,), client_id))
 
     async def presence(self, room: str) -> list[MemberInfo]:
-        assert self._redis is not None
-        raw = await self._call(self._redis.hgetall(_members_key(room)))
-        return [_member_decoder.decode(v) for v in raw.values()]
+        key = _room_keys(room).members
+        raw = await self._call(key, b"HVALS", key)
+        return [_member_decoder.decode(v) for v in raw]
 
     def _session_record(self, member: MemberInfo, connected_at: float) -> bytes:
         return msgspec.json.encode({"userId": member.userId, "nodeId": self.node_id,
                                     "connectedAt": int(connected_at * 1000)})
 
     async def session_opened(self, member: MemberInfo, connected_at: float) -> None:
-        assert self._redis is not None
         self._sessions[member.clientId] = (member, connected_at)
-        await self._call(self._redis.set(f"session:{member.clientId}",
-                                         self._session_record(member, connected_at),
-                                         ex=_SESSION_TTL))
+        key = f"session:{member.clientId}".encode()
+        await self._call(key, b"SET", key, self._session_record(member, connected_at),
+                         b"EX", _SESSION_TTL)
 
     async def session_closed(self, client_id: str) -> None:
-        assert self._redis is not None
         self._sessions.pop(client_id, None)
-        await self._call(self._redis.delete(f"session:{client_id}"))
+        key = f"session:{client_id}".encode()
+        await self._call(key, b"DEL", key)
 
     async def flush(self) -> None:
-        """A barrier: a message published to a private channel after every earlier one."""
-        # Replaced with the pipelined client's barrier.
-        await asyncio.sleep(0.05)
+        """A barrier: a token published on this node's private channel of every shard it
+        listens to, after every earlier command; when each is back, everything published
+        before it on those shards has been delivered (Redis keeps each connection's order)."""
+        servers = self._servers
+        if self.state != "ok" or servers is None or not self._flush_channels:
+            return
+        loop = asyncio.get_running_loop()
+        waits = []
+        for channel in self._flush_channels:
+            token = secrets.token_hex(8).encode()
+            future = self._flushes[token] = loop.create_future()
+            waits.append(future)
+            servers.send(channel, (self._publish_cmd, channel, token), self._checked)
+        try:
+            await asyncio.wait_for(asyncio.gather(*waits), self.timeout * 2)
+        except asyncio.TimeoutError:
+            log.warning("redis flush timed out", extra={"event": "broker_flush_timeout"})
 
     # ---- upkeep: liveness, session TTLs, sweeping dead nodes ---------------------------------
 
@@ -458,31 +622,32 @@ class RedisBroker:
         last_sessions = 0.0
         while True:
             await asyncio.sleep(self.sweep_interval)
-            if self.state != "ok" or self._redis is None:
+            servers = self._servers
+            if self.state != "ok" or servers is None:
                 continue
             try:
-                pipe = self._redis.pipeline(transaction=False)
-                pipe.set(f"fastws:node:{self.node_id}", b"1", ex=self.node_ttl)
-                pipe.sadd("fastws:nodes", self.node_id)
+                waits = [self._announce(servers)]
                 if time.monotonic() - last_sessions > _SESSION_TTL / 3:
                     last_sessions = time.monotonic()
                     for client_id in self._sessions:
-                        pipe.expire(f"session:{client_id}", _SESSION_TTL)
-                await pipe.execute()
+                        key = f"session:{client_id}".encode()
+                        waits.append(servers.call(key, b"EXPIRE", key, _SESSION_TTL))
+                await asyncio.gather(*waits)
                 await self.sweep()
-            except (RedisError, OSError) as exc:
-                self._went_down(exc)
+            except (RespError, BrokerUnavailable) as exc:
+                log.debug("redis upkeep failed: %r", exc)  # the monitor handles outages
 
     async def sweep(self) -> int:
         """Remove the presence of nodes that stopped refreshing; tell their rooms. Returns count."""
-        assert self._redis is not None
         removed = 0
-        for raw in await self._redis.smembers("fastws:nodes"):
+        for raw in await self._call(b"fastws:nodes", b"SMEMBERS", b"fastws:nodes"):
             node = _text(raw)
-            if node == self.node_id or await self._redis.exists(f"fastws:node:{node}"):
+            alive = f"fastws:node:{node}".encode()
+            if node == self.node_id or await self._call(alive, b"EXISTS", alive):
                 continue
             # One sweeper per dead node, whichever node gets there first.
-            if not await self._redis.set(f"fastws:sweep:{node}", b"1", nx=True, ex=30):
+            claim = f"fastws:sweep:{node}".encode()
+            if not await self._call(claim, b"SET", claim, b"1", b"NX", b"EX", 30):
                 continue
             removed += await self._sweep_node(node)
         return removed
@@ -490,21 +655,20 @@ class RedisBroker:
     async def _sweep_node(self, node: str) -> int:
         from .. import protocol as p
 
-        assert self._redis is not None
         removed = 0
-        rooms_key = f"fastws:node:{node}:rooms"
-        for raw_room in await self._redis.smembers(rooms_key):
+        rooms_key = f"fastws:node:{node}:rooms".encode()
+        for raw_room in await self._call(rooms_key, b"SMEMBERS", rooms_key):
             room = _text(raw_room)
-            entries = await self._redis.hgetall(_members_key(room))
-            gone = [m for m in (_member_decoder.decode(_raw(v)) for v in entries.values())
-                    if m.node == node]
+            members_key = _room_keys(room).members
+            entries = await self._call(members_key, b"HVALS", members_key)
+            gone = [m for m in (_member_decoder.decode(v) for v in entries) if m.node == node]
             for member in gone:
-                left = await self._leave(keys=[_members_key(room)], args=[member.clientId])
+                left = await self._script("leave", (members_key,), member.clientId)
                 await self.publish(room, p.encode(p.UserLeft(
                     room, member.username, p.now_ms(), member.userId, int(left))))
                 removed += 1
-        await self._redis.delete(rooms_key)
-        await self._redis.srem("fastws:nodes", node)
+        await self._call(rooms_key, b"DEL", rooms_key)
+        await self._call(b"fastws:nodes", b"SREM", b"fastws:nodes", node)
         log.info("swept dead node", extra={"event": "node_swept", "node": node,
                                            "connections": removed})
         return removed
@@ -514,73 +678,28 @@ class RedisRooms(RedisBroker):
     """Publish into rooms and read their presence and history without being a node (for
     ``fastws.Publisher.over_redis``): the nodes' own Lua script and keys, so every node with
     members in the room delivers the message and its history keeps it. It subscribes to
-    nothing and registers nothing; each call either succeeds or raises ``BrokerUnavailable``.
+    nothing and registers nothing; each call either succeeds or raises ``BrokerUnavailable``,
+    and after a failure the next ``start()`` connects again.
     """
 
     name = "redis-rooms"
+    _listens = False
 
     async def start(self) -> None:
-        self._open()
-        self.state = "ok"  # redis-py reconnects on the next call by itself
+        try:
+            await self._connect()
+        except (RespError, OSError) as exc:
+            self._went_down(exc)  # the call that follows raises BrokerUnavailable
 
     def _went_down(self, exc: BaseException) -> None:
-        log.debug("redis call failed: %s", type(exc).__name__)
+        log.debug("redis call failed: %s", exc)
+        self.state = "down"
+        if self._servers is not None:
+            self._servers.close()
+            self._servers = None
 
     async def close(self) -> None:
-        if self._redis is not None:
-            await self._redis.aclose()
-
-
-class _Listener:
-    """One pub/sub connection and its reader task (one per shard primary on a cluster)."""
-
-    def __init__(self, broker: RedisBroker, client: Any, sharded: bool) -> None:
-        self.broker = broker
-        self.client = client
-        self.sharded = sharded
-        self.pubsub = client.pubsub()
-        self.task: asyncio.Task[None] | None = None
-
-    async def subscribe(self, *channels: bytes) -> None:
-        if self.sharded:
-            await self.pubsub.ssubscribe(*channels)
-        else:
-            await self.pubsub.subscribe(*channels)
-        if self.task is None:
-            # Reading starts after the first subscription: redis-py needs one to read at all.
-            self.task = asyncio.get_running_loop().create_task(self._read())
-
-    async def unsubscribe(self, channel: bytes) -> None:
-        if self.sharded:
-            await self.pubsub.sunsubscribe(channel)
-        else:
-            await self.pubsub.unsubscribe(channel)
-
-    async def _read(self) -> None:
-        message_type = b"smessage" if self.sharded else b"message"
-        subscribe_type = b"ssubscribe" if self.sharded else b"subscribe"
-        try:
-            while True:
-                msg = await self.pubsub.get_message(ignore_subscribe_messages=False, timeout=None)
-                if msg is None:
-                    continue
-                kind = _raw(msg["type"])
-                if kind == message_type:
-                    self.broker.on_message(_raw(msg["channel"]), msg["data"])
-                elif kind == subscribe_type:
-                    self.broker.on_subscribed(_raw(msg["channel"]))
-        except asyncio.CancelledError:
-            raise
-        except (RedisError, OSError) as exc:
-            self.broker._went_down(exc)
-
-    async def close(self) -> None:
-        if self.task is not None:
-            self.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self.task
-        with contextlib.suppress(RedisError, OSError):
-            await self.pubsub.aclose()
-        if self.client is not self.broker._redis:
-            with contextlib.suppress(RedisError, OSError):
-                await self.client.aclose()
+        if self._servers is not None:
+            self._servers.close()
+            self._servers = None
+        self.state = "down"
