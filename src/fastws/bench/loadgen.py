@@ -272,19 +272,23 @@ class Worker:
         self.window: int = plan["window"]
         self.pad: int = plan["pad"]
         self.urls: dict[int, str] = {}  # pre-minted, so minting is not measured
+        self.node_of: dict[int, int] = {m[0]: m[3] for m in plan["members"]}
         self.flood_sent = 0
 
     # -- setup --------------------------------------------------------------------------
 
     def url_for(self, cid: int) -> str:
+        """The user's node URL (the plan's members name a node each) with its token."""
         plan = self.plan
         token = plan["token"]
         if token is None:
             from ..auth import mint
 
             token = mint(plan["secret"], f"u{cid}", ttl=plan["ttl"])
-        sep = "&" if "?" in plan["url"] else "?"
-        return f"{plan['url']}{sep}token={token}"
+        urls = plan.get("urls") or [plan["url"]]
+        url = urls[self.node_of.get(cid, 0) % len(urls)]
+        sep = "&" if "?" in url else "?"
+        return f"{url}{sep}token={token}"
 
     async def connect(self, cid: int, room: str | None, publisher: bool) -> Client:
         window = self.window if publisher else 0
@@ -312,7 +316,7 @@ class Worker:
         sem = asyncio.Semaphore(self.plan["concurrency"])
         # publishers keep the plan's order (the pacing spreads messages over them in turn)
 
-        async def one(cid: int, room: str | None, publisher: bool) -> None:
+        async def one(cid: int, room: str | None, publisher: bool, _node: int) -> None:
             async with sem:
                 client = await self.connect(cid, room, publisher)
                 if join and room is not None:
@@ -332,6 +336,8 @@ class Worker:
     async def run(self) -> dict[str, Any]:
         plan = self.plan
         mode = plan["mode"]
+        if mode == "reconnect":
+            return await self.run_reconnect()
         t0 = time.monotonic()
         if mode == "connect":
             self.urls = {m[0]: self.url_for(m[0]) for m in plan["members"]}
@@ -360,6 +366,28 @@ class Worker:
             client.close()
         await asyncio.sleep(0.05)  # let the close frames go out
         return result
+
+    async def run_reconnect(self) -> dict[str, Any]:
+        """The reconnect storm (reconnect.py): its users have their own connection class."""
+        from .reconnect import Storm
+
+        storm = Storm(self.plan, self.schedule, self.url_for)
+        t0 = time.monotonic()
+        await storm.setup(self.plan["concurrency"], self.tick)
+        self.queue.put(("ready", self.index, {"setup_s": time.monotonic() - t0}))
+        await self.wait_barrier()
+        settled = await storm.run()
+        self.queue.put(("done", self.index, None))
+        storm_result = storm.result(settled)
+        storm.close()
+        await asyncio.sleep(0.05)  # let the close frames go out
+        return {
+            **self.empty_result(),
+            "closes": storm_result.pop("closes"),
+            "errors": storm_result.pop("errors"),
+            "drain_timed_out": not settled,
+            "reconnect": storm_result,
+        }
 
     async def run_chat(self, mode: str) -> None:
         g = self.gen
@@ -556,21 +584,36 @@ class Worker:
             }
         return out
 
-
-    def flood_result(self) -> dict[str, Any]:
-        """The flooders' fate, apart from the measured load (which they are not part of)."""
-        g = self.gen
+    def empty_result(self) -> dict[str, Any]:
+        """A result that counts nothing of the chat load (flooders, the reconnect storm)."""
         return {
             "index": self.index,
             "histogram": new_histogram().encode(),
-            **dict.fromkeys(("deliveries", "duplicates", "reorders", "sent_window",
-                             "sent_total", "disconnects", "pacer_max_lag_us"), 0),
+            **dict.fromkeys(
+                (
+                    "deliveries",
+                    "duplicates",
+                    "reorders",
+                    "sent_window",
+                    "sent_total",
+                    "disconnects",
+                    "pacer_max_lag_us",
+                ),
+                0,
+            ),
             "series": [0],
             "sent_series": [0],
             "rooms": {},
             "closes": {},
             "errors": {},
             "drain_timed_out": False,
+        }
+
+    def flood_result(self) -> dict[str, Any]:
+        """The flooders' fate, apart from the measured load (which they are not part of)."""
+        g = self.gen
+        return {
+            **self.empty_result(),
             "flood": {
                 "clients": len(self.clients),
                 "sent": self.flood_sent,

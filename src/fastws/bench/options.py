@@ -13,8 +13,10 @@ Benchmark a fastws-protocol server. Scenarios: roundtrip (one room per connectio
 wait for your own broadcast), fanout (one room, many subscribers, --join-storm for joins),
 rooms (many small rooms, everyone posts), connections (many idle authenticated connections).
 Target: --server KIND starts a server here (port 0, pinned with taskset), --server all runs
-fastws, picows and websockets one after the other and prints ratios; or --url ws://HOST:PORT/ws
-with --secret (one token minted per simulated user) or --token (one token for everyone).
+fastws, picows and websockets one after the other and prints ratios; --deployment runs fastws
+as one process, --workers 2, on a Redis or as two nodes on one Redis (a list compares them with
+ratios to the first); or --url ws://HOST:PORT/ws with --secret (one token minted per simulated
+user) or --token (one token for everyone).
 Every run writes a JSON and a PNG to --out and prints a table."""
 
 EPILOG = """\
@@ -23,6 +25,8 @@ examples:
   fastws bench fanout --server fastws --subscribers 1000 --window 64
   fastws bench fanout --server fastws --subscribers 1000 --rate 500
   fastws bench fanout --server fastws --subscribers 2000 --join-storm
+  fastws bench fanout --server fastws --deployment one,workers2,redis,redis2 --subscribers 1000
+  fastws bench fanout --server fastws --deployment redis2 --reconnect-storm --subscribers 1000
   fastws bench rooms --url ws://10.0.0.5:8080/ws --secret "$FASTWS_JWT_SECRET" --rate 5
   fastws bench connections --server fastws --connections 10000
   fastws bench --compare benchmarks/results/A.json benchmarks/results/B.json"""
@@ -41,6 +45,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=(*SERVERS, "all"),
         help="start this server locally (port 0) and stop it after; "
         "'all' runs the scenario against all three and prints ratios",
+    )
+    target.add_argument(
+        "--deployment",
+        default="one",
+        metavar="MODES",
+        help="with --server fastws: how the server side runs, all of it pinned to "
+        "--server-cpus and counted in its CPU seconds and memory: one (one process, default), "
+        "workers2 (--workers 2), redis (one node on a redis-server started here), redis2 (two "
+        "nodes on one redis-server, users spread over both); a comma list (or 'all') runs each "
+        "in turn and prints ratios to the first",
     )
     target.add_argument("--url", metavar="URL", help="an already running server: ws://HOST:PORT/ws")
     target.add_argument(
@@ -186,6 +200,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "more lets a server batch the notices of joins that arrive together)",
     )
     run.add_argument(
+        "--reconnect-storm",
+        action="store_true",
+        help="fanout, with --server: --subscribers clients in one room while one publisher "
+        "posts at --rate (default 10 msg/s); after --warmup seconds their node is restarted and "
+        "every client reconnects at once and re-joins with since; measures the time until every "
+        "client has caught up, and any gap, duplicate or error",
+    )
+    run.add_argument(
         "--rooms", type=int, metavar="N", default=500, help="rooms: rooms (default 500)"
     )
     run.add_argument(
@@ -226,10 +248,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "column per server) and exit",
     )
     out.add_argument(
+        "--by",
+        choices=("server", "deployment"),
+        default="server",
+        help="with --summarize: one column per server (fastws / each baseline; default) or per "
+        "deployment (each / one process)",
+    )
+    out.add_argument(
         "--readme",
         metavar="README.md",
         help="with --summarize: write the table into this file between "
-        "<!-- results:start --> and <!-- results:end -->",
+        "<!-- results:start --> and <!-- results:end --> (--by deployment: "
+        "<!-- deployments:start --> and <!-- deployments:end -->)",
     )
 
 

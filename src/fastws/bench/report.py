@@ -14,7 +14,7 @@ from typing import Any
 
 SCHEMA = "fastws-bench/1"
 SERVER_ORDER = ("fastws", "picows", "websockets")
-MARK_START, MARK_END = "<!-- results:start -->", "<!-- results:end -->"
+DEPLOYMENT_ORDER = ("one", "workers2", "redis", "redis2")  # as deployment.DEPLOYMENTS
 
 # (path in "headline", label, True if higher is better, None if neither)
 FIGURES: list[tuple[str, str, bool | None]] = [
@@ -28,6 +28,13 @@ FIGURES: list[tuple[str, str, bool | None]] = [
     ("latency_us.p99.9", "latency p99.9 (us)", False),
     ("latency_us.max", "latency max (us)", False),
     ("memory_per_connection_bytes", "server bytes per connection", False),
+    ("storm_s", "storm time (s)", False),
+    ("restart_s", "node down -> listening again (s)", False),
+    ("clients_dropped", "clients dropped", None),
+    ("clients_caught_up", "clients caught up", True),
+    ("recovered", "re-joins recovered", None),
+    ("history_lost", "re-joins with history lost (new epoch)", None),
+    ("error_count", "errors (error replies, failed reconnects)", False),
     ("losses", "losses", False),
     ("duplicates", "duplicates", False),
     ("reorders", "reorders", False),
@@ -87,6 +94,7 @@ def document(
     parameters: dict[str, Any],
     target: dict[str, Any],
     server: str,
+    deployment: str = "one",
     versions: dict[str, str],
     headline: dict[str, Any],
     timeseries: dict[str, Any],
@@ -99,6 +107,7 @@ def document(
         "mode": mode,
         "title": title,
         "server": server,
+        "deployment": deployment,
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "parameters": parameters,
         "target": target,
@@ -112,9 +121,22 @@ def document(
     }
 
 
+def run_label(doc: dict[str, Any]) -> str:
+    """``fastws``, or ``fastws/redis2`` for a deployment other than one process."""
+    deployment = doc.get("deployment") or "one"
+    return doc["server"] if deployment == "one" else f"{doc['server']}/{deployment}"
+
+
+def column_of(doc: dict[str, Any], by: str) -> str:
+    """The column a run goes in when runs are compared ``by`` server or by deployment."""
+    return str(doc.get(by) or "one")
+
+
 def output_paths(out_dir: str, doc: dict[str, Any], stamp: str) -> tuple[Path, Path]:
-    mode = {"storm": "-joinstorm", "rate": "-rate"}.get(doc["mode"], "")
-    base = f"{stamp}-{doc['scenario']}{mode}-{doc['server']}"
+    mode = {"storm": "-joinstorm", "rate": "-rate", "reconnect": "-reconnect"}.get(doc["mode"], "")
+    deployment = doc.get("deployment") or "one"
+    tail = "" if deployment == "one" else f"-{deployment}"
+    base = f"{stamp}-{doc['scenario']}{mode}-{doc['server']}{tail}"
     folder = Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{base}.json"
@@ -218,6 +240,13 @@ def run_table(doc: dict[str, Any]) -> str:
             f"{flood['refused']:,} error replies; closed by the server: {flood['closes']}; "
             f"{flood['open_at_end']} still open at the end"
         )
+    if head.get("clients_dropped") is not None:
+        extra.append(
+            f"restart ({head['restart']['how']}): {head['clients_dropped']} of "
+            f"{head['clients']} clients dropped, {head['clients_caught_up']} caught up; "
+            f"re-joins recovered {head['recovered']}, history lost {head['history_lost']}; "
+            f"{head['messages_sent']} messages sent, final seq {head['final_seq']}"
+        )
     if head.get("closes"):
         extra.append(f"closed by the server: {head['closes']} (close code: count)")
     if head.get("unexpected_disconnects"):
@@ -231,29 +260,41 @@ def run_table(doc: dict[str, Any]) -> str:
         )
     if head.get("drain_timed_out"):
         extra.append("the drain timed out: some messages never arrived (counted as losses)")
-    title = f"{doc['title']} -- {doc['server']} ({doc['target']['url']})"
+    title = f"{doc['title']} -- {run_label(doc)} ({doc['target']['url']})"
     return "\n".join([title, _table(rows), *("  " + e for e in extra)])
 
 
-def ratios_table(docs: list[dict[str, Any]]) -> str:
-    """Servers side by side, with fastws / each other server."""
-    by_server = {d["server"]: d for d in docs}
-    servers = [s for s in SERVER_ORDER if s in by_server] + [
-        s for s in by_server if s not in SERVER_ORDER
-    ]
-    base = servers[0]
-    others = servers[1:]
-    rows = [["figure", *servers, *(f"{base} / {o}" for o in others)]]
+def _columns(seen: set[str], by: str) -> tuple[list[str], list[tuple[str, int, int]]]:
+    """The columns in their order, and the ratio columns as (label, numerator index,
+    denominator index): fastws / each other server, or each deployment / one process."""
+    order = SERVER_ORDER if by == "server" else DEPLOYMENT_ORDER
+    columns = [c for c in order if c in seen] + sorted(seen - set(order))
+    base = order[0]
+    if base not in columns:
+        return columns, []
+    b = columns.index(base)
+    others = [i for i, c in enumerate(columns) if c != base]
+    if by == "server":
+        return columns, [(f"{base} / {columns[i]}", b, i) for i in others]
+    return columns, [(f"{columns[i]} / {base}", i, b) for i in others]
+
+
+def ratios_table(docs: list[dict[str, Any]], by: str = "server") -> str:
+    """Runs side by side ``by`` server (fastws / each other server) or by deployment (each
+    deployment / one process, measured in the same invocation)."""
+    runs = {column_of(d, by): d for d in docs}
+    columns, ratios = _columns(set(runs), by)
+    rows = [["figure", *columns, *(r[0] for r in ratios)]]
     for key, label, _better in _present(docs):
-        values = [get(by_server[s]["headline"], key) for s in servers]
+        values = [get(runs[c]["headline"], key) for c in columns]
         rows.append(
             [
                 _label(docs[0], key, label),
                 *(fmt(v) for v in values),
-                *(fmt_ratio(ratio(values[0], v)) for v in values[1:]),
+                *(fmt_ratio(ratio(values[n], values[d])) for _, n, d in ratios),
             ]
         )
-    return f"{docs[0]['title']}: servers compared\n{_table(rows)}"
+    return f"{docs[0]['title']}: {by}s compared\n{_table(rows)}"
 
 
 def compare(path_a: str, path_b: str) -> str:
@@ -281,34 +322,35 @@ def compare(path_a: str, path_b: str) -> str:
 _SUMMARY = [
     ("throughput", None),
     ("throughput_per_cpu_s", None),
+    ("storm_s", "storm time (s)"),
     ("latency_us.p50", "latency p50 (us)"),
     ("latency_us.p99", "latency p99 (us)"),
     ("memory_per_connection_bytes", "server bytes per connection"),
+    ("history_lost", "re-joins with history lost (new epoch)"),
+    ("error_count", "errors"),
     ("losses", "losses + duplicates + reorders"),
 ]
+_COUNTS = {"losses", "error_count", "history_lost"}  # no ratio: the goal is an exact number
 
 
-def summarize(paths: list[str]) -> str:
-    """A Markdown table of these runs: one row per (run, figure), one column per server,
-    then fastws / picows and fastws / websockets."""
+def summarize(paths: list[str], by: str = "server") -> str:
+    """A Markdown table of these runs: one row per (run, figure), one column per server
+    (then fastws / picows and fastws / websockets), or ``by="deployment"`` one column per
+    deployment (then each / one process)."""
     docs = sorted((load(p) for p in paths), key=lambda d: d["date"])
     groups: dict[str, dict[str, dict[str, Any]]] = {}
     for d in docs:
-        groups.setdefault(d["title"], {})[d["server"]] = d  # the latest run of each wins
-    seen = {s for g in groups.values() for s in g}
-    servers = [s for s in SERVER_ORDER if s in seen] + sorted(seen - set(SERVER_ORDER))
-    others = [s for s in servers if s != "fastws"]
-    header = ["run", "figure", *servers]
-    if "fastws" in servers:
-        header += [f"fastws / {o}" for o in others]
+        groups.setdefault(d["title"], {})[column_of(d, by)] = d  # the latest run wins
+    columns, ratios = _columns({c for g in groups.values() for c in g}, by)
+    header = ["run", "figure", *columns, *(r[0] for r in ratios)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * 2 + "---:|" * (len(header) - 2)]
     for title, runs in groups.items():
         first = True
         sample = next(iter(runs.values()))
         for key, label in _SUMMARY:
             values = []
-            for s in servers:
-                head = runs[s]["headline"] if s in runs else {}
+            for c in columns:
+                head = runs[c]["headline"] if c in runs else {}
                 if key == "losses":
                     parts = [head.get(k) for k in ("losses", "duplicates", "reorders")]
                     counts = [p for p in parts if isinstance(p, int)]
@@ -319,36 +361,49 @@ def summarize(paths: list[str]) -> str:
                 continue
             name = label or _label(sample, key, "")
             row = [title if first else "", name, *(fmt(v) for v in values)]
-            if "fastws" in servers and key != "losses":
-                base = values[servers.index("fastws")]
-                row += [fmt_ratio(ratio(base, values[servers.index(o)])) for o in others]
-            elif "fastws" in servers:
-                row += ["" for _ in others]
+            if key in _COUNTS:
+                row += ["" for _ in ratios]
+            else:
+                row += [fmt_ratio(ratio(values[n], values[d])) for _, n, d in ratios]
             lines.append("| " + " | ".join(row) + " |")
             first = False
     v = docs[-1]["versions"] if docs else {}
     target = docs[-1]["target"] if docs else {}
     timed = [d for d in docs if d["mode"] in ("window", "rate")] or docs
     params = timed[-1]["parameters"] if timed else {}
+    pinned = (
+        f"server pinned to CPU {target.get('server_cpus') or '-'}"
+        if by == "server"
+        else f"every server process (fastws nodes, supervisor, redis-server) pinned to CPU "
+        f"{target.get('server_cpus') or '-'} and counted in the server's CPU seconds"
+    )
+    favour = (
+        "Ratios above 1 favour fastws for throughput, below 1 for latency and memory."
+        if by == "server"
+        else "Ratios are each deployment over one process in the same run: above 1 is more "
+        "throughput, below 1 lower latency."
+    )
     intro = (
         f"Measured {docs[-1]['date'][:10] if docs else '-'} on {v.get('cpu', '?')} "
-        f"({v.get('cores', '?')} cores, {v.get('platform', '?')}); server pinned to CPU "
-        f"{target.get('server_cpus') or '-'}, load generator on the other core(s). "
+        f"({v.get('cores', '?')} cores, {v.get('platform', '?')}); {pinned}, load generator "
+        f"on the other core(s). "
         f"Python {v.get('python')}, fastws {v.get('fastws')}, picows {v.get('picows')}, "
         f"uvloop {v.get('uvloop')}, websockets {v.get('websockets')}. Timed runs: "
         f"{fmt(params.get('warmup'))} s warmup then {fmt(params.get('duration'))} s measured. "
-        "Ratios above 1 favour fastws for throughput, below 1 for latency and memory."
+        f"{favour}"
     )
     return intro + "\n\n" + "\n".join(lines) + "\n"
 
 
-def write_readme(readme: str, table: str) -> None:
+def write_readme(readme: str, table: str, marker: str = "results") -> None:
+    """Replace what is between ``<!-- MARKER:start -->`` and ``<!-- MARKER:end -->``."""
+    start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
     path = Path(readme)
     text = path.read_text()
-    pattern = re.compile(re.escape(MARK_START) + r".*?" + re.escape(MARK_END), re.S)
+    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.S)
     if not pattern.search(text):
-        raise ValueError(f"{readme}: no {MARK_START} ... {MARK_END} markers")
-    path.write_text(pattern.sub(lambda _: f"{MARK_START}\n{table}{MARK_END}", text))
+        raise ValueError(f"{readme}: no {start} ... {end} markers")
+    path.write_text(pattern.sub(lambda _: f"{start}\n{table}{end}", text))
 
 
 # --- plots -----------------------------------------------------------------------------
@@ -404,7 +459,7 @@ def plot_run(doc: dict[str, Any], path: Path) -> None:
     _percentile_axis(ax1)
     ax1.set_title(f"latency: {head.get('latency_of', '')}", fontsize=10)
     series = doc["timeseries"]
-    key = next(k for k in ("deliveries", "connections") if k in series)
+    key = next(k for k in ("deliveries", "connections", "clients") if k in series)
     values = [v / series["interval_s"] for v in series[key]]
     ax2.plot([i * series["interval_s"] for i in range(len(values))], values, label=key)
     ax2.set_xlabel(f"seconds from {series['origin']}")
@@ -423,7 +478,7 @@ def plot_run(doc: dict[str, Any], path: Path) -> None:
         ax3.set_ylabel("messages sent per second", color="tab:orange")
         ax3.set_ylim(bottom=0)
     ax2.set_title(f"throughput: {fmt(head['throughput'])} {head['throughput_unit']}", fontsize=10)
-    fig.suptitle(f"{doc['title']} -- {doc['server']}", fontsize=11)
+    fig.suptitle(f"{doc['title']} -- {run_label(doc)}", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -436,12 +491,12 @@ def plot_servers(docs: list[dict[str, Any]], path: Path) -> None:
     for doc in docs:
         xs, ys = _percentile_curve(doc["histogram"])
         if xs:
-            ax1.plot(xs, ys, drawstyle="steps-post", label=doc["server"])
+            ax1.plot(xs, ys, drawstyle="steps-post", label=run_label(doc))
         series = doc["timeseries"]
-        key = next(k for k in ("deliveries", "connections") if k in series)
+        key = next(k for k in ("deliveries", "connections", "clients") if k in series)
         values = [v / series["interval_s"] for v in series[key]]
         ax2.plot(
-            [i * series["interval_s"] for i in range(len(values))], values, label=doc["server"]
+            [i * series["interval_s"] for i in range(len(values))], values, label=run_label(doc)
         )
     if any(ax1.get_lines()):
         ax1.set_yscale("log")

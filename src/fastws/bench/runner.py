@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..errors import FastWSError
@@ -38,9 +38,10 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.summarize:
         try:
-            table = report.summarize(args.summarize)
+            table = report.summarize(args.summarize, args.by)
             if args.readme:
-                report.write_readme(args.readme, table)
+                marker = "results" if args.by == "server" else "deployments"
+                report.write_readme(args.readme, table, marker)
         except (OSError, ValueError) as exc:
             raise BenchError(str(exc)) from exc
         print(table, end="")
@@ -50,16 +51,17 @@ def run(args: argparse.Namespace) -> int:
     docs: list[dict[str, Any]] = []
     if args.server:
         from ..auth import random_secret
-        from .targets import local_server
+        from .deployment import deployed
 
         secret = args.secret or random_secret()
         kinds = list(SERVERS) if args.server == "all" else [args.server]
-        for kind in kinds:
-            with local_server(
-                kind, secret, args.server_cpus, args.server_arg, args.baselines
-            ) as target:
+        runs = [(kind, mode) for kind in kinds for mode in args.deployments]
+        for kind, mode in runs:
+            with deployed(
+                kind, mode, secret, args.server_cpus, args.server_arg, args.baselines
+            ) as (deployment, target):
                 try:
-                    docs.append(run_one(args, target, stamp))
+                    docs.append(run_one(args, target, stamp, deployment.restart_node))
                 except BenchError as exc:
                     tail = "".join(target.log or ())
                     raise BenchError(
@@ -69,14 +71,15 @@ def run(args: argparse.Namespace) -> int:
         target = Target("url", args.url, secret=args.secret, token=args.token, pid=args.server_pid)
         docs.append(run_one(args, target, stamp))
     if len(docs) > 1:
+        by = "deployment" if len(args.deployments) > 1 else "server"
         print()
-        print(report.ratios_table(docs))
+        print(report.ratios_table(docs, by))
         if not args.no_plot:
-            json_path, _ = report.output_paths(args.out, {**docs[0], "server": "all"}, stamp)
+            json_path, _ = report.output_paths(args.out, {**docs[0], by: "all"}, stamp)
             png = json_path.with_suffix(".png")
             report.plot_servers(docs, png)
             print(f"wrote {png}")
-    dirty = [d["server"] for d in docs if not _clean(d["headline"])]
+    dirty = [report.run_label(d) for d in docs if not _clean(d["headline"])]
     if dirty:
         print(
             f"fastws bench: integrity or connection problems with: {', '.join(dirty)} "
@@ -89,7 +92,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _clean(head: dict[str, Any]) -> bool:
     return not (
-        head.get("losses")
+        head.get("error_count")
+        or head.get("losses")
         or head.get("duplicates")
         or head.get("reorders")
         or head.get("failed")
@@ -144,10 +148,26 @@ def _check(args: argparse.Namespace) -> None:
         raise BenchError("--flooders belongs to the roundtrip, fanout and rooms scenarios")
     if args.join_storm and args.scenario != "fanout":
         raise BenchError("--join-storm belongs to the fanout scenario")
+    from .deployment import parse_deployments
+
+    args.deployments = parse_deployments(args.deployment)
+    if args.deployments != ["one"] and args.server != "fastws":
+        raise BenchError("--deployment other than 'one' needs --server fastws")
+    if args.reconnect_storm:
+        if args.scenario != "fanout" or args.join_storm or args.flooders:
+            raise BenchError("--reconnect-storm belongs to the fanout scenario, on its own")
+        if args.server != "fastws":
+            raise BenchError("--reconnect-storm restarts the server: it needs --server fastws")
 
 
-def run_one(args: argparse.Namespace, target: Target, stamp: str) -> dict[str, Any]:
-    """One scenario against one target: run, write JSON (+ PNG), print the table."""
+def run_one(
+    args: argparse.Namespace,
+    target: Target,
+    stamp: str,
+    restart: Callable[[], dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """One scenario against one target: run, write JSON (+ PNG), print the table.
+    ``restart`` restarts the target's first node (the reconnect storm)."""
     from . import report
     from .scenarios import build_plan, figures, generator_cpus, run_plan, time_series
     from .targets import versions
@@ -160,13 +180,15 @@ def run_one(args: argparse.Namespace, target: Target, stamp: str) -> dict[str, A
     if not args.quiet:
         where = f"CPU {','.join(str(c) for c in cpus)}" if cpus else "unpinned"
         print(
-            f"fastws bench: {plan.title} against {target.kind} at {target.url}: "
+            f"fastws bench: {plan.title} against {target.kind} "
+            f"({target.deployment or 'one'}) at {', '.join(target.node_urls)}: "
             f"{procs} generator process{'es' * (procs > 1)} ({where})",
             flush=True,
         )
-    merged = run_plan(plan, target, args)
+    merged = run_plan(plan, target, args, restart)
     head = figures(plan, merged, args.duration)
-    hist = merged["join_histogram"] if plan.mode == "storm" else merged["histogram"]
+    hist = {"storm": merged.get("join_histogram"), "reconnect": merged.get("reconnect_histogram")}
+    hist = hist.get(plan.mode) or merged["histogram"]
     doc = report.document(
         scenario=plan.scenario,
         mode=plan.mode,
@@ -174,6 +196,7 @@ def run_one(args: argparse.Namespace, target: Target, stamp: str) -> dict[str, A
         parameters=plan.parameters,
         target=target.describe(),
         server=target.kind,
+        deployment=target.deployment or "one",
         versions=versions(),
         headline=head,
         timeseries=time_series(plan, merged, args.duration),
@@ -183,8 +206,10 @@ def run_one(args: argparse.Namespace, target: Target, stamp: str) -> dict[str, A
             "warnings": merged["warnings"],
             "schedule_ns": merged["schedule"],
             "sent_total": merged["sent_total"],
-            "server_cpu_measures": "utime+stime of the server pid and its live "
-            "descendants (/proc/<pid>/stat, task/*/children), over the measured window",
+            "restart": merged.get("restart"),
+            "server_cpu_measures": "utime+stime of every server process (each fastws node, "
+            "the supervisor, redis-server) and their live descendants (/proc/<pid>/stat, "
+            "task/*/children), over the measured window",
         },
     )
     json_path, png_path = report.output_paths(args.out, doc, stamp)

@@ -21,12 +21,20 @@ import queue as queue_mod
 import secrets
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from .loadgen import new_histogram, worker_main
 from .report import Progress
-from .targets import BenchError, Target, cpu_seconds, listen_overflows, rss_bytes
+from .targets import (
+    BenchError,
+    Target,
+    cpu_by_pid,
+    cpu_seconds,
+    listen_overflows,
+    rss_bytes,
+)
 
 _NS = 1_000_000_000
 _LEAD_NS = 300_000_000  # the schedule starts this long after the barrier is released
@@ -37,7 +45,7 @@ class Plan:
     """One run: the mode, its parameters (as written to the JSON) and one plan per process."""
 
     scenario: str
-    mode: str  # window | rate | storm | connect
+    mode: str  # window | rate | storm | connect | reconnect
     title: str
     parameters: dict[str, Any]
     procs: list[dict[str, Any]] = field(default_factory=list)
@@ -56,17 +64,19 @@ def build_plan(
     args: argparse.Namespace, target: Target, procs: int, cpus: list[list[int] | None]
 ) -> Plan:
     """Split the scenario's users over ``procs`` processes. ``members`` rows are
-    ``(user number, room or None, posts or not)``; room names carry a random run id so runs
-    against a shared server never meet."""
+    ``(user number, room or None, posts or not, node)``, node indexing ``target.node_urls``
+    (round robin by user number, so a room's members are spread over the nodes); room names
+    carry a random run id so runs against a shared server never meet."""
     run = secrets.token_hex(3)
     scenario = args.scenario
     rate = args.rate
-    members: list[list[tuple[int, str | None, bool]]] = [[] for _ in range(procs)]
+    nodes = len(target.node_urls)
+    members: list[list[tuple[int, str | None, bool, int]]] = [[] for _ in range(procs)]
     rates = [0.0] * procs
     if scenario == "roundtrip":
         conns = args.connections or 64
         for i in range(conns):
-            members[i % procs].append((i, f"b{run}-rt-{i}", True))
+            members[i % procs].append((i, f"b{run}-rt-{i}", True, i % nodes))
         mode = "rate" if rate else "window"
         window = args.window or 1
         if rate:
@@ -78,10 +88,22 @@ def build_plan(
         subs, pubs = args.subscribers, args.publishers
         room = f"b{run}-fanout"
         window = args.window or 64
-        if args.join_storm:
+        if args.reconnect_storm:
+            mode = "reconnect"
+            rate = rate or 10.0
+            # Every subscriber on node 0, the one restarted; the publisher on the last node
+            # (with two nodes, chat goes on through the other node while node 0 is down).
+            members[0].append((0, room, True, nodes - 1))
+            for i in range(1, subs + 1):
+                members[i % procs].append((i, room, False, 0))
+            rates = [rate if i == 0 else 0.0 for i in range(procs)]
+            params = {"subscribers": subs, "reconnect_storm": True, "rate": rate}
+            title = f"reconnect storm, {subs} clients, {rate:g} msg/s"
+            unit = "clients/s"
+        elif args.join_storm:
             mode = "storm"
             for i in range(subs):
-                members[i % procs].append((i, room, False))
+                members[i % procs].append((i, room, False, i % nodes))
             params = {
                 "subscribers": subs,
                 "join_storm": True,
@@ -93,7 +115,7 @@ def build_plan(
         else:
             mode = "rate" if rate else "window"
             for i in range(pubs + subs):
-                members[i % procs].append((i, room, i < pubs))
+                members[i % procs].append((i, room, i < pubs, i % nodes))
             if rate:
                 rates = [rate * sum(1 for m in ms if m[2]) / pubs for ms in members]
             params = {"subscribers": subs, "publishers": pubs}
@@ -106,7 +128,8 @@ def build_plan(
         mode = "rate" if rate else "window"
         for r in range(n_rooms):
             for j in range(per_room):
-                members[r % procs].append((r * per_room + j, f"b{run}-room-{r}", True))
+                cid = r * per_room + j
+                members[r % procs].append((cid, f"b{run}-room-{r}", True, cid % nodes))
         if rate:
             rates = [rate * len(m) for m in members]
         params = {"rooms": n_rooms, "members": per_room}
@@ -116,7 +139,7 @@ def build_plan(
     elif scenario == "connections":
         n = args.connections or 10000
         for i in range(n):
-            members[i % procs].append((i, None, False))
+            members[i % procs].append((i, None, False, i % nodes))
         mode = "connect"
         window = 0
         params = {"connections": n}
@@ -128,12 +151,16 @@ def build_plan(
         params["window"] = window
     else:
         window = 0  # paced (or not posting): no message is sent in reply to an echo
+    if nodes > 1:
+        params["nodes"] = nodes
+    if getattr(target, "deployment", None):
+        params["deployment"] = target.deployment
     if mode == "rate":
         params["rate"] = rate
         params["rate_unit"] = "msg/s per member" if scenario == "rooms" else "msg/s in total"
     params.update(
         duration=args.duration,
-        warmup=args.warmup if mode in ("window", "rate") else 0.0,
+        warmup=args.warmup if mode in ("window", "rate", "reconnect") else 0.0,
         procs=procs,
         concurrency=args.concurrency,
         pad=args.pad,
@@ -142,7 +169,9 @@ def build_plan(
     if flooders:
         # An abuser of its own process, so its flood does not slow the measured clients'
         # generators; user numbers past everyone else's, one room each.
-        members.append([(1_000_000 + i, f"b{run}-flood-{i}", False) for i in range(flooders)])
+        members.append(
+            [(1_000_000 + i, f"b{run}-flood-{i}", False, i % nodes) for i in range(flooders)]
+        )
         rates.append(0.0)
         cpus = [*cpus, cpus[-1]]
         params["flooders"] = flooders
@@ -155,6 +184,7 @@ def build_plan(
             {
                 "index": i,
                 "url": target.url,
+                "urls": target.node_urls,
                 "secret": target.secret,
                 "token": target.token,
                 "cpus": cpus[i],
@@ -251,13 +281,20 @@ def _sleep_until(t_ns: int, progress: Progress | None = None, start_ns: int = 0)
         time.sleep(min(left, 0.1))
 
 
-def run_plan(plan: Plan, target: Target, args: argparse.Namespace) -> dict[str, Any]:
-    """Run ``plan`` against ``target``; return the raw merged results plus server readings."""
+def run_plan(
+    plan: Plan,
+    target: Target,
+    args: argparse.Namespace,
+    restart: Callable[[], dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """Run ``plan`` against ``target``; return the raw merged results plus server readings.
+    ``restart`` restarts the node of a reconnect storm (see deployment.py)."""
     ctx = mp.get_context("spawn")
     n = len(plan.procs)
     q = ctx.Queue()
     barrier = ctx.Barrier(n + 1)
-    schedule = ctx.Array("q", 3, lock=False)
+    # start, window start, window end; for the reconnect storm: node down, node up again
+    schedule = ctx.Array("q", 5, lock=False)
     counter = ctx.Value("q", 0)
     processes = [
         ctx.Process(
@@ -270,7 +307,7 @@ def run_plan(plan: Plan, target: Target, args: argparse.Namespace) -> dict[str, 
     ]
     interactive = not args.quiet and sys.stderr.isatty()
     inbox = _Inbox(q, processes)
-    pid = target.pid
+    pid = target.server_pids
     readings: dict[str, Any] = {}
     t_start = m0 = m1 = 0
     t_setup = time.monotonic()
@@ -295,7 +332,18 @@ def run_plan(plan: Plan, target: Target, args: argparse.Namespace) -> dict[str, 
         m1 = m0 + int(args.duration * _NS)
         schedule[0], schedule[1], schedule[2] = t_start, m0, m1
         barrier.wait(30)
-        if plan.timed:
+        if plan.mode == "reconnect":
+            if restart is None:
+                raise BenchError("the reconnect storm needs a server started here (--server)")
+            _sleep_until(m0)
+            readings["cpu_start_by_pid"] = cpu_by_pid(target.server_pids)
+            schedule[3] = time.time_ns()
+            readings["restart"] = restart()
+            schedule[4] = readings["restart"]["up"] or time.time_ns()
+            inbox.wait_for("done", n, args.timeout + args.duration + 30)
+            readings["cpu_end_by_pid"] = cpu_by_pid(target.server_pids)
+            readings["rss_after"] = rss_bytes(target.server_pids)
+        elif plan.timed:
             total = warmup + args.duration
             progress = Progress(interactive and total >= 3, total, plan.scenario, "s")
             _sleep_until(m0, progress, t_start)
@@ -335,7 +383,8 @@ def run_plan(plan: Plan, target: Target, args: argparse.Namespace) -> dict[str, 
     finally:
         _reap(processes)
     readings["warnings"] = inbox.warnings
-    readings["schedule"] = {"start": t_start, "measure": m0, "end": m1}
+    readings["schedule"] = {"start": t_start, "measure": m0, "end": m1, "down": schedule[3],
+                            "up": schedule[4]}  # fmt: skip
     return merge([results[i] for i in sorted(results)], readings)
 
 
@@ -395,6 +444,13 @@ def merge(results: list[dict[str, Any]], readings: dict[str, Any]) -> dict[str, 
             "expected_known": all(e is not None for e in expected),
         }
         merged["join_histogram"] = join_hist
+    if "reconnect" in results[0]:
+        storms = [r["reconnect"] for r in results]
+        merged["reconnect"] = {
+            "users": [u for s in storms for u in s["users"]],
+            "settled": all(s["settled"] for s in storms),
+            "chats": sum(s["chats"] for s in storms),
+        }
     if "connect" in results[0]:
         conns = [r["connect"] for r in results]
         firsts = [c["first"] for c in conns if c["first"]]
@@ -436,6 +492,8 @@ def figures(plan: Plan, merged: dict[str, Any], duration: float) -> dict[str, An
     if merged.get("cpu_start") is not None and merged.get("cpu_end") is not None:
         cpu = round(merged["cpu_end"] - merged["cpu_start"], 3)
     head: dict[str, Any] = {"throughput_unit": plan.unit, "server_cpu_s": cpu}
+    if plan.mode == "reconnect":
+        return {**head, **reconnect_figures(merged)}
     if plan.timed:
         count = merged["deliveries"]
         head["throughput"] = count / duration
@@ -499,6 +557,62 @@ def figures(plan: Plan, merged: dict[str, Any], duration: float) -> dict[str, An
     return head
 
 
+def reconnect_figures(merged: dict[str, Any]) -> dict[str, Any]:
+    """The reconnect storm's outcome. Losses are by seq: every gap a user saw, plus what it
+    lacks of the publisher's final seq. A re-join answered ``recovered: false`` (the
+    in-process broker lost the room's history in the restart: a new epoch) is counted apart,
+    as the documented outcome of that broker, not as a loss."""
+    storm = merged["reconnect"]
+    users = storm["users"]
+    down, up = merged["schedule"]["down"], merged["schedule"]["up"]
+    final = next((u for u in users if u["publisher"]), None)
+    final_epoch, final_seq = (final["epoch"], final["last"]) if final else ("", 0)
+    shortfall = sum(max(0, final_seq - u["last"]) for u in users if u["epoch"] == final_epoch)
+    stale = [u for u in users if u["epoch"] != final_epoch]
+    dropped = [u for u in users if u["dropped"]]
+    caught = [u for u in dropped if u["caught_ns"]]
+    hist = merged["reconnect_histogram"] = new_histogram()
+    for u in caught:
+        hist.record_value(min(max(1, u["caught_up_us"]), 60_000_000), 1)
+    recovery_s = (max(u["caught_ns"] for u in caught) - down) / _NS if caught else None
+    failed = sum(1 for u in users if u["failed"])
+    errors = sum(merged["errors"].values())
+    before, after = merged["cpu_start_by_pid"], merged["cpu_end_by_pid"]
+    # a process started by the restart counts from zero; one that exited took its time along
+    cpu = round(sum(v - before.get(p, 0.0) for p, v in after.items()), 3) if after else None
+    restart = merged["restart"]
+    return {
+        "server_cpu_s": cpu,
+        "throughput": len(caught) / recovery_s if recovery_s else None,
+        "throughput_per_cpu_s": len(caught) / cpu if cpu else None,
+        "storm_s": round(recovery_s, 4) if recovery_s is not None else None,
+        "wall_s": round(recovery_s, 4) if recovery_s is not None else None,
+        "restart_s": round((up - down) / _NS, 4) if up else None,
+        "restart": {k: restart[k] for k in ("how", "old_pid", "new_pid")},
+        "clients": len(users),
+        "clients_dropped": len(dropped),
+        "clients_caught_up": len(caught),
+        "recovered": sum(1 for u in dropped if u["recovered"] is True),
+        "history_lost": sum(1 for u in dropped if u["recovered"] is False),
+        "reconnect_attempts": sum(u["reconnects"] for u in users),
+        "final_seq": final_seq,
+        "messages_sent": sum(u["sent"] for u in users),
+        "losses": sum(u["gaps"] for u in users) + shortfall,
+        "duplicates": sum(u["duplicates"] for u in users),
+        "reorders": 0,  # a seq below the last one held is a duplicate here
+        "stale_epoch": len(stale),
+        "failed": failed,
+        "error_count": errors + failed + len(stale),
+        "latency_us": latency_figures(hist),
+        "latency_of": "node down -> this client re-joined and holds every message it missed",
+        "server_rss_after_bytes": merged.get("rss_after"),
+        "closes": merged["closes"],
+        "errors": merged["errors"],
+        "unexpected_disconnects": 0,  # every drop is the storm: see clients_dropped
+        "drain_timed_out": not storm["settled"],
+    }
+
+
 def time_series(plan: Plan, merged: dict[str, Any], duration: float) -> dict[str, Any]:
     if plan.timed:
         buckets = round(duration * 10)
@@ -508,6 +622,13 @@ def time_series(plan: Plan, merged: dict[str, Any], duration: float) -> dict[str
             "deliveries": merged["series"][:buckets],
             "sent": merged["sent_series"][:buckets],
         }
+    if plan.mode == "reconnect":
+        down = merged["schedule"]["down"]
+        caught = [u["caught_ns"] for u in merged["reconnect"]["users"] if u["caught_ns"]]
+        clients = [0] * (max(((c - down) // 100_000_000 for c in caught), default=-1) + 1)
+        for c in caught:
+            clients[max(0, (c - down) // 100_000_000)] += 1
+        return {"interval_s": 0.1, "origin": "the node going down", "clients": clients}
     what = "connections" if plan.mode == "connect" else "deliveries"
     series = merged["series"]
     while series and series[-1] == 0:

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -46,9 +46,26 @@ class Target:
     started: bool = False
     server_cpus: str = ""
     log: collections.deque[str] | None = None  # a started server's last output lines
+    # A deployment of several processes (deployment.py): every node's URL (the generator
+    # spreads its users over them) and every pid whose CPU and memory are the server's.
+    urls: list[str] = field(default_factory=list)
+    pids: list[int] = field(default_factory=list)
+    deployment: str | None = None
+    processes: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def node_urls(self) -> list[str]:
+        return self.urls or [self.url]
+
+    @property
+    def server_pids(self) -> list[int]:
+        """Every process counted as the server (with its live descendants)."""
+        if self.pids:
+            return self.pids
+        return [self.pid] if self.pid is not None else []
 
     def describe(self) -> dict[str, object]:
-        return {
+        out: dict[str, object] = {
             "kind": self.kind,
             "url": self.url,
             "server_pid": self.pid,
@@ -57,6 +74,10 @@ class Target:
             "command": [_redact(a, self.secret) for a in self.command] or None,
             "auth": "secret" if self.secret else "token",
         }
+        if self.deployment:
+            out.update(deployment=self.deployment, urls=self.node_urls,
+                       server_pids=self.server_pids, processes=self.processes)  # fmt: skip
+        return out
 
 
 def _redact(arg: str, secret: str | None) -> str:
@@ -90,7 +111,9 @@ def baselines_dir(given: str | None) -> Path:
     return Path.cwd() / "benchmarks" / "baselines"
 
 
-def server_command(kind: str, secret: str, extra: list[str], baselines: str | None) -> list[str]:
+def server_command(
+    kind: str, secret: str, extra: list[str], baselines: str | None, port: int = 0
+) -> list[str]:
     if kind == "fastws":
         # --log-level warning: fastws logs every connect/disconnect at INFO, the baselines log
         # nothing; the benchmark compares fan-out, not logging.
@@ -102,7 +125,7 @@ def server_command(kind: str, secret: str, extra: list[str], baselines: str | No
             "--host",
             "127.0.0.1",
             "--port",
-            "0",
+            str(port),
             f"--jwt-secret={secret}",  # one word: a secret may start with "-"
             "--rate-limit",
             "0",
@@ -121,7 +144,7 @@ def server_command(kind: str, secret: str, extra: list[str], baselines: str | No
         "--host",
         "127.0.0.1",
         "--port",
-        "0",
+        str(port),
         f"--jwt-secret={secret}",
         *extra,
     ]
@@ -143,12 +166,22 @@ class LocalServer:
     and its last lines are kept for error messages."""
 
     def __init__(
-        self, kind: str, secret: str, cpus: str, extra: list[str], baselines: str | None
+        self,
+        kind: str,
+        secret: str,
+        cpus: str,
+        extra: list[str],
+        baselines: str | None,
+        port: int = 0,
     ) -> None:
         self.kind = kind
         self.secret = secret
-        self.command = server_command(kind, secret, extra, baselines)
+        self.extra = extra
+        self.baselines = baselines
+        self.command = server_command(kind, secret, extra, baselines, port)
         self.cpus = cpus if cpus and shutil.which("taskset") else ""
+        self.pid: int | None = None  # the listening process (a supervisor under --workers)
+        self.port = port
         self.proc: subprocess.Popen[str] | None = None
         self.tail: collections.deque[str] = collections.deque(maxlen=40)
         self._lines: list[str] = []
@@ -178,6 +211,7 @@ class LocalServer:
                     if match:
                         host, port, pid = match.group(1), int(match.group(2)), int(match.group(3))
                         self._lines.clear()
+                        self.pid, self.port = pid, port
                         return Target(
                             self.kind,
                             f"ws://{host}:{port}/ws",
@@ -197,6 +231,12 @@ class LocalServer:
         raise BenchError(
             f"{self.kind} server did not start: {' '.join(cmd[:4])} ...\n" + "".join(self.tail)
         )
+
+    def restart(self) -> Target:
+        """Stop the server and start it again on the same port (a node restart)."""
+        self.stop()
+        self.command = server_command(self.kind, self.secret, self.extra, self.baselines, self.port)
+        return self.start()
 
     def _drain(self) -> None:
         assert self.proc is not None and self.proc.stdout is not None
@@ -277,16 +317,30 @@ def _cpu_one(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / _TICK  # utime, stime (fields 14, 15)
 
 
-def cpu_seconds(pid: int | None) -> float | None:
-    """User + system CPU seconds of ``pid`` and its live descendants, or None if unreadable."""
-    if pid is None:
-        return None
-    total = None
-    for p in descendants(pid):
+def _tree(pids: int | Iterable[int] | None) -> list[int]:
+    """Every live process of a deployment: each of ``pids`` and its descendants, once."""
+    if pids is None:
+        return []
+    roots = [pids] if isinstance(pids, int) else list(pids)
+    return list(dict.fromkeys(p for root in roots for p in descendants(root)))
+
+
+def cpu_by_pid(pids: int | Iterable[int] | None) -> dict[int, float]:
+    """CPU seconds of each live process of ``pids`` and their descendants, by pid (to count
+    across a restart: a new process's time is all inside the window, an old one's is gone)."""
+    found = {}
+    for p in _tree(pids):
         value = _cpu_one(p)
         if value is not None:
-            total = (total or 0.0) + value
-    return total
+            found[p] = value
+    return found
+
+
+def cpu_seconds(pids: int | Iterable[int] | None) -> float | None:
+    """User + system CPU seconds of ``pids`` (one or several: every process of a deployment)
+    and their live descendants, or None if unreadable."""
+    found = cpu_by_pid(pids)
+    return sum(found.values()) if found else None
 
 
 def _rss_one(pid: int) -> int | None:
@@ -300,12 +354,10 @@ def _rss_one(pid: int) -> int | None:
     return None
 
 
-def rss_bytes(pid: int | None) -> int | None:
-    """Resident memory (VmRSS) of ``pid`` plus its live descendants, in bytes."""
-    if pid is None:
-        return None
+def rss_bytes(pids: int | Iterable[int] | None) -> int | None:
+    """Resident memory (VmRSS) of ``pids`` plus their live descendants, in bytes."""
     total = None
-    for p in descendants(pid):
+    for p in _tree(pids):
         value = _rss_one(p)
         if value is not None:
             total = (total or 0) + value
