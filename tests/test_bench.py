@@ -5,6 +5,8 @@ against the picows baseline. Each run is a subprocess, as a user would start it.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -32,14 +34,19 @@ def fastws_target() -> Iterator[list[str]]:
                "--server-pid", str(proc.pid)]  # fmt: skip
 
 
-def bench(out: Path, *args: str) -> tuple[dict[str, Any], Path]:
-    """Run ``python -m fastws.bench`` with tiny defaults; return its JSON and the file."""
+def bench_runs(out: Path, *args: str, timeout: float = RUN_TIMEOUT) -> list[Path]:
+    """Run ``python -m fastws.bench`` with tiny defaults; return the JSON files it wrote."""
     cmd = [sys.executable, "-m", "fastws.bench", *args, "--out", str(out), "--quiet",
            "--warmup", "0", "--duration", "1", "--drain", "3", "--timeout", "20"]  # fmt: skip
     before = set(out.glob("*.json")) if out.exists() else set()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}"
-    [path] = [p for p in out.glob("*.json") if p not in before]
+    return sorted(p for p in out.glob("*.json") if p not in before)
+
+
+def bench(out: Path, *args: str) -> tuple[dict[str, Any], Path]:
+    """One run: its JSON and the file."""
+    [path] = bench_runs(out, *args)
     return json.loads(path.read_text()), path
 
 
@@ -153,3 +160,51 @@ def test_picows_baseline(tmp_path: Path) -> None:
     doc, path = bench(tmp_path, "roundtrip", "--connections", "4", "--server", "picows")
     assert_sane(doc, path)
     assert doc["server"] == "picows" and doc["headline"]["server_cpu_s"] is not None
+
+
+needs_redis = pytest.mark.skipif(shutil.which("redis-server") is None, reason="no redis-server")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@needs_redis
+def test_two_nodes_over_redis(tmp_path: Path) -> None:
+    """--deployment redis2: the users are spread over two nodes on a redis-server started
+    here, whose pid is counted with the nodes' and which is stopped after the run."""
+    doc, path = bench(tmp_path, "fanout", "--server", "fastws", "--deployment", "redis2",
+                      "--subscribers", "10", "--window", "4", "--concurrency", "4")  # fmt: skip
+    head = assert_sane(doc, path)
+    target = doc["target"]
+    assert doc["deployment"] == "redis2" and len(target["urls"]) == 2
+    assert len(target["server_pids"]) == 3  # two fastws nodes and redis-server
+    assert target["processes"]["redis-server"] in target["server_pids"]
+    assert head["server_cpu_s"] > 0 and head["deliveries_per_s"] >= 10 * head["messages_per_s"]
+    assert not any(_alive(pid) for pid in target["server_pids"])
+
+
+@needs_redis
+def test_reconnect_storm(tmp_path: Path) -> None:
+    """--reconnect-storm on one process and on Redis: every client of the restarted node
+    comes back with no gap, duplicate or error; Redis recovers every re-join, the in-process
+    broker reports its documented new epoch (history lost) instead of a loss."""
+    paths = bench_runs(tmp_path, "fanout", "--server", "fastws", "--reconnect-storm",
+                       "--deployment", "one,redis", "--subscribers", "10", "--rate", "20",
+                       "--warmup", "0.5", timeout=2 * RUN_TIMEOUT)  # fmt: skip
+    docs = {d["deployment"]: d for d in (json.loads(p.read_text()) for p in paths)}
+    assert set(docs) == {"one", "redis"}
+    for name, doc in docs.items():
+        head = doc["headline"]
+        assert doc["mode"] == "reconnect", name
+        assert head["clients"] == 11 and head["clients_dropped"] == 11, head
+        assert head["clients_caught_up"] == 11 and head["storm_s"] > 0, head
+        assert head["losses"] == head["duplicates"] == head["error_count"] == 0, head
+        assert head["restart_s"] > 0 and head["latency_us"]["count"] == 11
+    assert docs["one"]["headline"]["history_lost"] == 11
+    assert docs["redis"]["headline"]["recovered"] == 11
+    assert docs["redis"]["headline"]["final_seq"] > 10  # chat went on around the restart
