@@ -30,3 +30,15 @@ def redis_server() -> Iterator[object]:
         yield server
     finally:
         server.close()
+
+
+@pytest.fixture
+def redis_cluster() -> Iterator[object]:
+    """Three cluster-enabled redis-server primaries on loopback, joined into one cluster."""
+    from .redisutil import RedisClusterServers
+
+    cluster = RedisClusterServers().start()
+    try:
+        yield cluster
+    finally:
+        cluster.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -13,6 +14,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastws.broker.redis import RedisBroker
+from fastws.broker.resp import Pipe, parse_url
 from fastws.config import load_settings
 from fastws.server import Node, history_policy
 
@@ -52,7 +54,7 @@ class RedisServer:
             try:
                 with socket.create_connection(("127.0.0.1", self.port), 0.2) as s:
                     s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
+                    if s.recv(16).startswith((b"+PONG", b"-NOAUTH")):  # up (maybe with a password)
                         return self
             except OSError:
                 time.sleep(0.02)
@@ -63,8 +65,18 @@ class RedisServer:
             tail = ""
         raise RuntimeError(f"redis-server did not start on port {self.port}: {tail}")
 
+    def pause(self) -> None:
+        """SIGSTOP: the server keeps its sockets but answers nothing until ``resume()``."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
+
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)  # a paused server cannot die of SIGKILL late
             self.proc.kill()
             self.proc.wait(5)
         self.proc = None
@@ -113,9 +125,11 @@ class RedisClusterServers:
         )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
-            info = subprocess.run(["redis-cli", "-p", str(self.nodes[0].port), "cluster", "info"],
-                                  capture_output=True, text=True, timeout=5).stdout
-            if "cluster_state:ok" in info:
+            # Every node must agree, or the first commands may meet CLUSTERDOWN.
+            infos = [subprocess.run(["redis-cli", "-p", str(n.port), "cluster", "info"],
+                                    capture_output=True, text=True, timeout=5).stdout
+                     for n in self.nodes]
+            if all("cluster_state:ok" in info for info in infos):
                 return self
             time.sleep(0.05)
         raise RuntimeError("redis cluster did not become ready")
@@ -137,3 +151,14 @@ async def redis_node(url: str, name: str, **overrides: Any) -> AsyncIterator[Nod
         yield node
     finally:
         await asyncio.wait_for(node.drain(), TIMEOUT * 2)
+
+
+@contextlib.asynccontextmanager
+async def redis_pipe(url: str, timeout: float = TIMEOUT) -> AsyncIterator[Pipe]:
+    """A plain command connection to ``url`` for tests to look at what Redis holds."""
+    pipe = Pipe(parse_url(url), timeout=timeout)
+    await pipe.connect()
+    try:
+        yield pipe
+    finally:
+        pipe.close()

@@ -5,18 +5,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
-
-import pytest
-import redis.asyncio as aioredis
 
 from fastws.broker.redis import RedisBroker
 from fastws.config import load_settings
 from fastws.server import Node
 
 from .rawws import OP_TEXT, build_frame, raw_connect
-from .redisutil import redis_node
+from .redisutil import redis_node, redis_pipe
 from .utils import SECRET, TIMEOUT, client, expect_silence, recv_json, send_json, token
 from .utils import join_across_nodes as join
 
@@ -79,53 +76,46 @@ async def test_join_leave_and_presence_agree_across_nodes(redis_server) -> None:
 
 async def test_nodes_subscribe_only_to_rooms_with_local_members(redis_server) -> None:
     """A node subscribes when its first member joins a room and unsubscribes after the last."""
-    r = aioredis.Redis.from_url(redis_server.url)
-    try:
-        async with redis_node(redis_server.url, "A") as a, client(a, "x") as x:
+    async with redis_pipe(redis_server.url) as r, redis_node(redis_server.url, "A") as a, \
+            client(a, "x") as x:
 
-            async def subscribers() -> int:
-                return int((await r.pubsub_numsub("fastws:{lobby}"))[0][1])
+        async def subscribers() -> int:
+            return int((await r.call(b"PUBSUB", b"NUMSUB", b"fastws:{lobby}"))[1])
 
-            assert await subscribers() == 0
-            await join(x, "lobby")
-            assert await subscribers() == 1
-            await send_json(x, "leave_room", {"room": "lobby"}, id=1)
-            assert (await recv_json(x))["type"] == "room_left"
+        assert await subscribers() == 0
+        await join(x, "lobby")
+        assert await subscribers() == 1
+        await send_json(x, "leave_room", {"room": "lobby"}, id=1)
+        assert (await recv_json(x))["type"] == "room_left"
 
-            async def gone() -> bool:
-                return await subscribers() == 0
+        async def gone() -> bool:
+            return await subscribers() == 0
 
-            await until(gone)
-    finally:
-        await r.aclose()
+        await until(gone)
 
 
 async def test_session_keys_are_created_and_removed(redis_server) -> None:
     """session:<clientId> holds userId, nodeId and connect time while connected, then goes."""
-    r = aioredis.Redis.from_url(redis_server.url)
-    try:
-        async with redis_node(redis_server.url, "A") as a:
-            async with client(a, "alice"):
-                (session,) = a.sessions.values()
-                key = f"session:{session.client_id}"
+    async with redis_pipe(redis_server.url) as r, redis_node(redis_server.url, "A") as a:
+        async with client(a, "alice"):
+            (session,) = a.sessions.values()
+            key = f"session:{session.client_id}"
 
-                async def exists() -> bool:
-                    return bool(await r.exists(key))
+            async def exists() -> bool:
+                return bool(await r.call(b"EXISTS", key))
 
-                await until(exists)
-                import json
+            await until(exists)
+            import json
 
-                record = json.loads(await r.get(key))
-                assert record["userId"] == "alice" and record["nodeId"] == "A"
-                assert isinstance(record["connectedAt"], int)
-                assert 0 < await r.ttl(key) <= 60
+            record = json.loads(await r.call(b"GET", key))
+            assert record["userId"] == "alice" and record["nodeId"] == "A"
+            assert isinstance(record["connectedAt"], int)
+            assert 0 < await r.call(b"TTL", key) <= 60
 
-            async def removed() -> bool:
-                return not await r.exists(key)
+        async def removed() -> bool:
+            return not await r.call(b"EXISTS", key)
 
-            await until(removed)
-    finally:
-        await r.aclose()
+        await until(removed)
 
 
 async def test_redis_outage_degrades_then_recovers_without_restart(redis_server) -> None:
@@ -199,17 +189,6 @@ async def test_a_dead_nodes_connections_are_swept_and_announced(redis_server) ->
         assert [m["userId"] for m in (await recv_json(alice))["members"]] == ["alice"]
 
 
-@pytest.fixture
-def redis_cluster() -> Iterator[Any]:
-    from .redisutil import RedisClusterServers
-
-    cluster = RedisClusterServers().start()
-    try:
-        yield cluster
-    finally:
-        cluster.close()
-
-
 async def test_redis_cluster_with_sharded_pubsub(redis_cluster) -> None:
     """On a 3-shard Redis Cluster, rooms on different shards deliver once, in seq order."""
     url = redis_cluster.url
@@ -225,7 +204,7 @@ async def test_redis_cluster_with_sharded_pubsub(redis_cluster) -> None:
         finally:
             await asyncio.wait_for(node.drain(), TIMEOUT * 2)
 
-    from redis.crc import key_slot
+    from fastws.broker.rediscluster import key_slot
 
     rooms = ["alpha", "beta", "gamma", "delta", "omega"]
     slots = {key_slot(f"fastws:{{{r}}}".encode()) * 3 // 16384 for r in rooms}
