@@ -160,6 +160,11 @@ def _check(args: argparse.Namespace) -> None:
             raise BenchError("--reconnect-storm restarts the server: it needs --server fastws")
 
 
+def doc_of(target: Target) -> dict[str, Any]:
+    """The fields of a run's document that name what it ran against."""
+    return {"server": target.kind, "deployment": target.deployment or "one"}
+
+
 def run_one(
     args: argparse.Namespace,
     target: Target,
@@ -180,8 +185,8 @@ def run_one(
     if not args.quiet:
         where = f"CPU {','.join(str(c) for c in cpus)}" if cpus else "unpinned"
         print(
-            f"fastws bench: {plan.title} against {target.kind} "
-            f"({target.deployment or 'one'}) at {', '.join(target.node_urls)}: "
+            f"fastws bench: {plan.title} against {report.run_label(doc_of(target))} "
+            f"at {', '.join(target.node_urls)}: "
             f"{procs} generator process{'es' * (procs > 1)} ({where})",
             flush=True,
         )
