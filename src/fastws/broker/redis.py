@@ -513,7 +513,7 @@ class RedisBroker:
 
     async def publish_seq(self, room: str, head: bytes) -> int:
         future = asyncio.get_running_loop().create_future()
-        self.publish_seq_nowait_(room, head, future.set_result)
+        self._send_publish_seq(room, head, future.set_result)
         seq = await future
         if not seq:
             raise BrokerUnavailable()
@@ -529,9 +529,9 @@ class RedisBroker:
             task.add_done_callback(
                 lambda t: done(0 if t.cancelled() or t.exception() else t.result()))
             return
-        self.publish_seq_nowait_(room, head, done)
+        self._send_publish_seq(room, head, done)
 
-    def publish_seq_nowait_(self, room: str, head: bytes, done: SeqDone) -> None:
+    def _send_publish_seq(self, room: str, head: bytes, done: SeqDone) -> None:
         """The hot path: one EVALSHA appended to this turn's write; ``done`` on its reply."""
         servers = self._servers
         if self.state != "ok" or servers is None:
