@@ -18,8 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import time
-from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import (
@@ -110,21 +108,9 @@ class Metrics:
             self._time_publishes()
 
     def _time_publishes(self) -> None:
-        """Time every ``publish_seq`` of a remote broker: one per chat, never per recipient.
-        An inline (in-process) broker has no round trip, so it is left untouched."""
-        broker = self.node.broker
-        inner: Callable[[str, bytes], Awaitable[int]] = broker.publish_seq
-        observe = self.broker_latency.labels(self._broker_name).observe
-        clock = time.perf_counter
-
-        async def publish_seq(room: str, head: bytes) -> int:
-            start = clock()
-            try:
-                return await inner(room, head)
-            finally:
-                observe(clock() - start)
-
-        broker.publish_seq = publish_seq  # type: ignore[method-assign]
+        """Time every chat's seq round trip to a remote broker: one per chat, never per
+        recipient. An inline (in-process) broker has no round trip, so it is left untouched."""
+        self.node.on_publish_latency = self.broker_latency.labels(self._broker_name).observe
 
     # ---- timers ---------------------------------------------------------------------------
 

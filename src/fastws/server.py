@@ -65,6 +65,8 @@ class Node:
         self._publish_seq_nowait = self.broker.publish_seq_nowait
         self.chat_now: Callable[[Session, str, str, p.MsgId], None] | None = self._chat_now
         self.paused = False  # the broker is over its queue bound: clients are not read
+        # Seconds from a chat handed to a remote broker to its seq (metrics observes them).
+        self.on_publish_latency: Callable[[float], None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.hub = Hub(settings.max_send_buffer_bytes, self.slow_consumer)
         self.sessions: dict[str, Session] = {}
@@ -295,13 +297,16 @@ class Node:
             self._publish_seq_nowait(room, head, done)
             return
         session.in_flight += 1
-        self._publish_seq_nowait(room, head, functools.partial(self._chat_done, session, msg_id))
+        self._publish_seq_nowait(room, head, functools.partial(
+            self._chat_done, session, msg_id, time.perf_counter()))
 
     def _acked(self, session: Session, msg_id: p.MsgId, seq: int) -> None:
         session.send(p.Ack(msg_id, seq))
 
-    def _chat_done(self, session: Session, msg_id: p.MsgId, seq: int) -> None:
+    def _chat_done(self, session: Session, msg_id: p.MsgId, sent: float, seq: int) -> None:
         session.in_flight -= 1
+        if self.on_publish_latency is not None:
+            self.on_publish_latency(time.perf_counter() - sent)
         if seq:
             self.messages_in += 1
             if msg_id is not None:

@@ -521,14 +521,6 @@ class RedisBroker:
 
     def publish_seq_nowait(self, room: str, head: bytes, done: SeqDone | None) -> None:
         assert done is not None  # not inline: the answer always comes later
-        timed = self.__dict__.get("publish_seq")
-        if timed is not None:
-            # Someone wrapped publish_seq (metrics times each round trip): go through it. The
-            # pipe is FIFO, so tasks started in order still allocate seqs in order.
-            task = asyncio.get_running_loop().create_task(timed(room, head))
-            task.add_done_callback(
-                lambda t: done(0 if t.cancelled() or t.exception() else t.result()))
-            return
         self._send_publish_seq(room, head, done)
 
     def _send_publish_seq(self, room: str, head: bytes, done: SeqDone) -> None:
