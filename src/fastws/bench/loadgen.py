@@ -36,6 +36,7 @@ import picows
 _TEXT = picows.WSMsgType.TEXT
 _CLOSE = picows.WSMsgType.CLOSE
 _search_chat = re.compile(rb'"message": ?"(\d+):(\d+):(\d+)').search
+_search_notice = re.compile(rb'"userId": ?"([^"]*)", ?"members": ?(\d+)').search
 _time_ns = time.time_ns
 _BUCKET_NS = 100_000_000  # time series resolution: 100 ms
 _IDLE_NS = 500_000_000  # drain ends after this long without a delivery
@@ -43,6 +44,7 @@ _HIST_LOW, _HIST_HIGH, _HIST_DIGITS = 1, 60_000_000, 3  # 1 us .. 60 s, 3 signif
 
 # parsed chat texts by payload; cleared when big (a fan-out repeats each payload S times).
 _parsed: dict[bytes, tuple[int, int, int]] = {}
+_notices: dict[bytes, tuple[bytes, int]] = {}  # user_joined payload -> (userId, members)
 
 
 def new_histogram() -> Any:
@@ -71,7 +73,9 @@ class Gen:
         self.errors: collections.Counter[str] = collections.Counter()
         self.disconnects = 0
         self.storm = False
-        self.storm_received = 0
+        self.storm_received = 0  # distinct user_joined about a later joiner
+        self.storm_duplicates = 0  # the same user announced twice to one client
+        self.storm_stale = 0  # about a member its room_joined.members already counted
         self.storm_last = 0
         self.storm_expected: int | None = None
 
@@ -99,6 +103,8 @@ class Client(picows.WSListener):
         self.closing = False
         self.close_code = 0
         self.gone = False  # disconnected: its in-flight messages will never come back
+        self.joined_members = 0  # room_joined.members: who was there before us
+        self.announced: set[bytes] = set()  # join storm: users announced to us
         self.suffix = ((":" + "x" * pad if pad else "") + '"}}').encode()
         if room is not None:
             self.prefix = (
@@ -181,12 +187,9 @@ class Client(picows.WSListener):
 
     def _control(self, data: bytes) -> None:
         g = self.gen
-        if b'"user_joined"' in data:  # the join storm's deliveries: counted without parsing
+        if b'"user_joined"' in data:  # the join storm's deliveries: parsed once per payload
             if g.storm:
-                now = _time_ns()
-                g.storm_received += 1
-                g.storm_last = now
-                _bump(g.series, (now - g.t_start) // _BUCKET_NS)
+                self._notice(data)
             return
         try:
             msg = orjson.loads(data)
@@ -194,6 +197,8 @@ class Client(picows.WSListener):
             g.errors["unparsable message from server"] += 1
             return
         kind = msg.get("type") if isinstance(msg, dict) else None
+        if kind == "room_joined":
+            self.joined_members = int(msg.get("members") or 0)
         if kind == self.want and not self.waiter.done():
             self.waiter.set_result(msg)
         elif kind == "error":
@@ -201,6 +206,31 @@ class Client(picows.WSListener):
             g.errors[text] += 1
             if not self.waiter.done():
                 self.waiter.set_exception(RuntimeError(f"server error: {text}"))
+
+    def _notice(self, data: bytes) -> None:
+        """A join storm's user_joined: a later joiner (counted once per user), or a stale
+        notice about a member that our room_joined already counted (a multi-node broker can
+        deliver one: it is reported apart, neither a delivery nor a duplicate)."""
+        g = self.gen
+        notice = _notices.get(data)
+        if notice is None:
+            match = _search_notice(data)
+            notice = (match[1], int(match[2])) if match else (data, 1 << 62)
+            if len(_notices) > 8192:
+                _notices.clear()
+            _notices[data] = notice
+        user, members = notice
+        now = _time_ns()
+        g.storm_last = now
+        if members <= self.joined_members:
+            g.storm_stale += 1
+            return
+        if user in self.announced:
+            g.storm_duplicates += 1
+            return
+        self.announced.add(user)
+        g.storm_received += 1
+        _bump(g.series, (now - g.t_start) // _BUCKET_NS)
 
     # -- actions -------------------------------------------------------------------------
 
@@ -572,6 +602,8 @@ class Worker:
                 "first": self.storm_first,
                 "last": g.storm_last,
                 "received": g.storm_received,
+                "duplicates": g.storm_duplicates,
+                "stale": g.storm_stale,
                 "expected": g.storm_expected,
                 "join_histogram": join_hist.encode(),
             }

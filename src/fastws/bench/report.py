@@ -35,6 +35,7 @@ FIGURES: list[tuple[str, str, bool | None]] = [
     ("recovered", "re-joins recovered", None),
     ("history_lost", "re-joins with history lost (new epoch)", None),
     ("error_count", "errors (error replies, failed reconnects)", False),
+    ("stale_notices", "stale user_joined (about a member already counted)", False),
     ("losses", "losses", False),
     ("duplicates", "duplicates", False),
     ("reorders", "reorders", False),
@@ -328,9 +329,11 @@ _SUMMARY = [
     ("memory_per_connection_bytes", "server bytes per connection"),
     ("history_lost", "re-joins with history lost (new epoch)"),
     ("error_count", "errors"),
+    ("stale_notices", "stale user_joined"),
     ("losses", "losses + duplicates + reorders"),
 ]
-_COUNTS = {"losses", "error_count", "history_lost"}  # no ratio: the goal is an exact number
+# no ratio for these: the goal is an exact number
+_COUNTS = {"losses", "error_count", "history_lost", "stale_notices"}
 
 
 def summarize(paths: list[str], by: str = "server") -> str:

@@ -441,6 +441,8 @@ def merge(results: list[dict[str, Any]], readings: dict[str, Any]) -> dict[str, 
             "first": min(s["first"] for s in storms if s["first"]),
             "last": max(s["last"] for s in storms),
             "received": sum(s["received"] for s in storms),
+            "duplicates": sum(s["duplicates"] for s in storms),
+            "stale": sum(s["stale"] for s in storms),
             "expected_known": all(e is not None for e in expected),
         }
         merged["join_histogram"] = join_hist
@@ -521,12 +523,13 @@ def figures(plan: Plan, merged: dict[str, Any], duration: float) -> dict[str, An
         expected = plan.parameters["expected_deliveries"]
         count = storm["received"]
         head["throughput"] = count / elapsed
-        head["wall_s"] = round(elapsed, 4)
+        head["wall_s"] = head["storm_s"] = round(elapsed, 4)
         head["deliveries"] = storm["received"]
         head["deliveries_per_s"] = head["throughput"]
         head["expected_deliveries"] = expected
         head["losses"] = expected - storm["received"]
-        head["duplicates"] = max(0, storm["received"] - expected)
+        head["duplicates"] = storm["duplicates"]
+        head["stale_notices"] = storm["stale"]
         head["latency_us"] = latency_figures(merged["join_histogram"])
         head["latency_of"] = "join_room -> room_joined"
     else:
