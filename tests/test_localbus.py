@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 from websockets.asyncio.client import ClientConnection
 
-from fastws.broker.localbus import BusServer, LocalBusBroker
+from fastws.broker.bus import BusServer
+from fastws.broker.localbus import LocalBusBroker
 from fastws.config import load_settings
 from fastws.server import Node
 
@@ -34,7 +35,7 @@ async def cluster(timeout: float = TIMEOUT) -> AsyncIterator[tuple[BusServer, No
                 {"host": "127.0.0.1", "port": 0, "jwt_secret": SECRET, "drain_timeout": DRAIN},
                 environ={},
             )
-            broker = LocalBusBroker(bus.req_endpoint, bus.pub_endpoint, timeout=timeout)
+            broker = LocalBusBroker(bus.path, timeout=timeout)
             node = Node(settings, SECRET, broker=broker, node_id=node_id)
             await node.start()
             nodes.append(node)
@@ -49,7 +50,7 @@ async def cluster(timeout: float = TIMEOUT) -> AsyncIterator[tuple[BusServer, No
 
 
 def received(node: Node) -> dict[str, int]:
-    """Publications the node's bus broker has taken off its SUB socket, per room."""
+    """Publications the node's bus broker has read off its bus connection, per room."""
     assert isinstance(node.broker, LocalBusBroker)
     return dict(node.broker.received)
 
@@ -349,7 +350,7 @@ async def test_hundred_messages_from_two_nodes_arrive_once_in_one_order() -> Non
             await expect_silence(ws)
 
 
-def test_ipc_path_length_is_checked() -> None:
-    """A run directory too long for an ipc socket path is refused up front."""
-    with pytest.raises(ValueError, match="ipc path too long"):
+def test_socket_path_length_is_checked() -> None:
+    """A run directory too long for a Unix socket path is refused up front."""
+    with pytest.raises(ValueError, match="socket path too long"):
         BusServer("/tmp/" + "x" * 120)

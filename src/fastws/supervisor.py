@@ -94,7 +94,7 @@ class Supervisor:
             self.admin_port = admin_holder.getsockname()[1]
             self._metrics_dir = tempfile.mkdtemp(prefix="fastws-metrics-")
         if not self.settings.redis_url:
-            from .broker.localbus import BusServer
+            from .broker.bus import BusServer
 
             self._bus_dir = tempfile.mkdtemp(prefix="fastws-", dir="/tmp")
             from .server import history_policy

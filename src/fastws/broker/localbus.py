@@ -1,332 +1,118 @@
-"""The local bus: the workers of one host share seq and presence through their supervisor.
+"""The local bus, a worker's side: ``LocalBusBroker`` asks the supervisor's ``bus.BusServer``.
 
-``BusServer`` runs in the supervisor's event loop and is the only holder of the host's per-room
-``seq`` counters and presence (the same semantics as ``MemoryBroker``). Each worker's
-``LocalBusBroker`` talks to it over two ZeroMQ ipc sockets in the run directory:
+Each worker holds one Unix stream connection to the bus (the wire format is in ``buswire``):
+requests go out, replies and publications come back, on one ordered stream. So:
 
-``ipc://{dir}/bus-req``  ROUTER (server) <- DEALER (one per worker): requests and replies.
-    A request is one frame, a msgpack array ``[op, id, *args]`` (the ``_Request`` union
-    below); the reply is one frame ``[id, ok, a, b, members]`` (``_Reply``, trailing defaults
-    omitted). ``id`` is the worker's request counter; replies are matched to it.
+- ``subscribe`` is a plain request: the server records the subscription before it replies,
+  and every later publication to the room follows on the same stream.
+- ``flush()`` (the barrier of ``types.Broker``) is a ``ping`` round trip.
+- Replies carry no id: the server answers in order, so each one belongs to the oldest
+  request still pending (a FIFO of waiters: a Future for the coroutines, the ``done``
+  callback itself for ``publish_seq_nowait``, so the chat hot path makes no Task, Future or
+  timer per message).
 
-    ======== ============================== =======================================
-    op       args                           reply
-    ======== ============================== =======================================
-    join     room, MemberInfo, since_seq,   a = connections in room, b = last seq,
-             since_epoch                    epoch, recovered (-1/0/1), messages (replay)
-    leave    room, client_id                a = connections left
-    seq      room, head                     a = the seq allocated; publishes
-                                            ``types.chat_payload(head, seq, epoch)``
-    history  room, limit                    b = last seq, epoch, messages
-    pub      room, payload, exclude         (ok); publishes ``payload``
-    presence room                           members = [MemberInfo, ...]
-    sync     room, token                    (ok); publishes the sync marker
-    ======== ============================== =======================================
+Batching, both ways: everything requested in one loop turn leaves in one frame and one write
+(flushed by ``call_soon``), and everything one read brought in is handled in that read's
+callback -- publications go to ``deliver`` there, so the hub's Outbox corks them into one
+write per member socket.
 
-    ``ok`` false means the server failed on that request; the worker raises
-    ``BrokerUnavailable``, as it does when no reply comes within its ``timeout``.
+Timeouts without a timer per request: each write records (requests written so far, time); one
+periodic check looks at the oldest batch still unanswered, and past ``timeout`` declares the
+bus dead. Backpressure: past ``max_pending`` unanswered requests (or when the socket's write
+buffer is full) the broker calls ``pressure(True)`` and the node stops reading its clients;
+``pressure(False)`` once below half of it.
 
-``ipc://{dir}/bus-pub``  PUB (server) -> SUB (one per worker): publications.
-    A publication is ``[topic, exclude_client_id, payload, seq]`` (seq "0" for anything but a
-    chat_message); a sync marker is the two frames
-    ``[topic, token]``. ``topic`` is ``room.encode() + b"\\x00"``: SUB filters by byte prefix
-    and room names never contain NUL, so "room1" never matches "room10". A worker subscribes
-    only to rooms it has local members in.
-
-Order: the server handles requests one at a time in arrival order, and one worker's requests
-leave on one DEALER, so they are handled in the order sent; every publication is made while
-its request is handled, and reaches every subscribed worker in that one global order.
-(A worker more than ``HWM`` publications behind would lose some: ZeroMQ drops, never blocks.)
-
-Subscribing is asynchronous in ZeroMQ, so ``subscribe`` sets the filter, then asks the server
-to publish a sync marker with a fresh token on the room's topic (again, with back-off, until
-one arrives): once the marker arrives, every later publication to the room will too. Each
-worker also holds a private topic (``"\\x01" + random hex``, never a room name);
-``LocalBusBroker.flush()`` syncs on it, a barrier behind every publication made before it.
-
-The session hooks (``session_opened``/``session_closed``) carry nothing the bus needs, so the
-worker answers them itself without a round trip.
+Outages: when the connection drops, or no reply came within ``timeout`` (the connection is
+then closed, so no late reply is taken for a later request), every pending request fails
+(``BrokerUnavailable``, ``done(0)``), health says ``down``, and the broker reconnects with
+backoff (50 ms doubling to 2 s). Requests made meanwhile fail at once. On reconnect it first
+sends ``resync`` (this node's members, by room: the bus adds them and removes any it had for
+the node that are gone) and re-subscribes its rooms, ahead of anything else. Each failure
+is logged with its cause, at most one warning per second (with a count).
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
-import itertools
+import contextlib
 import logging
 import os
-import secrets
-from collections import Counter
-from collections.abc import Callable
+import time
+from collections import Counter, deque
 from typing import Any, cast
 
 import msgspec
-import zmq
-import zmq.asyncio
 
-from .. import protocol as p
 from ..errors import BrokerUnavailable
-from .ledger import Ledger
-from .types import Deliver, HistoryPolicy, JoinResult, MemberInfo, Pressure, SeqDone
+from .buswire import (
+    Deframer,
+    Event,
+    Framer,
+    History,
+    Join,
+    Leave,
+    Ping,
+    Presence,
+    Publication,
+    Publish,
+    PublishSeq,
+    Reply,
+    Resync,
+    Subscribe,
+    Unsubscribe,
+    socket_path,
+)
+from .types import Deliver, JoinResult, MemberInfo, Pressure, SeqDone
 
 log = logging.getLogger("fastws.localbus")
 
-#: Messages ZeroMQ may queue per peer before it blocks (requests) or drops (publications).
-#: Far above any healthy backlog: a worker this far behind is lost either way.
-HWM = 100_000
-#: Longest ``sun_path`` of an ipc endpoint (108 bytes with its NUL on Linux).
-MAX_IPC_PATH = 107
-#: A socket's reader yields to the event loop after this many back-to-back messages.
-_BATCH = 256
+#: Unanswered requests before the node is asked to stop reading its clients.
+MAX_PENDING = 8192
+#: Bytes the socket may hold unsent before the same happens.
+MAX_UNSENT = 4 * 1024 * 1024
+_BACKOFF = (0.05, 2.0)  # first and longest wait between reconnection attempts, seconds
 
 
-# ---- wire format ------------------------------------------------------------------------------
+class _Throttled:
+    """A warning logged at most once per ``interval`` seconds, with the count it stands for."""
+
+    def __init__(self, event: str, interval: float = 1.0) -> None:
+        self.event = event
+        self.interval = interval
+        self.count = 0
+        self.last = -interval
+
+    def __call__(self, message: str, *args: Any, count: int = 1) -> None:
+        self.count += count
+        now = time.monotonic()
+        if now - self.last < self.interval:
+            return
+        log.warning(message + " (%d in the last %.0f s)", *args, self.count,
+                    min(now - self.last, 3600), extra={"event": self.event, "broker": "localbus"})
+        self.last, self.count = now, 0
 
 
-class _Join(msgspec.Struct, array_like=True, tag="join"):
-    id: int
-    room: str
-    member: MemberInfo
-    since_seq: int = -1  # -1: no recovery asked
-    since_epoch: str = ""
+class _Link(asyncio.Protocol):
+    """The worker's end of its bus connection; hands everything to its broker."""
 
+    def __init__(self, broker: LocalBusBroker) -> None:
+        self.broker = broker
 
-class _Leave(msgspec.Struct, array_like=True, tag="leave"):
-    id: int
-    room: str
-    client_id: str
+    def data_received(self, data: bytes) -> None:
+        if self.broker._link is self:
+            self.broker._received(data)
 
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.broker._link is self:
+            self.broker._outage(f"connection lost ({exc or 'closed by the bus'})")
 
-class _PublishSeq(msgspec.Struct, array_like=True, tag="seq"):
-    id: int
-    room: str
-    head: bytes
+    def pause_writing(self) -> None:
+        self.broker._write_paused = True
+        self.broker._check_pressure()
 
-
-class _History(msgspec.Struct, array_like=True, tag="history"):
-    id: int
-    room: str
-    limit: int
-
-
-class _Publish(msgspec.Struct, array_like=True, tag="pub"):
-    id: int
-    room: str
-    payload: bytes
-    exclude: str = ""
-
-
-class _Presence(msgspec.Struct, array_like=True, tag="presence"):
-    id: int
-    room: str
-
-
-class _Sync(msgspec.Struct, array_like=True, tag="sync"):
-    id: int
-    room: str
-    token: bytes
-
-
-_Request = _Join | _Leave | _PublishSeq | _Publish | _Presence | _History | _Sync
-
-
-class _Reply(msgspec.Struct, array_like=True, omit_defaults=True):
-    id: int
-    ok: bool = True
-    a: int = 0
-    b: int = 0
-    members: list[MemberInfo] = []
-    epoch: str = ""
-    recovered: int = -1  # -1 none, 0 false, 1 true
-    messages: list[bytes] = []
-
-
-def topic(room: str) -> bytes:
-    """The SUB filter and first publication frame for ``room``."""
-    return room.encode() + b"\x00"
-
-
-def _ipc(directory: str, name: str) -> str:
-    path = os.path.join(directory, name)
-    if len(path.encode()) > MAX_IPC_PATH:
-        raise ValueError(f"ipc path too long ({len(path.encode())} > {MAX_IPC_PATH}): {path}")
-    return f"ipc://{path}"
-
-
-async def _pump(sock: zmq.asyncio.Socket, handle: Callable[[list[bytes]], None]) -> None:
-    """Call ``handle`` with each message of ``sock``, in order, until cancelled.
-
-    Waits through zmq.asyncio, then drains what is already queued with plain non-blocking
-    receives (the asyncio wrapper costs a Future per call), yielding to the loop between
-    batches so a busy socket cannot starve it.
-    """
-    raw: zmq.Socket[bytes] = zmq.Socket.shadow(sock.underlying)
-    while True:
-        handle(await sock.recv_multipart())
-        for _ in range(_BATCH):
-            try:
-                frames = raw.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                break
-            handle(frames)
-        else:
-            await asyncio.sleep(0)
-
-
-async def _reap(task: asyncio.Task[None]) -> None:
-    """Wait for a cancelled reader; a reader that had died of a bug is logged, not raised."""
-    try:
-        await task
-    except asyncio.CancelledError:
-        pass
-    except Exception:
-        log.exception("local bus reader failed", extra={"event": "bus_error"})
-
-
-# ---- the supervisor's side ----------------------------------------------------------------------
-
-
-class BusServer:
-    """The host's seq counters and presence, served to the workers over ZeroMQ."""
-
-    def __init__(self, directory: str, policy: HistoryPolicy | None = None) -> None:
-        self.directory = directory
-        self.req_endpoint = _ipc(directory, "bus-req")
-        self.pub_endpoint = _ipc(directory, "bus-pub")
-        self.ledger = Ledger(policy)
-        self._nodes: set[str] = set()
-        self._forgotten: set[str] = set()
-        self._ctx: zmq.asyncio.Context | None = None
-        self._router: zmq.asyncio.Socket | None = None
-        self._pub: zmq.Socket[bytes] | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._decoder = msgspec.msgpack.Decoder(_Request)
-        self._encoder = msgspec.msgpack.Encoder()
-        self.requests = 0
-
-    async def start(self) -> None:
-        ctx = self._ctx = zmq.asyncio.Context()
-        # Publications are sent in place while a request is handled: a plain socket, as a PUB
-        # send never blocks.
-        pub = self._pub = zmq.Socket(ctx, zmq.PUB)
-        pub.linger = 0
-        pub.sndhwm = HWM
-        pub.bind(self.pub_endpoint)
-        router = self._router = ctx.socket(zmq.ROUTER)
-        router.linger = 0
-        router.sndhwm = router.rcvhwm = HWM
-        router.bind(self.req_endpoint)
-        self._task = asyncio.get_running_loop().create_task(self._serve())
-        log.info(
-            "local bus listening", extra={"event": "bus_listening", "endpoint": self.req_endpoint}
-        )
-
-    async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await _reap(self._task)
-            self._task = None
-        for sock in (self._router, self._pub):
-            if sock is not None:
-                sock.close(linger=0)
-        self._router = self._pub = None
-        if self._ctx is not None:
-            self._ctx.term()
-            self._ctx = None
-
-    def stats(self) -> dict[str, Any]:
-        """Rooms with presence (connections each), seq counters and known nodes."""
-        rooms = self.ledger.rooms
-        return {
-            "rooms": {name: len(r.members) for name, r in rooms.items() if r.members},
-            "seq": {name: r.seq for name, r in rooms.items() if r.seq},
-            "nodes": sorted(self._nodes),
-            "requests": self.requests,
-        }
-
-    def forget_node(self, node_id: str) -> None:
-        """Drop a dead worker's presence; tell each room, once per connection it lost.
-
-        Node ids are unique per worker process, so the id is also refused from now on: a join
-        the dead worker sent just before dying, still queued here, leaves no ghost behind.
-        """
-        self._nodes.discard(node_id)
-        self._forgotten.add(node_id)
-        gone = self.ledger.forget_node(node_id)
-        for room, member, left in gone:
-            if left:
-                notice = p.UserLeft(room, member.username, p.now_ms(), member.userId, left)
-                self._publish(room, p.encode(notice))
-        if gone:
-            log.info(
-                "forgot node's members",
-                extra={"event": "bus_forget", "node": node_id, "connections": len(gone)},
-            )
-
-    # ---- serving ------------------------------------------------------------------------------
-
-    def _publish(self, room: str, payload: bytes, exclude: str = "", seq: int = 0) -> None:
-        if self._pub is not None:
-            self._pub.send_multipart((topic(room), exclude.encode(), payload, b"%d" % seq))
-
-    async def _serve(self) -> None:
-        assert self._router is not None
-        # Replies go out in place: a ROUTER send never blocks (it drops for a gone peer).
-        router: zmq.Socket[bytes] = zmq.Socket.shadow(self._router.underlying)
-        encode = self._encoder.encode
-
-        def serve(frames: list[bytes]) -> None:
-            self.requests += 1
-            if len(frames) != 2:
-                log.warning("bad bus request", extra={"event": "bus_bad_request"})
-                return
-            ident, body = frames
-            try:
-                req = self._decoder.decode(body)
-            except msgspec.DecodeError:
-                log.warning("undecodable bus request", extra={"event": "bus_bad_request"})
-                return
-            try:
-                reply = self._handle(req)
-            except Exception:
-                log.exception("bus request failed", extra={"event": "bus_error"})
-                reply = _Reply(req.id, ok=False)
-            router.send_multipart((ident, encode(reply)))
-
-        await _pump(self._router, serve)
-
-    def _handle(self, req: _Request) -> _Reply:
-        ledger = self.ledger
-        if isinstance(req, _PublishSeq):
-            seq, payload = ledger.publish_seq(req.room, req.head)
-            self._publish(req.room, payload, "", seq)
-            return _Reply(req.id, a=seq)
-        if isinstance(req, _Publish):
-            self._publish(req.room, req.payload, req.exclude)
-            return _Reply(req.id)
-        if isinstance(req, _Join):
-            if req.member.node in self._forgotten:  # queued before its worker died
-                return _Reply(req.id, ok=False)
-            if req.member.node:
-                self._nodes.add(req.member.node)
-            since = (req.since_seq, req.since_epoch) if req.since_seq >= 0 else None
-            result = ledger.join(req.room, req.member, since)
-            recovered = -1 if result.recovered is None else int(result.recovered)
-            return _Reply(req.id, a=result.members, b=result.seq, epoch=result.epoch,
-                          recovered=recovered, messages=result.replay)
-        if isinstance(req, _Leave):
-            return _Reply(req.id, a=ledger.leave(req.room, req.client_id))
-        if isinstance(req, _Presence):
-            return _Reply(req.id, members=ledger.presence(req.room))
-        if isinstance(req, _History):
-            seq, epoch, messages = ledger.history(req.room, req.limit)
-            return _Reply(req.id, b=seq, epoch=epoch, messages=messages)
-        if self._pub is not None:  # _Sync: the marker, on the room's topic only
-            self._pub.send_multipart((topic(req.room), req.token))
-        return _Reply(req.id)
-
-
-# ---- the worker's side --------------------------------------------------------------------------
+    def resume_writing(self) -> None:
+        self.broker._write_paused = False
+        self.broker._check_pressure()
 
 
 class LocalBusBroker:
@@ -335,258 +121,353 @@ class LocalBusBroker:
     name = "localbus"
     inline = False
 
-    def __init__(self, req_endpoint: str, pub_endpoint: str, timeout: float = 5.0) -> None:
-        self.req_endpoint = req_endpoint
-        self.pub_endpoint = pub_endpoint
+    def __init__(
+        self,
+        path: str,
+        _pub_endpoint: str = "",
+        timeout: float = 5.0,
+        max_pending: int = MAX_PENDING,
+        max_unsent: int = MAX_UNSENT,
+    ) -> None:
+        if path.startswith("ipc://"):
+            # The two-endpoint form cli.py used to pass for ZeroMQ: the same run directory.
+            path = socket_path(os.path.dirname(path[len("ipc://"):]))
+        self.path = path
         self.timeout = timeout
+        self.max_pending = max_pending
+        self.max_unsent = max_unsent
         self.node_id = ""
         self._deliver: Deliver | None = None
-        self._ctx: zmq.asyncio.Context | None = None
-        self._dealer: zmq.asyncio.Socket | None = None
-        self._sub: zmq.asyncio.Socket | None = None
-        self._raw_dealer: zmq.Socket[bytes] | None = None  # the DEALER, without asyncio
-        self._queued_sends = 0  # sends waiting in zmq.asyncio for a connection
-        self._tasks: list[asyncio.Task[None]] = []
-        self._ids = itertools.count(1)
-        self._pending: dict[int, asyncio.Future[_Reply]] = {}
-        self._syncs: dict[bytes, asyncio.Future[None]] = {}
-        self._token_prefix = secrets.token_hex(4).encode() + b":"
-        self._private = "\x01" + secrets.token_hex(8)
-        self._subscribed: set[str] = set()
+        self._pressure: Pressure | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._link: _Link | None = None
+        self._transport: asyncio.Transport | None = None
+        self._framer = Framer()
+        self._deframer = Deframer(Event)
+        self._queued: list[msgspec.Struct] = []  # this turn's requests, not yet written
+        # One waiter per request queued or written, in order: the coroutine's Future, the
+        # publish_seq_nowait callback, or None when the reply only needs checking.
+        self._fifo: deque[Any] = deque()
+        self._written = 0  # requests written since connecting
+        self._answered = 0  # replies read since connecting
+        self._batches: deque[tuple[int, float]] = deque()  # (_written after a write, its time)
+        self._timer: asyncio.TimerHandle | None = None
+        self._reconnecting: asyncio.Task[None] | None = None
+        self._closing = False
         self._down = False
-        self._encoder = msgspec.msgpack.Encoder()
-        self._decoder = msgspec.msgpack.Decoder(_Reply)
-        #: Publications received per room (sync markers excluded): tests watch it.
+        self._cause = "not started"
+        self._pressed = False
+        self._write_paused = False
+        self._subscribed: set[str] = set()
+        self._members: dict[tuple[str, str], MemberInfo] = {}  # (room, clientId) -> member
+        self._failed = _Throttled("broker_unavailable")
+        #: Publications received per room: tests watch it.
         self.received: Counter[str] = Counter()
+        self.writes = 0  # frames written (one per loop turn with requests)
+        self.frames = 0  # frames read
+        self.reconnects = 0
 
     def attach(self, node_id: str, deliver: Deliver, pressure: Pressure | None = None) -> None:
         self.node_id = node_id
         self._deliver = deliver
+        self._pressure = pressure
 
     async def start(self) -> None:
         if self._deliver is None:
             raise RuntimeError("attach() before start()")
-        loop = asyncio.get_running_loop()
-        ctx = self._ctx = zmq.asyncio.Context()
-        dealer = self._dealer = ctx.socket(zmq.DEALER)
-        dealer.linger = 0
-        dealer.sndhwm = dealer.rcvhwm = HWM
-        # Queue requests only on a live connection: a request that cannot reach the server
-        # waits (and times out) here, instead of being executed long after it was given up.
-        dealer.immediate = True
-        dealer.connect(self.req_endpoint)
-        self._raw_dealer = zmq.Socket.shadow(dealer.underlying)
-        sub = self._sub = ctx.socket(zmq.SUB)
-        sub.linger = 0
-        sub.rcvhwm = HWM
-        sub.setsockopt(zmq.SUBSCRIBE, topic(self._private))
-        sub.connect(self.pub_endpoint)
-        self._tasks = [
-            loop.create_task(_pump(dealer, self._on_reply)),
-            loop.create_task(_pump(sub, self._on_publication)),
-        ]
+        self._loop = asyncio.get_running_loop()
+        self._closing = False
+        try:
+            await self._connect()
+        except OSError as exc:
+            self._outage(f"bus unreachable ({exc})")
 
     async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            await _reap(task)
-        self._tasks = []
-        for fut in list(self._pending.values()):
-            if not fut.done():
-                fut.set_exception(BrokerUnavailable())
-        self._pending.clear()
-        for sock in (self._dealer, self._sub):
-            if sock is not None:
-                sock.close(linger=0)
-        self._dealer = self._sub = self._raw_dealer = None
+        self._closing = True
+        if self._reconnecting is not None:
+            self._reconnecting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reconnecting
+            self._reconnecting = None
+        self._flush()
+        link, transport = self._link, self._transport
+        self._link = self._transport = None
+        if transport is not None:
+            transport.close()  # what was written still leaves
+        if link is not None:
+            self._fail_all("broker closed")
         self._subscribed.clear()
-        if self._ctx is not None:
-            self._ctx.term()
-            self._ctx = None
+        self._members.clear()
 
     def health(self) -> dict[str, Any]:
         return {
             "name": self.name,
             "state": "down" if self._down else "ok",
-            "endpoint": self.req_endpoint,
-            "pending": len(self._pending),
+            "endpoint": self.path,
+            "pending": len(self._fifo),
+            "reconnects": self.reconnects,
+            **({"cause": self._cause} if self._down else {}),
         }
 
     # ---- Broker ---------------------------------------------------------------------------------
 
     async def subscribe(self, room: str) -> None:
-        if self._sub is None:
-            raise BrokerUnavailable()
-        if room not in self._subscribed:
-            self._subscribed.add(room)
-            self._sub.setsockopt(zmq.SUBSCRIBE, topic(room))
-            self._sub.get(zmq.EVENTS)  # re-arm the reader (see _call)
-        await self._sync(room)
-
-    async def flush(self) -> None:
-        """Return once every publication the bus made before this call was delivered here.
-
-        Not part of ``Broker``: a barrier for tests and shutdown. It syncs on this worker's
-        private topic, which no room can share (room names never hold control characters).
-        """
-        if self._sub is None:
-            raise BrokerUnavailable()
-        await self._sync(self._private)
-
-    async def _sync(self, room: str) -> None:
-        """Have the bus publish a fresh marker on ``room``'s topic until one arrives here."""
-        loop = asyncio.get_running_loop()
-        token = self._token_prefix + b"%d" % next(self._ids)
-        marker: asyncio.Future[None] = loop.create_future()
-        self._syncs[token] = marker
-        deadline = loop.time() + self.timeout
-        wait = 0.002
-        try:
-            while True:
-                await self._call(_Sync(next(self._ids), room, token), deadline - loop.time())
-                remaining = deadline - loop.time()
-                if remaining > 0:
-                    await asyncio.wait((marker,), timeout=min(wait, remaining))
-                if marker.done():
-                    return
-                if loop.time() >= deadline:
-                    log.warning(
-                        "subscription not confirmed",
-                        extra={"event": "bus_sync_timeout", "room": room},
-                    )
-                    raise BrokerUnavailable()
-                wait = min(wait * 2, 0.1)
-        finally:
-            del self._syncs[token]
+        self._subscribed.add(room)  # before the reply: a reconnect meanwhile re-subscribes it
+        await self._call(Subscribe(room))
 
     async def unsubscribe(self, room: str) -> None:
         if room in self._subscribed:
             self._subscribed.discard(room)
-            if self._sub is not None:
-                self._sub.setsockopt(zmq.UNSUBSCRIBE, topic(room))
-                self._sub.get(zmq.EVENTS)
+            if self._transport is not None:
+                self._send(Unsubscribe(room), None)
+
+    async def flush(self) -> None:
+        """Return once every publication the bus made before this call was delivered here:
+        the ping's reply follows them on the one stream."""
+        await self._call(Ping())
 
     async def publish(self, room: str, payload: bytes, exclude: str = "") -> None:
-        await self._call(_Publish(next(self._ids), room, payload, exclude))
+        await self._call(Publish(room, payload, exclude))
 
     async def publish_seq(self, room: str, head: bytes) -> int:
-        return (await self._call(_PublishSeq(next(self._ids), room, head))).a
+        return (await self._call(PublishSeq(room, head))).a
 
     def publish_seq_nowait(self, room: str, head: bytes, done: SeqDone | None) -> None:
         assert done is not None  # not inline: the answer always comes later
-        task = asyncio.get_running_loop().create_task(self.publish_seq(room, head))
-        task.add_done_callback(lambda t: done(0 if t.cancelled() or t.exception() else t.result()))
+        if self._transport is None:
+            self._refuse()
+            assert self._loop is not None
+            self._loop.call_soon(done, 0)
+            return
+        self._send(PublishSeq(room, head), done)
 
     async def join(
         self, room: str, member: MemberInfo, since: tuple[int, str] | None = None
     ) -> JoinResult:
         seq, epoch = since if since is not None else (-1, "")
-        reply = await self._call(_Join(next(self._ids), room, member, seq, epoch))
+        reply = await self._call(Join(room, member, seq, epoch))
+        self._members[(room, member.clientId)] = member  # re-stated on reconnect
         recovered = None if reply.recovered < 0 else bool(reply.recovered)
         return JoinResult(reply.a, reply.b, reply.epoch, recovered, reply.messages)
 
     async def history(self, room: str, limit: int) -> tuple[int, str, list[bytes]]:
-        reply = await self._call(_History(next(self._ids), room, limit))
+        reply = await self._call(History(room, limit))
         return reply.b, reply.epoch, reply.messages
 
     async def leave(self, room: str, client_id: str) -> int:
-        return (await self._call(_Leave(next(self._ids), room, client_id))).a
+        # Forgotten at once: if this request is lost, the next resync removes it on the bus.
+        self._members.pop((room, client_id), None)
+        return (await self._call(Leave(room, client_id))).a
 
     async def presence(self, room: str) -> list[MemberInfo]:
-        return (await self._call(_Presence(next(self._ids), room))).members
+        return (await self._call(Presence(room))).members
 
     async def session_opened(self, member: MemberInfo, connected_at: float) -> None:
-        return None
+        return None  # nothing the bus needs: no round trip
 
     async def session_closed(self, client_id: str) -> None:
         return None
 
-    # ---- plumbing -------------------------------------------------------------------------------
+    # ---- sending --------------------------------------------------------------------------------
 
-    async def _call(self, req: _Request, timeout: float | None = None) -> _Reply:
-        """Send ``req``; its reply, or ``BrokerUnavailable`` after ``timeout`` seconds."""
-        dealer, raw = self._dealer, self._raw_dealer
-        if dealer is None or raw is None or (timeout is not None and timeout <= 0):
+    async def _call(self, req: msgspec.Struct) -> Reply:
+        """Send ``req``; its reply, or ``BrokerUnavailable`` (the cause is logged)."""
+        if self._transport is None:
+            self._refuse()
             raise BrokerUnavailable()
-        loop = asyncio.get_running_loop()
-        reply: asyncio.Future[_Reply] = loop.create_future()
-        self._pending[req.id] = reply
-        body = self._encoder.encode(req)
-        sent: asyncio.Future[Any] | None = None
-        if self._queued_sends:  # stay behind the sends still waiting for a connection
-            sent = self._send_later(dealer, req.id, body)
-        else:
-            try:
-                raw.send(body, zmq.NOBLOCK)
-                # A plain send may take the socket's edge-triggered wake-up for a reply that
-                # already came; reading EVENTS through zmq.asyncio re-arms its reader.
-                dealer.get(zmq.EVENTS)
-            except zmq.Again:  # no connection up yet: wait for one, within the deadline
-                sent = self._send_later(dealer, req.id, body)
-            except zmq.ZMQError as exc:
-                self._pending.pop(req.id, None)
-                log.warning("bus send failed: %s", exc, extra={"event": "bus_send_failed"})
-                raise BrokerUnavailable() from None
-        timer = loop.call_later(self.timeout if timeout is None else timeout, self._expire, req.id)
-        try:
-            result = await reply
-        finally:
-            timer.cancel()
-            self._pending.pop(req.id, None)
-            if sent is not None and not sent.done():
-                sent.cancel()
+        assert self._loop is not None
+        reply: asyncio.Future[Reply] = self._loop.create_future()
+        self._send(req, reply)
+        result = await reply
         if not result.ok:
+            self._failed("local bus refused a %s request", type(req).__name__)
             raise BrokerUnavailable()
         return result
 
-    def _send_later(self, dealer: zmq.asyncio.Socket, request_id: int, body: bytes) -> Any:
-        self._queued_sends += 1
-        sent = cast("asyncio.Future[Any]", dealer.send(body))  # zmq.asyncio returns a Future
-        sent.add_done_callback(functools.partial(self._sent, request_id))
-        return sent
+    def _send(self, req: msgspec.Struct, waiter: Any) -> None:
+        """Queue ``req`` behind this turn's others; ``_flush`` writes them all at once."""
+        if not self._queued:
+            assert self._loop is not None
+            self._loop.call_soon(self._flush)
+        self._queued.append(req)
+        fifo = self._fifo
+        fifo.append(waiter)
+        if len(fifo) >= self.max_pending and not self._pressed:
+            self._press(True)
 
-    def _sent(self, request_id: int, sent: asyncio.Future[Any]) -> None:
-        self._queued_sends -= 1
-        if sent.cancelled() or sent.exception() is None:
+    def _flush(self) -> None:
+        queued, transport = self._queued, self._transport
+        if not queued or transport is None:
             return
-        log.warning("bus send failed: %s", sent.exception(), extra={"event": "bus_send_failed"})
-        reply = self._pending.pop(request_id, None)
-        if reply is not None and not reply.done():
-            reply.set_exception(BrokerUnavailable())
+        self._queued = []
+        transport.write(self._framer.frame(queued))
+        self.writes += 1
+        self._written += len(queued)
+        assert self._loop is not None
+        self._batches.append((self._written, self._loop.time()))
+        if self._timer is None:
+            self._timer = self._loop.call_later(self._interval(), self._check_timeout)
 
-    def _expire(self, request_id: int) -> None:
-        reply = self._pending.pop(request_id, None)
-        if reply is None or reply.done():
-            return
-        if not self._down:
-            log.warning("local bus timed out", extra={"event": "broker_down", "broker": self.name})
-        self._down = True
-        reply.set_exception(BrokerUnavailable())
+    def _refuse(self) -> None:
+        self._failed("local bus down (%s): request refused", self._cause)
 
-    def _on_reply(self, frames: list[bytes]) -> None:
+    # ---- receiving ------------------------------------------------------------------------------
+
+    def _received(self, data: bytes) -> None:
+        """Everything this read completed, handled here: publications delivered, waiters
+        answered, in stream order."""
         try:
-            reply = self._decoder.decode(frames[-1])
-        except msgspec.DecodeError:
-            log.warning("undecodable bus reply", extra={"event": "bus_bad_reply"})
+            frames = self._deframer.feed(data)
+        except (ValueError, msgspec.DecodeError) as exc:
+            self._outage(f"broken stream ({exc})")
             return
-        if self._down:
-            self._down = False
-            log.info("local bus is back", extra={"event": "broker_up", "broker": self.name})
-        fut = self._pending.pop(reply.id, None)
-        if fut is not None and not fut.done():
-            fut.set_result(reply)
+        deliver = self._deliver
+        assert deliver is not None
+        received = self.received
+        fifo = self._fifo
+        for events in frames:
+            self.frames += 1
+            for event in events:
+                if type(event) is Publication:
+                    room = event.room
+                    received[room] += 1
+                    try:
+                        deliver(room, event.exclude, event.payload, event.seq)
+                    except Exception:
+                        log.exception("delivery failed",
+                                      extra={"event": "deliver_error", "room": room})
+                    continue
+                if not fifo:
+                    self._outage("a reply to no request")
+                    return
+                self._answered += 1
+                self._answer(fifo.popleft(), event)  # type: ignore[arg-type]
+        if self._pressed:
+            self._check_pressure()
 
-    def _on_publication(self, frames: list[bytes]) -> None:
-        if len(frames) == 4:
-            room = frames[0][:-1].decode()
-            self.received[room] += 1
-            assert self._deliver is not None
+    def _answer(self, waiter: Any, reply: Reply) -> None:
+        if waiter is None:
+            if not reply.ok:
+                self._failed("local bus refused a resync or subscription")
+        elif isinstance(waiter, asyncio.Future):
+            if not waiter.done():
+                waiter.set_result(reply)
+        else:
+            if not reply.ok:
+                self._failed("local bus refused a chat message")
             try:
-                self._deliver(room, frames[1].decode(), frames[2], int(frames[3]))
+                waiter(reply.a if reply.ok else 0)
             except Exception:
-                log.exception("delivery failed", extra={"event": "deliver_error", "room": room})
-        elif len(frames) == 2:
-            marker = self._syncs.get(frames[1])
-            if marker is not None and not marker.done():
-                marker.set_result(None)
+                log.exception("publish callback failed", extra={"event": "bus_error"})
+
+    # ---- health: timeouts, pressure, outages ---------------------------------------------------
+
+    def _interval(self) -> float:
+        return min(max(self.timeout / 5, 0.01), 1.0)
+
+    def _check_timeout(self) -> None:
+        """The one timer: is the oldest unanswered write older than ``timeout``?"""
+        self._timer = None
+        batches = self._batches
+        while batches and batches[0][0] <= self._answered:
+            batches.popleft()
+        if not batches or self._transport is None:
+            return
+        assert self._loop is not None
+        if self._loop.time() - batches[0][1] > self.timeout:
+            self._outage(f"no reply within {self.timeout:g} s")
+            return
+        self._timer = self._loop.call_later(self._interval(), self._check_timeout)
+
+    def _check_pressure(self) -> None:
+        over = self._write_paused or len(self._fifo) >= self.max_pending
+        if over and not self._pressed:
+            self._press(True)
+        elif self._pressed and not self._write_paused and len(self._fifo) <= self.max_pending // 2:
+            self._press(False)
+
+    def _press(self, paused: bool) -> None:
+        self._pressed = paused
+        if self._pressure is not None:
+            try:
+                self._pressure(paused)
+            except Exception:
+                log.exception("pressure callback failed", extra={"event": "bus_error"})
+
+    def _outage(self, cause: str) -> None:
+        """The bus is gone or stuck: drop the connection, fail what waits, reconnect."""
+        link, transport = self._link, self._transport
+        self._link = self._transport = None
+        if transport is not None:
+            transport.abort()
+        self._cause = cause
+        if not self._down and not self._closing:
+            log.warning("local bus down: %s", cause,
+                        extra={"event": "broker_down", "broker": self.name})
+        self._down = True
+        if link is not None:
+            self._fail_all(cause)
+        if not self._closing and self._reconnecting is None:
+            assert self._loop is not None
+            self._reconnecting = self._loop.create_task(self._reconnect())
+
+    def _fail_all(self, cause: str) -> None:
+        self._queued = []
+        self._batches.clear()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._write_paused = False
+        waiters, self._fifo = self._fifo, deque()
+        self._deframer = Deframer(Event)
+        if waiters:
+            self._failed("local bus down (%s): pending requests failed", cause,
+                         count=len(waiters))
+        for waiter in waiters:
+            if waiter is None:
+                continue
+            if isinstance(waiter, asyncio.Future):
+                if not waiter.done():
+                    waiter.set_exception(BrokerUnavailable())
+                continue
+            try:
+                waiter(0)
+            except Exception:
+                log.exception("publish callback failed", extra={"event": "bus_error"})
+        if self._pressed:
+            self._press(False)
+
+    async def _reconnect(self) -> None:
+        delay, longest = _BACKOFF
+        try:
+            while not self._closing:
+                await asyncio.sleep(delay)
+                try:
+                    await self._connect()
+                    self.reconnects += 1
+                    return
+                except OSError as exc:
+                    self._cause = f"bus unreachable ({exc})"
+                    delay = min(delay * 2, longest)
+        finally:
+            self._reconnecting = None
+
+    async def _connect(self) -> None:
+        assert self._loop is not None
+        transport, link = await self._loop.create_unix_connection(
+            lambda: _Link(self), self.path)
+        transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
+        if self._closing:
+            transport.close()
+            return
+        transport.set_write_buffer_limits(high=self.max_unsent)
+        self._link, self._transport = link, transport
+        self._written = self._answered = 0
+        # This node's facts first: nothing else can be ahead of them on the new stream.
+        members = [(room, member) for (room, _), member in self._members.items()]
+        self._send(Resync(self.node_id, members), None)
+        for room in self._subscribed:
+            self._send(Subscribe(room), None)
+        if self._down:
+            log.info("local bus is back", extra={"event": "broker_up", "broker": self.name})
+        self._down = False

@@ -1,0 +1,298 @@
+"""The local bus's server: the host's seq counters and presence, in the supervisor.
+
+``BusServer`` listens on a Unix stream socket in the run directory (``buswire.socket_path``);
+each worker's ``LocalBusBroker`` holds one connection to it. The wire format is in
+``buswire``. The server holds the only copy of the host's per-room ``seq`` counters and
+presence (a ``Ledger``, the same rules as ``MemoryBroker``) and which connection subscribed to
+which room.
+
+Order: the server handles each worker's requests in the order they arrive on its stream, all
+of one read in that read's callback, and each publication is queued for every subscribed
+worker while its request is handled, so every worker sees one global order. A ``sub`` is
+recorded before it is answered, so every publication after the reply follows on the stream.
+
+Batching: what is queued for a worker in one loop turn leaves as one frame, in one write
+(flushed by ``call_soon``), so N requests read in one turn cost one reply write per worker.
+
+A slow worker cannot stall or bloat the server: writes never wait, and a connection whose
+unsent bytes pass ``max_buffer`` is dropped (logged). Dropping a connection forgets its
+subscriptions but keeps its presence: the worker process is alive, and it reconnects and
+sends ``resync`` with its members. Only ``forget_node`` (the supervisor saw the process die)
+removes a node's presence and tells the rooms.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from typing import Any, cast
+
+import msgspec
+
+from .. import protocol as p
+from .buswire import (
+    FAILED,
+    OK,
+    Deframer,
+    Framer,
+    History,
+    Join,
+    Leave,
+    Ping,
+    Presence,
+    Publication,
+    Publish,
+    PublishSeq,
+    Reply,
+    Request,
+    Resync,
+    Subscribe,
+    Unsubscribe,
+    socket_path,
+)
+from .ledger import Ledger
+from .types import HistoryPolicy, MemberInfo
+
+log = logging.getLogger("fastws.bus")
+
+#: Unsent bytes a worker's connection may hold before the server drops it as too slow.
+MAX_BUFFER = 64 * 1024 * 1024
+
+
+class _Link(asyncio.Protocol):
+    """The server's end of one worker's connection: its read side, and its frame per turn."""
+
+    def __init__(self, server: BusServer) -> None:
+        self.server = server
+        self.node = ""  # from the worker's resync; for logs
+        self.rooms: set[str] = set()  # rooms this worker subscribed to
+        self.transport: asyncio.Transport | None = None
+        self._deframer = Deframer(Request)
+        self._framer = Framer()
+        self._queued: list[msgspec.Struct] = []
+        self._call_soon = asyncio.get_running_loop().call_soon
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
+        # Never pause_writing below our own bound: the server does not wait for anyone.
+        transport.set_write_buffer_limits(high=MAX_BUFFER)
+        self.server.links.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        self._queued.clear()
+        self.server.drop(self)
+
+    def data_received(self, data: bytes) -> None:
+        server = self.server
+        server.reads += 1
+        try:
+            frames = self._deframer.feed(data)
+        except (ValueError, msgspec.DecodeError) as exc:
+            log.warning("broken bus stream from %s: %s", self.node or "a worker", exc,
+                        extra={"event": "bus_bad_request", "node": self.node})
+            self.close()
+            return
+        handle = server.handle
+        for requests in frames:
+            server.frames += 1
+            for req in requests:
+                handle(self, req)  # type: ignore[arg-type]
+
+    def send(self, message: msgspec.Struct) -> None:
+        """Queue ``message`` for this worker; the turn's messages leave in one write."""
+        if not self._queued:
+            if self.transport is None:
+                return
+            self._call_soon(self._flush)
+        self._queued.append(message)
+
+    def _flush(self) -> None:
+        transport, queued = self.transport, self._queued
+        if transport is None or not queued:
+            return
+        self._queued = []
+        transport.write(self._framer.frame(queued))
+        self.server.writes += 1
+        if transport.get_write_buffer_size() > self.server.max_buffer:
+            log.warning("worker %s is too slow: dropping its bus connection", self.node,
+                        extra={"event": "bus_slow_worker", "node": self.node,
+                               "buffered": transport.get_write_buffer_size()})
+            self.server.slow_drops += 1
+            transport.abort()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+
+class BusServer:
+    """The host's seq counters and presence, served to the workers over a Unix socket."""
+
+    def __init__(
+        self, directory: str, policy: HistoryPolicy | None = None, max_buffer: int = MAX_BUFFER
+    ) -> None:
+        self.directory = directory
+        self.path = socket_path(directory)
+        self.max_buffer = max_buffer
+        self.ledger = Ledger(policy)
+        self.links: set[_Link] = set()
+        self._subscribers: dict[str, list[_Link]] = {}
+        self._nodes: set[str] = set()
+        self._forgotten: set[str] = set()
+        self._server: asyncio.AbstractServer | None = None
+        # Counters for stats() and the batching tests.
+        self.requests = self.reads = self.frames = self.writes = self.slow_drops = 0
+
+    async def start(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)  # a stale socket of a previous run
+        self._server = await asyncio.get_running_loop().create_unix_server(
+            lambda: _Link(self), self.path)
+        log.info("local bus listening", extra={"event": "bus_listening", "endpoint": self.path})
+
+    async def close(self) -> None:
+        server, self._server = self._server, None
+        if server is not None:
+            server.close()
+        for link in list(self.links):
+            link.close()
+        if server is not None:
+            await server.wait_closed()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+    def stats(self) -> dict[str, Any]:
+        """Rooms with presence (connections each), seq counters, known nodes, counters."""
+        rooms = self.ledger.rooms
+        return {
+            "rooms": {name: len(r.members) for name, r in rooms.items() if r.members},
+            "seq": {name: r.seq for name, r in rooms.items() if r.seq},
+            "nodes": sorted(self._nodes),
+            "links": len(self.links),
+            "requests": self.requests,
+            "reads": self.reads,
+            "frames": self.frames,
+            "writes": self.writes,
+            "slow_drops": self.slow_drops,
+        }
+
+    def forget_node(self, node_id: str) -> None:
+        """Drop a dead worker's presence; tell each room, once per connection it lost.
+
+        Node ids are unique per worker process, so the id is also refused from now on: a join
+        the dead worker sent just before dying, still unread here, leaves no ghost behind.
+        """
+        self._nodes.discard(node_id)
+        self._forgotten.add(node_id)
+        gone = self.ledger.forget_node(node_id)
+        self._tell_left(gone)
+        if gone:
+            log.info("forgot node's members",
+                     extra={"event": "bus_forget", "node": node_id, "connections": len(gone)})
+
+    def drop(self, link: _Link) -> None:
+        """A connection ended: forget its subscriptions (its presence stays; see above)."""
+        self.links.discard(link)
+        for room in link.rooms:
+            subs = self._subscribers.get(room)
+            if subs is not None and link in subs:
+                subs.remove(link)
+                if not subs:
+                    del self._subscribers[room]
+        link.rooms.clear()
+
+    # ---- serving ------------------------------------------------------------------------------
+
+    def publish(self, room: str, payload: bytes, exclude: str = "", seq: int = 0) -> None:
+        links = self._subscribers.get(room)
+        if links:
+            pub = Publication(room, exclude, payload, seq)
+            for link in links:
+                link.send(pub)
+
+    def handle(self, link: _Link, req: Request) -> None:
+        """Answer one request (and make its publications) in place."""
+        self.requests += 1
+        if type(req) is PublishSeq:  # the chat hot path first, without a method call
+            seq, payload = self.ledger.publish_seq(req.room, req.head)
+            links = self._subscribers.get(req.room)
+            if links:
+                pub = Publication(req.room, "", payload, seq)
+                for other in links:
+                    other.send(pub)
+            link.send(Reply(a=seq))
+            return
+        try:
+            reply = self._answer(link, req)
+        except Exception:
+            log.exception("bus request failed", extra={"event": "bus_error"})
+            reply = FAILED
+        link.send(reply)
+
+    def _answer(self, link: _Link, req: Request) -> Reply:
+        ledger = self.ledger
+        if isinstance(req, Publish):
+            self.publish(req.room, req.payload, req.exclude)
+            return OK
+        if isinstance(req, Join):
+            if req.member.node in self._forgotten:  # sent just before its worker died
+                return FAILED
+            if req.member.node:
+                self._nodes.add(req.member.node)
+            since = (req.since_seq, req.since_epoch) if req.since_seq >= 0 else None
+            result = ledger.join(req.room, req.member, since)
+            recovered = -1 if result.recovered is None else int(result.recovered)
+            return Reply(a=result.members, b=result.seq, epoch=result.epoch,
+                         recovered=recovered, messages=result.replay)
+        if isinstance(req, Leave):
+            return Reply(a=ledger.leave(req.room, req.client_id))
+        if isinstance(req, Subscribe):
+            if req.room not in link.rooms:
+                link.rooms.add(req.room)
+                self._subscribers.setdefault(req.room, []).append(link)
+            return OK
+        if isinstance(req, Unsubscribe):
+            if req.room in link.rooms:
+                link.rooms.discard(req.room)
+                subs = self._subscribers[req.room]
+                subs.remove(link)
+                if not subs:
+                    del self._subscribers[req.room]
+            return OK
+        if isinstance(req, Presence):
+            return Reply(members=ledger.presence(req.room))
+        if isinstance(req, History):
+            seq, epoch, messages = ledger.history(req.room, req.limit)
+            return Reply(b=seq, epoch=epoch, messages=messages)
+        if isinstance(req, Ping):
+            return OK
+        if isinstance(req, Resync):
+            return self._resync(link, req)
+        raise TypeError(f"unknown bus request {req!r}")
+
+    def _resync(self, link: _Link, req: Resync) -> Reply:
+        """A (re)connected worker states its presence: it is added, and members the bus had
+        for that node but the worker no longer has (their leave was lost) leave, with notice."""
+        link.node = req.node
+        if req.node in self._forgotten:
+            return FAILED
+        ledger = self.ledger
+        for room, member in req.members:
+            ledger.join(room, member, None)
+        if req.members:
+            self._nodes.add(req.node)
+        kept = {(room, m.clientId) for room, m in req.members}
+        ghosts = [(name, m) for name, r in ledger.rooms.items() for m in r.members.values()
+                  if m.node == req.node and (name, m.clientId) not in kept]
+        self._tell_left([(name, m, ledger.leave(name, m.clientId)) for name, m in ghosts])
+        return OK
+
+    def _tell_left(self, gone: list[tuple[str, MemberInfo, int]]) -> None:
+        """user_left for each (room, member, connections left), where anyone is left to tell."""
+        for room, member, left in gone:
+            if left:
+                notice = p.UserLeft(room, member.username, p.now_ms(), member.userId, left)
+                self.publish(room, p.encode(notice))

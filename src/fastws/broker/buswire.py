@@ -1,0 +1,195 @@
+"""The local bus's wire format, shared by ``bus.BusServer`` and ``localbus.LocalBusBroker``.
+
+One Unix stream socket per worker carries everything, both ways, in order. A frame is a
+4-byte big-endian length, then a msgpack array of messages: everything one side issued in
+one event-loop turn (one frame per turn, one ``write``). Each message is a msgspec Struct
+encoded as an array whose first item is its tag.
+
+Worker -> server (requests; the server answers each with one ``Reply``, in order, so replies
+carry no id: the worker matches them to its FIFO of pending requests):
+
+    ========= ============================== ==========================================
+    tag       fields                         reply
+    ========= ============================== ==========================================
+    seq       room, head                     a = the seq allocated; publishes
+                                             ``types.chat_payload(head, seq, epoch)``
+    pub       room, payload, exclude         (ok); publishes ``payload``
+    join      room, MemberInfo, since_seq,   a = connections in room, b = last seq,
+              since_epoch                    epoch, recovered (-1/0/1), messages (replay)
+    leave     room, client_id                a = connections left
+    history   room, limit                    b = last seq, epoch, messages
+    presence  room                           members = [MemberInfo, ...]
+    sub       room                           (ok) once recorded: later publications follow
+    unsub     room                           (ok)
+    ping      (none)                         (ok): behind everything published before it
+    resync    node, [[room, MemberInfo]...]  (ok): the node's presence is now exactly this
+    ========= ============================== ==========================================
+
+Server -> worker: ``Reply`` (tag ``r``: ok, a, b, members, epoch, recovered, messages; trailing
+defaults omitted; ``ok`` false means the server failed on that request) and ``Publication``
+(tag ``p``: room, exclude_client_id, payload, seq; seq 0 for anything but a chat_message),
+interleaved in the one order the server made them.
+"""
+
+from __future__ import annotations
+
+import os
+
+import msgspec
+
+from .types import MemberInfo
+
+#: Longest ``sun_path`` of a Unix socket (108 bytes with its NUL on Linux).
+MAX_SOCKET_PATH = 107
+#: A frame longer than this is a broken stream, not a message: the connection is dropped.
+MAX_FRAME = 64 * 1024 * 1024
+HEADER = 4  # bytes of the big-endian frame length
+
+
+def socket_path(directory: str) -> str:
+    """The bus socket of a run directory; refuses a path the kernel would truncate."""
+    path = os.path.join(directory, "bus.sock")
+    if len(path.encode()) > MAX_SOCKET_PATH:
+        raise ValueError(
+            f"socket path too long ({len(path.encode())} > {MAX_SOCKET_PATH}): {path}")
+    return path
+
+
+# ---- requests ---------------------------------------------------------------------------------
+
+
+class PublishSeq(msgspec.Struct, array_like=True, tag="seq"):
+    room: str
+    head: bytes
+
+
+class Publish(msgspec.Struct, array_like=True, tag="pub"):
+    room: str
+    payload: bytes
+    exclude: str = ""
+
+
+class Join(msgspec.Struct, array_like=True, tag="join"):
+    room: str
+    member: MemberInfo
+    since_seq: int = -1  # -1: no recovery asked
+    since_epoch: str = ""
+
+
+class Leave(msgspec.Struct, array_like=True, tag="leave"):
+    room: str
+    client_id: str
+
+
+class History(msgspec.Struct, array_like=True, tag="history"):
+    room: str
+    limit: int
+
+
+class Presence(msgspec.Struct, array_like=True, tag="presence"):
+    room: str
+
+
+class Subscribe(msgspec.Struct, array_like=True, tag="sub"):
+    room: str
+
+
+class Unsubscribe(msgspec.Struct, array_like=True, tag="unsub"):
+    room: str
+
+
+class Ping(msgspec.Struct, array_like=True, tag="ping"):
+    pass
+
+
+class Resync(msgspec.Struct, array_like=True, tag="resync"):
+    node: str
+    members: list[tuple[str, MemberInfo]]
+
+
+Request = (
+    PublishSeq | Publish | Join | Leave | History | Presence | Subscribe | Unsubscribe | Ping
+    | Resync
+)
+
+# ---- server -> worker ---------------------------------------------------------------------------
+
+
+class Reply(msgspec.Struct, array_like=True, omit_defaults=True, tag="r"):
+    ok: bool = True
+    a: int = 0
+    b: int = 0
+    members: list[MemberInfo] = []
+    epoch: str = ""
+    recovered: int = -1  # -1 none, 0 false, 1 true
+    messages: list[bytes] = []
+
+
+class Publication(msgspec.Struct, array_like=True, tag="p"):
+    room: str
+    exclude: str
+    payload: bytes
+    seq: int = 0
+
+
+Event = Reply | Publication
+
+OK = Reply()
+FAILED = Reply(ok=False)
+
+
+class Framer:
+    """Encodes one turn's messages into one length-prefixed frame."""
+
+    __slots__ = ("_encode_into",)
+
+    def __init__(self) -> None:
+        self._encode_into = msgspec.msgpack.Encoder().encode_into
+
+    def frame(self, messages: list[msgspec.Struct]) -> bytearray:
+        buf = bytearray(HEADER)
+        self._encode_into(messages, buf, HEADER)
+        buf[:HEADER] = (len(buf) - HEADER).to_bytes(HEADER, "big")
+        return buf
+
+
+class Deframer:
+    """Splits a byte stream into frames and decodes each into its list of messages.
+
+    ``feed`` returns the messages of every frame completed by ``data``, oldest first. A frame
+    split across reads is kept until whole; ``need`` stops a large one from being rescanned
+    on every read. Raises ``ValueError`` (or ``msgspec.DecodeError``) on a broken stream.
+    """
+
+    __slots__ = ("_decode", "_need", "_partial")
+
+    def __init__(self, kind: object) -> None:
+        self._decode = msgspec.msgpack.Decoder(list[kind]).decode  # type: ignore[valid-type]
+        self._partial = bytearray()
+        self._need = 0  # bytes _partial must hold before it is worth parsing again
+
+    def feed(self, data: bytes) -> list[list[msgspec.Struct]]:
+        if self._partial:
+            self._partial += data
+            if len(self._partial) < self._need:
+                return []
+            data = bytes(self._partial)
+            self._partial = bytearray()
+        frames: list[list[msgspec.Struct]] = []
+        view = memoryview(data)
+        pos, end = 0, len(data)
+        while end - pos >= HEADER:
+            size = int.from_bytes(view[pos:pos + HEADER], "big")
+            if size > MAX_FRAME:
+                raise ValueError(f"bus frame of {size} bytes")
+            stop = pos + HEADER + size
+            if stop > end:
+                self._need = stop - pos
+                break
+            frames.append(self._decode(view[pos + HEADER:stop]))
+            pos = stop
+        else:
+            self._need = HEADER
+        if pos < end:
+            self._partial = bytearray(view[pos:])
+        return frames
