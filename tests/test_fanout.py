@@ -147,6 +147,19 @@ async def test_broadcast_skips_excluded_and_closed(fanout: ModuleType, pairs) ->
     assert receivers[5].frames.empty() and receivers[3].frames.empty()
 
 
+async def test_broadcast_skips_the_listed_sinks_for_that_call_only(
+        fanout: ModuleType, pairs) -> None:
+    """Sinks in ``skip`` get nothing from that broadcast and everything from the next."""
+    transports, receivers = pairs
+    outbox, _ = _outbox(fanout)
+    sinks = [fanout.Sink(t) for t in transports]
+    assert outbox.broadcast(sinks, fanout.frame(b"one"), sinks[0], [sinks[2], sinks[7]]) == 7
+    assert outbox.broadcast(sinks, fanout.frame(b"two")) == 10
+    for i, r in enumerate(receivers):
+        want = [(1, b"two")] if i in (0, 2, 7) else [(1, b"one"), (1, b"two")]
+        assert [await asyncio.wait_for(r.frames.get(), TIMEOUT) for _ in want] == want, i
+
+
 async def test_slow_sinks_are_reported_once_and_not_written(fanout: ModuleType, pairs) -> None:
     """A sink that would pass max_buffered goes to on_slow once, closed, and gets nothing."""
     transports, receivers = pairs

@@ -31,8 +31,15 @@ class Outbox:
     ) -> None: ...
     def send(self, sink: Sink, data: bytes) -> bool:
         """Queue ``data`` for one sink; False if it is closed or just became slow."""
-    def broadcast(self, sinks: list[Sink], data: bytes, exclude: Sink | None = None) -> int:
-        """Queue ``data`` for every open sink but ``exclude``; return how many took it."""
+    def broadcast(
+        self,
+        sinks: list[Sink],
+        data: bytes,
+        exclude: Sink | None = None,
+        skip: list[Sink] | None = None,
+    ) -> int:
+        """Queue ``data`` for every open sink but ``exclude`` and ``skip``; return how many
+        took it."""
     def flush(self) -> None:
         """Write every queued sink (scheduled automatically once per loop turn)."""
     def flush_if_last(self, frame: WSFrame, sink: Sink | None) -> None:

@@ -61,6 +61,7 @@ cdef class Sink:
     cdef Py_ssize_t size
     cdef Py_ssize_t capacity
     cdef bint queued
+    cdef bint skip  # set only for the duration of one broadcast(..., skip=...)
     cdef readonly bint closed
     cdef public object owner
 
@@ -71,6 +72,7 @@ cdef class Sink:
         self.size = 0
         self.capacity = 0
         self.queued = False
+        self.skip = False
         self.closed = False
 
     def __dealloc__(self):
@@ -162,12 +164,13 @@ cdef class Outbox:
             return False
         return self._put(sink, PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data)) == 1
 
-    def broadcast(self, list sinks, bytes data, Sink exclude=None):
-        """Queue the frame ``data`` for every sink in ``sinks`` but ``exclude``.
+    def broadcast(self, list sinks, bytes data, Sink exclude=None, list skip=None):
+        """Queue the frame ``data`` for every sink in ``sinks`` but ``exclude`` and ``skip``.
 
-        Returns how many sinks took it. Skipped: ``exclude`` (by identity) and closed sinks.
-        A sink that would pass ``max_buffered`` is reported to ``on_slow`` and skipped. Never
-        raises for one recipient's sake; bytes leave at the next ``flush``.
+        Returns how many sinks took it. Skipped: ``exclude`` (by identity), the sinks listed
+        in ``skip`` (flagged for this call, so the loop stays a C field test per sink) and
+        closed sinks. A sink that would pass ``max_buffered`` is reported to ``on_slow`` and
+        skipped. Never raises for one recipient's sake; bytes leave at the next ``flush``.
         """
         cdef Py_ssize_t n = PyList_GET_SIZE(sinks)
         cdef Py_ssize_t i
@@ -175,11 +178,19 @@ cdef class Outbox:
         cdef const char* ptr = PyBytes_AS_STRING(data)
         cdef Py_ssize_t size = PyBytes_GET_SIZE(data)
         cdef Sink s
-        for i in range(n):
-            s = <Sink>PyList_GET_ITEM(sinks, i)
-            if s is exclude or s._dead():
-                continue
-            taken += self._put(s, ptr, size)
+        if skip:
+            for s in skip:
+                s.skip = True
+        try:
+            for i in range(n):
+                s = <Sink>PyList_GET_ITEM(sinks, i)
+                if s is exclude or s.skip or s._dead():
+                    continue
+                taken += self._put(s, ptr, size)
+        finally:
+            if skip:
+                for s in skip:
+                    s.skip = False
         self.deliveries += taken
         return taken
 

@@ -82,10 +82,17 @@ class Outbox:
             return False
         return self._put(sink, data) == 1
 
-    def broadcast(self, sinks: list[Sink], data: bytes, exclude: Sink | None = None) -> int:
+    def broadcast(
+        self,
+        sinks: list[Sink],
+        data: bytes,
+        exclude: Sink | None = None,
+        skip: list[Sink] | None = None,
+    ) -> int:
         taken = 0
+        skipped = {id(s) for s in skip} if skip else ()
         for s in sinks:
-            if s is exclude or s._dead():
+            if s is exclude or id(s) in skipped or s._dead():
                 continue
             taken += self._put(s, data)
         self.deliveries += taken

@@ -8,6 +8,8 @@ each socket once per event-loop turn.
 from __future__ import annotations
 
 import asyncio
+import bisect
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +22,49 @@ if TYPE_CHECKING:
     from .session import Session
 
 
+#: Seconds a joiner's presence mark is kept: a notice published before its join can still be on
+#: its way from another node for about a broker timeout.
+PRESENCE_MARK_TTL = 10.0
+
+
+class PresenceMarks:
+    """Members that joined at presence version V, which their room_joined count reflects: a
+    user_joined/user_left at version <= V is stale for them. Notices come from every node, so
+    not in version order; a mark is kept for ``PRESENCE_MARK_TTL`` seconds instead.
+
+    Sorted by version, so the members a notice at version v must skip (those with marks >= v,
+    the joins since v: a few in flight) are a suffix found by bisection.
+    """
+
+    __slots__ = ("sessions", "stamps", "versions")
+
+    def __init__(self) -> None:
+        self.versions: list[int] = []
+        self.stamps: list[float] = []
+        self.sessions: list[Session] = []
+
+    def __len__(self) -> int:
+        return len(self.versions)
+
+    def add(self, session: Session, version: int, now: float) -> None:
+        i = bisect.bisect_right(self.versions, version)
+        self.versions.insert(i, version)
+        self.stamps.insert(i, now)
+        self.sessions.insert(i, session)
+
+    def remove(self, session: Session) -> None:
+        if session in self.sessions:
+            i = self.sessions.index(session)
+            del self.versions[i], self.stamps[i], self.sessions[i]
+
+    def seen(self, version: int, now: float) -> list[Any]:
+        """The sinks of members for whom a notice at ``version`` is stale; old marks go."""
+        while self.stamps and now - self.stamps[0] > PRESENCE_MARK_TTL:
+            del self.versions[0], self.stamps[0], self.sessions[0]
+        i = bisect.bisect_left(self.versions, version)
+        return [s.sink for s in self.sessions[i:]]
+
+
 class Room:
     """One room's local members. ``sinks`` is the list the fan-out walks.
 
@@ -27,7 +72,7 @@ class Room:
     entry into the hole so join and leave stay O(1).
     """
 
-    __slots__ = ("fresh", "index", "members", "name", "pending", "sinks")
+    __slots__ = ("fresh", "index", "members", "name", "pending", "presence_marks", "sinks")
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -35,11 +80,13 @@ class Room:
         self.members: list[Session] = []
         self.index: dict[Session, int] = {}
         # Joiners waiting for the broker's answer: what the room was sent meanwhile is kept
-        # for them as (seq, frame), to follow their room_joined and replay without a gap.
+        # for them as (seq, frame), to follow their room_joined and replay without a gap
+        # (seq as ``broker.types.Deliver`` says: > 0 a chat, < 0 a presence notice).
         self.pending: dict[Session, list[tuple[int, bytes]]] = {}
         # Members whose join reply said "seq N": a late copy of a chat with seq <= N (the
         # broker's stream can trail its replies) must skip them; cleared once the stream passes N.
         self.fresh: dict[Session, int] = {}
+        self.presence_marks: PresenceMarks | None = None  # made for the first marked joiner
 
     def __len__(self) -> int:
         return len(self.members) + len(self.pending)
@@ -115,9 +162,12 @@ class Hub:
             room.add(session)
         return room
 
-    def activate(self, name: str, session: Session, seen: int = 0) -> list[tuple[int, bytes]]:
-        """Make a pending joiner a member that has ``seen`` every chat up to that seq; return
-        the (seq, frame)s held for it meanwhile."""
+    def activate(
+        self, name: str, session: Session, seen: int = 0, version: int = 0
+    ) -> list[tuple[int, bytes]]:
+        """Make a pending joiner a member that has ``seen`` every chat up to that seq and every
+        presence change up to ``version`` (0: unknown); return the (seq, frame)s held for it
+        meanwhile."""
         room = self.rooms.get(name)
         if room is None:
             return []
@@ -125,6 +175,10 @@ class Hub:
         room.add(session)
         if seen and not any(seq >= seen for seq, _ in held):
             room.fresh[session] = seen
+        if version:
+            if room.presence_marks is None:
+                room.presence_marks = PresenceMarks()
+            room.presence_marks.add(session, version, time.monotonic())
         return held
 
     def leave(self, name: str, session: Session) -> Room | None:
@@ -133,6 +187,8 @@ class Hub:
         if room is None:
             return None
         room.fresh.pop(session, None)
+        if room.presence_marks is not None:
+            room.presence_marks.remove(session)
         if room.pending.pop(session, None) is None and not room.remove(session):
             return None
         if not len(room):
@@ -151,19 +207,23 @@ class Hub:
             for session, held in room.pending.items():
                 if session is not exclude:
                     held.append((seq, data))
-        sinks = room.sinks
-        if seq and room.fresh:
-            sinks = self._skip_seen(room, seq, sinks)
+        skip = None
+        if seq > 0 and room.fresh:
+            skip = self._seen_chat(room, seq)
+        elif seq < 0 and room.presence_marks:
+            skip = room.presence_marks.seen(-seq, time.monotonic())
         outbox = self._outbox or self.outbox  # the property only until it exists
-        return outbox.broadcast(sinks, data, exclude.sink if exclude is not None else None)
+        exclude_sink = exclude.sink if exclude is not None else None
+        return outbox.broadcast(room.sinks, data, exclude_sink, skip)
 
     @staticmethod
-    def _skip_seen(room: Room, seq: int, sinks: list[Any]) -> list[Any]:
-        """The sinks minus fresh members that already had ``seq`` (rare and short-lived)."""
-        seen = {s.sink for s, mark in room.fresh.items() if seq <= mark}
+    def _seen_chat(room: Room, seq: int) -> list[Any] | None:
+        """Fresh members that already had chat ``seq`` (rare and short-lived). A room's chats
+        arrive in seq order, so a mark is dropped once the stream reaches it."""
+        seen = [s.sink for s, mark in room.fresh.items() if seq <= mark]
         for session in [s for s, mark in room.fresh.items() if seq >= mark]:
             del room.fresh[session]  # the stream has caught up with its join
-        return [sink for sink in sinks if sink not in seen] if seen else sinks
+        return seen or None
 
     def send_frame(self, sink: Any, data: bytes) -> bool:
         return bool(self.outbox.send(sink, data))
