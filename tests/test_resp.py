@@ -144,6 +144,8 @@ async def test_killed_server_fails_waiters_then_the_broker_recovers(
         for _ in range(5):
             broker.publish_seq_nowait("r", b'{"type":"chat_message","seq":', seqs.append)
         await asyncio.sleep(0.05)
+        assert redis_server.proc is not None
+        redis_server.proc.kill()  # SIGKILL while stopped: it never answers what it holds
         redis_server.stop()
         async with asyncio.timeout(TIMEOUT):
             while len(seqs) < 5 or broker.state == "ok":
@@ -344,3 +346,79 @@ async def test_redis_rooms_reconnects_on_the_next_start(redis_server: RedisServe
         assert await rooms.publish_seq("p", b'{"seq":') == 1
     finally:
         await rooms.close()
+
+
+async def test_the_chats_of_one_turn_are_one_script_call_in_the_order_called(
+        redis_server: RedisServer) -> None:
+    """60 chats over 6 rooms issued in one loop turn are one EVALSHA; each room's seqs
+    follow the order of the calls, and every message is answered."""
+    broker = await started_broker(redis_server.url)
+    try:
+        async with redis_pipe(redis_server.url) as pipe:
+            await pipe.call(b"CONFIG", b"RESETSTAT")
+            got: list[tuple[str, int, int]] = []
+            for i in range(60):
+                room = f"batch{i % 6}"
+                broker.publish_seq_nowait(room, b'{"seq":', lambda seq, r=room, i=i:
+                                          got.append((r, i, seq)))
+            async with asyncio.timeout(TIMEOUT):
+                while len(got) < 60:
+                    await asyncio.sleep(0.005)
+            stats = (await pipe.call(b"INFO", b"commandstats")).decode()
+        assert "cmdstat_evalsha:calls=1," in stats
+        for n in range(6):
+            assert [seq for room, _, seq in sorted(got, key=lambda g: g[1])
+                    if room == f"batch{n}"] == list(range(1, 11))
+    finally:
+        await broker.close()
+
+
+async def test_other_commands_between_chats_keep_their_place(redis_server: RedisServer) -> None:
+    """chat, typing, chat in one turn: the batch is sent before the typing, so the room's
+    subscribers get the three in that order (the second chat in a batch of its own)."""
+    deliveries = Deliveries()
+    broker = await started_broker(redis_server.url, deliveries)
+    try:
+        await broker.subscribe("mixed")
+        seqs: list[int] = []
+        broker.publish_seq_nowait("mixed", b'{"n":1,"seq":', seqs.append)
+        typing = asyncio.ensure_future(broker.publish("mixed", b'{"typing":1}'))
+        await asyncio.sleep(0)  # the typing's PUBLISH is issued, in this same turn
+        broker.publish_seq_nowait("mixed", b'{"n":2,"seq":', seqs.append)
+        await asyncio.wait_for(typing, TIMEOUT)
+        await broker.flush()
+        assert seqs == [1, 2]
+        assert [payload[:12] for _, _, payload, _ in deliveries.got] == \
+            [b'{"n":1,"seq"', b'{"typing":1}', b'{"n":2,"seq"']
+    finally:
+        await broker.close()
+
+
+async def test_a_flushed_script_is_reloaded_and_a_failed_batch_answers_every_chat(
+        redis_server: RedisServer) -> None:
+    """After SCRIPT FLUSH the batch is retried once with EVAL (every seq allocated once);
+    a batch Redis refuses answers each of its chats done(0)."""
+    broker = await started_broker(redis_server.url)
+    try:
+        async with redis_pipe(redis_server.url) as pipe:
+            await pipe.call(b"SCRIPT", b"FLUSH")
+            seqs: list[int] = []
+            for _ in range(5):
+                broker.publish_seq_nowait("flushed", b'{"seq":', seqs.append)
+            async with asyncio.timeout(TIMEOUT):
+                while len(seqs) < 5:
+                    await asyncio.sleep(0.005)
+            assert seqs == [1, 2, 3, 4, 5]
+            await pipe.call(b"SET", b"fastws:{wrong}:seq", b"not a number")
+            await pipe.call(b"SET", b"fastws:{wrong}:epoch", b"e")
+            refused = broker.health()["refused"]
+            failed: list[int] = []
+            for room in ("wrong", "fine", "wrong"):
+                broker.publish_seq_nowait(room, b'{"seq":', failed.append)
+            async with asyncio.timeout(TIMEOUT):
+                while len(failed) < 3:
+                    await asyncio.sleep(0.005)
+            assert failed == [0, 0, 0]
+            assert broker.health()["refused"] == refused + 3
+    finally:
+        await broker.close()

@@ -76,24 +76,53 @@ end
 redis.call('SET', KEYS[2], epoch, 'EX', ARGV[4])
 """
 
-# KEYS: seq, epoch, members (unused), history
-# ARGV: channel, head, new epoch, state ttl s, PUBLISH|SPUBLISH, history size, history ttl ms
+# Every chat of one loop turn for one server (one slot on a cluster) in one call: the per-call
+# cost of EVALSHA (about 10 us in redis-server) is paid once for all of them.
+# KEYS: per message seq, epoch, history, channel (4 each, in the order of the calls)
+# ARGV: new epoch, state ttl s, PUBLISH|SPUBLISH, then per message head, history size - 1
+#       (-1: no history)
+# Returns the seqs, in order. A room met again in the same call reuses its epoch, and its
+# TTLs are refreshed once. redis-server's CPU is part of the cost of a chat, so each
+# redis.call() is counted (~0.3-0.5 us of Lua glue each) and numbers are turned into strings
+# once (Lua's number -> string costs ~0.4 us; redis.call() does it to number arguments too).
 # The payload is types.chat_payload, spelled with its own constants (tests compare the bytes).
-# Each touched key's TTL is refreshed once (redis-server's CPU is part of the cost of a chat).
-_PUBLISH_SEQ = _EPOCH + """
-local seq = redis.call('INCR', KEYS[1])
-redis.call('EXPIRE', KEYS[1], ARGV[4])
-local payload = ARGV[2] .. seq .. """ + _lua_string(CHAT_EPOCH) + """ .. epoch .. """ + \
+_PUBLISH_SEQS = """
+local fresh, ttl, publish = ARGV[1], ARGV[2], ARGV[3]
+local seqs, epochs = {}, {}
+local now
+for i = 1, #KEYS / 4 do
+  local seq_key, epoch_key, history_key = KEYS[i * 4 - 3], KEYS[i * 4 - 2], KEYS[i * 4 - 1]
+  local epoch = epochs[epoch_key]
+  local first = not epoch
+  if first then
+    epoch = redis.call('GETEX', epoch_key, 'EX', ttl)
+    if not epoch then
+      epoch = fresh
+      redis.call('SET', epoch_key, epoch, 'EX', ttl)
+      redis.call('DEL', seq_key, history_key)
+    end
+    epochs[epoch_key] = epoch
+  end
+  local seq = redis.call('INCR', seq_key)
+  if first then redis.call('EXPIRE', seq_key, ttl) end
+  local s = tostring(seq)
+  local payload = ARGV[i * 2 + 2] .. s .. """ + _lua_string(CHAT_EPOCH) + """ .. epoch .. """ + \
     _lua_string(CHAT_END) + """
-redis.call(ARGV[5], ARGV[1], '\\n' .. seq .. '\\n' .. payload)
-local size = tonumber(ARGV[6])
-if size > 0 then
-  """ + _NOW_MS + """
-  redis.call('LPUSH', KEYS[4], seq .. ':' .. now .. ':' .. payload)
-  redis.call('LTRIM', KEYS[4], 0, size - 1)
-  redis.call('EXPIRE', KEYS[4], ARGV[4])
+  redis.call(publish, KEYS[i * 4], '\\n' .. s .. '\\n' .. payload)
+  local last = ARGV[i * 2 + 3]
+  if last ~= '-1' then
+    if not now then
+      local t = redis.call('TIME')
+      now = ':' .. tostring(t[1] * 1000 + math.floor(t[2] / 1000)) .. ':'
+    end
+    if redis.call('LPUSH', history_key, s .. now .. payload) > tonumber(last) + 1 then
+      redis.call('LTRIM', history_key, '0', last)
+    end
+    if first then redis.call('EXPIRE', history_key, ttl) end
+  end
+  seqs[i] = seq
 end
-return seq
+return seqs
 """
 
 # Reads history newer than ARGV[8] (and within ttl), oldest first, into ``out``.
@@ -161,12 +190,13 @@ class _Script(NamedTuple):
 
 
 _SCRIPTS = {name: _Script.of(source) for name, source in
-            (("publish_seq", _PUBLISH_SEQ), ("join", _JOIN), ("history", _HISTORY),
+            (("publish_seqs", _PUBLISH_SEQS), ("join", _JOIN), ("history", _HISTORY),
              ("leave", _LEAVE))}
 
 _STATE_TTL = 7 * 86400  # without a history ttl, a room's seq and epoch outlive a week of silence
 _SESSION_TTL = 60  # the seed's session records, refreshed every _SESSION_TTL / 3
 _QUEUE_LIMIT = 10_000  # commands waiting on one connection before the node is paused
+_BATCH_LIMIT = 512  # chats in one script call: bounds the time Redis spends in one call
 _member_encoder = msgspec.msgpack.Encoder()
 _member_decoder = msgspec.msgpack.Decoder(MemberInfo)
 
@@ -181,12 +211,65 @@ class _RoomKeys(NamedTuple):
     members: bytes
     history: bytes
     channel: bytes
+    script: tuple[bytes, bytes, bytes, bytes]  # a message's KEYS in _PUBLISH_SEQS
 
 
 @functools.lru_cache(maxsize=65536)
 def _room_keys(room: str) -> _RoomKeys:
     tag = b"fastws:{" + room.encode() + b"}"
-    return _RoomKeys(tag + b":seq", tag + b":epoch", tag + b":members", tag + b":history", tag)
+    seq, epoch, history = tag + b":seq", tag + b":epoch", tag + b":history"
+    return _RoomKeys(seq, epoch, tag + b":members", history, tag, (seq, epoch, history, tag))
+
+
+class _SeqBatch:
+    """The chats of one loop turn for one server (one slot on a cluster): ONE call of
+    _PUBLISH_SEQS carrying every message's keys and args, in the order of the calls (so a
+    room's seqs are in that order), answered with every seq. Built by
+    ``RedisBroker._send_publish_seq``, closed (sent) by ``resp.Pipe`` at the end of the turn
+    or before another command on the same connection. A failure is the batch's: NOSCRIPT is
+    retried once with EVAL, any other error answers every message ``done(0)``."""
+
+    __slots__ = ("args", "broker", "dones", "full", "key", "keys", "sent", "servers")
+
+    def __init__(self, broker: RedisBroker, servers: Servers, key: bytes) -> None:
+        self.broker = broker
+        self.servers = servers  # the connections it was made for, even if replaced since
+        self.key = key  # any of its keys: they share a slot
+        self.keys: list[bytes] = []
+        self.args: list[Any] = []
+        self.dones: list[SeqDone] = []
+        self.full = False
+        self.sent: tuple[Any, ...] = ()
+
+    def close(self) -> None:
+        broker = self.broker
+        self.sent = (b"EVALSHA", _SCRIPTS["publish_seqs"].sha, len(self.keys), *self.keys,
+                     new_epoch(), broker._state_ttl, broker._publish_cmd, *self.args)
+        self.servers.send(self.key, self.sent, self)
+
+    def __call__(self, reply: Any) -> None:
+        if type(reply) is list and len(reply) == len(self.dones):
+            for done, seq in zip(self.dones, reply, strict=True):
+                try:
+                    done(seq)
+                except Exception:  # one caller's bug must not cost the others their answer
+                    log.exception("publish_seq callback failed")
+            return
+        sent = self.sent
+        if (sent[0] == b"EVALSHA" and type(reply) is ReplyError
+                and str(reply).startswith("NOSCRIPT")):
+            # A SCRIPT FLUSH or a failover lost it: EVAL loads it again.
+            self.sent = (b"EVAL", _SCRIPTS["publish_seqs"].source, *sent[2:])
+            self.servers.send(self.key, self.sent, self)
+            return
+        refused = self.broker._refused
+        refused(reply if isinstance(reply, RespError) else RespError(f"bad reply {reply!r:.80}"))
+        refused.total += len(self.dones) - 1  # every message was refused; one cause logged
+        for done in self.dones:
+            try:
+                done(0)
+            except Exception:
+                log.exception("publish_seq callback failed")
 
 
 class _Refusals:
@@ -505,12 +588,6 @@ class RedisBroker:
         await self._call(channel, self._publish_cmd, channel,
                          b"%b\n0\n%b" % (exclude.encode(), payload))
 
-    def _publish_seq_args(self, room: str, head: bytes) -> tuple[Any, ...]:
-        keys = _room_keys(room)
-        return (b"EVALSHA", _SCRIPTS["publish_seq"].sha, 4, keys.seq, keys.epoch, keys.members,
-                keys.history, keys.channel, head, new_epoch(), self._state_ttl,
-                self._publish_cmd, self.policy.size_for(room), self._history_ttl_ms)
-
     async def publish_seq(self, room: str, head: bytes) -> int:
         future = asyncio.get_running_loop().create_future()
         self._send_publish_seq(room, head, future.set_result)
@@ -524,27 +601,20 @@ class RedisBroker:
         self._send_publish_seq(room, head, done)
 
     def _send_publish_seq(self, room: str, head: bytes, done: SeqDone) -> None:
-        """The hot path: one EVALSHA appended to this turn's write; ``done`` on its reply."""
+        """The hot path: the chat joins this turn's one script call for its server (slot on a
+        cluster); ``done`` is called from that call's reply."""
         servers = self._servers
         if self.state != "ok" or servers is None:
             self._refused("redis is down")
             done(0)
             return
-        args = self._publish_seq_args(room, head)
-        servers.send(args[3], args, functools.partial(self._seq_reply, done, args))
-
-    def _seq_reply(self, done: SeqDone, args: tuple[Any, ...] | None, reply: Any) -> None:
-        if type(reply) is int:
-            done(reply)
-            return
-        servers = self._servers
-        if (args is not None and type(reply) is ReplyError and str(reply).startswith("NOSCRIPT")
-                and servers is not None):
-            retry = (b"EVAL", _SCRIPTS["publish_seq"].source, *args[2:])
-            servers.send(args[3], retry, functools.partial(self._seq_reply, done, None))
-            return
-        self._refused(reply)
-        done(0)
+        keys = _room_keys(room)
+        batch = servers.batch(keys.channel, functools.partial(_SeqBatch, self, servers,
+                                                               keys.channel))
+        batch.keys += keys.script
+        batch.args += (head, self.policy.size_for(room) - 1)
+        batch.dones.append(done)
+        batch.full = len(batch.dones) >= _BATCH_LIMIT
 
     async def join(
         self, room: str, member: MemberInfo, since: tuple[int, str] | None = None

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any
 
-from .resp import Callback, Endpoint, Listener, Pipe, ReplyError, RespError, Servers
+from .resp import B, Callback, Endpoint, Listener, Pipe, ReplyError, RespError, Servers
 
 log = logging.getLogger("fastws.broker.redis")
 
@@ -103,6 +104,10 @@ class ClusterServers(Servers):
 
     def send(self, key: bytes, args: tuple[Any, ...], callback: Callback) -> None:
         self._slot_pipes[self.slot(key)].send(args, _Redirects(self, key, args, callback))
+
+    def batch(self, key: bytes, make: Callable[[], B]) -> B:
+        slot = self.slot(key)
+        return self._slot_pipes[slot].batch(slot, make)
 
     async def call(self, key: bytes, *args: Any) -> Any:
         future = asyncio.get_running_loop().create_future()

@@ -27,6 +27,10 @@ How it behaves:
   one loop turn leaves in one write on one connection. Replies are matched to callbacks in
   order (Redis answers a connection's commands in order): the hot path costs a deque append
   and a callback, no Task and no Future. ``Pipe.call`` is the coroutine form for the rest.
+- ``Pipe.batch(group, make)``: many items of one loop turn as ONE command (the Redis broker's
+  chats: one script call for every chat of the turn). The batch is open until the turn's
+  write, or until any other command is sent on the pipe: then it is closed (it sends its one
+  command) first, so commands still leave in the order they were issued.
 - A callback receives the reply, or an instance of ``RespError`` (an error reply is a
   ``ReplyError``; a lost, timed-out or overfull connection a ``ConnectionLost``/``QueueFull``).
 - Backpressure: past ``limit`` commands waiting for replies the pipe calls
@@ -47,7 +51,7 @@ import logging
 import ssl
 from collections import deque
 from collections.abc import Callable, Iterable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol, TypeVar
 from urllib.parse import unquote, urlsplit
 
 import hiredis
@@ -56,6 +60,8 @@ log = logging.getLogger("fastws.broker.resp")
 
 #: callback(reply): the reply, or a RespError instance when there will be none.
 Callback = Callable[[Any], None]
+
+B = TypeVar("B", bound="Batch")
 
 
 class RespError(Exception):
@@ -72,6 +78,16 @@ class ConnectionLost(RespError):
 
 class QueueFull(RespError):
     """Too many commands are already waiting for this connection."""
+
+
+class Batch(Protocol):
+    """What ``Pipe.batch`` keeps open: items added until ``close()``, which sends them as one
+    command (through ``Servers.send``, so a cluster's redirects apply). ``full`` True: the
+    next ``Pipe.batch`` closes this one and opens another."""
+
+    full: bool
+
+    def close(self) -> None: ...
 
 
 class Endpoint(NamedTuple):
@@ -184,6 +200,7 @@ class Pipe(asyncio.Protocol):
         self._reader = hiredis.Reader(replyError=ReplyError)
         self._out: list[bytes] = []
         self._pending: deque[Callback] = deque()
+        self._batches: dict[Any, Batch] = {}  # open batches by group, none outside a turn
         self._flushing = False
         self._closing = False
         self._watchdog = _Watchdog()
@@ -246,6 +263,7 @@ class Pipe(asyncio.Protocol):
         if error is None:
             error = ConnectionLost(f"connection to {self.endpoint.address} lost: {exc!r}")
             self.lost = error
+        self._close_batches()  # not connected: each is answered with ``error`` right away
         self._fail_all(error)
         if self.pressured:
             self.pressured = False
@@ -259,6 +277,8 @@ class Pipe(asyncio.Protocol):
     def send(self, args: tuple[Any, ...], callback: Callback) -> None:
         """Queue one command; ``callback(reply)`` is called exactly once, maybe right away
         (with a ``RespError``) if the pipe is down or full."""
+        if self._batches:
+            self._close_batches()  # they were issued first: they leave first
         if self._transport is None:
             callback(self.lost or ConnectionLost(f"not connected to {self.endpoint.address}"))
             return
@@ -276,6 +296,31 @@ class Pipe(asyncio.Protocol):
             if self._pressure is not None:
                 self._pressure(self, True)
 
+    def batch(self, group: Any, make: Callable[[], B]) -> B:
+        """The open batch of ``group`` (one per group, e.g. a cluster slot), made by ``make()``
+        if there is none or it is ``full``. The caller adds its item to it; the batch is closed
+        (sends its one command) at the end of the turn, or before any other command is sent
+        on this pipe, so it leaves in its place among them. Items added to one open batch are
+        sent together: commands issued between them go after it."""
+        batch = self._batches.get(group)
+        if batch is None or batch.full:
+            if batch is not None:
+                del self._batches[group]
+                batch.close()
+            batch = self._batches[group] = make()
+            if not self._flushing:
+                self._flushing = True
+                asyncio.get_running_loop().call_soon(self._flush)
+        return batch  # type: ignore[return-value]  # made by ``make``
+
+    def _close_batches(self) -> None:
+        batches, self._batches = self._batches, {}
+        for batch in batches.values():
+            try:
+                batch.close()
+            except Exception:  # a batch's bug must not stop the write of the others
+                log.exception("redis batch failed to close")
+
     async def call(self, *args: Any) -> Any:
         """One command as a coroutine: its reply, or raises ``RespError``."""
         future = asyncio.get_running_loop().create_future()
@@ -286,6 +331,8 @@ class Pipe(asyncio.Protocol):
         return reply
 
     def _flush(self) -> None:
+        if self._batches:
+            self._close_batches()  # while _flushing is still set: no second call_soon
         self._flushing = False
         if self._out and self._transport is not None:
             data = self._out[0] if len(self._out) == 1 else b"".join(self._out)
@@ -320,6 +367,7 @@ class Pipe(asyncio.Protocol):
         if self._transport is not None:
             self._flush()
             self._transport.close()
+        self._close_batches()  # if not connected: answered with errors now
         self._fail_all(ConnectionLost("closed"))
 
 
@@ -612,6 +660,11 @@ class Servers:
 
     def send(self, key: bytes, args: tuple[Any, ...], callback: Callback) -> None:
         self._pipe.send(args, callback)
+
+    def batch(self, key: bytes, make: Callable[[], B]) -> B:
+        """The open batch on the pipe ``key`` goes to (``Pipe.batch``): one per server here,
+        one per slot on a cluster (a script's keys must share a slot there)."""
+        return self._pipe.batch(None, make)
 
     async def call(self, key: bytes, *args: Any) -> Any:
         return await self._pipe.call(*args)
