@@ -13,7 +13,7 @@ import pytest
 from fastws.broker.redis import RedisBroker, RedisRooms
 from fastws.broker.rediscluster import ClusterServers, key_slot
 from fastws.broker.resp import ConnectionLost, Listener, Pipe, RespError, parse_url
-from fastws.broker.types import MemberInfo, chat_payload
+from fastws.broker.types import HistoryPolicy, MemberInfo, chat_payload
 from fastws.errors import BrokerUnavailable
 
 from .redisutil import RedisServer, redis_pipe
@@ -420,5 +420,22 @@ async def test_a_flushed_script_is_reloaded_and_a_failed_batch_answers_every_cha
                     await asyncio.sleep(0.005)
             assert failed == [0, 0, 0]
             assert broker.health()["refused"] == refused + 3
+    finally:
+        await broker.close()
+
+
+async def test_history_is_trimmed_in_steps_and_read_to_its_size(redis_server: RedisServer) -> None:
+    """The list is trimmed once it holds size / 8 more than size (not on every message), and
+    history and join read only the newest ``size`` of it."""
+    broker = await started_broker(redis_server.url, policy=HistoryPolicy(size=16, ttl=0))
+    try:
+        for _ in range(40):
+            await broker.publish_seq("trim", b'{"seq":')
+        async with redis_pipe(redis_server.url) as pipe:
+            assert 16 <= await pipe.call(b"LLEN", b"fastws:{trim}:history") <= 18
+        last, epoch, kept = await broker.history("trim", 100)
+        assert last == 40 and [int(m[7:9]) for m in kept] == list(range(25, 41))
+        joined = await broker.join("trim", MemberInfo("c", "u", "n"), since=(20, epoch))
+        assert joined.recovered is False and len(joined.replay) == 16
     finally:
         await broker.close()

@@ -81,6 +81,8 @@ redis.call('SET', KEYS[2], epoch, 'EX', ARGV[4])
 # KEYS: per message seq, epoch, history, channel (4 each, in the order of the calls)
 # ARGV: new epoch, state ttl s, PUBLISH|SPUBLISH, then per message head, history size - 1
 #       (-1: no history)
+# The history list is trimmed to size once it holds size / 8 more (an LTRIM per message
+# costs more than the rest of the history upkeep); readers read only its newest ``size``.
 # Returns the seqs, in order. A room met again in the same call reuses its epoch, and its
 # TTLs are refreshed once. redis-server's CPU is part of the cost of a chat, so each
 # redis.call() is counted (~0.3-0.5 us of Lua glue each) and numbers are turned into strings
@@ -115,7 +117,8 @@ for i = 1, #KEYS / 4 do
       local t = redis.call('TIME')
       now = ':' .. tostring(t[1] * 1000 + math.floor(t[2] / 1000)) .. ':'
     end
-    if redis.call('LPUSH', history_key, s .. now .. payload) > tonumber(last) + 1 then
+    local size = tonumber(last) + 1
+    if redis.call('LPUSH', history_key, s .. now .. payload) > size + math.floor(size / 8) then
       redis.call('LTRIM', history_key, '0', last)
     end
     if first then redis.call('EXPIRE', history_key, ttl) end
@@ -125,11 +128,12 @@ end
 return seqs
 """
 
-# Reads history newer than ARGV[8] (and within ttl), oldest first, into ``out``.
+# Reads history newer than ARGV[8] (and within ttl), oldest first, into ``out``: the newest
+# ARGV[9] + 1 entries only (the list may hold up to size / 8 more; ARGV[9] -1: all of it).
 _READ_HISTORY = """
 local out = {}
 local first = -1
-local entries = redis.call('LRANGE', KEYS[4], 0, -1)
+local entries = redis.call('LRANGE', KEYS[4], 0, ARGV[9])
 local ttl = tonumber(ARGV[7])
 for i = #entries, 1, -1 do
   local e = entries[i]
@@ -146,7 +150,7 @@ end
 
 # KEYS: seq, epoch, members, history
 # ARGV: clientId, member, new epoch, state ttl s, since epoch, since seq (-1: none),
-#       history ttl ms, since seq again (for _READ_HISTORY)
+#       history ttl ms, since seq again (for _READ_HISTORY), history size - 1
 _JOIN = _NOW_MS + _EPOCH + """
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 redis.call('EXPIRE', KEYS[4], ARGV[4])
@@ -163,7 +167,8 @@ if first == since + 1 then complete = 1 end
 return {count, seq, epoch, complete, out}
 """
 
-# KEYS: seq, epoch, members (unused), history; ARGV: 1-6 unused, history ttl ms, since (-1)
+# KEYS: seq, epoch, members (unused), history
+# ARGV: 1-6 unused, history ttl ms, since (-1), history size - 1
 _HISTORY = _NOW_MS + """
 local epoch = redis.call('GET', KEYS[2]) or ''
 local seq = tonumber(redis.call('GET', KEYS[1]) or '0')
@@ -244,7 +249,7 @@ class _SeqBatch:
     def close(self) -> None:
         broker = self.broker
         self.sent = (b"EVALSHA", _SCRIPTS["publish_seqs"].sha, len(self.keys), *self.keys,
-                     new_epoch(), broker._state_ttl, broker._publish_cmd, *self.args)
+                     new_epoch(), broker._state_ttl_arg, broker._publish_cmd, *self.args)
         self.servers.send(self.key, self.sent, self)
 
     def __call__(self, reply: Any) -> None:
@@ -317,6 +322,8 @@ class RedisBroker:
         ttl = self.policy.ttl
         self._state_ttl = max(1, int(ttl) + 1) if ttl else _STATE_TTL
         self._history_ttl_ms = int(ttl * 1000)
+        self._state_ttl_arg = b"%d" % self._state_ttl  # packed as given: no int -> str per call
+        self._last_index = b"%d" % (self.policy.size - 1)
         self.timeout = timeout
         self.queue_limit = queue_limit
         self.node_ttl = max(1, int(node_ttl))
@@ -609,12 +616,21 @@ class RedisBroker:
             done(0)
             return
         keys = _room_keys(room)
-        batch = servers.batch(keys.channel, functools.partial(_SeqBatch, self, servers,
-                                                               keys.channel))
+        batch = servers.batch(keys.channel, self._new_batch)
         batch.keys += keys.script
-        batch.args += (head, self.policy.size_for(room) - 1)
-        batch.dones.append(done)
-        batch.full = len(batch.dones) >= _BATCH_LIMIT
+        batch.args += (head, self._history_last(room))
+        dones = batch.dones
+        dones.append(done)
+        batch.full = len(dones) >= _BATCH_LIMIT
+
+    def _new_batch(self, servers: Servers, key: bytes) -> _SeqBatch:
+        return _SeqBatch(self, servers, key)
+
+    def _history_last(self, room: str) -> bytes:
+        """The last index of ``room``'s history list (size - 1; b"-1" keeps none), as bytes."""
+        if not self.policy.off:
+            return self._last_index
+        return b"%d" % (self.policy.size_for(room) - 1)
 
     async def join(
         self, room: str, member: MemberInfo, since: tuple[int, str] | None = None
@@ -623,14 +639,15 @@ class RedisBroker:
         count, seq, epoch, complete, replay = await self._script(
             "join", _room_keys(room)[:4], member.clientId, _member_encoder.encode(member),
             new_epoch(), self._state_ttl, since_epoch, since_seq, self._history_ttl_ms,
-            since_seq)
+            since_seq, self._history_last(room))
         self._members.setdefault(room, {})[member.clientId] = member
         recovered = None if int(complete) < 0 else bool(int(complete))
         return JoinResult(int(count), int(seq), _text(epoch), recovered, list(replay))
 
     async def history(self, room: str, limit: int) -> tuple[int, str, list[bytes]]:
         seq, epoch, messages = await self._script(
-            "history", _room_keys(room)[:4], 0, 0, 0, 0, 0, 0, self._history_ttl_ms, -1)
+            "history", _room_keys(room)[:4], 0, 0, 0, 0, 0, 0, self._history_ttl_ms, -1,
+            self._history_last(room))
         return int(seq), _text(epoch), list(messages)[-limit:] if limit else []
 
     async def leave(self, room: str, client_id: str) -> int:

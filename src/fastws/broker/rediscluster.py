@@ -105,9 +105,13 @@ class ClusterServers(Servers):
     def send(self, key: bytes, args: tuple[Any, ...], callback: Callback) -> None:
         self._slot_pipes[self.slot(key)].send(args, _Redirects(self, key, args, callback))
 
-    def batch(self, key: bytes, make: Callable[[], B]) -> B:
+    def batch(self, key: bytes, make: Callable[[Servers, bytes], B]) -> B:
         slot = self.slot(key)
-        return self._slot_pipes[slot].batch(slot, make)
+        pipe = self._slot_pipes[slot]
+        batch = pipe.batch(slot)
+        if batch is None:
+            return pipe.open_batch(slot, make(self, key))
+        return batch  # type: ignore[return-value]  # made by ``make``
 
     async def call(self, key: bytes, *args: Any) -> Any:
         future = asyncio.get_running_loop().create_future()

@@ -296,22 +296,26 @@ class Pipe(asyncio.Protocol):
             if self._pressure is not None:
                 self._pressure(self, True)
 
-    def batch(self, group: Any, make: Callable[[], B]) -> B:
-        """The open batch of ``group`` (one per group, e.g. a cluster slot), made by ``make()``
-        if there is none or it is ``full``. The caller adds its item to it; the batch is closed
-        (sends its one command) at the end of the turn, or before any other command is sent
-        on this pipe, so it leaves in its place among them. Items added to one open batch are
-        sent together: commands issued between them go after it."""
+    def batch(self, group: Any) -> Batch | None:
+        """The open batch of ``group`` (one per group, e.g. a cluster slot), or None if there
+        is none or it is ``full``: then ``open_batch`` a new one."""
         batch = self._batches.get(group)
-        if batch is None or batch.full:
-            if batch is not None:
-                del self._batches[group]
-                batch.close()
-            batch = self._batches[group] = make()
-            if not self._flushing:
-                self._flushing = True
-                asyncio.get_running_loop().call_soon(self._flush)
-        return batch  # type: ignore[return-value]  # made by ``make``
+        return None if batch is None or batch.full else batch
+
+    def open_batch(self, group: Any, batch: B) -> B:
+        """Make ``batch`` the open one of ``group`` (a full one before it is closed first).
+        The caller adds items to it; it is closed (sends its one command) at the end of the
+        turn, or before any other command is sent on this pipe, so it leaves in its place
+        among them. Items added to one open batch leave together: commands issued between
+        them go after it."""
+        full = self._batches.pop(group, None)
+        if full is not None:
+            full.close()
+        self._batches[group] = batch
+        if not self._flushing:
+            self._flushing = True
+            asyncio.get_running_loop().call_soon(self._flush)
+        return batch
 
     def _close_batches(self) -> None:
         batches, self._batches = self._batches, {}
@@ -661,10 +665,15 @@ class Servers:
     def send(self, key: bytes, args: tuple[Any, ...], callback: Callback) -> None:
         self._pipe.send(args, callback)
 
-    def batch(self, key: bytes, make: Callable[[], B]) -> B:
-        """The open batch on the pipe ``key`` goes to (``Pipe.batch``): one per server here,
-        one per slot on a cluster (a script's keys must share a slot there)."""
-        return self._pipe.batch(None, make)
+    def batch(self, key: bytes, make: Callable[[Servers, bytes], B]) -> B:
+        """The open batch on the pipe ``key`` goes to (``Pipe.batch``), else a new one from
+        ``make(self, key)``: one per server here, one per slot on a cluster (a script's keys
+        must share a slot there)."""
+        pipe = self._pipe
+        batch = pipe.batch(None)
+        if batch is None:
+            return pipe.open_batch(None, make(self, key))
+        return batch  # type: ignore[return-value]  # made by ``make``
 
     async def call(self, key: bytes, *args: Any) -> Any:
         return await self._pipe.call(*args)
