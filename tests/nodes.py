@@ -61,36 +61,44 @@ class Backend:
 
     def _settings(self, **overrides: Any) -> Any:
         base: dict[str, Any] = {"host": "127.0.0.1", "port": 0, "jwt_secret": SECRET,
-                                "drain_timeout": DRAIN, "rate_limit": 0}
+                                "drain_timeout": DRAIN}
         if self.kind.startswith("redis"):
             base.update(redis_url=self.url, redis_cluster=self.kind == "redis-cluster")
         return load_settings({**base, **overrides}, environ={})
 
-    def broker(self, settings: Any) -> Broker:
-        """A new node's broker on this backend."""
+    def broker(self, settings: Any, timeout: float = 1.0) -> Broker:
+        """A new node's broker on this backend; a dead Redis peer is swept after 1 s."""
         policy = history_policy(settings)
         if self.kind.startswith("redis"):
             from fastws.broker.redis import RedisBroker
 
-            return RedisBroker(self.url, timeout=1.0, node_ttl=1, policy=policy,
+            return RedisBroker(self.url, timeout=timeout, node_ttl=1, policy=policy,
                                cluster=self.kind == "redis-cluster")
         if self.kind == "localbus":
             from fastws.broker.localbus import LocalBusBroker
 
-            return LocalBusBroker(self._bus.req_endpoint, self._bus.pub_endpoint, timeout=2.0)
+            return LocalBusBroker(self._bus.req_endpoint, self._bus.pub_endpoint,
+                                  timeout=timeout * 2)
         from fastws.broker.memory import MemoryBroker
 
         return MemoryBroker(policy)
 
     @contextlib.asynccontextmanager
-    async def nodes(self, count: int = 2, **overrides: Any) -> AsyncIterator[list[Node]]:
-        """``count`` started nodes (one node ``count`` times for the in-process broker)."""
+    async def nodes(
+        self,
+        count: int = 2,
+        names: list[str] | None = None,
+        broker_timeout: float = 1.0,
+        **overrides: Any,
+    ) -> AsyncIterator[list[Node]]:
+        """``count`` started nodes (one node ``count`` times for the in-process broker), with
+        node ids ``names`` if given; ``overrides`` are settings."""
         started: list[Node] = []
         try:
-            for _ in range(count if self.spans_nodes else 1):
+            for i in range(count if self.spans_nodes else 1):
                 settings = self._settings(**overrides)
-                node = Node(settings, SECRET, self.broker(settings),
-                            node_id=f"{self.kind}-n{next(_names)}")
+                name = names[i] if names else f"{self.kind}-n{next(_names)}"
+                node = Node(settings, SECRET, self.broker(settings, broker_timeout), node_id=name)
                 await node.start()
                 started.append(node)
             yield [started[i % len(started)] for i in range(count)]

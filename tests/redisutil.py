@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import shutil
 import signal
@@ -13,12 +12,10 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastws.broker.redis import RedisBroker
 from fastws.broker.resp import Pipe, parse_url
-from fastws.config import load_settings
-from fastws.server import Node, history_policy
+from fastws.server import Node
 
-from .utils import SECRET, TIMEOUT
+from .utils import TIMEOUT
 
 
 def free_port() -> int:
@@ -141,16 +138,11 @@ class RedisClusterServers:
 
 @contextlib.asynccontextmanager
 async def redis_node(url: str, name: str, **overrides: Any) -> AsyncIterator[Node]:
-    """An in-loop node on ``url`` whose dead peers are swept after 1 s; drained on exit."""
-    settings = load_settings({"host": "127.0.0.1", "port": 0, "jwt_secret": SECRET,
-                              "redis_url": url, **overrides}, environ={})
-    broker = RedisBroker(url, timeout=0.5, node_ttl=1, policy=history_policy(settings))
-    node = Node(settings, SECRET, broker, node_id=name)
-    await node.start()
-    try:
-        yield node
-    finally:
-        await asyncio.wait_for(node.drain(), TIMEOUT * 2)
+    """One in-loop node on ``url`` (tests/nodes.py's factory), its dead peers swept after 1 s."""
+    from .nodes import Backend
+
+    async with Backend("redis", url).nodes(1, [name], broker_timeout=0.5, **overrides) as nodes:
+        yield nodes[0]
 
 
 @contextlib.asynccontextmanager
