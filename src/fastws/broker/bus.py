@@ -48,6 +48,7 @@ from .buswire import (
     Reply,
     Request,
     Resync,
+    Sequenced,
     Subscribe,
     Unsubscribe,
     socket_path,
@@ -95,11 +96,14 @@ class _Link(asyncio.Protocol):
                         extra={"event": "bus_bad_request", "node": self.node})
             self.close()
             return
-        handle = server.handle
         for requests in frames:
-            server.frames += 1
-            for req in requests:
-                handle(self, req)  # type: ignore[arg-type]
+            server.serve(self, requests)
+
+    def queue(self) -> list[msgspec.Struct]:
+        """This turn's outgoing messages (a flush is scheduled): append to it in order."""
+        if not self._queued and self.transport is not None:
+            self._call_soon(self._flush)
+        return self._queued
 
     def send(self, message: msgspec.Struct) -> None:
         """Queue ``message`` for this worker; the turn's messages leave in one write."""
@@ -145,6 +149,7 @@ class BusServer:
         self._server: asyncio.AbstractServer | None = None
         # Counters for stats() and the batching tests.
         self.requests = self.reads = self.frames = self.writes = self.slow_drops = 0
+        self._sequenced = 0  # requests since the last ledger sweep
 
     async def start(self) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -213,24 +218,37 @@ class BusServer:
             for link in links:
                 link.send(pub)
 
-    def handle(self, link: _Link, req: Request) -> None:
-        """Answer one request (and make its publications) in place."""
-        self.requests += 1
-        if type(req) is PublishSeq:  # the chat hot path first, without a method call
-            seq, payload = self.ledger.publish_seq(req.room, req.head)
-            links = self._subscribers.get(req.room)
-            if links:
-                pub = Publication(req.room, "", payload, seq)
+    def serve(self, link: _Link, requests: list[Request]) -> None:
+        """Answer one frame of ``link``'s requests in order, making their publications."""
+        self.frames += 1
+        self.requests += len(requests)
+        out = link.queue()  # the link's own messages, in order, appended in place
+        mine = link.rooms
+        subscribers = self._subscribers
+        publish_seq = self.ledger.publish_seq
+        for req in requests:
+            if type(req) is not PublishSeq:
+                try:
+                    out.append(self._answer(link, req))
+                except Exception:
+                    log.exception("bus request failed", extra={"event": "bus_error"})
+                    out.append(FAILED)
+                continue
+            # The chat hot path, inline: seq, the others' copies, then the requester's copy,
+            # which is its reply too (a plain reply if it is not subscribed).
+            room = req.room
+            seq, payload = publish_seq(room, req.head)
+            links = subscribers.get(room)
+            if links is not None and (len(links) > 1 or room not in mine):
+                pub = Publication(room, "", payload, seq)
                 for other in links:
-                    other.send(pub)
-            link.send(Reply(a=seq))
-            return
-        try:
-            reply = self._answer(link, req)
-        except Exception:
-            log.exception("bus request failed", extra={"event": "bus_error"})
-            reply = FAILED
-        link.send(reply)
+                    if other is not link:
+                        other.send(pub)
+            out.append(Sequenced(room, payload, seq) if room in mine else Reply(a=seq))
+        self._sequenced += len(requests)
+        if self._sequenced >= 4096:  # expired empty rooms go without a timer
+            self._sequenced = 0
+            self.ledger.sweep()
 
     def _answer(self, link: _Link, req: Request) -> Reply:
         ledger = self.ledger

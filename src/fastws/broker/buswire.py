@@ -25,15 +25,28 @@ carry no id: the worker matches them to its FIFO of pending requests):
     resync    node, [[room, MemberInfo]...]  (ok): the node's presence is now exactly this
     ========= ============================== ==========================================
 
-Server -> worker: ``Reply`` (tag ``r``: ok, a, b, members, epoch, recovered, messages; trailing
-defaults omitted; ``ok`` false means the server failed on that request) and ``Publication``
-(tag ``p``: room, exclude_client_id, payload, seq; seq 0 for anything but a chat_message),
-interleaved in the one order the server made them.
+Server -> worker, interleaved in the one order the server made them:
+
+    ====== ============================== ===================================================
+    tag    fields                         meaning
+    ====== ============================== ===================================================
+    r      ok, a, b, members, epoch,      the reply to the oldest pending request (trailing
+           recovered, messages            defaults omitted); ok false: the server failed on it
+    p      room, exclude_client_id,       a publication in a room the worker subscribed to;
+           payload, seq                   seq 0 for anything but a chat_message
+    s      room, payload, seq             a chat_message publication that is also the reply
+                                          (a = seq) to the worker's oldest pending request,
+                                          its ``seq``: the chat hot path's one message back
+    ====== ============================== ===================================================
+
+Every struct is ``gc=False``: they hold no references that could form a cycle, so the
+collector need not track the thousands made per second.
 """
 
 from __future__ import annotations
 
 import os
+from typing import Any, ClassVar
 
 import msgspec
 
@@ -58,51 +71,51 @@ def socket_path(directory: str) -> str:
 # ---- requests ---------------------------------------------------------------------------------
 
 
-class PublishSeq(msgspec.Struct, array_like=True, tag="seq"):
+class PublishSeq(msgspec.Struct, array_like=True, gc=False, tag="seq"):
     room: str
     head: bytes
 
 
-class Publish(msgspec.Struct, array_like=True, tag="pub"):
+class Publish(msgspec.Struct, array_like=True, gc=False, tag="pub"):
     room: str
     payload: bytes
     exclude: str = ""
 
 
-class Join(msgspec.Struct, array_like=True, tag="join"):
+class Join(msgspec.Struct, array_like=True, gc=False, tag="join"):
     room: str
     member: MemberInfo
     since_seq: int = -1  # -1: no recovery asked
     since_epoch: str = ""
 
 
-class Leave(msgspec.Struct, array_like=True, tag="leave"):
+class Leave(msgspec.Struct, array_like=True, gc=False, tag="leave"):
     room: str
     client_id: str
 
 
-class History(msgspec.Struct, array_like=True, tag="history"):
+class History(msgspec.Struct, array_like=True, gc=False, tag="history"):
     room: str
     limit: int
 
 
-class Presence(msgspec.Struct, array_like=True, tag="presence"):
+class Presence(msgspec.Struct, array_like=True, gc=False, tag="presence"):
     room: str
 
 
-class Subscribe(msgspec.Struct, array_like=True, tag="sub"):
+class Subscribe(msgspec.Struct, array_like=True, gc=False, tag="sub"):
     room: str
 
 
-class Unsubscribe(msgspec.Struct, array_like=True, tag="unsub"):
+class Unsubscribe(msgspec.Struct, array_like=True, gc=False, tag="unsub"):
     room: str
 
 
-class Ping(msgspec.Struct, array_like=True, tag="ping"):
+class Ping(msgspec.Struct, array_like=True, gc=False, tag="ping"):
     pass
 
 
-class Resync(msgspec.Struct, array_like=True, tag="resync"):
+class Resync(msgspec.Struct, array_like=True, gc=False, tag="resync"):
     node: str
     members: list[tuple[str, MemberInfo]]
 
@@ -115,7 +128,7 @@ Request = (
 # ---- server -> worker ---------------------------------------------------------------------------
 
 
-class Reply(msgspec.Struct, array_like=True, omit_defaults=True, tag="r"):
+class Reply(msgspec.Struct, array_like=True, gc=False, omit_defaults=True, tag="r"):
     ok: bool = True
     a: int = 0
     b: int = 0
@@ -125,14 +138,21 @@ class Reply(msgspec.Struct, array_like=True, omit_defaults=True, tag="r"):
     messages: list[bytes] = []
 
 
-class Publication(msgspec.Struct, array_like=True, tag="p"):
+class Publication(msgspec.Struct, array_like=True, gc=False, tag="p"):
     room: str
     exclude: str
     payload: bytes
     seq: int = 0
 
 
-Event = Reply | Publication
+class Sequenced(msgspec.Struct, array_like=True, gc=False, tag="s"):
+    room: str
+    payload: bytes
+    seq: int
+    exclude: ClassVar[str] = ""  # not on the wire: read like a Publication's
+
+
+Event = Reply | Publication | Sequenced
 
 OK = Reply()
 FAILED = Reply(ok=False)
@@ -168,14 +188,14 @@ class Deframer:
         self._partial = bytearray()
         self._need = 0  # bytes _partial must hold before it is worth parsing again
 
-    def feed(self, data: bytes) -> list[list[msgspec.Struct]]:
+    def feed(self, data: bytes) -> list[list[Any]]:  # the messages of the ``kind`` given
         if self._partial:
             self._partial += data
             if len(self._partial) < self._need:
                 return []
             data = bytes(self._partial)
             self._partial = bytearray()
-        frames: list[list[msgspec.Struct]] = []
+        frames: list[list[Any]] = []
         view = memoryview(data)
         pos, end = 0, len(data)
         while end - pos >= HEADER:

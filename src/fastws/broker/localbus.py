@@ -58,6 +58,7 @@ from .buswire import (
     PublishSeq,
     Reply,
     Resync,
+    Sequenced,
     Subscribe,
     Unsubscribe,
     socket_path,
@@ -239,7 +240,16 @@ class LocalBusBroker:
             assert self._loop is not None
             self._loop.call_soon(done, 0)
             return
-        self._send(PublishSeq(room, head), done)
+        # _send, inline: the chat hot path
+        queued = self._queued
+        if not queued:
+            assert self._loop is not None
+            self._loop.call_soon(self._flush)
+        queued.append(PublishSeq(room, head))
+        fifo = self._fifo
+        fifo.append(done)
+        if len(fifo) >= self.max_pending and not self._pressed:
+            self._press(True)
 
     async def join(
         self, room: str, member: MemberInfo, since: tuple[int, str] | None = None
@@ -328,7 +338,7 @@ class LocalBusBroker:
         for events in frames:
             self.frames += 1
             for event in events:
-                if type(event) is Publication:
+                if type(event) is not Reply:  # a Publication, or a Sequenced (also a reply)
                     room = event.room
                     received[room] += 1
                     try:
@@ -336,27 +346,38 @@ class LocalBusBroker:
                     except Exception:
                         log.exception("delivery failed",
                                       extra={"event": "deliver_error", "room": room})
-                    continue
+                    if type(event) is Publication:
+                        continue
                 if not fifo:
                     self._outage("a reply to no request")
                     return
                 self._answered += 1
-                self._answer(fifo.popleft(), event)  # type: ignore[arg-type]
+                waiter = fifo.popleft()
+                if type(event) is Sequenced and not isinstance(waiter, asyncio.Future):
+                    try:  # the chat hot path: done(seq), in place
+                        waiter(event.seq)
+                    except Exception:
+                        log.exception("publish callback failed", extra={"event": "bus_error"})
+                    continue
+                self._answer(waiter, event)
         if self._pressed:
             self._check_pressure()
 
-    def _answer(self, waiter: Any, reply: Reply) -> None:
-        if waiter is None:
-            if not reply.ok:
-                self._failed("local bus refused a resync or subscription")
-        elif isinstance(waiter, asyncio.Future):
-            if not waiter.done():
-                waiter.set_result(reply)
+    def _answer(self, waiter: Any, event: Reply | Sequenced) -> None:
+        """Answer the oldest waiter: a Future gets the Reply, a callback the seq (0: refused)."""
+        if isinstance(event, Sequenced):  # the chat hot path: no Reply made for it
+            ok, seq = True, event.seq
         else:
-            if not reply.ok:
-                self._failed("local bus refused a chat message")
+            ok, seq = event.ok, event.a
+        if isinstance(waiter, asyncio.Future):
+            if not waiter.done():
+                waiter.set_result(event if isinstance(event, Reply) else Reply(a=seq))
+            return
+        if not ok:
+            self._failed("local bus refused a request")
+        if waiter is not None:
             try:
-                waiter(reply.a if reply.ok else 0)
+                waiter(seq if ok else 0)
             except Exception:
                 log.exception("publish callback failed", extra={"event": "bus_error"})
 
