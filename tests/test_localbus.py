@@ -1,4 +1,5 @@
-"""Two real nodes sharing one host's BusServer: chat, presence and outages across workers."""
+"""Two real nodes sharing one host's BusServer: chat, presence and outages across workers;
+and bare LocalBusBrokers on a BusServer: batching, pressure, slow workers, reconnection."""
 
 from __future__ import annotations
 
@@ -6,14 +7,17 @@ import asyncio
 import contextlib
 import shutil
 import tempfile
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from typing import Any, cast
 
 import pytest
 from websockets.asyncio.client import ClientConnection
 
-from fastws.broker.bus import BusServer
+from fastws import protocol as p
+from fastws.broker.bus import BusServer, _Link
+from fastws.broker.buswire import Framer, Resync, Subscribe
 from fastws.broker.localbus import LocalBusBroker
+from fastws.broker.types import MemberInfo
 from fastws.config import load_settings
 from fastws.server import Node
 
@@ -354,3 +358,176 @@ def test_socket_path_length_is_checked() -> None:
     """A run directory too long for a Unix socket path is refused up front."""
     with pytest.raises(ValueError, match="socket path too long"):
         BusServer("/tmp/" + "x" * 120)
+
+
+# ---- bare brokers: the transport itself ----------------------------------------------------------
+
+HEAD = p.chat_head("r", "alice", "hi", "alice")
+
+
+class Bare:
+    """A LocalBusBroker without a node: what it delivered and the pressure it signalled."""
+
+    def __init__(self, bus: BusServer, node_id: str, **options: Any) -> None:
+        self.broker = LocalBusBroker(bus.path, **options)
+        self.delivered: list[tuple[str, str, bytes, int]] = []
+        self.pressure: list[bool] = []
+        self.broker.attach(node_id, lambda *pub: self.delivered.append(pub),
+                           self.pressure.append)
+
+
+@contextlib.asynccontextmanager
+async def bare_bus(*node_ids: str, **options: Any) -> AsyncIterator[tuple[BusServer, list[Bare]]]:
+    """A BusServer (``max_buffer`` from options) and one started Bare per node id."""
+    directory = tempfile.mkdtemp(prefix="fastws-", dir="/tmp")
+    bus = BusServer(directory, max_buffer=options.pop("max_buffer", 64 * 1024 * 1024))
+    await bus.start()
+    bares = [Bare(bus, node_id, **options) for node_id in node_ids]
+    try:
+        for bare in bares:
+            await asyncio.wait_for(bare.broker.start(), TIMEOUT)
+        yield bus, bares
+    finally:
+        for bare in bares:
+            await asyncio.wait_for(bare.broker.close(), TIMEOUT)
+        await asyncio.wait_for(bus.close(), TIMEOUT)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+async def until(condition: Callable[[], bool], timeout: float = TIMEOUT) -> None:
+    async def poll() -> None:
+        while not condition():
+            await asyncio.sleep(0.002)
+
+    await asyncio.wait_for(poll(), timeout)
+
+
+def link_of(bus: BusServer, node_id: str) -> _Link:
+    """The server's end of ``node_id``'s connection (known from its resync)."""
+    return next(link for link in bus.links if link.node == node_id)
+
+
+async def test_one_turns_requests_are_one_frame_each_way() -> None:
+    """100 chats issued in one loop turn leave in one write, are served from one frame, and
+    their replies and publications come back in one frame, delivered in one call."""
+    async with bare_bus("w1") as (bus, [one]):
+        await one.broker.subscribe("r")
+        await one.broker.flush()
+        writes, frames = one.broker.writes, one.broker.frames
+        served, replied = bus.stats()["frames"], bus.stats()["writes"]
+        seqs: list[int] = []
+        for _ in range(100):
+            one.broker.publish_seq_nowait("r", HEAD, seqs.append)
+        assert one.broker.health()["pending"] == 100
+        await until(lambda: len(seqs) == 100)
+        assert seqs == list(range(1, 101))
+        assert [seq for *_, seq in one.delivered] == seqs
+        assert one.broker.writes - writes == 1
+        assert bus.stats()["frames"] - served == 1
+        assert bus.stats()["writes"] - replied == 1
+        assert one.broker.frames - frames == 1
+
+
+async def test_corking_survives_the_bus() -> None:
+    """Fifty chats published on w1 in one turn reach bob on w2 in one socket write."""
+    async with cluster() as (_, n1, n2), client(n1, "alice") as a, client(n2, "bob") as b:
+        await enter(a, "r", n1, n2)
+        await enter(b, "r", n1, n2)
+        await expect(a, "user_joined", username="bob")
+        writes = n2.hub.outbox.writes
+        seqs: list[int] = []
+        for i in range(50):
+            n1.broker.publish_seq_nowait("r", p.chat_head("r", "alice", f"m{i}", "alice"),
+                                         seqs.append)
+        assert [m["seq"] for m in await chats(b, 50)] == list(range(1, 51))
+        assert n2.hub.outbox.writes - writes == 1
+        assert seqs == list(range(1, 51))
+
+
+async def test_pressure_is_signalled_past_max_pending_and_released() -> None:
+    """A bus that stops reading: past max_pending the node is told to pause, and once the
+    replies come back, to resume; every request is answered."""
+    async with bare_bus("w1", max_pending=8) as (bus, [one]):
+        await one.broker.flush()
+        server_side = link_of(bus, "w1").transport
+        assert server_side is not None
+        server_side.pause_reading()
+        seqs: list[int] = []
+        for _ in range(20):
+            one.broker.publish_seq_nowait("r", HEAD, seqs.append)
+        assert one.pressure == [True]
+        await asyncio.sleep(0.05)
+        server_side.resume_reading()
+        await until(lambda: len(seqs) == 20)
+        assert seqs == list(range(1, 21))
+        assert one.pressure == [True, False]
+        assert one.broker.health()["state"] == "ok"
+
+
+async def test_no_reply_within_the_timeout_fails_pending_and_reconnects() -> None:
+    """A bus that stops answering: pending chats get done(0) after about the timeout, health
+    goes down, and a fresh connection serves again."""
+    async with bare_bus("w1", timeout=0.3) as (bus, [one]):
+        await one.broker.flush()
+        stuck = link_of(bus, "w1")
+        assert stuck.transport is not None
+        stuck.transport.pause_reading()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        seqs: list[int] = []
+        one.broker.publish_seq_nowait("r", HEAD, seqs.append)
+        await until(lambda: bool(seqs), timeout=2.0)
+        assert seqs == [0]
+        assert 0.3 <= loop.time() - started < 1.0
+        await until(lambda: one.broker.health()["state"] == "ok")
+        assert one.broker.health()["reconnects"] == 1
+        stuck.transport.resume_reading()  # only now can it read the worker's close
+        await until(lambda: len(bus.links) == 1)
+        assert await one.broker.publish_seq("r", HEAD) >= 1
+
+
+async def test_a_slow_worker_is_dropped_and_the_others_keep_receiving() -> None:
+    """A worker that stops reading is cut off once its buffer passes max_buffer; the bus goes
+    on serving the others, every publication delivered."""
+    async with bare_bus("w1", max_buffer=256 * 1024) as (bus, [fast]):
+        await fast.broker.subscribe("r")
+        loop = asyncio.get_running_loop()
+        slow_transport, _ = await loop.create_unix_connection(asyncio.Protocol, bus.path)
+        slow = cast(asyncio.Transport, slow_transport)
+        try:
+            slow.pause_reading()  # never reads: its socket, then the bus's buffer, fill up
+            slow.write(Framer().frame([Resync("slow", []), Subscribe("r")]))
+            await until(lambda: len(bus.links) == 2)
+            payload = b'{"type":"typing","room":"r","pad":"' + b"x" * 32 * 1024 + b'"}'
+            for _ in range(200):  # one at a time: a turn's output stays below max_buffer
+                await asyncio.wait_for(fast.broker.publish("r", payload), TIMEOUT)
+            await fast.broker.flush()
+            assert bus.stats()["slow_drops"] == 1
+            assert bus.stats()["links"] == 1 and link_of(bus, "w1")
+            assert len(fast.delivered) == 200
+            assert fast.broker.health()["state"] == "ok"
+        finally:
+            slow.abort()
+
+
+async def test_a_dropped_connection_recovers_subscriptions_and_presence() -> None:
+    """When the bus drops a worker's connection, the worker reconnects, re-subscribes its
+    rooms and re-states its members; a member the bus had but the worker has not is gone."""
+    async with cluster() as (bus, n1, n2), client(n1, "alice") as a, client(n2, "bob") as b:
+        await enter(a, "r", n1, n2)
+        await enter(b, "r", n1, n2)
+        await expect(a, "user_joined", username="bob")
+        # A ghost: on the bus under w2, but not one of w2's members (its leave was lost).
+        bus.ledger.join("r", MemberInfo("ghost-1", "ghost", "ghost", "w2"), None)
+        link_of(bus, "w2").close()
+        await until(lambda: n2.broker.health()["reconnects"] == 1
+                    and n2.broker.health()["state"] == "ok")
+        await expect(a, "user_left", username="ghost", members=2)
+        await settle(n1, n2)
+        await send_json(a, "chat_message", {"room": "r", "message": "after"})
+        await expect(b, "chat_message", message="after")
+        await expect(a, "chat_message", message="after")
+        await send_json(b, "presence", {"room": "r"}, id="p")
+        reply = await expect(b, "presence", id="p")
+        assert sorted(m["userId"] for m in reply["members"]) == ["alice", "bob"]
+        assert bus.stats()["rooms"] == {"r": 2}

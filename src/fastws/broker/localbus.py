@@ -88,8 +88,8 @@ class _Throttled:
         now = time.monotonic()
         if now - self.last < self.interval:
             return
-        log.warning(message + " (%d in the last %.0f s)", *args, self.count,
-                    min(now - self.last, 3600), extra={"event": self.event, "broker": "localbus"})
+        log.warning(message + " (%d since the last such warning)", *args, self.count,
+                    extra={"event": self.event, "broker": "localbus"})
         self.last, self.count = now, 0
 
 
