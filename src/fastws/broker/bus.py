@@ -98,6 +98,9 @@ class _Link(asyncio.Protocol):
             return
         for requests in frames:
             server.serve(self, requests)
+        # The requester's replies leave now, at the end of its read (picows' flush_if_last);
+        # what this read published to other workers stays corked until the turn ends.
+        self._flush()
 
     def queue(self) -> list[msgspec.Struct]:
         """This turn's outgoing messages (a flush is scheduled): append to it in order."""
