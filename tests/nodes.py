@@ -48,7 +48,7 @@ class Backend:
         return self
 
     async def _start_bus(self) -> None:
-        from fastws.broker.localbus import BusServer
+        from fastws.broker.bus import BusServer
 
         self._bus_dir = tempfile.mkdtemp(prefix="fastws-", dir="/tmp")
         self._bus = BusServer(self._bus_dir, history_policy(self._settings()))
@@ -77,8 +77,7 @@ class Backend:
         if self.kind == "localbus":
             from fastws.broker.localbus import LocalBusBroker
 
-            return LocalBusBroker(self._bus.req_endpoint, self._bus.pub_endpoint,
-                                  timeout=timeout * 2)
+            return LocalBusBroker(self._bus.path, timeout=timeout * 2)
         from fastws.broker.memory import MemoryBroker
 
         return MemoryBroker(policy)

@@ -333,3 +333,29 @@ async def test_publish_seq_nowait_allocates_in_the_order_called(backend: Backend
                              for i in range(50)]
         await broker.leave(room, "c1")
         await broker.unsubscribe(room)
+
+
+async def test_every_member_counts_a_join_storm_exactly(backend: Backend) -> None:
+    """120 clients over two nodes join one room at once: each one's room_joined count plus
+    the user_joined it is sent after it adds up to 120, so no notice is stale (already in its
+    count) or lost (about a later joiner)."""
+    room = room_name("storm")
+    count = 120
+    async with backend.nodes(2) as nodes, asyncio.timeout(TIMEOUT * 6):
+        sockets = await asyncio.gather(*[_connect(nodes[i % 2], f"u{i}") for i in range(count)])
+        try:
+            await asyncio.gather(*[send_json(ws, "join_room", {"room": room}) for ws in sockets])
+            views = []
+            for ws in sockets:
+                joined = await next_of(ws, "room_joined", ("user_joined",))
+                views.append([joined["members"]])
+            await settle(nodes)
+            await settle(nodes)  # notices published after the first barrier's joins
+            for ws, view in zip(sockets, views, strict=True):
+                while view[0] + len(view) - 1 < count:
+                    msg = await next_of(ws, "user_joined", ())
+                    view.append(msg["userId"])
+                await expect_silence(ws, 0.05)
+            assert all(view[0] + len(view) - 1 == count for view in views)
+        finally:
+            await asyncio.gather(*[ws.close() for ws in sockets])

@@ -243,17 +243,19 @@ class Node:
             if fresh:
                 await self._drop_local(session, room)
             raise BrokerUnavailable(msg_id) from None
-        held = self.hub.activate(room, session, result.seq) if fresh else []
+        # Presence marks only matter where notices travel apart from the join's answer.
+        version = 0 if self.inline else result.version
+        held = self.hub.activate(room, session, result.seq, version) if fresh else []
         members = result.members
         session.send(p.RoomJoined(room, members, result.seq, result.epoch, result.recovered,
                                   msg_id))
         for payload in result.replay:
             session.outlet.send(payload)  # already encoded by whoever published it
         for seq, data in held:
-            # Chats after our seq follow the replay; older ones are in it or predate us. Other
-            # events held meanwhile (seq 0) may predate the join, which room_joined already
-            # reflects (a stale user_joined would miscount), so they are dropped.
-            if seq > result.seq:
+            # Chats after our seq follow the replay; older ones are in it or predate us.
+            # Presence notices after our version are news; older ones are counted in
+            # room_joined. Without a version (or for typing) they may predate us: dropped.
+            if seq > result.seq or (seq < 0 and version and -seq > version):
                 self.hub.send_frame(session.sink, data)
         if result.recovered is not None:
             self.counters["recoveries" if result.recovered else "recoveries_incomplete"] += 1
@@ -262,7 +264,8 @@ class Node:
             log.debug("joined", extra={"event": "join", "client_id": session.client_id,
                                        "room": room})
             await self._publish(room, p.encode(p.UserJoined(
-                room, who.username, p.now_ms(), who.user_id, members)), session.client_id)
+                room, who.username, p.now_ms(), who.user_id, members)), session.client_id,
+                -result.version)
 
     async def leave(self, session: Session, room: str, msg_id: p.MsgId) -> None:
         await self._leave(session, room)
@@ -369,13 +372,13 @@ class Node:
             left = await self.broker.leave(room, session.client_id)
         except BrokerUnavailable:
             return
-        if left:
+        if left.members:
             who = session.principal
             await self._publish(room, p.encode(p.UserLeft(
-                room, who.username, p.now_ms(), who.user_id, left)))
+                room, who.username, p.now_ms(), who.user_id, left.members)), "", -left.version)
 
-    async def _publish(self, room: str, payload: bytes, exclude: str = "") -> None:
-        await self._quietly(self.broker.publish(room, payload, exclude))
+    async def _publish(self, room: str, payload: bytes, exclude: str = "", seq: int = 0) -> None:
+        await self._quietly(self.broker.publish(room, payload, exclude, seq))
 
     async def _quietly(self, action: Any) -> None:
         """Room notices are best effort: an outage is already logged and shown on /healthz."""

@@ -12,6 +12,7 @@ suite (tests/test_broker_conformance.py).
 
 from __future__ import annotations
 
-from .types import Broker, Deliver, JoinResult, MemberInfo, Pressure, SeqDone
+from .types import Broker, Deliver, JoinResult, LeaveResult, MemberInfo, Pressure, SeqDone
 
-__all__ = ["Broker", "Deliver", "JoinResult", "MemberInfo", "Pressure", "SeqDone"]
+__all__ = ["Broker", "Deliver", "JoinResult", "LeaveResult", "MemberInfo", "Pressure",
+           "SeqDone"]

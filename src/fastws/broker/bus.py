@@ -54,7 +54,7 @@ from .buswire import (
     socket_path,
 )
 from .ledger import Ledger
-from .types import HistoryPolicy, MemberInfo
+from .types import HistoryPolicy, LeaveResult, MemberInfo
 
 log = logging.getLogger("fastws.bus")
 
@@ -256,7 +256,7 @@ class BusServer:
     def _answer(self, link: _Link, req: Request) -> Reply:
         ledger = self.ledger
         if isinstance(req, Publish):
-            self.publish(req.room, req.payload, req.exclude)
+            self.publish(req.room, req.payload, req.exclude, req.seq)
             return OK
         if isinstance(req, Join):
             if req.member.node in self._forgotten:  # sent just before its worker died
@@ -267,9 +267,10 @@ class BusServer:
             result = ledger.join(req.room, req.member, since)
             recovered = -1 if result.recovered is None else int(result.recovered)
             return Reply(a=result.members, b=result.seq, epoch=result.epoch,
-                         recovered=recovered, messages=result.replay)
+                         recovered=recovered, messages=result.replay, version=result.version)
         if isinstance(req, Leave):
-            return Reply(a=ledger.leave(req.room, req.client_id))
+            left = ledger.leave(req.room, req.client_id)
+            return Reply(a=left.members, version=left.version)
         if isinstance(req, Subscribe):
             if req.room not in link.rooms:
                 link.rooms.add(req.room)
@@ -311,9 +312,10 @@ class BusServer:
         self._tell_left([(name, m, ledger.leave(name, m.clientId)) for name, m in ghosts])
         return OK
 
-    def _tell_left(self, gone: list[tuple[str, MemberInfo, int]]) -> None:
-        """user_left for each (room, member, connections left), where anyone is left to tell."""
+    def _tell_left(self, gone: list[tuple[str, MemberInfo, LeaveResult]]) -> None:
+        """user_left for each (room, member, what is left), where anyone is left to tell."""
         for room, member, left in gone:
-            if left:
-                notice = p.UserLeft(room, member.username, p.now_ms(), member.userId, left)
-                self.publish(room, p.encode(notice))
+            if left.members:
+                notice = p.UserLeft(room, member.username, p.now_ms(), member.userId,
+                                    left.members)
+                self.publish(room, p.encode(notice), "", -left.version)

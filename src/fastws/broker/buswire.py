@@ -80,6 +80,7 @@ class Publish(msgspec.Struct, array_like=True, gc=False, tag="pub"):
     room: str
     payload: bytes
     exclude: str = ""
+    seq: int = 0  # as broker.types.Deliver has it: < 0 a presence notice at version -seq
 
 
 class Join(msgspec.Struct, array_like=True, gc=False, tag="join"):
@@ -136,6 +137,7 @@ class Reply(msgspec.Struct, array_like=True, gc=False, omit_defaults=True, tag="
     epoch: str = ""
     recovered: int = -1  # -1 none, 0 false, 1 true
     messages: list[bytes] = []
+    version: int = 0  # join, leave: the room's presence version after it
 
 
 class Publication(msgspec.Struct, array_like=True, gc=False, tag="p"):

@@ -9,6 +9,9 @@ Shared by ``MemoryBroker`` (one process) and the local bus's ``BusServer`` (the 
   "history gone".
 - history keeps the last ``history_size`` chat payloads of a room for ``history_ttl`` seconds;
   an empty room keeps its state until its newest message is that old.
+- the presence version moves up with every join and leave. One counter serves every room of
+  the ledger: it only has to grow within a room, and a room dropped and made again must not
+  start it over (a notice from before would look new).
 """
 
 from __future__ import annotations
@@ -17,9 +20,9 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from .types import CHAT_TAIL, HistoryPolicy, JoinResult, MemberInfo, new_epoch
+from .types import CHAT_TAIL, HistoryPolicy, JoinResult, LeaveResult, MemberInfo, new_epoch
 
-__all__ = ["HistoryPolicy", "JoinResult", "Ledger", "new_epoch"]
+__all__ = ["HistoryPolicy", "JoinResult", "LeaveResult", "Ledger", "new_epoch"]
 
 
 class _Room:
@@ -41,6 +44,7 @@ class Ledger:
         self.policy = policy or HistoryPolicy()
         self.clock = clock
         self.rooms: dict[str, _Room] = {}
+        self.version = 0  # presence version of the last join or leave, of any room
 
     def _room(self, name: str) -> _Room:
         room = self.rooms.get(name)
@@ -71,11 +75,13 @@ class Ledger:
     def join(self, name: str, member: MemberInfo, since: tuple[int, str] | None) -> JoinResult:
         room = self._room(name)
         room.members[member.clientId] = member
+        self.version += 1
         recovered: bool | None = None
         replay: list[bytes] = []
         if since is not None:
             recovered, replay = self._recover(room, since)
-        return JoinResult(len(room.members), room.seq, room.epoch, recovered, replay)
+        return JoinResult(len(room.members), room.seq, room.epoch, recovered, replay,
+                          self.version)
 
     def _recover(self, room: _Room, since: tuple[int, str]) -> tuple[bool, list[bytes]]:
         seq, epoch = since
@@ -89,14 +95,15 @@ class Ledger:
         complete = bool(missed) and missed[0][0] == seq + 1
         return complete, [payload for _, payload in missed]
 
-    def leave(self, name: str, client_id: str) -> int:
+    def leave(self, name: str, client_id: str) -> LeaveResult:
         room = self.rooms.get(name)
         if room is None:
-            return 0
-        room.members.pop(client_id, None)
+            return LeaveResult(0, self.version)
+        if room.members.pop(client_id, None) is not None:
+            self.version += 1
         if not room.members and not self._worth_keeping(room):
             del self.rooms[name]
-        return len(room.members)
+        return LeaveResult(len(room.members), self.version)
 
     def _worth_keeping(self, room: _Room) -> bool:
         if room.history is None or not room.history:
@@ -115,14 +122,15 @@ class Ledger:
         kept = self._fresh(room, self.clock())
         return room.seq, room.epoch, [payload for _, _, payload in kept[-limit:]] if limit else []
 
-    def forget_node(self, node_id: str) -> list[tuple[str, MemberInfo, int]]:
-        """Drop every member of ``node_id``; (room, member, connections left) for each."""
-        gone: list[tuple[str, MemberInfo, int]] = []
+    def forget_node(self, node_id: str) -> list[tuple[str, MemberInfo, LeaveResult]]:
+        """Drop every member of ``node_id``; (room, member, what is left) for each."""
+        gone: list[tuple[str, MemberInfo, LeaveResult]] = []
         for name in list(self.rooms):
             room = self.rooms[name]
             for member in [m for m in room.members.values() if m.node == node_id]:
                 del room.members[member.clientId]
-                gone.append((name, member, len(room.members)))
+                self.version += 1
+                gone.append((name, member, LeaveResult(len(room.members), self.version)))
             if not room.members and not self._worth_keeping(room):
                 del self.rooms[name]
         return gone

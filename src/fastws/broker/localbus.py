@@ -63,7 +63,7 @@ from .buswire import (
     Unsubscribe,
     socket_path,
 )
-from .types import Deliver, JoinResult, MemberInfo, Pressure, SeqDone
+from .types import Deliver, JoinResult, LeaveResult, MemberInfo, Pressure, SeqDone
 
 log = logging.getLogger("fastws.localbus")
 
@@ -227,8 +227,8 @@ class LocalBusBroker:
         the ping's reply follows them on the one stream."""
         await self._call(Ping())
 
-    async def publish(self, room: str, payload: bytes, exclude: str = "") -> None:
-        await self._call(Publish(room, payload, exclude))
+    async def publish(self, room: str, payload: bytes, exclude: str = "", seq: int = 0) -> None:
+        await self._call(Publish(room, payload, exclude, seq))
 
     async def publish_seq(self, room: str, head: bytes) -> int:
         return (await self._call(PublishSeq(room, head))).a
@@ -258,16 +258,17 @@ class LocalBusBroker:
         reply = await self._call(Join(room, member, seq, epoch))
         self._members[(room, member.clientId)] = member  # re-stated on reconnect
         recovered = None if reply.recovered < 0 else bool(reply.recovered)
-        return JoinResult(reply.a, reply.b, reply.epoch, recovered, reply.messages)
+        return JoinResult(reply.a, reply.b, reply.epoch, recovered, reply.messages, reply.version)
 
     async def history(self, room: str, limit: int) -> tuple[int, str, list[bytes]]:
         reply = await self._call(History(room, limit))
         return reply.b, reply.epoch, reply.messages
 
-    async def leave(self, room: str, client_id: str) -> int:
+    async def leave(self, room: str, client_id: str) -> LeaveResult:
         # Forgotten at once: if this request is lost, the next resync removes it on the bus.
         self._members.pop((room, client_id), None)
-        return (await self._call(Leave(room, client_id))).a
+        reply = await self._call(Leave(room, client_id))
+        return LeaveResult(reply.a, reply.version)
 
     async def presence(self, room: str) -> list[MemberInfo]:
         return (await self._call(Presence(room))).members

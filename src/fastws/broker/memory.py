@@ -7,7 +7,15 @@ from collections.abc import Callable
 from typing import Any
 
 from .ledger import Ledger
-from .types import Deliver, HistoryPolicy, JoinResult, MemberInfo, Pressure, SeqDone
+from .types import (
+    Deliver,
+    HistoryPolicy,
+    JoinResult,
+    LeaveResult,
+    MemberInfo,
+    Pressure,
+    SeqDone,
+)
 
 
 class MemoryBroker:
@@ -41,9 +49,9 @@ class MemoryBroker:
     async def unsubscribe(self, room: str) -> None:
         return None
 
-    async def publish(self, room: str, payload: bytes, exclude: str = "") -> None:
+    async def publish(self, room: str, payload: bytes, exclude: str = "", seq: int = 0) -> None:
         assert self._deliver is not None
-        self._deliver(room, exclude, payload, 0)
+        self._deliver(room, exclude, payload, seq)
 
     async def publish_seq(self, room: str, head: bytes) -> int:
         return self._publish_seq(room, head)
@@ -67,7 +75,7 @@ class MemoryBroker:
     ) -> JoinResult:
         return self.ledger.join(room, member, since)
 
-    async def leave(self, room: str, client_id: str) -> int:
+    async def leave(self, room: str, client_id: str) -> LeaveResult:
         return self.ledger.leave(room, client_id)
 
     async def presence(self, room: str) -> list[MemberInfo]:

@@ -47,6 +47,7 @@ from .types import (
     Deliver,
     HistoryPolicy,
     JoinResult,
+    LeaveResult,
     MemberInfo,
     Pressure,
     SeqDone,
@@ -148,23 +149,26 @@ for i = #entries, 1, -1 do
 end
 """
 
-# KEYS: seq, epoch, members, history
+# KEYS: seq, epoch, members, history, presence version
 # ARGV: clientId, member, new epoch, state ttl s, since epoch, since seq (-1: none),
 #       history ttl ms, since seq again (for _READ_HISTORY), history size - 1
+# Returns {members, seq, epoch, recovered (-1 none, 0, 1), replay, presence version}.
 _JOIN = _NOW_MS + _EPOCH + """
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 redis.call('EXPIRE', KEYS[4], ARGV[4])
 redis.call('HSET', KEYS[3], ARGV[1], ARGV[2])
+local version = redis.call('INCR', KEYS[5])
+redis.call('EXPIRE', KEYS[5], ARGV[4])
 local count = redis.call('HLEN', KEYS[3])
 local seq = tonumber(redis.call('GET', KEYS[1]) or '0')
 local since = tonumber(ARGV[6])
-if since < 0 then return {count, seq, epoch, -1, {}} end
-if ARGV[5] ~= epoch or since > seq then return {count, seq, epoch, 0, {}} end
-if since == seq then return {count, seq, epoch, 1, {}} end
+if since < 0 then return {count, seq, epoch, -1, {}, version} end
+if ARGV[5] ~= epoch or since > seq then return {count, seq, epoch, 0, {}, version} end
+if since == seq then return {count, seq, epoch, 1, {}, version} end
 """ + _READ_HISTORY + """
 local complete = 0
 if first == since + 1 then complete = 1 end
-return {count, seq, epoch, complete, out}
+return {count, seq, epoch, complete, out, version}
 """
 
 # KEYS: seq, epoch, members (unused), history
@@ -176,12 +180,20 @@ local seq = tonumber(redis.call('GET', KEYS[1]) or '0')
 return {seq, epoch, out}
 """
 
-# KEYS: members; ARGV: clientId
+# KEYS: members, presence version; ARGV: clientId, state ttl s. Returns {left, version}.
+# The version key outlives an emptied room (its TTL is the room state's), so a room made again
+# does not count from 1 while notices from before may still be on their way.
 _LEAVE = """
-redis.call('HDEL', KEYS[1], ARGV[1])
+local version
+if redis.call('HDEL', KEYS[1], ARGV[1]) == 1 then
+  version = redis.call('INCR', KEYS[2])
+  redis.call('EXPIRE', KEYS[2], ARGV[2])
+else
+  version = tonumber(redis.call('GET', KEYS[2]) or '0')
+end
 local left = redis.call('HLEN', KEYS[1])
 if left == 0 then redis.call('DEL', KEYS[1]) end
-return left
+return {left, version}
 """
 
 
@@ -217,13 +229,15 @@ class _RoomKeys(NamedTuple):
     history: bytes
     channel: bytes
     script: tuple[bytes, bytes, bytes, bytes]  # a message's KEYS in _PUBLISH_SEQS
+    presence: bytes  # the presence version (types.JoinResult.version)
 
 
 @functools.lru_cache(maxsize=65536)
 def _room_keys(room: str) -> _RoomKeys:
     tag = b"fastws:{" + room.encode() + b"}"
     seq, epoch, history = tag + b":seq", tag + b":epoch", tag + b":history"
-    return _RoomKeys(seq, epoch, tag + b":members", history, tag, (seq, epoch, history, tag))
+    return _RoomKeys(seq, epoch, tag + b":members", history, tag, (seq, epoch, history, tag),
+                     tag + b":presence")
 
 
 class _SeqBatch:
@@ -590,10 +604,10 @@ class RedisBroker:
         except RespError as exc:
             raise self._refused(exc) from None
 
-    async def publish(self, room: str, payload: bytes, exclude: str = "") -> None:
+    async def publish(self, room: str, payload: bytes, exclude: str = "", seq: int = 0) -> None:
         channel = _room_keys(room).channel
         await self._call(channel, self._publish_cmd, channel,
-                         b"%b\n0\n%b" % (exclude.encode(), payload))
+                         b"%b\n%d\n%b" % (exclude.encode(), seq, payload))
 
     async def publish_seq(self, room: str, head: bytes) -> int:
         future = asyncio.get_running_loop().create_future()
@@ -636,13 +650,15 @@ class RedisBroker:
         self, room: str, member: MemberInfo, since: tuple[int, str] | None = None
     ) -> JoinResult:
         since_seq, since_epoch = since if since is not None else (-1, "")
-        count, seq, epoch, complete, replay = await self._script(
-            "join", _room_keys(room)[:4], member.clientId, _member_encoder.encode(member),
+        keys = _room_keys(room)
+        count, seq, epoch, complete, replay, version = await self._script(
+            "join", (*keys[:4], keys.presence), member.clientId, _member_encoder.encode(member),
             new_epoch(), self._state_ttl, since_epoch, since_seq, self._history_ttl_ms,
             since_seq, self._history_last(room))
         self._members.setdefault(room, {})[member.clientId] = member
         recovered = None if int(complete) < 0 else bool(int(complete))
-        return JoinResult(int(count), int(seq), _text(epoch), recovered, list(replay))
+        return JoinResult(int(count), int(seq), _text(epoch), recovered, list(replay),
+                          int(version))
 
     async def history(self, room: str, limit: int) -> tuple[int, str, list[bytes]]:
         seq, epoch, messages = await self._script(
@@ -650,11 +666,17 @@ class RedisBroker:
             self._history_last(room))
         return int(seq), _text(epoch), list(messages)[-limit:] if limit else []
 
-    async def leave(self, room: str, client_id: str) -> int:
+    async def leave(self, room: str, client_id: str) -> LeaveResult:
         local = self._members.get(room)
         if local is not None:
             local.pop(client_id, None)
-        return int(await self._script("leave", (_room_keys(room).members,), client_id))
+        return await self._leave_script(room, client_id)
+
+    async def _leave_script(self, room: str, client_id: str) -> LeaveResult:
+        keys = _room_keys(room)
+        left, version = await self._script("leave", (keys.members, keys.presence), client_id,
+                                           self._state_ttl)
+        return LeaveResult(int(left), int(version))
 
     async def presence(self, room: str) -> list[MemberInfo]:
         key = _room_keys(room).members
@@ -742,9 +764,10 @@ class RedisBroker:
             entries = await self._call(members_key, b"HVALS", members_key)
             gone = [m for m in (_member_decoder.decode(v) for v in entries) if m.node == node]
             for member in gone:
-                left = await self._script("leave", (members_key,), member.clientId)
+                left = await self._leave_script(room, member.clientId)
                 await self.publish(room, p.encode(p.UserLeft(
-                    room, member.username, p.now_ms(), member.userId, int(left))))
+                    room, member.username, p.now_ms(), member.userId, left.members)),
+                    "", -left.version)
                 removed += 1
         await self._call(rooms_key, b"DEL", rooms_key)
         await self._call(b"fastws:nodes", b"SREM", b"fastws:nodes", node)

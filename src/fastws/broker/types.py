@@ -14,7 +14,8 @@ from typing import Any, NamedTuple, Protocol
 
 import msgspec
 
-#: deliver(room, exclude_client_id, payload, seq): seq is the chat_message's, 0 for other events.
+#: deliver(room, exclude_client_id, payload, seq): seq > 0 is a chat_message's seq; seq < 0 marks
+#: a presence notice (user_joined/user_left) made at presence version -seq; 0 anything else.
 #: A broker calls it for every publication it read, all of one read in one loop turn, so the
 #: hub's corking writes each member's socket once for the lot.
 Deliver = Callable[[str, str, bytes, int], None]
@@ -43,6 +44,14 @@ class JoinResult(NamedTuple):
     epoch: str
     recovered: bool | None  # None: no recovery was asked for
     replay: list[bytes]  # chat payloads after the client's seq, oldest first
+    # The room's presence version after this join. Every join and leave of the room moves it
+    # up, so a presence notice at version <= this one is already counted in ``members``.
+    version: int = 0
+
+
+class LeaveResult(NamedTuple):
+    members: int  # connections left in the room
+    version: int = 0  # the room's presence version after this leave (see JoinResult)
 
 
 class HistoryPolicy(NamedTuple):
@@ -102,7 +111,10 @@ class Broker(Protocol):
 
     async def unsubscribe(self, room: str) -> None: ...
 
-    async def publish(self, room: str, payload: bytes, exclude: str = "") -> None: ...
+    async def publish(self, room: str, payload: bytes, exclude: str = "", seq: int = 0) -> None:
+        """Publish ``payload`` to the room's members but ``exclude``; ``seq`` as ``Deliver``
+        has it (<= 0 here: chats go through ``publish_seq``)."""
+        ...
 
     async def publish_seq(self, room: str, head: bytes) -> int:
         """Allocate the room's next seq, keep the message in history and publish
@@ -126,7 +138,7 @@ class Broker(Protocol):
         """(last seq, epoch, up to ``limit`` newest chat payloads, oldest first)."""
         ...
 
-    async def leave(self, room: str, client_id: str) -> int:
+    async def leave(self, room: str, client_id: str) -> LeaveResult:
         """Remove a connection from the room's presence; return the connections left."""
         ...
 
