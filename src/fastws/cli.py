@@ -151,9 +151,10 @@ async def _run_node(settings: Settings, secret: str, announce: Any, bus_dir: str
         broker = RedisBroker(settings.redis_url, node_ttl=settings.redis_node_ttl,
                              cluster=settings.redis_cluster, policy=history_policy(settings))
     elif bus_dir:
+        from .broker.buswire import socket_path
         from .broker.localbus import LocalBusBroker
 
-        broker = LocalBusBroker(f"ipc://{bus_dir}/bus-req", f"ipc://{bus_dir}/bus-pub")
+        broker = LocalBusBroker(socket_path(bus_dir))
     else:
         broker = MemoryBroker(history_policy(settings))
     node = Node(settings, secret, broker, node_id)

@@ -36,7 +36,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import time
 from collections import Counter, deque
 from typing import Any, cast
@@ -61,7 +60,6 @@ from .buswire import (
     Sequenced,
     Subscribe,
     Unsubscribe,
-    socket_path,
 )
 from .types import Deliver, JoinResult, LeaveResult, MemberInfo, Pressure, SeqDone
 
@@ -125,14 +123,10 @@ class LocalBusBroker:
     def __init__(
         self,
         path: str,
-        _pub_endpoint: str = "",
         timeout: float = 5.0,
         max_pending: int = MAX_PENDING,
         max_unsent: int = MAX_UNSENT,
     ) -> None:
-        if path.startswith("ipc://"):
-            # The two-endpoint form cli.py used to pass for ZeroMQ: the same run directory.
-            path = socket_path(os.path.dirname(path[len("ipc://"):]))
         self.path = path
         self.timeout = timeout
         self.max_pending = max_pending
