@@ -43,7 +43,7 @@ EVERY_METRIC = [
     "fastws_fanout_deliveries", "fastws_slow_consumers", "fastws_rate_limited_messages",
     "fastws_auth_failures", "fastws_broker_up", "fastws_broker_publish_seconds",
     "fastws_event_loop_lag_seconds", "fastws_event_loop_lag_last_seconds",
-    "fastws_connections_opened", "fastws_api_requests",
+    "fastws_connections_opened", "fastws_api_requests", "fastws_broker_pauses",
 ]
 
 

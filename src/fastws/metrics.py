@@ -49,6 +49,8 @@ COUNTERS: dict[str, tuple[str, str]] = {
     "refused_full": ("refused_full", "upgrades refused with 503 at max_connections"),
     "refused_origin": ("refused_origin", "upgrades refused with 403 for their Origin"),
     "refused_per_ip": ("refused_per_ip", "connections closed at max_connections_per_ip"),
+    "broker_pauses": ("broker_pauses", "times the broker's queue was full and clients were "
+                      "not read until it drained"),
 }
 
 
