@@ -176,7 +176,44 @@ class _Watchdog:
         self.oldest = None
 
 
-class Pipe(asyncio.Protocol):
+class _Connection(asyncio.Protocol):
+    """What a Pipe and a Listener share: one connection to one server, written once per loop
+    turn, watched for silence, aborted on a protocol error or a timeout."""
+
+    endpoint: Endpoint
+    timeout: float
+    lost: BaseException | None
+    writes: int
+    _transport: asyncio.Transport | None
+    _out: list[bytes]
+    _flushing: bool
+    _closing: bool
+    _watchdog: _Watchdog
+
+    def _oldest(self) -> Any:
+        """The oldest command still waiting for its reply, or None."""
+        raise NotImplementedError
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
+        self._watch()
+
+    def _watch(self) -> None:
+        if self._watchdog.tick(self._oldest()):
+            self._abort(ConnectionLost(
+                f"{type(self).__name__.lower()} on {self.endpoint.address}: no reply for "
+                f"{self.timeout:g} s"))
+            return
+        self._watchdog.handle = asyncio.get_running_loop().call_later(self.timeout / 4,
+                                                                      self._watch)
+
+    def _abort(self, error: RespError) -> None:
+        self.lost = error
+        if self._transport is not None:
+            self._transport.abort()  # connection_lost follows and fails the waiters
+
+
+class Pipe(_Connection):
     """One auto-pipelined command connection (see the module docstring). ``connect()`` first;
     after ``on_lost`` is called the pipe is dead and a new one must be made."""
 
@@ -228,9 +265,8 @@ class Pipe(asyncio.Protocol):
 
     # ---- asyncio.Protocol -----------------------------------------------------------------
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
-        self._watch()
+    def _oldest(self) -> Any:
+        return self._pending[0] if self._pending else None
 
     def data_received(self, data: bytes) -> None:
         reader = self._reader
@@ -344,20 +380,6 @@ class Pipe(asyncio.Protocol):
             self._transport.write(data)
             self.writes += 1
 
-    def _watch(self) -> None:
-        oldest = self._pending[0] if self._pending else None
-        if self._watchdog.tick(oldest):
-            self._abort(ConnectionLost(f"no reply from {self.endpoint.address} for "
-                                       f"{self.timeout:g} s ({len(self._pending)} waiting)"))
-            return
-        self._watchdog.handle = asyncio.get_running_loop().call_later(self.timeout / 4,
-                                                                      self._watch)
-
-    def _abort(self, error: RespError) -> None:
-        self.lost = error
-        if self._transport is not None:
-            self._transport.abort()  # connection_lost follows and fails the waiters
-
     def _fail_all(self, error: RespError) -> None:
         self._out.clear()
         pending, self._pending = self._pending, deque()
@@ -387,7 +409,7 @@ class _Op:
         self.future = future
 
 
-class Listener(asyncio.Protocol):
+class Listener(_Connection):
     """One pub/sub connection (sharded: SSUBSCRIBE, for a cluster shard's primary).
 
     Safe under any concurrency: for every channel, the last command sent is what the latest
@@ -441,9 +463,8 @@ class Listener(asyncio.Protocol):
             if isinstance(reply, RespError):
                 raise reply
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
-        self._watch()
+    def _oldest(self) -> Any:
+        return self._ops[0] if self._ops else None
 
     def data_received(self, data: bytes) -> None:
         reader = self._reader
@@ -550,19 +571,6 @@ class Listener(asyncio.Protocol):
             self._transport.write(b"".join(self._out))
             self._out.clear()
             self.writes += 1
-
-    def _watch(self) -> None:
-        if self._watchdog.tick(self._ops[0] if self._ops else None):
-            self._abort(ConnectionLost(f"listener on {self.endpoint.address}: no reply for "
-                                       f"{self.timeout:g} s"))
-            return
-        self._watchdog.handle = asyncio.get_running_loop().call_later(self.timeout / 4,
-                                                                      self._watch)
-
-    def _abort(self, error: RespError) -> None:
-        self.lost = error
-        if self._transport is not None:
-            self._transport.abort()
 
     def close(self) -> None:
         self._closing = True
