@@ -189,6 +189,7 @@ class _Connection(asyncio.Protocol):
     _flushing: bool
     _closing: bool
     _watchdog: _Watchdog
+    _reader: hiredis.Reader
 
     def _oldest(self) -> Any:
         """The oldest command still waiting for its reply, or None."""
@@ -211,6 +212,22 @@ class _Connection(asyncio.Protocol):
         self.lost = error
         if self._transport is not None:
             self._transport.abort()  # connection_lost follows and fails the waiters
+
+    def _parse(self, data: bytes) -> list[Any] | None:
+        """Every reply ``data`` completes, in order; None (and the connection aborted) when
+        the server broke the protocol."""
+        reader = self._reader
+        reader.feed(data)
+        replies: list[Any] = []
+        while True:
+            try:
+                reply = reader.gets()
+            except hiredis.ProtocolError as exc:
+                self._abort(ConnectionLost(f"protocol error from {self.endpoint.address}: {exc}"))
+                return None
+            if reply is False:
+                return replies
+            replies.append(reply)
 
 
 class Pipe(_Connection):
@@ -269,17 +286,11 @@ class Pipe(_Connection):
         return self._pending[0] if self._pending else None
 
     def data_received(self, data: bytes) -> None:
-        reader = self._reader
-        reader.feed(data)
+        replies = self._parse(data)
+        if replies is None:
+            return
         pending = self._pending
-        while True:
-            try:
-                reply = reader.gets()
-            except hiredis.ProtocolError as exc:
-                self._abort(ConnectionLost(f"protocol error from {self.endpoint.address}: {exc}"))
-                return
-            if reply is False:
-                break
+        for reply in replies:
             try:
                 pending.popleft()(reply)
             except IndexError:
@@ -467,18 +478,12 @@ class Listener(_Connection):
         return self._ops[0] if self._ops else None
 
     def data_received(self, data: bytes) -> None:
-        reader = self._reader
-        reader.feed(data)
+        replies = self._parse(data)
+        if replies is None:
+            return
         message = self._message
         on_message = self._on_message
-        while True:
-            try:
-                reply = reader.gets()
-            except hiredis.ProtocolError as exc:
-                self._abort(ConnectionLost(f"protocol error from {self.endpoint.address}: {exc}"))
-                return
-            if reply is False:
-                return
+        for reply in replies:
             try:
                 if type(reply) is list and reply[0] == message:
                     on_message(reply[1], reply[2])  # must not raise; guarded anyway
