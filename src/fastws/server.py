@@ -300,8 +300,9 @@ class Node:
             self._publish_seq_nowait(room, head, done)
             return
         session.in_flight += 1
+        sent = time.perf_counter() if self.on_publish_latency is not None else 0.0
         self._publish_seq_nowait(room, head, functools.partial(
-            self._chat_done, session, msg_id, time.perf_counter()))
+            self._chat_done, session, msg_id, sent))
 
     def _acked(self, session: Session, msg_id: p.MsgId, seq: int) -> None:
         session.send(p.Ack(msg_id, seq))
