@@ -9,6 +9,7 @@ spans two nodes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -89,14 +90,23 @@ async def enter(ws: ClientConnection, room: str, nodes: list[Node], **payload: A
     return reply
 
 
-async def test_seq_is_one_order_for_every_member_on_every_node(backend: Backend) -> None:
-    """Messages posted on two nodes reach every member once, with seq 1..N in one order and
-    one epoch, the sender included."""
-    room = room_name("order")
+@contextlib.asynccontextmanager
+async def alice_and_bob(
+    backend: Backend, room: str
+) -> AsyncIterator[tuple[list[Node], ClientConnection, ClientConnection]]:
+    """Two nodes, alice on the first and bob on the second, both members of ``room``."""
     async with backend.nodes(2) as nodes, client(nodes[0], "alice") as a, \
             client(nodes[1], "bob") as b:
         await enter(a, room, nodes)
         await enter(b, room, nodes)
+        yield nodes, a, b
+
+
+async def test_seq_is_one_order_for_every_member_on_every_node(backend: Backend) -> None:
+    """Messages posted on two nodes reach every member once, with seq 1..N in one order and
+    one epoch, the sender included."""
+    room = room_name("order")
+    async with alice_and_bob(backend, room) as (_, a, b):
         for i in range(10):
             await send_json(a, "chat_message", {"room": room, "message": f"a{i}"})
             await send_json(b, "chat_message", {"room": room, "message": f"b{i}"})
@@ -218,10 +228,7 @@ async def test_a_disconnect_leaves_every_room(backend: Backend) -> None:
 async def test_typing_reaches_the_others_not_the_sender(backend: Backend) -> None:
     """typing is published to every member but the one typing."""
     room = room_name("typing")
-    async with backend.nodes(2) as nodes, client(nodes[0], "alice") as a, \
-            client(nodes[1], "bob") as b:
-        await enter(a, room, nodes)
-        await enter(b, room, nodes)
+    async with alice_and_bob(backend, room) as (_, a, b):
         await next_of(a, "user_joined")
         await send_json(a, "typing", {"room": room, "isTyping": True})
         msg = await recv_json(b)
@@ -245,10 +252,7 @@ async def test_a_room_whose_name_prefixes_another_gets_only_its_own(backend: Bac
 async def test_leaving_the_last_member_stops_the_room_here(backend: Backend) -> None:
     """Once a node's last member of a room leaves, the node gets none of its traffic."""
     room = room_name("unsub")
-    async with backend.nodes(2) as nodes, client(nodes[0], "alice") as a, \
-            client(nodes[1], "bob") as b:
-        await enter(a, room, nodes)
-        await enter(b, room, nodes)
+    async with alice_and_bob(backend, room) as (nodes, a, b):
         await send_json(b, "leave_room", {"room": room}, id="l")
         await next_of(b, "room_left")
         await settle(nodes)
