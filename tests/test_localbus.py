@@ -17,7 +17,7 @@ from fastws import protocol as p
 from fastws.broker.bus import BusServer, _Link
 from fastws.broker.buswire import Framer, Resync, Subscribe
 from fastws.broker.localbus import LocalBusBroker
-from fastws.broker.types import MemberInfo
+from fastws.broker.types import MemberInfo, chat_payload
 from fastws.config import load_settings
 from fastws.server import Node
 
@@ -258,7 +258,10 @@ async def test_room_topic_is_not_a_prefix_of_a_longer_room() -> None:
         await send_json(a, "chat_message", {"room": "room1", "message": "for w2"})
         await expect(b, "chat_message", room="room1")
         assert "room10" not in received(n2)
-        assert received(n1)["room10"] == 2  # alice's own user_joined (not shown to her), the chat
+        # Alice's own user_joined (not shown to her) came over the bus; her chat did not:
+        # room10's one subscriber is n1, which sequences it under the lease.
+        assert received(n1)["room10"] == 1
+        assert isinstance(n1.broker, LocalBusBroker) and n1.broker.leased == 1
         await expect_silence(b)
 
 
@@ -410,9 +413,11 @@ def link_of(bus: BusServer, node_id: str) -> _Link:
 async def test_one_turns_requests_are_one_frame_each_way() -> None:
     """100 chats issued in one loop turn leave in one write, are served from one frame, and
     their replies and publications come back in one frame, delivered in one call."""
-    async with bare_bus("w1") as (bus, [one]):
+    async with bare_bus("w1", "w2") as (bus, [one, two]):
         await one.broker.subscribe("r")
+        await two.broker.subscribe("r")  # two subscribers: no lease, the bus sequences
         await one.broker.flush()
+        assert one.broker.health()["leases"] == 0
         writes, frames = one.broker.writes, one.broker.frames
         served, replied = bus.stats()["frames"], bus.stats()["writes"]
         seqs: list[int] = []
@@ -424,8 +429,100 @@ async def test_one_turns_requests_are_one_frame_each_way() -> None:
         assert [seq for *_, seq in one.delivered] == seqs
         assert one.broker.writes - writes == 1
         assert bus.stats()["frames"] - served == 1
-        assert bus.stats()["writes"] - replied == 1
+        assert bus.stats()["writes"] - replied == 2  # w1's replies, w2's publications
         assert one.broker.frames - frames == 1
+        await until(lambda: len(two.delivered) == 100)
+
+
+async def test_a_room_with_one_subscribed_worker_is_sequenced_there() -> None:
+    """The one subscriber holds the room's lease: 100 chats in one turn are one frame of
+    records, answered by no frame at all, delivered in seq order and kept in history."""
+    async with bare_bus("w1") as (bus, [one]):
+        await one.broker.subscribe("r")
+        await until(lambda: one.broker.health()["leases"] == 1)
+        writes, frames = one.broker.writes, one.broker.frames
+        replied = bus.stats()["writes"]
+        seqs: list[int] = []
+        for _ in range(100):
+            one.broker.publish_seq_nowait("r", HEAD, seqs.append)
+        await until(lambda: len(seqs) == 100)
+        assert seqs == list(range(1, 101))
+        assert [seq for *_, seq in one.delivered] == seqs
+        assert one.broker.writes - writes == 1
+        await until(lambda: bus.stats()["records"] == 100)
+        assert bus.stats()["writes"] == replied and one.broker.frames == frames
+        seq, epoch, kept = bus.ledger.history("r", 100)
+        assert seq == 100 and kept == [payload for _, _, payload, _ in one.delivered]
+        assert kept[0] == chat_payload(HEAD, 1, epoch)
+
+
+async def test_a_second_subscriber_takes_the_seq_back_and_it_goes_on() -> None:
+    """w1 holds the lease; w2 subscribes and posts at once, while w1 goes on posting: w2's
+    chat waits for w1's release, every seq is allocated once, both see one order, and the
+    lease returns to w1 once w2 leaves."""
+    async with bare_bus("w1", "w2") as (bus, [one, two]):
+        await one.broker.subscribe("r")
+        await until(lambda: one.broker.health()["leases"] == 1)
+        mine: list[int] = []
+        for _ in range(5):
+            one.broker.publish_seq_nowait("r", HEAD, mine.append)
+        await two.broker.subscribe("r")
+        theirs: list[int] = []
+        two.broker.publish_seq_nowait("r", HEAD, theirs.append)
+        for _ in range(5):
+            one.broker.publish_seq_nowait("r", HEAD, mine.append)
+        await until(lambda: len(mine) == 10 and len(theirs) == 1)
+        assert sorted(mine + theirs) == list(range(1, 12))
+        assert mine == sorted(mine)
+        await one.broker.flush()
+        await two.broker.flush()
+        assert [seq for *_, seq in one.delivered] == list(range(1, 12))
+        # w2 sees everything after its subscription, in order, its own chat included.
+        seen = [seq for *_, seq in two.delivered]
+        assert seen == list(range(seen[0], 12)) and theirs[0] in seen
+        assert bus.stats()["revokes"] == 1 and one.broker.health()["leases"] == 0
+        await two.broker.unsubscribe("r")
+        await until(lambda: one.broker.health()["leases"] == 1)
+        assert await one.broker.publish_seq("r", HEAD) == 12
+        assert bus.ledger.history("r", 100)[0] == 12
+
+
+async def test_a_lessee_that_dies_leaves_every_chat_it_delivered_on_the_bus() -> None:
+    """A worker gone with its connection (a crash): every chat it delivered is in the bus's
+    history, and the room goes on in the same epoch."""
+    async with bare_bus("w1", "w2") as (bus, [one, two]):
+        await one.broker.subscribe("r")
+        await until(lambda: one.broker.health()["leases"] == 1)
+        epoch = bus.ledger.history("r", 0)[1]
+        seqs: list[int] = []
+        for _ in range(50):
+            one.broker.publish_seq_nowait("r", HEAD, seqs.append)
+        await until(lambda: len(seqs) == 50)
+        transport = one.broker._transport
+        assert transport is not None
+        transport.abort()  # what a dead process leaves: what it wrote is in the socket
+        await until(lambda: bus.stats()["leases"] == 0)
+        assert bus.ledger.history("r", 100)[:2] == (50, epoch)
+        assert await two.broker.publish_seq("r", HEAD) == 51
+
+
+async def test_a_lessee_that_does_not_release_is_cut_off_with_a_new_epoch() -> None:
+    """w1 holds the lease and stops reading: w2's chat waits at most lease_timeout, then w1 is
+    cut off and the room starts a new epoch (w1 may have delivered chats the bus lacks)."""
+    async with bare_bus("w1", "w2") as (bus, [one, two]):
+        bus.lease_timeout = 0.3
+        await one.broker.subscribe("r")
+        await until(lambda: one.broker.health()["leases"] == 1)
+        epoch = bus.ledger.history("r", 0)[1]
+        transport = one.broker._transport
+        assert transport is not None
+        transport.pause_reading()  # never reads the revoke
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        assert await two.broker.publish_seq("r", HEAD) == 1
+        assert 0.3 <= loop.time() - started < 1.5
+        assert bus.stats()["leases_cut"] == 1
+        assert bus.ledger.history("r", 0)[1] != epoch
 
 
 async def test_corking_survives_the_bus() -> None:

@@ -14,6 +14,15 @@ recorded before it is answered, so every publication after the reply follows on 
 Batching: what is queued for a worker in one loop turn leaves as one frame, in one write
 (flushed by ``call_soon``), so N requests read in one turn cost one reply write per worker.
 
+Leases (see ``buswire``): a room with one subscribed worker lends that worker its seq, so its
+chats cost the server one ``record`` each and no reply. A request that needs the seq of a room
+leased to another worker (``seq``) holds its worker's stream, in order, until the lessee
+releases; ``record`` and ``release`` are never held. A lessee that does not release within
+``lease_timeout`` is cut off. When a lease ends with its connection, the records are complete
+if the worker closed it (they precede every delivery: the worker delivers a leased chat only
+once its record is in the socket); if the server cut it off, unread records may be lost, so
+the room starts a new epoch.
+
 A slow worker cannot stall or bloat the server: writes never wait, and a connection whose
 unsent bytes pass ``max_buffer`` is dropped (logged). Dropping a connection forgets its
 subscriptions but keeps its presence: the worker process is alive, and it reconnects and
@@ -35,19 +44,24 @@ from .. import protocol as p
 from .buswire import (
     FAILED,
     OK,
+    Acquire,
     Deframer,
     Framer,
     History,
     Join,
     Leave,
+    Offer,
     Ping,
     Presence,
     Publication,
     Publish,
     PublishSeq,
+    Record,
+    Release,
     Reply,
     Request,
     Resync,
+    Revoke,
     Sequenced,
     Subscribe,
     Unsubscribe,
@@ -60,6 +74,8 @@ log = logging.getLogger("fastws.bus")
 
 #: Unsent bytes a worker's connection may hold before the server drops it as too slow.
 MAX_BUFFER = 64 * 1024 * 1024
+#: Seconds a lessee has to release a revoked lease before its connection is cut.
+LEASE_TIMEOUT = 2.0
 
 
 class _Link(asyncio.Protocol):
@@ -69,6 +85,11 @@ class _Link(asyncio.Protocol):
         self.server = server
         self.node = ""  # from the worker's resync; for logs
         self.rooms: set[str] = set()  # rooms this worker subscribed to
+        self.leases: set[str] = set()  # rooms whose seq is lent to this worker
+        # Requests held until ``waiting``'s lessee releases (None: not held).
+        self.held: list[Request] | None = None
+        self.waiting = ""
+        self.cut = False  # the server closed this connection: unread records may be lost
         self.transport: asyncio.Transport | None = None
         self._deframer = Deframer(Request)
         self._framer = Framer()
@@ -128,10 +149,11 @@ class _Link(asyncio.Protocol):
                         extra={"event": "bus_slow_worker", "node": self.node,
                                "buffered": transport.get_write_buffer_size()})
             self.server.slow_drops += 1
-            transport.abort()
+            self.close()
 
     def close(self) -> None:
         if self.transport is not None:
+            self.cut = True
             self.transport.abort()
 
 
@@ -139,19 +161,29 @@ class BusServer:
     """The host's seq counters and presence, served to the workers over a Unix socket."""
 
     def __init__(
-        self, directory: str, policy: HistoryPolicy | None = None, max_buffer: int = MAX_BUFFER
+        self,
+        directory: str,
+        policy: HistoryPolicy | None = None,
+        max_buffer: int = MAX_BUFFER,
+        lease_timeout: float = LEASE_TIMEOUT,
     ) -> None:
         self.directory = directory
         self.path = socket_path(directory)
         self.max_buffer = max_buffer
+        self.lease_timeout = lease_timeout
         self.ledger = Ledger(policy)
         self.links: set[_Link] = set()
         self._subscribers: dict[str, list[_Link]] = {}
         self._nodes: set[str] = set()
         self._forgotten: set[str] = set()
         self._server: asyncio.AbstractServer | None = None
+        self._leases: dict[str, _Link] = {}  # room -> its lessee
+        self._revoked: dict[str, float] = {}  # room -> when its lessee was told to release
+        self._waiters: dict[str, list[_Link]] = {}  # room -> links held until it is released
+        self._revoke_timer: asyncio.TimerHandle | None = None
         # Counters for stats() and the batching tests.
         self.requests = self.reads = self.frames = self.writes = self.slow_drops = 0
+        self.records = self.leases_granted = self.revokes = self.leases_cut = 0
         self._sequenced = 0  # requests since the last ledger sweep
 
     async def start(self) -> None:
@@ -185,6 +217,11 @@ class BusServer:
             "frames": self.frames,
             "writes": self.writes,
             "slow_drops": self.slow_drops,
+            "leases": len(self._leases),
+            "records": self.records,
+            "leases_granted": self.leases_granted,
+            "revokes": self.revokes,
+            "leases_cut": self.leases_cut,
         }
 
     def forget_node(self, node_id: str) -> None:
@@ -202,15 +239,26 @@ class BusServer:
                      extra={"event": "bus_forget", "node": node_id, "connections": len(gone)})
 
     def drop(self, link: _Link) -> None:
-        """A connection ended: forget its subscriptions (its presence stays; see above)."""
+        """A connection ended: forget its subscriptions and leases (its presence stays; see
+        above) and whatever it had held."""
         self.links.discard(link)
-        for room in link.rooms:
+        if link.held is not None:
+            waiters = self._waiters[link.waiting]
+            waiters.remove(link)
+            if not waiters:
+                del self._waiters[link.waiting]
+            link.held, link.waiting = None, ""
+        rooms, link.rooms = link.rooms, set()
+        for room in rooms:
             subs = self._subscribers.get(room)
             if subs is not None and link in subs:
                 subs.remove(link)
                 if not subs:
                     del self._subscribers[room]
-        link.rooms.clear()
+        for room in list(link.leases):
+            self._end_lease(room, reset=link.cut)
+        for room in rooms:
+            self._offer(room)
 
     # ---- serving ------------------------------------------------------------------------------
 
@@ -225,21 +273,48 @@ class BusServer:
         """Answer one frame of ``link``'s requests in order, making their publications."""
         self.frames += 1
         self.requests += len(requests)
+        if link.held is not None:  # waiting for a release: only records and releases go by
+            for req in requests:
+                if type(req) is Record:
+                    self._record(link, req)
+                elif type(req) is Release:
+                    self._release(link, req.room)
+                else:
+                    link.held.append(req)
+            return
+        self._serve(link, requests, 0)
+
+    def _serve(self, link: _Link, requests: list[Request], start: int) -> None:
         out = link.queue()  # the link's own messages, in order, appended in place
         mine = link.rooms
         subscribers = self._subscribers
+        leases = self._leases
         publish_seq = self.ledger.publish_seq
-        for req in requests:
-            if type(req) is not PublishSeq:
+        for i in range(start, len(requests)):
+            req = requests[i]
+            kind = type(req)
+            if kind is Record:  # the leased chat path: no reply
+                self._record(link, req)
+                continue
+            if kind is not PublishSeq:
+                if kind is Release:
+                    self._release(link, req.room)
+                    continue
                 try:
                     out.append(self._answer(link, req))
                 except Exception:
                     log.exception("bus request failed", extra={"event": "bus_error"})
                     out.append(FAILED)
                 continue
+            room = req.room
+            lessee = leases.get(room)
+            if lessee is not None:
+                if lessee is not link:  # hold the rest of the stream until it is released
+                    self._hold(link, room, requests[i:])
+                    return
+                self._end_lease(room)  # its lessee asks: it has given the lease up
             # The chat hot path, inline: seq, the others' copies, then the requester's copy,
             # which is its reply too (a plain reply if it is not subscribed).
-            room = req.room
             seq, payload = publish_seq(room, req.head)
             links = subscribers.get(room)
             if links is not None and (len(links) > 1 or room not in mine):
@@ -275,6 +350,9 @@ class BusServer:
             if req.room not in link.rooms:
                 link.rooms.add(req.room)
                 self._subscribers.setdefault(req.room, []).append(link)
+                lessee = self._leases.get(req.room)
+                if lessee is not None and lessee is not link:
+                    self._revoke(req.room)
             return OK
         if isinstance(req, Unsubscribe):
             if req.room in link.rooms:
@@ -283,7 +361,12 @@ class BusServer:
                 subs.remove(link)
                 if not subs:
                     del self._subscribers[req.room]
+                if self._leases.get(req.room) is link:  # behind its last record
+                    self._end_lease(req.room)
+                self._offer(req.room)
             return OK
+        if isinstance(req, Acquire):
+            return self._grant(link, req.room)
         if isinstance(req, Presence):
             return Reply(members=ledger.presence(req.room))
         if isinstance(req, History):
@@ -294,6 +377,89 @@ class BusServer:
         if isinstance(req, Resync):
             return self._resync(link, req)
         raise TypeError(f"unknown bus request {req!r}")
+
+    # ---- leases -------------------------------------------------------------------------------
+
+    def _grant(self, link: _Link, room: str) -> Reply:
+        subs = self._subscribers.get(room)
+        if (subs is None or len(subs) != 1 or subs[0] is not link or room in self._leases
+                or room in self._waiters):
+            return Reply(a=0)
+        seq, epoch = self.ledger.lease(room)
+        self._leases[room] = link
+        link.leases.add(room)
+        self.leases_granted += 1
+        return Reply(a=1, b=seq, epoch=epoch)
+
+    def _record(self, link: _Link, req: Record) -> None:
+        room = req.room
+        if self._leases.get(room) is not link:
+            log.warning("record for a room not leased to %s: %s", link.node or "a worker", room,
+                        extra={"event": "bus_bad_request", "node": link.node, "room": room})
+            return
+        self.records += 1
+        self.ledger.record(room, req.seq, req.payload)
+        links = self._subscribers.get(room)
+        if links is not None and len(links) > 1:
+            pub = Publication(room, "", req.payload, req.seq)
+            for other in links:
+                if other is not link:
+                    other.send(pub)
+        self._sequenced += 1
+
+    def _release(self, link: _Link, room: str) -> None:
+        if self._leases.get(room) is link:
+            self._end_lease(room)
+            self._offer(room)
+
+    def _hold(self, link: _Link, room: str, rest: list[Request]) -> None:
+        link.held, link.waiting = list(rest), room
+        self._waiters.setdefault(room, []).append(link)
+        self._revoke(room)
+
+    def _revoke(self, room: str) -> None:
+        if room in self._revoked:
+            return
+        self.revokes += 1
+        self._revoked[room] = asyncio.get_running_loop().time()
+        self._leases[room].send(Revoke(room))
+        if self._revoke_timer is None:
+            self._revoke_timer = asyncio.get_running_loop().call_later(
+                self.lease_timeout / 4, self._check_revoked)
+
+    def _check_revoked(self) -> None:
+        """Cut off every lessee that has not released within ``lease_timeout``."""
+        self._revoke_timer = None
+        now = asyncio.get_running_loop().time()
+        for room, since in list(self._revoked.items()):
+            lessee = self._leases.get(room)
+            if lessee is not None and not lessee.cut and now - since > self.lease_timeout:
+                log.warning("worker %s did not release room %s within %g s: cut off",
+                            lessee.node, room, self.lease_timeout,
+                            extra={"event": "bus_lease_cut", "node": lessee.node, "room": room})
+                self.leases_cut += 1
+                lessee.close()  # connection_lost ends its leases (new epochs) right away
+        if self._revoked:
+            self._revoke_timer = asyncio.get_running_loop().call_later(
+                self.lease_timeout / 4, self._check_revoked)
+
+    def _end_lease(self, room: str, reset: bool = False) -> None:
+        """The room's seq is back here; the requests held for it go on, in order."""
+        lessee = self._leases.pop(room)
+        lessee.leases.discard(room)
+        self._revoked.pop(room, None)
+        self.ledger.unlease(room, reset)
+        for link in self._waiters.pop(room, []):
+            held, link.held, link.waiting = link.held, None, ""
+            assert held is not None
+            self._serve(link, held, 0)
+
+    def _offer(self, room: str) -> None:
+        """A room down to one subscriber, with no lease and no one held: offer it the lease."""
+        subs = self._subscribers.get(room)
+        if subs is not None and len(subs) == 1 and room not in self._leases \
+                and room not in self._waiters:
+            subs[0].send(Offer(room))
 
     def _resync(self, link: _Link, req: Resync) -> Reply:
         """A (re)connected worker states its presence: it is added, and members the bus had

@@ -23,7 +23,19 @@ carry no id: the worker matches them to its FIFO of pending requests):
     unsub     room                           (ok)
     ping      (none)                         (ok): behind everything published before it
     resync    node, [[room, MemberInfo]...]  (ok): the node's presence is now exactly this
+    acquire   room                           a = 1 and b = last seq, epoch: the room's seq
+                                             is lent to this worker (a lease); a = 0: not
+    record    room, seq, payload             none: a chat the lessee sequenced; kept in
+                                             history and published to the others
+    release   room                           none: the lessee gives the seq back
     ========= ============================== ==========================================
+
+Leases: a room whose one subscriber is this worker needs no round trip per chat. The worker
+asks for the room's seq (``acquire``, sent after ``sub`` and on ``offer``), then sequences its
+chats itself and streams each as a ``record`` ahead of delivering it. When another worker
+subscribes, or asks to sequence a chat in the room, the server sends ``revoke``; the lessee
+answers ``release`` (or ``unsub``) behind its last record, and the other worker's requests
+wait until then. The lease also ends with the lessee's connection.
 
 Server -> worker, interleaved in the one order the server made them:
 
@@ -37,6 +49,9 @@ Server -> worker, interleaved in the one order the server made them:
     s      room, payload, seq             a chat_message publication that is also the reply
                                           (a = seq) to the worker's oldest pending request,
                                           its ``seq``: the chat hot path's one message back
+    revoke room                           give the room's lease back (``release``)
+    offer  room                           this worker is the room's one subscriber again:
+                                          it may ``acquire`` the lease
     ====== ============================== ===================================================
 
 Every struct is ``gc=False``: they hold no references that could form a cycle, so the
@@ -121,9 +136,26 @@ class Resync(msgspec.Struct, array_like=True, gc=False, tag="resync"):
     members: list[tuple[str, MemberInfo]]
 
 
+class Acquire(msgspec.Struct, array_like=True, gc=False, tag="acquire"):
+    room: str
+
+
+class Record(msgspec.Struct, array_like=True, gc=False, tag="record"):
+    room: str
+    seq: int
+    payload: bytes
+
+
+class Release(msgspec.Struct, array_like=True, gc=False, tag="release"):
+    room: str
+
+
+#: Requests the server does not answer: the worker keeps no waiter for them.
+ONE_WAY = (Record, Release)
+
 Request = (
     PublishSeq | Publish | Join | Leave | History | Presence | Subscribe | Unsubscribe | Ping
-    | Resync
+    | Resync | Acquire | Record | Release
 )
 
 # ---- server -> worker ---------------------------------------------------------------------------
@@ -154,7 +186,15 @@ class Sequenced(msgspec.Struct, array_like=True, gc=False, tag="s"):
     exclude: ClassVar[str] = ""  # not on the wire: read like a Publication's
 
 
-Event = Reply | Publication | Sequenced
+class Revoke(msgspec.Struct, array_like=True, gc=False, tag="revoke"):
+    room: str
+
+
+class Offer(msgspec.Struct, array_like=True, gc=False, tag="offer"):
+    room: str
+
+
+Event = Reply | Publication | Sequenced | Revoke | Offer
 
 OK = Reply()
 FAILED = Reply(ok=False)

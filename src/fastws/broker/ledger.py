@@ -12,6 +12,9 @@ Shared by ``MemoryBroker`` (one process) and the local bus's ``BusServer`` (the 
 - the presence version moves up with every join and leave. One counter serves every room of
   the ledger: it only has to grow within a room, and a room dropped and made again must not
   start it over (a notice from before would look new).
+- a room may be *leased* (the local bus lends a room's seq to the one worker subscribed to it):
+  the lessee allocates the seqs and ``record`` keeps what it published. A leased room is never
+  dropped; ``unlease(reset=True)`` starts a new epoch when records may have been lost.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ __all__ = ["HistoryPolicy", "JoinResult", "LeaveResult", "Ledger", "new_epoch"]
 
 
 class _Room:
-    __slots__ = ("epoch", "epoch_bytes", "history", "members", "seq", "stamp")
+    __slots__ = ("epoch", "epoch_bytes", "history", "leased", "members", "seq", "stamp")
 
     def __init__(self, size: int) -> None:
         self.seq = 0
@@ -35,6 +38,15 @@ class _Room:
         self.history: deque[tuple[int, float, bytes]] | None = deque(maxlen=size) if size else None
         self.members: dict[str, MemberInfo] = {}
         self.stamp = 0.0  # time of the newest message
+        self.leased = False
+
+    def restart(self) -> None:
+        """A new epoch from seq 0, with no history: what a client saw may be lost."""
+        self.seq = 0
+        self.epoch = new_epoch()
+        self.epoch_bytes = self.epoch.encode()
+        if self.history is not None:
+            self.history.clear()
 
 
 class Ledger:
@@ -72,6 +84,31 @@ class Ledger:
             room.history.append((seq, now, payload))
         return seq, payload
 
+    def lease(self, name: str) -> tuple[int, str]:
+        """Lend the room's seq: (last seq, epoch) for the lessee to go on from."""
+        room = self._room(name)
+        room.leased = True
+        return room.seq, room.epoch
+
+    def record(self, name: str, seq: int, payload: bytes) -> None:
+        """Keep a chat the lessee sequenced and published (``payload`` is its chat_payload)."""
+        room = self.rooms.get(name) or self._room(name)
+        room.seq = seq
+        room.stamp = now = self.clock()
+        if room.history is not None:
+            room.history.append((seq, now, payload))
+
+    def unlease(self, name: str, reset: bool = False) -> None:
+        """The seq is back here; ``reset``: the lessee's last records may be lost (new epoch)."""
+        room = self.rooms.get(name)
+        if room is None:
+            return
+        room.leased = False
+        if reset:
+            room.restart()
+        if not room.members and not self._worth_keeping(room):
+            del self.rooms[name]
+
     def join(self, name: str, member: MemberInfo, since: tuple[int, str] | None) -> JoinResult:
         room = self._room(name)
         room.members[member.clientId] = member
@@ -106,6 +143,8 @@ class Ledger:
         return LeaveResult(len(room.members), self.version)
 
     def _worth_keeping(self, room: _Room) -> bool:
+        if room.leased:
+            return True
         if room.history is None or not room.history:
             return False
         return not self.policy.ttl or self.clock() - room.stamp <= self.policy.ttl

@@ -16,10 +16,17 @@ Batching, both ways: everything requested in one loop turn leaves in one frame a
 callback -- publications go to ``deliver`` there, so the hub's Outbox corks them into one
 write per member socket.
 
+Leases (see ``buswire``): right after subscribing to a room, and whenever the bus offers it,
+the worker asks for the room's seq. While it holds the lease it sequences the room's chats
+itself: each becomes a one-way ``record`` in this turn's frame, and is delivered here (and
+answered) only once that frame is in the socket, so a worker that dies never leaves a chat
+delivered that the bus does not have. Chats made while the answer to ``acquire`` is pending
+wait for it. A ``revoke`` is answered with ``release`` behind the last record.
+
 Timeouts without a timer per request: each write records (requests written so far, time); one
 periodic check looks at the oldest batch still unanswered, and past ``timeout`` declares the
-bus dead. Backpressure: past ``max_pending`` unanswered requests (or when the socket's write
-buffer is full) the broker calls ``pressure(True)`` and the node stops reading its clients;
+bus dead. Backpressure: past ``max_pending`` unanswered requests (or ``max_unsent`` bytes the socket
+could not take yet) the broker calls ``pressure(True)`` and the node stops reading its clients;
 ``pressure(False)`` once below half of it.
 
 Outages: when the connection drops, or no reply came within ``timeout`` (the connection is
@@ -44,24 +51,29 @@ import msgspec
 
 from ..errors import BrokerUnavailable
 from .buswire import (
+    Acquire,
     Deframer,
     Event,
     Framer,
     History,
     Join,
     Leave,
+    Offer,
     Ping,
     Presence,
     Publication,
     Publish,
     PublishSeq,
+    Record,
+    Release,
     Reply,
     Resync,
+    Revoke,
     Sequenced,
     Subscribe,
     Unsubscribe,
 )
-from .types import Deliver, JoinResult, LeaveResult, MemberInfo, Pressure, SeqDone
+from .types import CHAT_TAIL, Deliver, JoinResult, LeaveResult, MemberInfo, Pressure, SeqDone
 
 log = logging.getLogger("fastws.localbus")
 
@@ -105,13 +117,31 @@ class _Link(asyncio.Protocol):
         if self.broker._link is self:
             self.broker._outage(f"connection lost ({exc or 'closed by the bus'})")
 
+    # The write buffer's limits are 0: these say "bytes wait in user space" and "all sent".
     def pause_writing(self) -> None:
-        self.broker._write_paused = True
-        self.broker._check_pressure()
+        if self.broker._link is self:
+            self.broker._draining = True
+            self.broker._check_pressure()
 
     def resume_writing(self) -> None:
-        self.broker._write_paused = False
-        self.broker._check_pressure()
+        if self.broker._link is self:
+            self.broker._drained()
+
+
+class _Grant:
+    """The waiter of an ``acquire``. Called in place when its reply is read, so a ``revoke``
+    read right behind the reply finds the lease installed."""
+
+    __slots__ = ("broker", "held", "room", "stale")
+
+    def __init__(self, broker: LocalBusBroker, room: str) -> None:
+        self.broker = broker
+        self.room = room
+        self.held: list[tuple[bytes, SeqDone]] = []  # chats made while waiting
+        self.stale = False  # the room was unsubscribed meanwhile: the answer is moot
+
+    def __call__(self, reply: Reply | int) -> None:
+        self.broker._granted(self, reply)
 
 
 class LocalBusBroker:
@@ -152,8 +182,13 @@ class LocalBusBroker:
         self._down = False
         self._cause = "not started"
         self._pressed = False
-        self._write_paused = False
+        self._draining = False  # the socket took less than was written; see _Link
         self._subscribed: set[str] = set()
+        self._leases: dict[str, list[Any]] = {}  # room -> [last seq, epoch bytes]
+        self._acquiring: dict[str, _Grant] = {}
+        # Leased chats whose record is not in the socket yet: (room, payload, seq, done).
+        self._leased_out: list[tuple[str, bytes, int, SeqDone]] = []
+        self._oneway = 0  # of _queued, messages the bus does not answer
         self._members: dict[tuple[str, str], MemberInfo] = {}  # (room, clientId) -> member
         self._failed = _Throttled("broker_unavailable")
         #: Publications received per room: tests watch it.
@@ -161,6 +196,7 @@ class LocalBusBroker:
         self.writes = 0  # frames written (one per loop turn with requests)
         self.frames = 0  # frames read
         self.reconnects = 0
+        self.leased = 0  # chats sequenced here under a lease
 
     def attach(self, node_id: str, deliver: Deliver, pressure: Pressure | None = None) -> None:
         self.node_id = node_id
@@ -200,6 +236,7 @@ class LocalBusBroker:
             "state": "down" if self._down else "ok",
             "endpoint": self.path,
             "pending": len(self._fifo),
+            "leases": len(self._leases),
             "reconnects": self.reconnects,
             **({"cause": self._cause} if self._down else {}),
         }
@@ -208,13 +245,22 @@ class LocalBusBroker:
 
     async def subscribe(self, room: str) -> None:
         self._subscribed.add(room)  # before the reply: a reconnect meanwhile re-subscribes it
-        await self._call(Subscribe(room))
+        reply = self._ask(Subscribe(room))
+        self._acquire(room)
+        self._check(await reply, "Subscribe")
 
     async def unsubscribe(self, room: str) -> None:
-        if room in self._subscribed:
-            self._subscribed.discard(room)
-            if self._transport is not None:
-                self._send(Unsubscribe(room), None)
+        if room not in self._subscribed:
+            return
+        self._subscribed.discard(room)
+        self._leases.pop(room, None)  # the unsub, behind its records, gives it back
+        grant = self._acquiring.pop(room, None)
+        if self._transport is not None:
+            self._send(Unsubscribe(room), None)
+        if grant is not None:
+            grant.stale = True
+            for head, done in grant.held:
+                self.publish_seq_nowait(room, head, done)
 
     async def flush(self) -> None:
         """Return once every publication the bus made before this call was delivered here:
@@ -225,7 +271,13 @@ class LocalBusBroker:
         await self._call(Publish(room, payload, exclude, seq))
 
     async def publish_seq(self, room: str, head: bytes) -> int:
-        return (await self._call(PublishSeq(room, head))).a
+        assert self._loop is not None
+        answer: asyncio.Future[int] = self._loop.create_future()
+        self.publish_seq_nowait(room, head, lambda seq: answer.done() or answer.set_result(seq))
+        seq = await answer
+        if not seq:
+            raise BrokerUnavailable()
+        return seq
 
     def publish_seq_nowait(self, room: str, head: bytes, done: SeqDone | None) -> None:
         assert done is not None  # not inline: the answer always comes later
@@ -234,8 +286,24 @@ class LocalBusBroker:
             assert self._loop is not None
             self._loop.call_soon(done, 0)
             return
-        # _send, inline: the chat hot path
         queued = self._queued
+        lease = self._leases.get(room)
+        if lease is not None:  # sequenced here: a record now, delivered once it is sent
+            seq = lease[0] = lease[0] + 1
+            payload = CHAT_TAIL % (head, seq, lease[1])  # types.chat_payload without a call
+            if not queued:
+                assert self._loop is not None
+                self._loop.call_soon(self._flush)
+            queued.append(Record(room, seq, payload))
+            self._oneway += 1
+            self._leased_out.append((room, payload, seq, done))
+            self.leased += 1
+            return
+        grant = self._acquiring.get(room)
+        if grant is not None:
+            grant.held.append((head, done))
+            return
+        # _send, inline: the chat hot path
         if not queued:
             assert self._loop is not None
             self._loop.call_soon(self._flush)
@@ -277,17 +345,33 @@ class LocalBusBroker:
 
     async def _call(self, req: msgspec.Struct) -> Reply:
         """Send ``req``; its reply, or ``BrokerUnavailable`` (the cause is logged)."""
+        return self._check(await self._ask(req), type(req).__name__)
+
+    def _ask(self, req: msgspec.Struct) -> asyncio.Future[Reply]:
+        """Send ``req`` now; the Future of its reply."""
         if self._transport is None:
             self._refuse()
             raise BrokerUnavailable()
         assert self._loop is not None
         reply: asyncio.Future[Reply] = self._loop.create_future()
         self._send(req, reply)
-        result = await reply
-        if not result.ok:
-            self._failed("local bus refused a %s request", type(req).__name__)
+        return reply
+
+    def _check(self, reply: Reply, kind: str) -> Reply:
+        if not reply.ok:
+            self._failed("local bus refused a %s request", kind)
             raise BrokerUnavailable()
-        return result
+        return reply
+
+    def _post(self, message: msgspec.Struct) -> None:
+        """Queue a message the bus does not answer (no waiter)."""
+        if self._transport is None:
+            return
+        if not self._queued:
+            assert self._loop is not None
+            self._loop.call_soon(self._flush)
+        self._queued.append(message)
+        self._oneway += 1
 
     def _send(self, req: msgspec.Struct, waiter: Any) -> None:
         """Queue ``req`` behind this turn's others; ``_flush`` writes them all at once."""
@@ -305,13 +389,68 @@ class LocalBusBroker:
         if not queued or transport is None:
             return
         self._queued = []
+        oneway, self._oneway = self._oneway, 0
         transport.write(self._framer.frame(queued))
         self.writes += 1
-        self._written += len(queued)
-        assert self._loop is not None
-        self._batches.append((self._written, self._loop.time()))
-        if self._timer is None:
-            self._timer = self._loop.call_later(self._interval(), self._check_timeout)
+        if len(queued) > oneway:
+            self._written += len(queued) - oneway
+            assert self._loop is not None
+            self._batches.append((self._written, self._loop.time()))
+            if self._timer is None:
+                self._timer = self._loop.call_later(self._interval(), self._check_timeout)
+        if self._draining:  # set by write() itself if the socket did not take it all
+            self._check_pressure()
+        elif self._leased_out and not transport.is_closing():  # closing: the write failed
+            self._deliver_leased()
+
+    def _drained(self) -> None:
+        """Everything written is in the socket: the leased chats it carried may go out."""
+        self._draining = False
+        if self._leased_out:
+            self._deliver_leased()
+        self._check_pressure()
+
+    def _deliver_leased(self) -> None:
+        out, self._leased_out = self._leased_out, []
+        deliver = self._deliver
+        assert deliver is not None
+        for room, payload, seq, done in out:
+            try:
+                deliver(room, "", payload, seq)
+            except Exception:
+                log.exception("delivery failed", extra={"event": "deliver_error", "room": room})
+            try:
+                done(seq)
+            except Exception:
+                log.exception("publish callback failed", extra={"event": "bus_error"})
+
+    # ---- leases ---------------------------------------------------------------------------------
+
+    def _acquire(self, room: str) -> None:
+        if room in self._leases or room in self._acquiring or self._transport is None:
+            return
+        grant = self._acquiring[room] = _Grant(self, room)
+        self._send(Acquire(room), grant)
+
+    def _granted(self, grant: _Grant, reply: Reply | int) -> None:
+        room = grant.room
+        if self._acquiring.get(room) is grant:
+            del self._acquiring[room]
+        if grant.stale:
+            return
+        if isinstance(reply, Reply) and reply.ok and reply.a == 1 \
+                and self._transport is not None:
+            self._leases[room] = [reply.b, reply.epoch.encode()]
+        for head, done in grant.held:  # sequenced here now, or asked of the bus as before
+            self.publish_seq_nowait(room, head, done)
+
+    def _lease_event(self, event: Revoke | Offer) -> None:
+        room = event.room
+        if type(event) is Revoke:
+            if self._leases.pop(room, None) is not None:
+                self._post(Release(room))
+        elif room in self._subscribed:
+            self._acquire(room)
 
     def _refuse(self) -> None:
         self._failed("local bus down (%s): request refused", self._cause)
@@ -333,7 +472,11 @@ class LocalBusBroker:
         for events in frames:
             self.frames += 1
             for event in events:
-                if type(event) is not Reply:  # a Publication, or a Sequenced (also a reply)
+                kind = type(event)
+                if kind is not Reply:  # a Publication, or a Sequenced (also a reply)
+                    if kind is Revoke or kind is Offer:
+                        self._lease_event(event)
+                        continue
                     room = event.room
                     received[room] += 1
                     try:
@@ -341,14 +484,14 @@ class LocalBusBroker:
                     except Exception:
                         log.exception("delivery failed",
                                       extra={"event": "deliver_error", "room": room})
-                    if type(event) is Publication:
+                    if kind is Publication:
                         continue
                 if not fifo:
                     self._outage("a reply to no request")
                     return
                 self._answered += 1
                 waiter = fifo.popleft()
-                if type(event) is Sequenced and not isinstance(waiter, asyncio.Future):
+                if kind is Sequenced and not isinstance(waiter, asyncio.Future):
                     try:  # the chat hot path: done(seq), in place
                         waiter(event.seq)
                     except Exception:
@@ -360,6 +503,9 @@ class LocalBusBroker:
 
     def _answer(self, waiter: Any, event: Reply | Sequenced) -> None:
         """Answer the oldest waiter: a Future gets the Reply, a callback the seq (0: refused)."""
+        if type(waiter) is _Grant:
+            waiter(event if isinstance(event, Reply) else 0)
+            return
         if isinstance(event, Sequenced):  # the chat hot path: no Reply made for it
             ok, seq = True, event.seq
         else:
@@ -396,10 +542,13 @@ class LocalBusBroker:
         self._timer = self._loop.call_later(self._interval(), self._check_timeout)
 
     def _check_pressure(self) -> None:
-        over = self._write_paused or len(self._fifo) >= self.max_pending
-        if over and not self._pressed:
+        transport = self._transport
+        unsent = transport.get_write_buffer_size() if transport is not None else 0
+        waiting = len(self._fifo) + len(self._leased_out)
+        if (unsent > self.max_unsent or waiting >= self.max_pending) and not self._pressed:
             self._press(True)
-        elif self._pressed and not self._write_paused and len(self._fifo) <= self.max_pending // 2:
+        elif self._pressed and unsent <= self.max_unsent // 2 \
+                and waiting <= self.max_pending // 2:
             self._press(False)
 
     def _press(self, paused: bool) -> None:
@@ -429,11 +578,20 @@ class LocalBusBroker:
 
     def _fail_all(self, cause: str) -> None:
         self._queued = []
+        self._oneway = 0
         self._batches.clear()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        self._write_paused = False
+        self._draining = False
+        self._leases.clear()  # the bus took them back with the connection
+        # Leased chats not known to be in the socket: the bus may not have them.
+        unsent, self._leased_out = self._leased_out, []
+        for _room, _payload, _seq, done in unsent:
+            try:
+                done(0)
+            except Exception:
+                log.exception("publish callback failed", extra={"event": "bus_error"})
         waiters, self._fifo = self._fifo, deque()
         self._deframer = Deframer(Event)
         if waiters:
@@ -476,7 +634,7 @@ class LocalBusBroker:
         if self._closing:
             transport.close()
             return
-        transport.set_write_buffer_limits(high=self.max_unsent)
+        transport.set_write_buffer_limits(high=0)  # _Link hears of every byte left unsent
         self._link, self._transport = link, transport
         self._written = self._answered = 0
         # This node's facts first: nothing else can be ahead of them on the new stream.
@@ -484,6 +642,7 @@ class LocalBusBroker:
         self._send(Resync(self.node_id, members), None)
         for room in self._subscribed:
             self._send(Subscribe(room), None)
+            self._acquire(room)
         if self._down:
             log.info("local bus is back", extra={"event": "broker_up", "broker": self.name})
         self._down = False
