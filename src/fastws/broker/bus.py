@@ -292,12 +292,11 @@ class BusServer:
         publish_seq = self.ledger.publish_seq
         for i in range(start, len(requests)):
             req = requests[i]
-            kind = type(req)
-            if kind is Record:  # the leased chat path: no reply
+            if type(req) is Record:  # the leased chat path: no reply
                 self._record(link, req)
                 continue
-            if kind is not PublishSeq:
-                if kind is Release:
+            if type(req) is not PublishSeq:
+                if type(req) is Release:
                     self._release(link, req.room)
                     continue
                 try:

@@ -273,7 +273,12 @@ class LocalBusBroker:
     async def publish_seq(self, room: str, head: bytes) -> int:
         assert self._loop is not None
         answer: asyncio.Future[int] = self._loop.create_future()
-        self.publish_seq_nowait(room, head, lambda seq: answer.done() or answer.set_result(seq))
+
+        def done(seq: int) -> None:
+            if not answer.done():
+                answer.set_result(seq)
+
+        self.publish_seq_nowait(room, head, done)
         seq = await answer
         if not seq:
             raise BrokerUnavailable()
