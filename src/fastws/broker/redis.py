@@ -15,6 +15,9 @@ hash-tagged so a room's keys share a slot):
     fastws:node:<id>         this node is alive (TTL, refreshed)
     fastws:node:<id>:rooms   rooms this node has members in, so a dead node can be swept
     fastws:nodes             every node id seen
+    fastws:sweep:<id>        a sweeper's claim on a dead node (deleted when it is done)
+    fastws:swept:<id>        the node was swept (its rooms were told user_left): if it was
+                             only paused, it re-joins its members with user_joined
     fastws:flush:{tag}:<id>  this node's private channel for ``flush`` (one per shard)
 
 If Redis goes away the node keeps its clients: calls raise ``BrokerUnavailable`` (the client
@@ -22,6 +25,14 @@ gets an ``unavailable`` error, never a false success, and the cause is logged, a
 second per cause), ``health()`` says down, and a monitor reconnects with backoff, then
 resubscribes and re-registers everything this node holds. When Redis is merely slow, commands
 queue up to a bound and the node stops reading its clients (``pressure``) until they drain.
+
+Presence converges (``_reconcile``, after every connect and whenever the node finds its
+liveness key had expired, e.g. after a pause longer than ``node_ttl``): members this node
+holds that Redis lacks are put back, silently after an outage (the rooms never heard them
+leave) or with one ``user_joined`` each if a sweeper had announced them gone; entries Redis
+has for this node that it no longer holds (a leave lost in an outage) leave, with
+``user_left``. A sweeper claims a dead node, checks it is still dead, and releases the claim
+when done; a returning node waits for the claim before restoring, so the two never interleave.
 """
 
 from __future__ import annotations
@@ -358,6 +369,10 @@ class RedisBroker:
         self.state = "down"
         self.outages = 0
         self.dropped = 0  # pub/sub messages that did not parse
+        self.reconciled = 0  # presence entries put back or removed by _reconcile
+        self._upkeep_error = ""  # why the last upkeep round failed ("" = it did not)
+        self._joining: set[tuple[str, str]] = set()  # (room, clientId) with a join in flight
+        self._leaving: set[tuple[str, str]] = set()
         self._refused = _Refusals()
         self._closing = False
 
@@ -395,6 +410,8 @@ class RedisBroker:
         servers = self._servers
         return {"name": self.name, "state": self.state, "outages": self.outages,
                 "rooms": len(self._rooms), "dropped": self.dropped,
+                "reconciled": self.reconciled,
+                **({"upkeep_error": self._upkeep_error} if self._upkeep_error else {}),
                 "refused": self._refused.total,
                 "waiting": servers.waiting if servers is not None else 0}
 
@@ -422,11 +439,13 @@ class RedisBroker:
         if self.state != "ok":
             log.info("redis connected", extra={"event": "broker_up", "url": self._safe_url()})
         self.state = "ok"
+        if self._listens:
+            self._spawn(self._reconcile_quietly())
 
     async def _register(self, servers: Servers) -> None:
         node = self.node_id.encode()
         self._flush_channels = set()
-        waits = []
+        waits: list[Any] = []
         for listener in servers.listeners.values():
             channel = b"fastws:flush:{%b}:%b" % (servers.hash_tag_for(listener), node)
             self._flush_channels.add(channel)
@@ -434,11 +453,7 @@ class RedisBroker:
         waits += [servers.listener_for(_room_keys(room).channel).subscribe(
             _room_keys(room).channel) for room in self._rooms]
         rooms_key = b"fastws:node:%b:rooms" % node
-        for room, members in self._members.items():
-            for client_id, member in members.items():
-                waits.append(servers.call(_room_keys(room).members, b"HSET",
-                                          _room_keys(room).members, client_id,
-                                          _member_encoder.encode(member)))
+        for room in self._members:  # the members themselves: _reconcile, once connected
             waits.append(servers.call(rooms_key, b"SADD", rooms_key, room))
         for client_id, (member, connected_at) in self._sessions.items():
             key = f"session:{client_id}".encode()
@@ -447,10 +462,13 @@ class RedisBroker:
         waits.append(self._announce(servers))
         await asyncio.gather(*waits)  # one write per connection: they were all issued together
 
-    async def _announce(self, servers: Servers) -> None:
+    async def _announce(self, servers: Servers) -> bool:
+        """Refresh this node's liveness; False if the key had expired (presumed dead)."""
         key = b"fastws:node:" + self.node_id.encode()
-        await asyncio.gather(servers.call(key, b"SET", key, b"1", b"EX", self.node_ttl),
-                             servers.call(b"fastws:nodes", b"SADD", b"fastws:nodes", self.node_id))
+        previous, _ = await asyncio.gather(
+            servers.call(key, b"SET", key, b"1", b"EX", self.node_ttl, b"GET"),
+            servers.call(b"fastws:nodes", b"SADD", b"fastws:nodes", self.node_id))
+        return previous is not None
 
     def _safe_url(self) -> str:
         return self.url.split("@")[-1]  # never log a password
@@ -651,10 +669,15 @@ class RedisBroker:
     ) -> JoinResult:
         since_seq, since_epoch = since if since is not None else (-1, "")
         keys = _room_keys(room)
-        count, seq, epoch, complete, replay, version = await self._script(
-            "join", (*keys[:4], keys.presence), member.clientId, _member_encoder.encode(member),
-            new_epoch(), self._state_ttl, since_epoch, since_seq, self._history_ttl_ms,
-            since_seq, self._history_last(room))
+        pending = (room, member.clientId)
+        self._joining.add(pending)  # _reconcile leaves it alone while in flight
+        try:
+            count, seq, epoch, complete, replay, version = await self._script(
+                "join", (*keys[:4], keys.presence), member.clientId,
+                _member_encoder.encode(member), new_epoch(), self._state_ttl, since_epoch,
+                since_seq, self._history_ttl_ms, since_seq, self._history_last(room))
+        finally:
+            self._joining.discard(pending)
         self._members.setdefault(room, {})[member.clientId] = member
         recovered = None if int(complete) < 0 else bool(int(complete))
         return JoinResult(int(count), int(seq), _text(epoch), recovered, list(replay),
@@ -670,7 +693,12 @@ class RedisBroker:
         local = self._members.get(room)
         if local is not None:
             local.pop(client_id, None)
-        return await self._leave_script(room, client_id)
+        pending = (room, client_id)
+        self._leaving.add(pending)
+        try:
+            return await self._leave_script(room, client_id)
+        finally:
+            self._leaving.discard(pending)
 
     async def _leave_script(self, room: str, client_id: str) -> LeaveResult:
         keys = _room_keys(room)
@@ -680,8 +708,7 @@ class RedisBroker:
 
     async def presence(self, room: str) -> list[MemberInfo]:
         key = _room_keys(room).members
-        raw = await self._call(key, b"HVALS", key)
-        return [_member_decoder.decode(v) for v in raw]
+        return _decoded(await self._call(key, b"HVALS", key))
 
     def _session_record(self, member: MemberInfo, connected_at: float) -> bytes:
         return msgspec.json.encode({"userId": member.userId, "nodeId": self.node_id,
@@ -706,7 +733,7 @@ class RedisBroker:
         if self.state != "ok" or servers is None or not self._flush_channels:
             return
         loop = asyncio.get_running_loop()
-        waits = []
+        waits: list[Any] = []
         for channel in self._flush_channels:
             token = secrets.token_hex(8).encode()
             future = self._flushes[token] = loop.create_future()
@@ -733,10 +760,20 @@ class RedisBroker:
                     for client_id in self._sessions:
                         key = f"session:{client_id}".encode()
                         waits.append(servers.call(key, b"EXPIRE", key, _SESSION_TTL))
-                await asyncio.gather(*waits)
+                alive, *_ = await asyncio.gather(*waits)
+                if not alive:
+                    log.warning("this node's liveness had expired (a pause longer than "
+                                "node_ttl?): reconciling its presence",
+                                extra={"event": "node_expired", "node": self.node_id})
+                    await self._reconcile()
                 await self.sweep()
+                self._upkeep_error = ""
             except (RespError, BrokerUnavailable) as exc:
                 log.debug("redis upkeep failed: %r", exc)  # the monitor handles outages
+            except Exception as exc:  # never let upkeep end: liveness depends on it
+                if not self._upkeep_error:
+                    log.exception("redis upkeep failed", extra={"event": "broker_upkeep_error"})
+                self._upkeep_error = f"{type(exc).__name__}: {exc}"[:200]
 
     async def sweep(self) -> int:
         """Remove the presence of nodes that stopped refreshing; tell their rooms. Returns count."""
@@ -746,11 +783,16 @@ class RedisBroker:
             alive = f"fastws:node:{node}".encode()
             if node == self.node_id or await self._call(alive, b"EXISTS", alive):
                 continue
-            # One sweeper per dead node, whichever node gets there first.
+            # One sweeper per dead node, whichever node gets there first; dead still once
+            # claimed (a node that came back meanwhile waits for the claim, see _reconcile).
             claim = f"fastws:sweep:{node}".encode()
             if not await self._call(claim, b"SET", claim, b"1", b"NX", b"EX", 30):
                 continue
-            removed += await self._sweep_node(node)
+            try:
+                if not await self._call(alive, b"EXISTS", alive):
+                    removed += await self._sweep_node(node)
+            finally:
+                await self._call(claim, b"DEL", claim)
         return removed
 
     async def _sweep_node(self, node: str) -> int:
@@ -758,22 +800,102 @@ class RedisBroker:
 
         removed = 0
         rooms_key = f"fastws:node:{node}:rooms".encode()
+        swept = f"fastws:swept:{node}".encode()
+        await self._call(swept, b"SET", swept, b"1", b"EX", 86400)
         for raw_room in await self._call(rooms_key, b"SMEMBERS", rooms_key):
             room = _text(raw_room)
             members_key = _room_keys(room).members
             entries = await self._call(members_key, b"HVALS", members_key)
-            gone = [m for m in (_member_decoder.decode(v) for v in entries) if m.node == node]
+            gone = [m for m in _decoded(entries) if m.node == node]
             for member in gone:
                 left = await self._leave_script(room, member.clientId)
+                # Not to the member itself: if its node was only paused, it is still here.
                 await self.publish(room, p.encode(p.UserLeft(
                     room, member.username, p.now_ms(), member.userId, left.members)),
-                    "", -left.version)
+                    member.clientId, -left.version)
                 removed += 1
         await self._call(rooms_key, b"DEL", rooms_key)
         await self._call(b"fastws:nodes", b"SREM", b"fastws:nodes", node)
         log.info("swept dead node", extra={"event": "node_swept", "node": node,
                                            "connections": removed})
         return removed
+
+
+    # ---- presence converges ----------------------------------------------------------------
+
+    async def _reconcile_quietly(self) -> None:
+        try:
+            await self._reconcile()
+        except (RespError, BrokerUnavailable) as exc:
+            log.debug("redis reconcile failed: %r", exc)  # retried at the next connect
+        except Exception:
+            log.exception("redis reconcile failed", extra={"event": "broker_upkeep_error"})
+
+    async def _reconcile(self) -> None:
+        """Make Redis' presence entries for this node equal the members it holds (see the
+        module docstring): missing ones back, lost leaves done, each room told as it must."""
+        from .. import protocol as p
+
+        node = self.node_id.encode()
+        claim = b"fastws:sweep:" + node
+        for _ in range(300):  # a sweeper at work on this node: let it finish first (<= 30 s)
+            if not await self._call(claim, b"EXISTS", claim):
+                break
+            await asyncio.sleep(0.1)
+        swept_key = b"fastws:swept:" + node
+        swept = bool(await self._call(swept_key, b"DEL", swept_key))
+        rooms_key = b"fastws:node:%b:rooms" % node
+        listed = {_text(r) for r in await self._call(rooms_key, b"SMEMBERS", rooms_key)}
+        for room in listed | set(self._members):
+            keys = _room_keys(room)
+            raw = await self._call(keys.members, b"HGETALL", keys.members)
+            present = {_text(raw[i]) for i in range(0, len(raw), 2)}
+            mine = [m for m in _decoded(raw[1::2]) if m.node == self.node_id]
+            for member in list(self._members.get(room, {}).values()):
+                cid = member.clientId
+                if cid in present or (room, cid) in self._joining:
+                    continue
+                if cid not in self._members.get(room, {}):
+                    continue  # left while we were asking
+                self.reconciled += 1
+                if not swept:  # the room never heard it leave: put it back silently
+                    await self._call(keys.members, b"HSET", keys.members, cid,
+                                     _member_encoder.encode(member))
+                    continue
+                joined = await self.join(room, member)
+                await self.publish(room, p.encode(p.UserJoined(
+                    room, member.username, p.now_ms(), member.userId, joined.members)),
+                    cid, -joined.version)
+            for member in mine:
+                cid = member.clientId
+                if cid in self._members.get(room, {}) or (room, cid) in self._leaving \
+                        or (room, cid) in self._joining:
+                    continue
+                self.reconciled += 1
+                left = await self._leave_script(room, cid)
+                if left.members:
+                    await self.publish(room, p.encode(p.UserLeft(
+                        room, member.username, p.now_ms(), member.userId, left.members)),
+                        "", -left.version)
+            if room in self._members or room in self._rooms:
+                await self._call(rooms_key, b"SADD", rooms_key, room)
+            else:
+                await self._call(rooms_key, b"SREM", rooms_key, room)
+        if swept:
+            log.info("restored this node's presence after a sweep",
+                     extra={"event": "node_restored", "node": self.node_id})
+
+
+def _decoded(entries: list[bytes]) -> list[MemberInfo]:
+    """Members of a presence hash; an entry that does not decode is skipped, not fatal."""
+    out = []
+    for raw in entries:
+        try:
+            out.append(_member_decoder.decode(raw))
+        except (msgspec.DecodeError, TypeError):
+            log.warning("undecodable presence entry skipped: %.80r", raw,
+                        extra={"event": "broker_dropped"})
+    return out
 
 
 class RedisRooms(RedisBroker):
