@@ -28,10 +28,11 @@ async def next_matching(ws: ClientConnection, timeout: float = TIMEOUT, **fields
                 return msg
 
 
-async def members_seen(ws: ClientConnection, room: str) -> list[str]:
+async def members_seen(ws: ClientConnection, room: str) -> list[str] | None:
+    """The room's members as the client's node sees them; None if it answered an error."""
     await send_json(ws, "presence", {"room": room}, id="who")
-    reply = await next_matching(ws, type="presence", id="who")
-    return sorted(m["userId"] for m in reply["members"])
+    reply = await next_matching(ws, id="who")
+    return sorted(m["userId"] for m in reply["members"]) if reply["type"] == "presence" else None
 
 
 def broker_of(node: Node) -> RedisBroker:
@@ -81,9 +82,11 @@ async def test_a_leave_lost_in_an_outage_is_done_on_reconnect(redis_server: Redi
                             msgspec.msgpack.encode(ghost))
             assert await members_seen(bob, "r") == ["alice", "bob", "ghost"]
             await pipe.call(b"CLIENT", b"KILL", b"TYPE", b"pubsub")  # every node reconnects
-        left = await next_matching(bob, type="user_left", username="ghost")
-        assert left["members"] == 2
-        assert await members_seen(bob, "r") == ["alice", "bob"]
+        # (Its user_left goes out too, but B, reconnecting at the same moment, may not be
+        # subscribed again yet: notices are best effort; presence itself must converge.)
+        async with asyncio.timeout(TIMEOUT):
+            while await members_seen(bob, "r") != ["alice", "bob"]:
+                await asyncio.sleep(0.05)
         assert await members_seen(alice, "r") == ["alice", "bob"]
         assert broker_of(a).reconciled == 1 and broker_of(b).reconciled == 0
 

@@ -49,6 +49,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     history_size: int = 100
     history_ttl: float = 3600.0
     history_off: str = ""
+    history_max_bytes: int = 48 * 1024 * 1024
     workers: int = 1
     redis_url: str = ""
     redis_node_ttl: float = 15.0
@@ -117,6 +118,9 @@ FIELD_HELP: dict[str, str] = {
     "history_size)",
     "history_off": "rooms matching this fnmatch pattern keep no history, e.g. 'tmp-*' "
     "(default none)",
+    "history_max_bytes": "bytes of history one process (or the --workers supervisor) keeps in "
+    "all rooms; past it the least recently used empty rooms lose theirs first (default "
+    "50331648 = 48 MiB; 0 = no cap; with Redis, set Redis' maxmemory instead)",
     "workers": "worker processes sharing the port (default 1; 0 = one per core); with more "
     "than one and no Redis, workers talk over a local bus in the supervisor",
     "redis_url": "redis://host:port/db to span rooms across hosts (default none: this host "
@@ -229,6 +233,8 @@ def validate(s: Settings) -> None:
         raise ConfigError("redis_node_ttl must be at least 1 second")
     if s.max_connections < 0 or s.max_connections_per_ip < 0:
         raise ConfigError("max_connections and max_connections_per_ip must be >= 0")
+    if s.history_max_bytes < 0:
+        raise ConfigError("history_max_bytes must be >= 0")
     if s.history_size < 0 or s.history_ttl < 0:
         raise ConfigError("history_size and history_ttl must be >= 0")
     if s.workers < 0:

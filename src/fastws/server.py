@@ -42,7 +42,8 @@ def _load_pages() -> dict[str, tuple[bytes, str]]:
 
 
 def history_policy(settings: Settings) -> HistoryPolicy:
-    return HistoryPolicy(settings.history_size, settings.history_ttl, settings.history_off)
+    return HistoryPolicy(settings.history_size, settings.history_ttl, settings.history_off,
+                         settings.history_max_bytes)
 
 
 class Node:

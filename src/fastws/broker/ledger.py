@@ -12,6 +12,11 @@ Shared by ``MemoryBroker`` (one process) and the local bus's ``BusServer`` (the 
 - the presence version moves up with every join and leave. One counter serves every room of
   the ledger: it only has to grow within a room, and a room dropped and made again must not
   start it over (a notice from before would look new).
+- all rooms' history together is capped at ``policy.max_bytes`` (payloads plus about
+  ``ENTRY_COST`` bytes of bookkeeping each): past it, the least recently used empty rooms are
+  dropped whole (their next message starts a new epoch), then, if every room with history has
+  members, the oldest messages of the room being written. So memory stays bounded whatever
+  clients do.
 - a room may be *leased* (the local bus lends a room's seq to the one worker subscribed to it):
   the lessee allocates the seqs and ``record`` keeps what it published. A leased room is never
   dropped; ``unlease(reset=True)`` starts a new epoch when records may have been lost.
@@ -20,16 +25,21 @@ Shared by ``MemoryBroker`` (one process) and the local bus's ``BusServer`` (the 
 from __future__ import annotations
 
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 
 from .types import CHAT_TAIL, HistoryPolicy, JoinResult, LeaveResult, MemberInfo, new_epoch
 
 __all__ = ["HistoryPolicy", "JoinResult", "LeaveResult", "Ledger", "new_epoch"]
 
+#: Bytes a kept message costs beyond its payload: its (seq, time, payload) tuple, the float, the
+#: bytes object's header and the deque's slot (CPython 3.11, 64-bit).
+ENTRY_COST = 150
+
 
 class _Room:
-    __slots__ = ("epoch", "epoch_bytes", "history", "leased", "members", "seq", "stamp")
+    __slots__ = ("bytes", "epoch", "epoch_bytes", "history", "leased", "members", "seq",
+                 "stamp")
 
     def __init__(self, size: int) -> None:
         self.seq = 0
@@ -39,14 +49,17 @@ class _Room:
         self.members: dict[str, MemberInfo] = {}
         self.stamp = 0.0  # time of the newest message
         self.leased = False
+        self.bytes = 0  # what its history costs (see ENTRY_COST)
 
     def restart(self) -> None:
-        """A new epoch from seq 0, with no history: what a client saw may be lost."""
+        """A new epoch from seq 0, with no history: what a client saw may be lost (the
+        ledger takes ``bytes`` off its total first)."""
         self.seq = 0
         self.epoch = new_epoch()
         self.epoch_bytes = self.epoch.encode()
         if self.history is not None:
             self.history.clear()
+        self.bytes = 0
 
 
 class Ledger:
@@ -57,11 +70,17 @@ class Ledger:
         self.clock = clock
         self.rooms: dict[str, _Room] = {}
         self.version = 0  # presence version of the last join or leave, of any room
+        self.bytes = 0  # history kept, all rooms (see ENTRY_COST)
+        self.max_bytes = self.policy.max_bytes or float("inf")
+        # Rooms kept with no members, least recently used first: evicted first.
+        self._empty: OrderedDict[str, None] = OrderedDict()
+        self.evicted_rooms = self.evicted_messages = 0
 
     def _room(self, name: str) -> _Room:
         room = self.rooms.get(name)
         if room is None:
             room = self.rooms[name] = _Room(self.policy.size_for(name))
+            self._empty[name] = None  # until someone joins
         return room
 
     def _fresh(self, room: _Room, now: float) -> list[tuple[int, float, bytes]]:
@@ -70,8 +89,11 @@ class Ledger:
             return []
         ttl = self.policy.ttl
         if ttl:
-            while room.history and now - room.history[0][1] > ttl:
-                room.history.popleft()
+            history = room.history
+            while history and now - history[0][1] > ttl:
+                cost = len(history.popleft()[2]) + ENTRY_COST
+                room.bytes -= cost
+                self.bytes -= cost
         return list(room.history)
 
     def publish_seq(self, name: str, head: bytes) -> tuple[int, bytes]:
@@ -81,8 +103,52 @@ class Ledger:
         payload = CHAT_TAIL % (head, seq, room.epoch_bytes)  # types.chat_payload without a call
         room.stamp = now = self.clock()
         if room.history is not None:
-            room.history.append((seq, now, payload))
+            self._keep(name, room, (seq, now, payload))
         return seq, payload
+
+    def _keep(self, name: str, room: _Room, entry: tuple[int, float, bytes]) -> None:
+        """Append to the room's history, within the size per room and the bytes in all."""
+        history = room.history
+        assert history is not None
+        cost = len(entry[2]) + ENTRY_COST
+        if len(history) == history.maxlen:  # the append pushes the oldest out
+            cost -= len(history[0][2]) + ENTRY_COST
+        history.append(entry)
+        room.bytes += cost
+        self.bytes += cost
+        if not room.members and name in self._empty:
+            self._empty.move_to_end(name)
+        if self.bytes > self.max_bytes:
+            self._evict(name, room)
+
+    def _evict(self, name: str, room: _Room) -> None:
+        """Back under max_bytes: least recently used empty rooms first, then ``room``'s
+        oldest messages (every other room with history has members)."""
+        for victim in list(self._empty):
+            if self.bytes <= self.max_bytes:
+                break
+            if victim != name and not self.rooms[victim].leased:  # a lessee still writes
+                self._drop(victim)
+                self.evicted_rooms += 1
+        history = room.history
+        while self.bytes > self.max_bytes and history is not None and len(history) > 1:
+            cost = len(history.popleft()[2]) + ENTRY_COST
+            room.bytes -= cost
+            self.bytes -= cost
+            self.evicted_messages += 1
+
+    def _drop(self, name: str) -> None:
+        room = self.rooms.pop(name)
+        self.bytes -= room.bytes
+        self._empty.pop(name, None)
+
+    def _emptied(self, name: str, room: _Room) -> None:
+        """The room has no member left: dropped, or kept as the most recently used empty one."""
+        if self._worth_keeping(room):
+            self._empty[name] = None
+            self._empty.move_to_end(name)
+        else:
+            self._drop(name)
 
     def lease(self, name: str) -> tuple[int, str]:
         """Lend the room's seq: (last seq, epoch) for the lessee to go on from."""
@@ -96,7 +162,7 @@ class Ledger:
         room.seq = seq
         room.stamp = now = self.clock()
         if room.history is not None:
-            room.history.append((seq, now, payload))
+            self._keep(name, room, (seq, now, payload))
 
     def unlease(self, name: str, reset: bool = False) -> None:
         """The seq is back here; ``reset``: the lessee's last records may be lost (new epoch)."""
@@ -105,13 +171,15 @@ class Ledger:
             return
         room.leased = False
         if reset:
+            self.bytes -= room.bytes
             room.restart()
-        if not room.members and not self._worth_keeping(room):
-            del self.rooms[name]
+        if not room.members:
+            self._emptied(name, room)
 
     def join(self, name: str, member: MemberInfo, since: tuple[int, str] | None) -> JoinResult:
         room = self._room(name)
         room.members[member.clientId] = member
+        self._empty.pop(name, None)
         self.version += 1
         recovered: bool | None = None
         replay: list[bytes] = []
@@ -138,8 +206,8 @@ class Ledger:
             return LeaveResult(0, self.version)
         if room.members.pop(client_id, None) is not None:
             self.version += 1
-        if not room.members and not self._worth_keeping(room):
-            del self.rooms[name]
+        if not room.members:
+            self._emptied(name, room)
         return LeaveResult(len(room.members), self.version)
 
     def _worth_keeping(self, room: _Room) -> bool:
@@ -170,13 +238,13 @@ class Ledger:
                 del room.members[member.clientId]
                 self.version += 1
                 gone.append((name, member, LeaveResult(len(room.members), self.version)))
-            if not room.members and not self._worth_keeping(room):
-                del self.rooms[name]
+            if not room.members:
+                self._emptied(name, room)
         return gone
 
     def sweep(self) -> int:
         """Drop empty rooms whose history has expired; return how many."""
         dead = [n for n, r in self.rooms.items() if not r.members and not self._worth_keeping(r)]
         for name in dead:
-            del self.rooms[name]
+            self._drop(name)
         return len(dead)

@@ -58,6 +58,9 @@ class HistoryPolicy(NamedTuple):
     size: int = 100  # messages kept per room; 0 = no history
     ttl: float = 3600.0  # seconds a message is kept; 0 = until pushed out by size
     off: str = ""  # fnmatch pattern of rooms that keep no history ("" = none)
+    # Bytes of history one process keeps in all (payloads plus their bookkeeping); past it,
+    # the least recently used empty rooms go first (0 = no cap; Redis has its own maxmemory).
+    max_bytes: int = 48 * 1024 * 1024
 
     def size_for(self, room: str) -> int:
         if self.off and fnmatch.fnmatchcase(room, self.off):
