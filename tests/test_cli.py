@@ -128,3 +128,25 @@ def test_json_logs_never_contain_the_token() -> None:
               if line.startswith("{") and '"event"' in line]
     assert "connected" in events and "disconnected" in events
     assert tok not in err and tok.split(".")[2] not in err
+
+
+def test_healthz_says_which_fan_out_runs_and_a_fallback_is_logged_as_an_error() -> None:
+    """The compiled fan-out: "compiled". Without it (the extension does not import) the
+    server still serves, says "python", and logs an error with the reason at start."""
+    with server_process() as (_, port), \
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=TIMEOUT) as r:
+        assert msgspec.json.decode(r.read())["fanout"] == "compiled"
+    blocked = ("import sys; sys.modules['fastws._fanout'] = None; from fastws.cli import main; "
+               f"sys.exit(main(['serve', '--port', '0', '--jwt-secret', {SECRET!r}]))")
+    proc = subprocess.Popen([sys.executable, "-c", blocked], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        line = proc.stdout.readline()
+        port = int(line.split("http://127.0.0.1:")[1].split()[0].strip("/"))
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=TIMEOUT) as r:
+            assert msgspec.json.decode(r.read())["fanout"] == "python"
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=TIMEOUT * 2)
+    assert "ERROR fastws.server: compiled fan-out not loaded" in err and "ModuleNotFound" in err

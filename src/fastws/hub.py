@@ -13,10 +13,15 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+#: Which fan-out runs ("compiled" or "python"), and why not the compiled one ("" if it is).
+FANOUT_ERROR = ""
 try:
     from . import _fanout as fanout
-except ImportError:  # pragma: no cover - only when the extension was not built
+except ImportError as exc:  # only when the extension was not built, or does not load
     from . import _fanout_py as fanout  # type: ignore[no-redef]
+
+    FANOUT_ERROR = f"{type(exc).__name__}: {exc}"
+FANOUT = "python" if FANOUT_ERROR else "compiled"
 
 if TYPE_CHECKING:
     from .session import Session

@@ -25,7 +25,7 @@ from .broker.memory import MemoryBroker
 from .broker.types import HistoryPolicy
 from .config import Settings
 from .errors import BrokerUnavailable, CloseCode
-from .hub import Hub
+from .hub import FANOUT, FANOUT_ERROR, Hub
 from .session import Session
 
 log = logging.getLogger("fastws.server")
@@ -90,6 +90,9 @@ class Node:
     async def start(self, reuse_port: bool = False) -> None:
         from .transport import Heartbeat, listen
 
+        if FANOUT_ERROR:  # it works, at a fraction of the speed: say so loudly, once
+            log.error("compiled fan-out not loaded, running the pure-Python one: %s",
+                      FANOUT_ERROR, extra={"event": "fanout_fallback", "reason": FANOUT_ERROR})
         await self.broker.start()
         self.server = await listen(self, _load_pages(), reuse_port=reuse_port)
         self.heartbeat = Heartbeat(self).start()
@@ -144,6 +147,7 @@ class Node:
             "connections": len(self.sessions),
             "rooms": len(self.hub.rooms),
             "uptime": round(time.monotonic() - self.started_at, 3),
+            "fanout": FANOUT,
         }
 
     def stats(self) -> dict[str, Any]:
