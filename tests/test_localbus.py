@@ -19,6 +19,7 @@ from fastws.broker.buswire import Framer, Resync, Subscribe
 from fastws.broker.localbus import LocalBusBroker
 from fastws.broker.types import MemberInfo, chat_payload
 from fastws.config import load_settings
+from fastws.errors import BrokerUnavailable
 from fastws.server import Node
 
 from .utils import SECRET, TIMEOUT, client, expect_silence, join, recv_json, send_json
@@ -628,3 +629,47 @@ async def test_a_dropped_connection_recovers_subscriptions_and_presence() -> Non
         reply = await expect(b, "presence", id="p")
         assert sorted(m["userId"] for m in reply["members"]) == ["alice", "bob"]
         assert bus.stats()["rooms"] == {"r": 2}
+
+
+class _SubscribeFails(LocalBusBroker):
+    """The real bus broker, whose ``subscribe`` of room "flaky" waits for ``gate`` and then
+    fails as a timed-out one would (the injected fault; everything else is the real bus)."""
+
+    gate: asyncio.Event
+
+    async def subscribe(self, room: str) -> None:
+        if room != "flaky":
+            return await super().subscribe(room)
+        await self.gate.wait()
+        raise BrokerUnavailable()
+
+
+async def test_joiners_waiting_on_a_failed_subscribe_are_all_told() -> None:
+    """Two local joiners of one room while its subscription is in flight: when it fails, both
+    get ``unavailable`` and neither is left in a room this node does not receive."""
+    directory = tempfile.mkdtemp(prefix="fastws-", dir="/tmp")
+    bus = BusServer(directory)
+    await bus.start()
+    broker = _SubscribeFails(bus.path, timeout=TIMEOUT)
+    broker.gate = asyncio.Event()
+    settings = load_settings({"host": "127.0.0.1", "port": 0, "jwt_secret": SECRET,
+                              "drain_timeout": DRAIN}, environ={})
+    node = Node(settings, SECRET, broker=broker, node_id="w1")
+    await node.start()
+    try:
+        async with client(node, "alice") as a, client(node, "bob") as b:
+            await send_json(a, "join_room", {"room": "flaky"}, id="a")
+            await asyncio.sleep(0.05)  # alice's subscription is now in flight
+            await send_json(b, "join_room", {"room": "flaky"}, id="b")
+            await expect_silence(b, 0.1)  # bob waits for the same subscription
+            broker.gate.set()
+            for ws, msg_id in ((a, "a"), (b, "b")):
+                error = await recv_json(ws)
+                assert (error["type"], error["code"], error["id"]) == ("error", "unavailable",
+                                                                      msg_id)
+            assert "flaky" not in node.hub.rooms
+            assert node.stats()["memberships"] == 0
+    finally:
+        await asyncio.wait_for(node.drain(), TIMEOUT + DRAIN)
+        await asyncio.wait_for(bus.close(), TIMEOUT)
+        shutil.rmtree(directory, ignore_errors=True)

@@ -69,6 +69,8 @@ class Node:
         # Seconds from a chat handed to a remote broker to its seq (metrics observes them).
         self.on_publish_latency: Callable[[float], None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        # Rooms whose subscription is in flight: later local joiners wait for the same answer.
+        self._subscribing: dict[str, asyncio.Future[bool]] = {}
         self.hub = Hub(settings.max_send_buffer_bytes, self.slow_consumer)
         self.sessions: dict[str, Session] = {}
         self._by_transport: dict[Any, Session] = {}
@@ -240,6 +242,10 @@ class Node:
             # message after its seq reaches this node; until then the hub holds them for us.
             if len(self.hub.join(room, session, pending=True)) == 1:
                 await self._subscribe(session, room, msg_id)
+            elif room in self._subscribing:  # not live yet: every joiner shares its outcome
+                if not await asyncio.shield(self._subscribing[room]):
+                    await self._drop_local(session, room)
+                    raise BrokerUnavailable(msg_id)
         try:
             result = await self.broker.join(
                 room, self._member(session), (since.seq, since.epoch) if since else None
@@ -358,11 +364,24 @@ class Node:
         return MemberInfo(session.client_id, who.user_id, who.username, self.node_id)
 
     async def _subscribe(self, session: Session, room: str, msg_id: p.MsgId) -> None:
+        if self.inline:  # answered in place: nobody can be waiting
+            await self.broker.subscribe(room)
+            return
+        outcome = self._subscribing[room] = asyncio.get_running_loop().create_future()
         try:
             await self.broker.subscribe(room)
         except BrokerUnavailable:
+            outcome.set_result(False)
             await self._drop_local(session, room)
             raise BrokerUnavailable(msg_id) from None
+        except BaseException:
+            outcome.set_result(False)
+            raise
+        else:
+            outcome.set_result(True)
+        finally:
+            if self._subscribing.get(room) is outcome:
+                del self._subscribing[room]
 
     async def _drop_local(self, session: Session, room: str) -> None:
         session.rooms.discard(room)
