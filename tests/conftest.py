@@ -1,10 +1,13 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from typing import Any
 
 import pytest
 import uvloop
+
+from .nodes import BROKERS, Backend
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -42,3 +45,35 @@ def redis_cluster() -> Iterator[object]:
         yield cluster
     finally:
         cluster.close()
+
+
+# ---- every broker: the conformance and fault suites run each test on each --------------------
+
+@pytest.fixture(scope="module", params=BROKERS)
+def broker_kind(request: pytest.FixtureRequest) -> Iterator[tuple[str, str]]:
+    """(kind, url): the redis-server or cluster is started once per module and kind."""
+    kind = request.param
+    if kind == "redis":
+        from .redisutil import RedisServer
+
+        server: Any = RedisServer().start()
+    elif kind == "redis-cluster":
+        from .redisutil import RedisClusterServers
+
+        server = RedisClusterServers().start()
+    else:
+        yield kind, ""
+        return
+    try:
+        yield kind, server.url
+    finally:
+        server.close()
+
+
+@pytest.fixture
+async def backend(broker_kind: tuple[str, str]) -> AsyncIterator[Backend]:
+    backend = await Backend(*broker_kind).start()
+    try:
+        yield backend
+    finally:
+        await backend.close()

@@ -15,14 +15,17 @@ import contextlib
 import itertools
 import shutil
 import tempfile
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
+
+from websockets.asyncio.client import ClientConnection
 
 from fastws.broker.types import Broker
 from fastws.config import load_settings
 from fastws.server import Node, history_policy
 
-from .utils import SECRET, TIMEOUT
+from .utils import SECRET, TIMEOUT, recv_json, send_json
 
 BROKERS = ("memory", "localbus", "redis", "redis-cluster")
 DRAIN = 2.0
@@ -104,3 +107,41 @@ class Backend:
         finally:
             for node in started:
                 await asyncio.wait_for(node.drain(), TIMEOUT + DRAIN)
+
+
+# ---- what the suites over every broker share -------------------------------------------------
+
+def room_name(tag: str) -> str:
+    """A room no other test uses (the Redis servers are shared by a module's tests)."""
+    return f"{tag}-{uuid.uuid4().hex[:8]}"
+
+
+async def settle(nodes: list[Node]) -> None:
+    """Every publication made so far has reached every node (the broker's barrier)."""
+    for node in {id(n): n for n in nodes}.values():
+        await asyncio.wait_for(node.broker.flush(), TIMEOUT)
+
+
+NOTICES = ("user_joined", "user_left", "typing")
+
+
+async def next_of(
+    ws: ClientConnection, type_: str, skip: tuple[str, ...] = NOTICES
+) -> dict[str, Any]:
+    """The next message of ``type_``, skipping ``skip``; anything else fails the test."""
+    while True:
+        msg = await recv_json(ws)
+        if msg["type"] == type_:
+            return msg
+        assert msg["type"] in skip, msg
+
+
+async def chats(ws: ClientConnection, count: int) -> list[dict[str, Any]]:
+    return [await next_of(ws, "chat_message") for _ in range(count)]
+
+
+async def enter(ws: ClientConnection, room: str, nodes: list[Node], **payload: Any) -> dict:
+    await send_json(ws, "join_room", {"room": room, **payload})
+    reply = await next_of(ws, "room_joined")
+    await settle(nodes)
+    return reply

@@ -10,84 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
-import pytest
 from websockets.asyncio.client import ClientConnection
 
 from fastws.broker.types import MemberInfo, chat_payload
 from fastws.server import Node
 
-from .nodes import BROKERS, Backend
+from .nodes import Backend, chats, enter, next_of, room_name, settle
 from .utils import TIMEOUT, client, expect_silence, recv_json, send_json
-
-
-@pytest.fixture(scope="module", params=BROKERS)
-def broker_kind(request: pytest.FixtureRequest) -> Iterator[tuple[str, str]]:
-    """(kind, url): the redis-server or cluster is started once per module and kind."""
-    kind = request.param
-    if kind == "redis":
-        from .redisutil import RedisServer
-
-        server: Any = RedisServer().start()
-    elif kind == "redis-cluster":
-        from .redisutil import RedisClusterServers
-
-        server = RedisClusterServers().start()
-    else:
-        yield kind, ""
-        return
-    try:
-        yield kind, server.url
-    finally:
-        server.close()
-
-
-@pytest.fixture
-async def backend(broker_kind: tuple[str, str]) -> AsyncIterator[Backend]:
-    backend = await Backend(*broker_kind).start()
-    try:
-        yield backend
-    finally:
-        await backend.close()
-
-
-def room_name(tag: str) -> str:
-    """A room no other test uses (the Redis servers are shared by a module's tests)."""
-    return f"{tag}-{uuid.uuid4().hex[:8]}"
-
-
-async def settle(nodes: list[Node]) -> None:
-    """Every publication made so far has reached every node (the broker's barrier)."""
-    for node in {id(n): n for n in nodes}.values():
-        await asyncio.wait_for(node.broker.flush(), TIMEOUT)
-
-
-NOTICES = ("user_joined", "user_left", "typing")
-
-
-async def next_of(
-    ws: ClientConnection, type_: str, skip: tuple[str, ...] = NOTICES
-) -> dict[str, Any]:
-    """The next message of ``type_``, skipping ``skip``; anything else fails the test."""
-    while True:
-        msg = await recv_json(ws)
-        if msg["type"] == type_:
-            return msg
-        assert msg["type"] in skip, msg
-
-
-async def chats(ws: ClientConnection, count: int) -> list[dict[str, Any]]:
-    return [await next_of(ws, "chat_message") for _ in range(count)]
-
-
-async def enter(ws: ClientConnection, room: str, nodes: list[Node], **payload: Any) -> dict:
-    await send_json(ws, "join_room", {"room": room, **payload})
-    reply = await next_of(ws, "room_joined")
-    await settle(nodes)
-    return reply
 
 
 @contextlib.asynccontextmanager

@@ -93,6 +93,13 @@ class Metrics:
                                   "sockets by the fan-out (one per recipient)", registry=r)
         self.auth_failures = Counter("fastws_auth_failures", "refused WebSocket upgrades and "
                                      "expired tokens, by reason", ["reason"], registry=r)
+        self.broker_dropped = Counter("fastws_broker_dropped", "messages read from the broker "
+                                      "that did not parse and were dropped (never sent to a "
+                                      "client)", ["broker"], registry=r)
+        self.presence_reconciled = Counter("fastws_presence_reconciled", "presence entries the "
+                                           "node put back in or took out of the broker to match "
+                                           "its connections (after an outage or a sweep)",
+                                           ["broker"], registry=r)
         self.api_requests = Counter("fastws_api_requests", "admin API requests, by route and "
                                     "HTTP status", ["route", "status"], registry=r)
         self.counters = {key: Counter(f"fastws_{name}", text, registry=r)
@@ -105,6 +112,8 @@ class Metrics:
         self.messages_in.labels("websocket")
         self.messages_in.labels("api")
         self.broker_up.labels(self._broker_name)
+        self.broker_dropped.labels(self._broker_name)
+        self.presence_reconciled.labels(self._broker_name)
         if not broker.inline:
             self.broker_latency.labels(self._broker_name)
             self._time_publishes()
@@ -159,8 +168,12 @@ class Metrics:
         counters = node.counters
         self.connections.set(len(node.sessions))
         self.rooms.set(len(node.hub.rooms))
-        up = node.broker.health().get("state") == "ok"
-        self.broker_up.labels(self._broker_name).set(1 if up else 0)
+        health = node.broker.health()
+        self.broker_up.labels(self._broker_name).set(1 if health.get("state") == "ok" else 0)
+        self._add(self.broker_dropped.labels(self._broker_name), "broker_dropped",
+                  health.get("dropped", 0))
+        self._add(self.presence_reconciled.labels(self._broker_name), "presence_reconciled",
+                  health.get("reconciled", 0))
         self._add(self.messages_in.labels("websocket"), "messages_in", node.messages_in)
         self._add(self.messages_in.labels("api"), "api_messages_in",
                   counters["api_messages_in"])
