@@ -50,8 +50,9 @@ def redis_cluster() -> Iterator[object]:
 # ---- every broker: the conformance and fault suites run each test on each --------------------
 
 @pytest.fixture(scope="module", params=BROKERS)
-def broker_kind(request: pytest.FixtureRequest) -> Iterator[tuple[str, str]]:
-    """(kind, url): the redis-server or cluster is started once per module and kind."""
+def broker_kind(request: pytest.FixtureRequest) -> Iterator[tuple[str, str, Any]]:
+    """(kind, url, server): the redis-server or cluster is started once per module and kind
+    (server is its RedisServer or RedisClusterServers; None for the others)."""
     kind = request.param
     if kind == "redis":
         from .redisutil import RedisServer
@@ -62,17 +63,18 @@ def broker_kind(request: pytest.FixtureRequest) -> Iterator[tuple[str, str]]:
 
         server = RedisClusterServers().start()
     else:
-        yield kind, ""
+        yield kind, "", None
         return
     try:
-        yield kind, server.url
+        yield kind, server.url, server
     finally:
         server.close()
 
 
 @pytest.fixture
-async def backend(broker_kind: tuple[str, str]) -> AsyncIterator[Backend]:
-    backend = await Backend(*broker_kind).start()
+async def backend(broker_kind: tuple[str, str, Any]) -> AsyncIterator[Backend]:
+    kind, url, server = broker_kind
+    backend = await Backend(kind, url, server).start()
     try:
         yield backend
     finally:

@@ -35,9 +35,10 @@ _names = itertools.count(1)
 class Backend:
     """What the nodes of one deployment share; ``kind`` is one of ``BROKERS``."""
 
-    def __init__(self, kind: str, url: str = "") -> None:
+    def __init__(self, kind: str, url: str = "", server: Any = None) -> None:
         self.kind = kind
         self.url = url  # redis kinds: the server (or a cluster node) the caller started
+        self.server = server  # its RedisServer / RedisClusterServers, for the fault suite
         self._bus: Any = None  # BusServer
         self._bus_dir = ""
 
@@ -56,6 +57,19 @@ class Backend:
         self._bus_dir = tempfile.mkdtemp(prefix="fastws-", dir="/tmp")
         self._bus = BusServer(self._bus_dir, history_policy(self._settings()))
         await self._bus.start()
+
+    async def restart_bus(self) -> None:
+        """The local bus server goes away and a new one starts on the same socket (what a
+        restarted supervisor does): the workers reconnect and re-state their members."""
+        from fastws.broker.bus import BusServer
+
+        await asyncio.wait_for(self._bus.close(), TIMEOUT)
+        self._bus = BusServer(self._bus_dir, history_policy(self._settings()))
+        await self._bus.start()
+
+    @property
+    def bus(self) -> Any:
+        return self._bus
 
     async def close(self) -> None:
         if self._bus is not None:
