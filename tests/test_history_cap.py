@@ -88,3 +88,35 @@ async def test_the_cap_holds_over_real_sockets() -> None:
         assert reply["type"] == "history" and len(reply["messages"]) == 40
         # The least recently used empty room was dropped whole: it starts over.
         assert (await join(alice, "churn-0"))["seq"] == 0
+
+
+async def test_expired_empty_rooms_are_swept_on_a_timer_without_any_chat() -> None:
+    """In-process broker and the local bus server: rooms whose history expired go by
+    themselves, with no chat to trigger a sweep."""
+    import asyncio
+    import shutil
+    import tempfile
+
+    from fastws.broker.bus import BusServer
+    from fastws.broker.memory import MemoryBroker
+
+    policy = HistoryPolicy(size=10, ttl=0.2)
+    memory = MemoryBroker(policy)
+    memory.attach("n", lambda *_: None)
+    await memory.start()
+    directory = tempfile.mkdtemp(prefix="fastws-", dir="/tmp")
+    bus = BusServer(directory, policy)
+    await bus.start()
+    try:
+        for ledger in (memory.ledger, bus.ledger):
+            ledger.join("r", ALICE, None)
+            ledger.publish_seq("r", HEAD)
+            ledger.leave("r", ALICE.clientId)
+            assert "r" in ledger.rooms  # kept for its history, for now
+        await asyncio.sleep(0.5)  # the ttl, then a sweep interval (ttl / 4)
+        assert memory.ledger.rooms == {} and bus.ledger.rooms == {}
+        assert memory.ledger.bytes == 0 and bus.ledger.bytes == 0
+    finally:
+        await memory.close()
+        await bus.close()
+        shutil.rmtree(directory, ignore_errors=True)

@@ -242,10 +242,10 @@ class Node:
             # message after its seq reaches this node; until then the hub holds them for us.
             if len(self.hub.join(room, session, pending=True)) == 1:
                 await self._subscribe(session, room, msg_id)
-            elif room in self._subscribing:  # not live yet: every joiner shares its outcome
-                if not await asyncio.shield(self._subscribing[room]):
-                    await self._drop_local(session, room)
-                    raise BrokerUnavailable(msg_id)
+            elif room in self._subscribing and not await asyncio.shield(
+                    self._subscribing[room]):  # every joiner shares the subscription's outcome
+                await self._drop_local(session, room)
+                raise BrokerUnavailable(msg_id)
         try:
             result = await self.broker.join(
                 room, self._member(session), (since.seq, since.epoch) if since else None

@@ -67,7 +67,7 @@ from .buswire import (
     Unsubscribe,
     socket_path,
 )
-from .ledger import Ledger
+from .ledger import Ledger, sweep_interval
 from .types import HistoryPolicy, LeaveResult, MemberInfo
 
 log = logging.getLogger("fastws.bus")
@@ -181,6 +181,7 @@ class BusServer:
         self._revoked: dict[str, float] = {}  # room -> when its lessee was told to release
         self._waiters: dict[str, list[_Link]] = {}  # room -> links held until it is released
         self._revoke_timer: asyncio.TimerHandle | None = None
+        self._sweeper: asyncio.TimerHandle | None = None
         # Counters for stats() and the batching tests.
         self.requests = self.reads = self.frames = self.writes = self.slow_drops = 0
         self.records = self.leases_granted = self.revokes = self.leases_cut = 0
@@ -191,9 +192,22 @@ class BusServer:
             os.unlink(self.path)  # a stale socket of a previous run
         self._server = await asyncio.get_running_loop().create_unix_server(
             lambda: _Link(self), self.path)
+        self._sweep()
         log.info("local bus listening", extra={"event": "bus_listening", "endpoint": self.path})
 
+    def _sweep(self) -> None:
+        """Expired empty rooms go on a timer too, not only every 4,096 chats."""
+        self.ledger.sweep()
+        self._sweeper = asyncio.get_running_loop().call_later(
+            sweep_interval(self.ledger.policy), self._sweep)
+
     async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        if self._revoke_timer is not None:
+            self._revoke_timer.cancel()
+            self._revoke_timer = None
         server, self._server = self._server, None
         if server is not None:
             server.close()
@@ -222,6 +236,8 @@ class BusServer:
             "leases_granted": self.leases_granted,
             "revokes": self.revokes,
             "leases_cut": self.leases_cut,
+            "history_bytes": self.ledger.bytes,
+            "evicted_rooms": self.ledger.evicted_rooms,
         }
 
     def forget_node(self, node_id: str) -> None:

@@ -37,6 +37,12 @@ __all__ = ["HistoryPolicy", "JoinResult", "LeaveResult", "Ledger", "new_epoch"]
 ENTRY_COST = 150
 
 
+def sweep_interval(policy: HistoryPolicy) -> float:
+    """How often an owner of a ledger sweeps it on a timer: a quarter of the history ttl, at
+    least every minute, at most every 0.05 s."""
+    return min(max(policy.ttl / 4, 0.05), 60.0) if policy.ttl else 60.0
+
+
 class _Room:
     __slots__ = ("bytes", "epoch", "epoch_bytes", "history", "leased", "members", "seq",
                  "stamp")

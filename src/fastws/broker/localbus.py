@@ -628,6 +628,10 @@ class LocalBusBroker:
                 except OSError as exc:
                     self._cause = f"bus unreachable ({exc})"
                     delay = min(delay * 2, longest)
+                except Exception as exc:  # never stop trying: the worker is useless without it
+                    log.exception("local bus reconnect failed", extra={"event": "bus_error"})
+                    self._cause = f"reconnect failed ({type(exc).__name__}: {exc})"
+                    delay = min(delay * 2, longest)
         finally:
             self._reconnecting = None
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from typing import Any
 
-from .ledger import Ledger
+from .ledger import Ledger, sweep_interval
 from .types import (
     Deliver,
     HistoryPolicy,
@@ -30,18 +31,29 @@ class MemoryBroker:
         self._deliver: Deliver | None = None
         self.ledger = Ledger(policy, clock)
         self._publications = 0
+        self._sweeper: asyncio.TimerHandle | None = None
 
     def attach(self, node_id: str, deliver: Deliver, pressure: Pressure | None = None) -> None:
         self._deliver = deliver  # never under pressure: every call is answered in place
 
     async def start(self) -> None:
-        return None
+        self._sweep()
+
+    def _sweep(self) -> None:
+        """Expired empty rooms go on a timer too, not only every 4,096 chats."""
+        self.ledger.sweep()
+        self._sweeper = asyncio.get_running_loop().call_later(
+            sweep_interval(self.ledger.policy), self._sweep)
 
     async def close(self) -> None:
-        return None
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
 
     def health(self) -> dict[str, Any]:
-        return {"name": self.name, "state": "ok", "rooms": len(self.ledger.rooms)}
+        ledger = self.ledger
+        return {"name": self.name, "state": "ok", "rooms": len(ledger.rooms),
+                "history_bytes": ledger.bytes, "evicted_rooms": ledger.evicted_rooms}
 
     async def subscribe(self, room: str) -> None:
         return None

@@ -495,8 +495,12 @@ class RedisBroker:
             try:
                 await self._connect()
                 return
-            except (RespError, OSError) as exc:
+            except (RespError, OSError, asyncio.TimeoutError) as exc:
                 log.debug("redis reconnect failed: %s", exc)
+                delay = min(delay * 2, 2.0)
+            except Exception as exc:  # a bug, or data that breaks it: keep trying, loudly
+                log.exception("redis reconnect failed", extra={"event": "broker_upkeep_error"})
+                self._upkeep_error = f"reconnect: {type(exc).__name__}: {exc}"[:200]
                 delay = min(delay * 2, 2.0)
 
     def _pressure_changed(self, paused: bool) -> None:
