@@ -368,6 +368,10 @@ class BusServer:
                 lessee = self._leases.get(req.room)
                 if lessee is not None and lessee is not link:
                     self._revoke(req.room)
+            if req.after >= 0:  # back after a drop: what it missed, ahead of what follows
+                first, missed = self.ledger.after(req.room, req.after)
+                if missed:
+                    return Reply(a=first, messages=missed)
             return OK
         if isinstance(req, Unsubscribe):
             if req.room in link.rooms:

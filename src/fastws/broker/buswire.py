@@ -19,7 +19,9 @@ carry no id: the worker matches them to its FIFO of pending requests):
     leave     room, client_id                a = connections left
     history   room, limit                    b = last seq, epoch, messages
     presence  room                           members = [MemberInfo, ...]
-    sub       room                           (ok) once recorded: later publications follow
+    sub       room, after                    (ok) once recorded: later publications follow;
+                                             after >= 0 (a re-subscription): a = the seq of
+                                             messages[0], messages = the chats after it
     unsub     room                           (ok)
     ping      (none)                         (ok): behind everything published before it
     resync    node, [[room, MemberInfo]...]  (ok): the node's presence is now exactly this
@@ -121,6 +123,7 @@ class Presence(msgspec.Struct, array_like=True, gc=False, tag="presence"):
 
 class Subscribe(msgspec.Struct, array_like=True, gc=False, tag="sub"):
     room: str
+    after: int = -1  # a worker re-subscribing: the last chat seq it delivered in the room
 
 
 class Unsubscribe(msgspec.Struct, array_like=True, gc=False, tag="unsub"):

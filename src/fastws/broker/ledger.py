@@ -227,6 +227,15 @@ class Ledger:
         room = self.rooms.get(name)
         return list(room.members.values()) if room is not None else []
 
+    def after(self, name: str, seq: int) -> tuple[int, list[bytes]]:
+        """(seq of the first, payloads) of the chats kept after ``seq``, oldest first: what a
+        worker whose connection dropped missed (nothing if the room started over since)."""
+        room = self.rooms.get(name)
+        if room is None or seq >= room.seq:
+            return 0, []
+        kept = [(s, payload) for s, _, payload in self._fresh(room, self.clock()) if s > seq]
+        return (kept[0][0], [payload for _, payload in kept]) if kept else (0, [])
+
     def history(self, name: str, limit: int) -> tuple[int, str, list[bytes]]:
         """(last seq, epoch, up to ``limit`` newest chat payloads oldest first)."""
         room = self.rooms.get(name)

@@ -128,6 +128,31 @@ class _Link(asyncio.Protocol):
             self.broker._drained()
 
 
+class _Missed:
+    """The waiter of a re-subscription: delivers the chats the bus kept that this worker
+    missed while its connection was down, in place, ahead of everything after them."""
+
+    __slots__ = ("broker", "room")
+
+    def __init__(self, broker: LocalBusBroker, room: str) -> None:
+        self.broker = broker
+        self.room = room
+
+    def __call__(self, reply: Reply | int) -> None:
+        broker = self.broker
+        if not isinstance(reply, Reply) or not reply.messages \
+                or self.room not in broker._subscribed:
+            return
+        deliver, room = broker._deliver, self.room
+        assert deliver is not None
+        last = broker._last_seq.get(room, 0)
+        for seq, payload in enumerate(reply.messages, reply.a):
+            if seq > last:
+                deliver(room, "", payload, seq)
+                broker.recovered += 1
+        broker._last_seq[room] = max(last, reply.a + len(reply.messages) - 1)
+
+
 class _Grant:
     """The waiter of an ``acquire``. Called in place when its reply is read, so a ``revoke``
     read right behind the reply finds the lease installed."""
@@ -189,6 +214,7 @@ class LocalBusBroker:
         # Leased chats whose record is not in the socket yet: (room, payload, seq, done).
         self._leased_out: list[tuple[str, bytes, int, SeqDone]] = []
         self._oneway = 0  # of _queued, messages the bus does not answer
+        self._last_seq: dict[str, int] = {}  # room -> the last chat seq delivered here
         self._members: dict[tuple[str, str], MemberInfo] = {}  # (room, clientId) -> member
         self._failed = _Throttled("broker_unavailable")
         #: Publications received per room: tests watch it.
@@ -197,6 +223,7 @@ class LocalBusBroker:
         self.frames = 0  # frames read
         self.reconnects = 0
         self.leased = 0  # chats sequenced here under a lease
+        self.recovered = 0  # chats missed while disconnected, replayed on re-subscribing
 
     def attach(self, node_id: str, deliver: Deliver, pressure: Pressure | None = None) -> None:
         self.node_id = node_id
@@ -229,6 +256,7 @@ class LocalBusBroker:
             self._fail_all("broker closed")
         self._subscribed.clear()
         self._members.clear()
+        self._last_seq.clear()
 
     def health(self) -> dict[str, Any]:
         return {
@@ -253,6 +281,7 @@ class LocalBusBroker:
         if room not in self._subscribed:
             return
         self._subscribed.discard(room)
+        self._last_seq.pop(room, None)
         self._leases.pop(room, None)  # the unsub, behind its records, gives it back
         grant = self._acquiring.pop(room, None)
         if self._transport is not None:
@@ -324,6 +353,8 @@ class LocalBusBroker:
         seq, epoch = since if since is not None else (-1, "")
         reply = await self._call(Join(room, member, seq, epoch))
         self._members[(room, member.clientId)] = member  # re-stated on reconnect
+        if room in self._subscribed:  # a baseline for what a dropped connection missed
+            self._last_seq[room] = max(self._last_seq.get(room, 0), reply.b)
         recovered = None if reply.recovered < 0 else bool(reply.recovered)
         return JoinResult(reply.a, reply.b, reply.epoch, recovered, reply.messages, reply.version)
 
@@ -419,7 +450,9 @@ class LocalBusBroker:
         out, self._leased_out = self._leased_out, []
         deliver = self._deliver
         assert deliver is not None
+        last_seq = self._last_seq
         for room, payload, seq, done in out:
+            last_seq[room] = seq
             try:
                 deliver(room, "", payload, seq)
             except Exception:
@@ -473,6 +506,7 @@ class LocalBusBroker:
         deliver = self._deliver
         assert deliver is not None
         received = self.received
+        last_seq = self._last_seq
         fifo = self._fifo
         for events in frames:
             self.frames += 1
@@ -484,6 +518,8 @@ class LocalBusBroker:
                         continue
                     room = event.room
                     received[room] += 1
+                    if event.seq > 0:
+                        last_seq[room] = event.seq
                     try:
                         deliver(room, event.exclude, event.payload, event.seq)
                     except Exception:
@@ -508,7 +544,7 @@ class LocalBusBroker:
 
     def _answer(self, waiter: Any, event: Reply | Sequenced) -> None:
         """Answer the oldest waiter: a Future gets the Reply, a callback the seq (0: refused)."""
-        if type(waiter) is _Grant:
+        if type(waiter) is _Grant or type(waiter) is _Missed:
             waiter(event if isinstance(event, Reply) else 0)
             return
         if isinstance(event, Sequenced):  # the chat hot path: no Reply made for it
@@ -650,7 +686,8 @@ class LocalBusBroker:
         members = [(room, member) for (room, _), member in self._members.items()]
         self._send(Resync(self.node_id, members), None)
         for room in self._subscribed:
-            self._send(Subscribe(room), None)
+            # With the last seq delivered: the bus answers with what was missed meanwhile.
+            self._send(Subscribe(room, self._last_seq.get(room, -1)), _Missed(self, room))
             self._acquire(room)
         if self._down:
             log.info("local bus is back", extra={"event": "broker_up", "broker": self.name})
