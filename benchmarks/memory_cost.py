@@ -32,7 +32,7 @@ import sys
 import time
 
 import orjson
-from websockets.asyncio.client import connect
+from websockets.asyncio.client import ClientConnection, connect
 
 SECRET = "memory-cost-secret-0123456789abcdef0123456789"
 TEXT = "x" * 1000
@@ -65,24 +65,24 @@ def start_server(extra: list[str]) -> tuple[subprocess.Popen[str], int]:
     return proc, int(match.group(1))
 
 
-async def request(ws: object, type_: str, payload: dict, msg_id: str) -> None:
+async def request(ws: ClientConnection, type_: str, payload: dict, msg_id: str) -> None:
     """Send and wait for the answer carrying ``msg_id`` (skipping broadcasts)."""
-    await ws.send(orjson.dumps({"type": type_, "payload": payload, "id": msg_id}).decode())  # type: ignore[attr-defined]
+    await ws.send(orjson.dumps({"type": type_, "payload": payload, "id": msg_id}).decode())
     while True:
-        msg = orjson.loads(await ws.recv())  # type: ignore[attr-defined]
+        msg = orjson.loads(await ws.recv())
         if msg.get("id") == msg_id:
             if msg["type"] == "error":
                 raise RuntimeError(msg)
             return
 
 
-async def post(ws: object, room: str, count: int, tag: str) -> None:
+async def post(ws: ClientConnection, room: str, count: int, tag: str) -> None:
     for i in range(count):
-        await ws.send(orjson.dumps({"type": "chat_message", "id": f"{tag}-{i}",  # type: ignore[attr-defined]
+        await ws.send(orjson.dumps({"type": "chat_message", "id": f"{tag}-{i}",
                                     "payload": {"room": room, "message": TEXT}}).decode())
     acks = 0
     while acks < count:
-        acks += orjson.loads(await ws.recv()).get("type") == "ack"  # type: ignore[attr-defined]
+        acks += orjson.loads(await ws.recv()).get("type") == "ack"
 
 
 async def settle(pid: int) -> int:
