@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import os
+import signal
+import urllib.request
 from collections import Counter
 from typing import Any
 
 import pytest
-from websockets.asyncio.client import ClientConnection
+from websockets.asyncio.client import ClientConnection, connect
 
 from fastws.broker.localbus import LocalBusBroker
 from fastws.broker.memory import MemoryBroker
@@ -23,7 +27,7 @@ from fastws.broker.redis import RedisBroker
 from fastws.server import Node
 
 from .nodes import Backend, enter, next_of, room_name, settle
-from .utils import TIMEOUT, client, expect_silence, recv_json, send_json
+from .utils import TIMEOUT, client, expect_silence, recv_json, send_json, server_process, ws_url
 
 Members = list[tuple[ClientConnection, str]]  # (client, its user)
 
@@ -186,3 +190,79 @@ async def test_the_broker_paused_past_the_client_timeout_converges(backend: Back
             while any(n.health()["status"] != "ok" for n in nodes):
                 await asyncio.sleep(0.05)
         await converged(nodes, members, room)
+
+
+# ---- a node or a worker goes away --------------------------------------------------------------
+
+
+async def test_a_node_paused_past_its_ttl_converges(backend: Backend) -> None:
+    """A node process stopped (SIGSTOP) until the others sweep it, then resumed: its member
+    comes back into presence everywhere and chat flows (tests/test_presence_converges.py
+    has the notices the room sees)."""
+    if not backend.kind.startswith("redis"):
+        pytest.skip("node liveness and sweeping are Redis'")
+    room = room_name("paused")
+    cluster = ["--redis-cluster"] if backend.kind == "redis-cluster" else []
+    with server_process("--redis", backend.url, "--redis-node-ttl", "1", *cluster) as (proc,
+                                                                                      port):
+        async with backend.nodes(1) as nodes, client(port, "alice") as a, \
+                client(nodes[0], "bob") as b:
+            await enter(a, room, [])
+            await enter(b, room, nodes)
+            proc.send_signal(signal.SIGSTOP)
+            try:
+                await next_of(b, "user_left", skip=("user_joined",))  # swept
+            finally:
+                proc.send_signal(signal.SIGCONT)
+            await converged(nodes, [(a, "alice"), (b, "bob")], room)
+
+
+async def test_a_worker_killed_holding_leases_loses_nothing() -> None:
+    """``fastws serve --workers 2``: the rooms of one worker's clients live on it alone (it
+    holds their leases). SIGKILL it: its clients reconnect to whichever worker answers and
+    recover with ``since``, every chat there, none twice; then the room converges."""
+    with server_process("--workers", "2") as (_proc, port):
+        clients = []
+        for i in range(8):
+            ws = await connect(ws_url(port, f"u{i}"), open_timeout=TIMEOUT, close_timeout=1)
+            clients.append((ws, f"u{i}", (await recv_json(ws))["node"]))
+        try:
+            victim_node = clients[0][2]
+            mine = [(ws, user) for ws, user, node in clients if node == victim_node]
+            last: dict[str, tuple[int, str]] = {}
+            for ws, user in mine:  # one room per client: each leased to the victim
+                room = f"solo-{user}"
+                await enter(ws, room, [])
+                for i in range(20):
+                    await send_json(ws, "chat_message", {"room": room, "message": f"{i}"})
+                for _ in range(20):
+                    msg = await next_of(ws, "chat_message")
+                last[user] = (msg["seq"], msg["epoch"])
+            health = await asyncio.to_thread(_health_of_node, port, victim_node)
+            os.kill(health["pid"], signal.SIGKILL)
+            for ws, user in mine:
+                with contextlib.suppress(Exception):
+                    await ws.wait_closed()
+                seq, epoch = last[user]
+                async with connect(ws_url(port, user), open_timeout=TIMEOUT) as again:
+                    await recv_json(again)
+                    await send_json(again, "join_room", {"room": f"solo-{user}",
+                                                         "since": {"seq": seq, "epoch": epoch}})
+                    joined = await next_of(again, "room_joined")
+                    assert (joined["seq"], joined["epoch"], joined["recovered"]) == (
+                        20, epoch, True)
+                    await expect_silence(again, 0.05)  # nothing replayed: nothing was missed
+                    await converged([], [(again, user)], f"solo-{user}")
+        finally:
+            for ws, _, _ in clients:
+                await ws.close()
+
+
+def _health_of_node(port: int, node: str, tries: int = 400) -> dict[str, Any]:
+    """/healthz of the worker named ``node`` (each fresh connection lands on either)."""
+    for _ in range(tries):
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=TIMEOUT) as r:
+            health: dict[str, Any] = json.loads(r.read())
+        if health["node"] == node:
+            return health
+    raise AssertionError(f"no worker answered as {node}")
