@@ -695,3 +695,24 @@ async def test_chats_missed_while_a_worker_was_cut_off_are_replayed_in_order() -
         await until(lambda: len(two.delivered) == 9)
         assert [seq for *_, seq in two.delivered] == list(range(1, 10))
         assert two.broker.recovered == 5
+
+
+async def test_a_chat_the_worker_gave_up_on_is_never_applied_later() -> None:
+    """The bus stops reading w1 past w1's timeout: w1 answers its chat ``unavailable`` and
+    reconnects. When the bus reads the old frame at last, it refuses the chat (past its
+    deadline) instead of applying it: not in history, not delivered to w2."""
+    async with bare_bus("w1", "w2", timeout=0.3) as (bus, [one, two]):
+        await two.broker.subscribe("r")
+        await one.broker.flush()
+        stuck = link_of(bus, "w1")
+        assert stuck.transport is not None
+        stuck.transport.pause_reading()
+        seqs: list[int] = []
+        one.broker.publish_seq_nowait("r", HEAD, seqs.append)
+        await until(lambda: seqs == [0], timeout=2.0)  # given up on: unavailable
+        stuck.transport.resume_reading()  # the bus reads the late frame now
+        await until(lambda: bus.stats()["expired"] == 1)
+        await two.broker.flush()
+        assert bus.ledger.history("r", 10)[0] == 0 and two.delivered == []
+        await until(lambda: one.broker.health()["state"] == "ok")
+        assert await one.broker.publish_seq("r", HEAD) == 1

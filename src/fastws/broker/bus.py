@@ -36,6 +36,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 from typing import Any, cast
 
 import msgspec
@@ -45,6 +46,7 @@ from .buswire import (
     FAILED,
     OK,
     Acquire,
+    Deadline,
     Deframer,
     Framer,
     History,
@@ -185,6 +187,7 @@ class BusServer:
         # Counters for stats() and the batching tests.
         self.requests = self.reads = self.frames = self.writes = self.slow_drops = 0
         self.records = self.leases_granted = self.revokes = self.leases_cut = 0
+        self.expired = 0  # requests read past their frame's deadline, refused
         self._sequenced = 0  # requests since the last ledger sweep
 
     async def start(self) -> None:
@@ -236,6 +239,7 @@ class BusServer:
             "leases_granted": self.leases_granted,
             "revokes": self.revokes,
             "leases_cut": self.leases_cut,
+            "expired": self.expired,
             "history_bytes": self.ledger.bytes,
             "evicted_rooms": self.ledger.evicted_rooms,
         }
@@ -306,10 +310,22 @@ class BusServer:
         subscribers = self._subscribers
         leases = self._leases
         publish_seq = self.ledger.publish_seq
+        expired = False
         for i in range(start, len(requests)):
             req = requests[i]
             if type(req) is Record:  # the leased chat path: no reply
                 self._record(link, req)
+                continue
+            if type(req) is Deadline:
+                expired = time.monotonic() > req.at
+                continue
+            if expired and type(req) is not Release:  # the worker gave up on it: refuse
+                self.expired += 1
+                if self.expired & (self.expired - 1) == 0:  # 1st, 2nd, 4th...: rate-limited
+                    log.warning("refused a request read past its deadline from %s (%d so far)",
+                                link.node or "a worker", self.expired,
+                                extra={"event": "bus_expired", "node": link.node})
+                out.append(FAILED)
                 continue
             if type(req) is not PublishSeq:
                 if type(req) is Release:

@@ -32,6 +32,12 @@ carry no id: the worker matches them to its FIFO of pending requests):
     release   room                           none: the lessee gives the seq back
     ========= ============================== ==========================================
 
+Deadlines: a frame with requests to answer starts with ``by`` (a CLOCK_MONOTONIC time,
+shared by every process of the host) past which the worker will have given up on them. A
+server that reads it too late answers each with ``ok`` false instead of applying it, so a chat
+or join the worker reported as failed is never applied behind its back; records and releases
+are applied whatever the time (their chats were delivered already).
+
 Leases: a room whose one subscriber is this worker needs no round trip per chat. The worker
 asks for the room's seq (``acquire``, sent after ``sub`` and on ``offer``), then sequences its
 chats itself and streams each as a ``record`` ahead of delivering it. When another worker
@@ -139,6 +145,10 @@ class Resync(msgspec.Struct, array_like=True, gc=False, tag="resync"):
     members: list[tuple[str, MemberInfo]]
 
 
+class Deadline(msgspec.Struct, array_like=True, gc=False, tag="by"):
+    at: float  # time.monotonic() past which the worker has given up on this frame
+
+
 class Acquire(msgspec.Struct, array_like=True, gc=False, tag="acquire"):
     room: str
 
@@ -158,7 +168,7 @@ ONE_WAY = (Record, Release)
 
 Request = (
     PublishSeq | Publish | Join | Leave | History | Presence | Subscribe | Unsubscribe | Ping
-    | Resync | Acquire | Record | Release
+    | Resync | Acquire | Record | Release | Deadline
 )
 
 # ---- server -> worker ---------------------------------------------------------------------------

@@ -52,6 +52,7 @@ import msgspec
 from ..errors import BrokerUnavailable
 from .buswire import (
     Acquire,
+    Deadline,
     Deframer,
     Event,
     Framer,
@@ -426,6 +427,9 @@ class LocalBusBroker:
             return
         self._queued = []
         oneway, self._oneway = self._oneway, 0
+        if len(queued) > oneway:  # answers awaited: past 0.8 x timeout, refuse them instead
+            queued.insert(0, Deadline(time.monotonic() + self.timeout * 0.8))
+            oneway += 1
         transport.write(self._framer.frame(queued))
         self.writes += 1
         if len(queued) > oneway:
