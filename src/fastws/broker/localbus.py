@@ -218,7 +218,7 @@ class LocalBusBroker:
         self._last_seq: dict[str, int] = {}  # room -> the last chat seq delivered here
         self._members: dict[tuple[str, str], MemberInfo] = {}  # (room, clientId) -> member
         self._failed = _Throttled("broker_unavailable")
-        #: Publications received per room: tests watch it.
+        #: Publications received per subscribed room: tests watch it.
         self.received: Counter[str] = Counter()
         self.writes = 0  # frames written (one per loop turn with requests)
         self.frames = 0  # frames read
@@ -283,6 +283,7 @@ class LocalBusBroker:
             return
         self._subscribed.discard(room)
         self._last_seq.pop(room, None)
+        self.received.pop(room, None)  # no per-room state outlives the room here
         self._leases.pop(room, None)  # the unsub, behind its records, gives it back
         grant = self._acquiring.pop(room, None)
         if self._transport is not None:

@@ -408,7 +408,9 @@ class RedisBroker:
 
     def health(self) -> dict[str, Any]:
         servers = self._servers
-        return {"name": self.name, "state": self.state, "outages": self.outages,
+        # Upkeep failing (liveness not refreshed) is degraded even while commands work.
+        state = "degraded" if self.state == "ok" and self._upkeep_error else self.state
+        return {"name": self.name, "state": state, "outages": self.outages,
                 "rooms": len(self._rooms), "dropped": self.dropped,
                 "reconciled": self.reconciled,
                 **({"upkeep_error": self._upkeep_error} if self._upkeep_error else {}),
