@@ -269,3 +269,36 @@ async def test_more_than_rate_burst_pending_messages_close_with_1008(redis_serve
         async with asyncio.timeout(TIMEOUT):
             while node.sessions:
                 await asyncio.sleep(0.01)
+
+
+async def test_a_chat_given_up_on_is_not_applied_when_redis_wakes(redis_server) -> None:
+    """Redis stopped (SIGSTOP) past the node's timeout while a chat waits: the sender is told
+    ``unavailable``; when Redis runs again it reads the script, but past its deadline (in
+    Redis' own clock) it applies nothing: no seq, no history, nothing delivered."""
+    async with redis_node(redis_server.url, "A") as a, redis_node(redis_server.url, "B") as b, \
+            client(a, "alice") as alice, client(b, "bob") as bob:
+        await join(alice, "late")
+        await join(bob, "late")
+        await recv_json(alice)  # user_joined bob
+        redis_server.pause()
+        try:
+            await send_json(alice, "chat_message", {"room": "late", "message": "late"}, id="x")
+            reply = await recv_json(alice, timeout=TIMEOUT)
+            assert (reply["type"], reply["code"], reply["id"]) == ("error", "unavailable", "x")
+        finally:
+            redis_server.resume()
+
+        async def healthy() -> bool:
+            return a.health()["status"] == "ok" and b.health()["status"] == "ok"
+
+        await until(healthy, TIMEOUT * 2)
+        async with redis_pipe(redis_server.url) as pipe:
+            assert await pipe.call(b"GET", b"fastws:{late}:seq") is None
+            assert await pipe.call(b"LLEN", b"fastws:{late}:history") == 0
+        await expect_silence(bob, 0.2)
+        await send_json(bob, "chat_message", {"room": "late", "message": "on time"})
+        for ws in (alice, bob):
+            msg = await recv_json(ws)
+            while msg["type"] != "chat_message":
+                msg = await recv_json(ws)
+            assert (msg["message"], msg["seq"]) == ("on time", 1)

@@ -91,8 +91,10 @@ redis.call('SET', KEYS[2], epoch, 'EX', ARGV[4])
 # Every chat of one loop turn for one server (one slot on a cluster) in one call: the per-call
 # cost of EVALSHA (about 10 us in redis-server) is paid once for all of them.
 # KEYS: per message seq, epoch, history, channel (4 each, in the order of the calls)
-# ARGV: new epoch, state ttl s, PUBLISH|SPUBLISH, then per message head, history size - 1
-#       (-1: no history)
+# ARGV: new epoch, state ttl s, PUBLISH|SPUBLISH, deadline (Redis' clock, unix ms), then per
+#       message head, history size - 1 (-1: no history)
+# Past the deadline the node has given up on the call (and told its clients unavailable):
+# the script then applies nothing and returns "expired", so no chat lands behind their back.
 # The history list is trimmed to size once it holds size / 8 more (an LTRIM per message
 # costs more than the rest of the history upkeep); readers read only its newest ``size``.
 # Returns the seqs, in order. A room met again in the same call reuses its epoch, and its
@@ -103,7 +105,10 @@ redis.call('SET', KEYS[2], epoch, 'EX', ARGV[4])
 _PUBLISH_SEQS = """
 local fresh, ttl, publish = ARGV[1], ARGV[2], ARGV[3]
 local seqs, epochs = {}, {}
-local now
+local t = redis.call('TIME')
+local ms = t[1] * 1000 + math.floor(t[2] / 1000)
+if ms > tonumber(ARGV[4]) then return 'expired' end
+local now = ':' .. tostring(ms) .. ':'
 for i = 1, #KEYS / 4 do
   local seq_key, epoch_key, history_key = KEYS[i * 4 - 3], KEYS[i * 4 - 2], KEYS[i * 4 - 1]
   local epoch = epochs[epoch_key]
@@ -120,15 +125,11 @@ for i = 1, #KEYS / 4 do
   local seq = redis.call('INCR', seq_key)
   if first then redis.call('EXPIRE', seq_key, ttl) end
   local s = tostring(seq)
-  local payload = ARGV[i * 2 + 2] .. s .. """ + _lua_string(CHAT_EPOCH) + """ .. epoch .. """ + \
+  local payload = ARGV[i * 2 + 3] .. s .. """ + _lua_string(CHAT_EPOCH) + """ .. epoch .. """ + \
     _lua_string(CHAT_END) + """
   redis.call(publish, KEYS[i * 4], '\\n' .. s .. '\\n' .. payload)
-  local last = ARGV[i * 2 + 3]
+  local last = ARGV[i * 2 + 4]
   if last ~= '-1' then
-    if not now then
-      local t = redis.call('TIME')
-      now = ':' .. tostring(t[1] * 1000 + math.floor(t[2] / 1000)) .. ':'
-    end
     local size = tonumber(last) + 1
     if redis.call('LPUSH', history_key, s .. now .. payload) > size + math.floor(size / 8) then
       redis.call('LTRIM', history_key, '0', last)
@@ -273,8 +274,11 @@ class _SeqBatch:
 
     def close(self) -> None:
         broker = self.broker
+        # Redis' clock: this node's plus the offset measured at connect (see _clock_offset).
+        deadline = int((time.time() + broker.timeout * 0.8) * 1000) + broker._clock_offset_ms
         self.sent = (b"EVALSHA", _SCRIPTS["publish_seqs"].sha, len(self.keys), *self.keys,
-                     new_epoch(), broker._state_ttl_arg, broker._publish_cmd, *self.args)
+                     new_epoch(), broker._state_ttl_arg, broker._publish_cmd, deadline,
+                     *self.args)
         self.servers.send(self.key, self.sent, self)
 
     def __call__(self, reply: Any) -> None:
@@ -293,6 +297,8 @@ class _SeqBatch:
             self.servers.send(self.key, self.sent, self)
             return
         refused = self.broker._refused
+        if reply == b"expired":
+            reply = RespError("redis ran the chats past their deadline: none applied")
         refused(reply if isinstance(reply, RespError) else RespError(f"bad reply {reply!r:.80}"))
         refused.total += len(self.dones) - 1  # every message was refused; one cause logged
         for done in self.dones:
@@ -375,6 +381,7 @@ class RedisBroker:
         self._leaving: set[tuple[str, str]] = set()
         self._refused = _Refusals()
         self._closing = False
+        self._clock_offset_ms = 0  # Redis' clock minus this node's, in ms (the largest shard's)
 
     # ---- lifecycle ------------------------------------------------------------------------
 
@@ -430,6 +437,7 @@ class RedisBroker:
             await servers.connect(listen=self._listens)
             for script in _SCRIPTS.values():
                 await servers.call_all(b"SCRIPT", b"LOAD", script.source)
+            self._clock_offset_ms = await _clock_offset(servers)
             if self._listens:
                 await self._register(servers)
         except BaseException:
@@ -890,6 +898,15 @@ class RedisBroker:
         if swept:
             log.info("restored this node's presence after a sweep",
                      extra={"event": "node_restored", "node": self.node_id})
+
+
+async def _clock_offset(servers: Servers) -> int:
+    """How far Redis' clock (the most advanced of its servers) is ahead of this node's, in ms:
+    deadlines sent to scripts are in Redis' time, so a skewed host clock does not matter."""
+    sent = time.time()
+    replies = await servers.call_all(b"TIME")
+    local = (sent + time.time()) / 2 * 1000  # the middle of the round trip
+    return max(int(int(sec) * 1000 + int(usec) / 1000 - local) for sec, usec in replies)
 
 
 def _decoded(entries: list[bytes]) -> list[MemberInfo]:
