@@ -127,6 +127,26 @@ def test_rooms(tmp_path: Path, fastws_target: list[str]) -> None:
     assert head["deliveries_per_s"] >= 2.5 * head["messages_per_s"]
 
 
+def test_soak(tmp_path: Path, fastws_target: list[str]) -> None:
+    """soak, small: 2 rooms of 3 while half the users reconnect every second; every re-join
+    with since is recovered, no seq is lost or doubled, and the server's memory is sampled
+    all along (the JSON's series, the PNG)."""
+    doc, path = bench(tmp_path, "soak", "--rooms", "2", "--members", "3", "--rate", "40",
+                      "--reconnect-rate", "0.5", "--duration", "2", *fastws_target)  # fmt: skip
+    head = doc["headline"]
+    assert doc["mode"] == "soak" and doc["parameters"]["connections"] == 6
+    assert head["reconnects"] >= 3 and head["recovered"] == head["reconnects"], head
+    assert head["losses"] == head["duplicates"] == head["reorders"] == 0, head
+    assert head["not_recovered"] == head["error_count"] == 0, head
+    assert head["final_seq_total"] >= 60 and not head["closes"], head  # 40 msg/s for 2 s
+    series = doc["timeseries"]
+    assert len(series["rss_bytes"]) == len(series["rss_t_s"]) >= 10
+    assert all(b > 0 for b in series["rss_bytes"]) and series["rss_t_s"][-1] >= 2.0
+    assert head["rss_warm_bytes"] > 0 and head["rss_growth_pct"] is not None
+    assert sum(series["reconnects"]) >= 3 and sum(series["deliveries"]) > 0
+    assert path.with_suffix(".png").stat().st_size > 1000
+
+
 def test_connections_on_a_started_server(tmp_path: Path) -> None:
     """connections with --server fastws: opens all 50, reports connect rate and memory each."""
     doc, path = bench(tmp_path, "connections", "--connections", "50", "--server", "fastws")

@@ -368,6 +368,8 @@ class Worker:
         mode = plan["mode"]
         if mode == "reconnect":
             return await self.run_reconnect()
+        if mode == "soak":
+            return await self.run_soak()
         t0 = time.monotonic()
         if mode == "connect":
             self.urls = {m[0]: self.url_for(m[0]) for m in plan["members"]}
@@ -417,6 +419,45 @@ class Worker:
             "errors": storm_result.pop("errors"),
             "drain_timed_out": not settled,
             "reconnect": storm_result,
+        }
+
+    async def run_soak(self) -> dict[str, Any]:
+        """The soak (soak.py): its users reconnect all along, so they have the reconnect
+        storm's connection class and their own seq bookkeeping."""
+        from .soak import Soak
+
+        soak = Soak(self.plan, self.schedule, self.url_for)
+        t0 = time.monotonic()
+        await soak.setup(self.plan["concurrency"], self.tick)
+        self.queue.put(("ready", self.index, {"setup_s": time.monotonic() - t0}))
+        gc.collect()
+        gc.freeze()  # the set-up's objects are never collected; collection stays on for the
+        # minutes of a soak, whose reconnections leave cyclic garbage behind
+        await self.wait_barrier()
+        settled = await soak.run()
+        self.queue.put(("done", self.index, None))
+        out = soak.result(settled)
+        soak.close()
+        await asyncio.sleep(0.05)  # let the close frames go out
+        hist = new_histogram()
+        for us, count in out.pop("latency").items():
+            hist.record_value(min(max(us, _HIST_LOW), _HIST_HIGH), count)
+        return {
+            **self.empty_result(),
+            "histogram": hist.encode(),
+            "deliveries": out["distinct"],
+            "duplicates": out["duplicates"],
+            "reorders": out["reorders"],
+            "sent_window": out["sent"],
+            "sent_total": out["sent"],
+            "series": out.pop("deliveries_series") or [0],
+            "sent_series": out.pop("sent_series") or [0],
+            "closes": out.pop("closes"),
+            "errors": out.pop("errors"),
+            "disconnects": out["drops"],
+            "drain_timed_out": not settled,
+            "pacer_max_lag_us": out["pacer_max_lag_us"],
+            "soak": out,
         }
 
     async def run_chat(self, mode: str) -> None:

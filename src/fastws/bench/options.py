@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import argparse
 
-SCENARIOS = ("roundtrip", "fanout", "rooms", "connections")
+SCENARIOS = ("roundtrip", "fanout", "rooms", "connections", "soak")
 SERVERS = ("fastws", "picows", "websockets")
 
 DESCRIPTION = """\
 Benchmark a fastws-protocol server. Scenarios: roundtrip (one room per connection, post and
 wait for your own broadcast), fanout (one room, many subscribers, --join-storm for joins),
-rooms (many small rooms, everyone posts), connections (many idle authenticated connections).
+rooms (many small rooms, everyone posts), connections (many idle authenticated connections),
+soak (rooms at a fixed total rate for minutes while a share of the users reconnects with since
+every second; server memory sampled all along).
 Target: --server KIND starts a server here (port 0, pinned with taskset), --server all runs
 fastws, picows and websockets one after the other and prints ratios; --deployment runs fastws
 as one process, --workers 2, on a Redis or as two nodes on one Redis (a list compares them with
@@ -29,6 +31,7 @@ examples:
   fastws bench fanout --server fastws --deployment redis2 --reconnect-storm --subscribers 1000
   fastws bench rooms --url ws://10.0.0.5:8080/ws --secret "$FASTWS_JWT_SECRET" --rate 5
   fastws bench connections --server fastws --connections 10000
+  fastws bench soak --server fastws --duration 600
   fastws bench --compare benchmarks/results/A.json benchmarks/results/B.json"""
 
 
@@ -148,7 +151,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         metavar="MSG/S",
         help="fixed offered rate instead of flat out: total msgs/s (roundtrip, "
-        "fanout) or msgs/s per member (rooms)",
+        "fanout, soak: default 1000) or msgs/s per member (rooms)",
     )
     run.add_argument(
         "--window",
@@ -208,14 +211,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "client has caught up, and any gap, duplicate or error",
     )
     run.add_argument(
-        "--rooms", type=int, metavar="N", default=500, help="rooms: rooms (default 500)"
+        "--rooms", type=int, metavar="N", default=500, help="rooms, soak: rooms (default 500)"
     )
     run.add_argument(
         "--members",
         type=int,
         metavar="N",
-        default=4,
-        help="rooms: members per room, each one posting (default 4)",
+        help="rooms, soak: members per room, each one posting (default 4; soak 20)",
+    )
+    run.add_argument(
+        "--reconnect-rate",
+        type=float,
+        metavar="FRACTION",
+        help="soak: the share of all connections closed each second, each coming straight "
+        "back and re-joining its room with since (default 0.01: 1 %% per second)",
     )
     run.add_argument(
         "--pad",

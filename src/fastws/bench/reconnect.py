@@ -16,6 +16,7 @@ import collections
 import random
 import re
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
@@ -185,14 +186,20 @@ class Conn(picows.WSListener):
 
 
 class Storm:
-    """One generator process's users through the reconnect storm."""
+    """One generator process's users through the reconnect storm. The soak (soak.py) reuses
+    its connecting and reconnecting with users and counters of its own: ``user_class`` and
+    ``stats_class``."""
+
+    user_class: type[User] = User
+    stats_class: type[Stats] = Stats
+    users: Sequence[User]
 
     def __init__(self, plan: dict[str, Any], schedule: Any, url_for: Any) -> None:
         self.plan = plan
         self.schedule = schedule
         self.timeout: float = plan["timeout"]
-        self.stats = Stats()
-        self.users = [User(self.stats, cid, room, url_for(cid), posts)
+        self.stats = self.stats_class()
+        self.users = [self.user_class(self.stats, cid, room, url_for(cid), posts)
                       for cid, room, posts, _node in plan["members"]]  # fmt: skip
         self.tasks: set[asyncio.Task[None]] = set()
         self.stopping = False

@@ -28,15 +28,21 @@ FIGURES: list[tuple[str, str, bool | None]] = [
     ("latency_us.p99.9", "latency p99.9 (us)", False),
     ("latency_us.max", "latency max (us)", False),
     ("memory_per_connection_bytes", "server bytes per connection", False),
+    ("rss_warm_bytes", "server RSS after warm-up (bytes)", False),
+    ("rss_end_bytes", "server RSS at the end (bytes)", False),
+    ("rss_growth_pct", "server RSS growth after warm-up (%)", False),
+    ("reconnects", "reconnects (re-joins with since)", None),
     ("storm_s", "storm time (s)", False),
     ("restart_s", "node down -> listening again (s)", False),
     ("clients_dropped", "clients dropped", None),
     ("clients_caught_up", "clients caught up", True),
     ("recovered", "re-joins recovered", None),
     ("history_lost", "re-joins with history lost (new epoch)", None),
+    ("not_recovered", "re-joins not recovered", False),
     ("error_count", "errors (error replies, failed reconnects)", False),
     ("stale_notices", "stale user_joined (about a member already counted)", False),
     ("losses", "losses", False),
+    ("unsequenced", "of which sent but never given a seq", False),
     ("duplicates", "duplicates", False),
     ("reorders", "reorders", False),
 ]
@@ -248,6 +254,22 @@ def run_table(doc: dict[str, Any]) -> str:
             f"re-joins recovered {head['recovered']}, history lost {head['history_lost']}; "
             f"{head['messages_sent']} messages sent, final seq {head['final_seq']}"
         )
+    if head.get("rss_warm_bytes") is not None:
+        extra.append(
+            f"server RSS: {_mib(head.get('server_rss_before_bytes'))} MiB connected, "
+            f"{_mib(head['rss_warm_bytes'])} MiB after warm-up ({fmt(head['rss_warm_at_s'])} s), "
+            f"{_mib(head['rss_end_bytes'])} MiB at the end ({head['rss_growth_pct']:+.2f} %; "
+            f"slope {_mib(head['rss_slope_bytes_per_min'], signed=True)} MiB/min), peak "
+            f"{_mib(head['rss_peak_bytes'])} MiB, {_mib(head.get('server_rss_closed_bytes'))} "
+            "MiB once the clients had gone"
+        )
+    if head.get("reconnects_per_s") is not None:
+        extra.append(
+            f"{head['clients']:,} connections; {head['reconnects']:,} reconnects "
+            f"({head['reconnects_per_s']:g}/s), re-joins recovered {head['recovered']:,}, "
+            f"not recovered {head['not_recovered']:,}; rooms with losses "
+            f"{head['rooms_with_losses']}; seqs given {head['final_seq_total']:,}"
+        )
     if head.get("closes"):
         extra.append(f"closed by the server: {head['closes']} (close code: count)")
     if head.get("unexpected_disconnects"):
@@ -263,6 +285,12 @@ def run_table(doc: dict[str, Any]) -> str:
         extra.append("the drain timed out: some messages never arrived (counted as losses)")
     title = f"{doc['title']} -- {run_label(doc)} ({doc['target']['url']})"
     return "\n".join([title, _table(rows), *("  " + e for e in extra)])
+
+
+def _mib(value: Any, signed: bool = False) -> str:
+    if not isinstance(value, int | float):
+        return "-"
+    return f"{value / 2**20:+.3f}" if signed else f"{value / 2**20:.1f}"
 
 
 def _columns(seen: set[str], by: str) -> tuple[list[str], list[tuple[str, int, int]]]:
@@ -327,13 +355,14 @@ _SUMMARY = [
     ("latency_us.p50", "latency p50 (us)"),
     ("latency_us.p99", "latency p99 (us)"),
     ("memory_per_connection_bytes", "server bytes per connection"),
+    ("rss_growth_pct", "server RSS growth after warm-up (%)"),
     ("history_lost", "re-joins with history lost (new epoch)"),
     ("error_count", "errors"),
     ("stale_notices", "stale user_joined"),
     ("losses", "losses + duplicates + reorders"),
 ]
 # no ratio for these: the goal is an exact number
-_COUNTS = {"losses", "error_count", "history_lost", "stale_notices"}
+_COUNTS = {"losses", "error_count", "history_lost", "stale_notices", "rss_growth_pct"}
 
 
 def summarize(paths: list[str], by: str = "server") -> str:
@@ -451,7 +480,10 @@ def _percentile_axis(ax: Any) -> None:
 
 
 def plot_run(doc: dict[str, Any], path: Path) -> None:
-    """Latency by percentile (left) and throughput per 100 ms (right)."""
+    """Latency by percentile (left) and throughput per 100 ms (right); a soak's own plot."""
+    if doc["mode"] == "soak":
+        plot_soak(doc, path)
+        return
     plt = _pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     head = doc["headline"]
@@ -511,6 +543,50 @@ def plot_servers(docs: list[dict[str, Any]], path: Path) -> None:
     ax2.grid(True, alpha=0.3)
     ax2.legend(fontsize=8)
     fig.suptitle(docs[0]["title"], fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def plot_soak(doc: dict[str, Any], path: Path) -> None:
+    """The server's resident memory over the soak, warm-up marked (left); deliveries and
+    reconnects per second (right)."""
+    plt = _pyplot()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    head = doc["headline"]
+    series = doc["timeseries"]
+    points = [(t, b / 2**20) for t, b in zip(series["rss_t_s"], series["rss_bytes"], strict=True)
+              if b is not None]  # fmt: skip
+    if points:
+        ax1.plot([t for t, _ in points], [m for _, m in points], marker=".", markersize=3)
+    if head.get("rss_warm_at_s") is not None:
+        ax1.axvline(head["rss_warm_at_s"], color="tab:gray", linestyle="--", linewidth=1)
+        ax1.set_title(
+            f"server RSS: {_mib(head['rss_warm_bytes'])} MiB after warm-up (dashed) -> "
+            f"{_mib(head['rss_end_bytes'])} MiB ({head['rss_growth_pct']:+.2f} %)",
+            fontsize=10,
+        )
+    ax1.set_xlabel("seconds from the start of the load")
+    ax1.set_ylabel("server RSS (MiB, every server process)")
+    # from zero, so a growth looks as large as it is; headroom so the line is not the frame
+    ax1.set_ylim(0, max((m for _, m in points), default=1) * 1.15)
+    ax1.grid(True, alpha=0.3)
+    seconds = range(len(series["deliveries"]))
+    ax2.plot(seconds, series["deliveries"], drawstyle="steps-post")
+    ax2.set_xlabel("seconds from the start of the load")
+    ax2.set_ylabel("deliveries per second")
+    ax2.set_ylim(bottom=0)
+    ax2.grid(True, alpha=0.3)
+    ax3 = ax2.twinx()
+    ax3.plot(range(len(series["reconnects"])), series["reconnects"], color="tab:orange",
+             alpha=0.7, drawstyle="steps-post")  # fmt: skip
+    ax3.set_ylabel("reconnects started per second", color="tab:orange")
+    ax3.set_ylim(bottom=0)
+    ax2.set_title(
+        f"losses {head['losses']}, duplicates {head['duplicates']}, reorders {head['reorders']}",
+        fontsize=10,
+    )
+    fig.suptitle(f"{doc['title']} -- {run_label(doc)}", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)

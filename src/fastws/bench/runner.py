@@ -105,7 +105,7 @@ def _clean(head: dict[str, Any]) -> bool:
 def _check(args: argparse.Namespace) -> None:
     if not args.scenario:
         raise BenchError(
-            "give a SCENARIO (roundtrip, fanout, rooms, connections), "
+            "give a SCENARIO (roundtrip, fanout, rooms, connections, soak), "
             "or --compare A.json B.json, or --summarize RUN.json..."
         )
     if args.server and args.url:
@@ -148,6 +148,17 @@ def _check(args: argparse.Namespace) -> None:
         raise BenchError("--flooders belongs to the roundtrip, fanout and rooms scenarios")
     if args.join_storm and args.scenario != "fanout":
         raise BenchError("--join-storm belongs to the fanout scenario")
+    if args.reconnect_rate is not None:
+        if args.scenario != "soak":
+            raise BenchError("--reconnect-rate belongs to the soak scenario")
+        if not 0 <= args.reconnect_rate <= 1:
+            raise BenchError("--reconnect-rate is a share of the connections: 0 to 1")
+    if args.scenario == "soak":
+        if args.flooders:
+            raise BenchError("--flooders belongs to the roundtrip, fanout and rooms scenarios")
+        if args.server and args.server != "fastws":
+            # the baselines number chats but keep no history: nothing to re-join with since
+            raise BenchError("the soak re-joins with since: it needs --server fastws (or --url)")
     from .deployment import parse_deployments
 
     args.deployments = parse_deployments(args.deployment)
@@ -174,7 +185,7 @@ def run_one(
     """One scenario against one target: run, write JSON (+ PNG), print the table.
     ``restart`` restarts the target's first node (the reconnect storm)."""
     from . import report
-    from .scenarios import build_plan, figures, generator_cpus, run_plan, time_series
+    from .scenarios import build_plan, figures, generator_cpus, run_plan, soak_details, time_series
     from .targets import versions
 
     cpus = generator_cpus(args, target)
@@ -217,6 +228,8 @@ def run_one(
             "task/*/children), over the measured window",
         },
     )
+    if plan.mode == "soak":
+        doc["details"]["soak"] = soak_details(merged)
     json_path, png_path = report.output_paths(args.out, doc, stamp)
     doc["files"] = {"json": json_path.name, "png": None if args.no_plot else png_path.name}
     if not args.no_plot:

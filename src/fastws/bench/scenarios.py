@@ -1,4 +1,4 @@
-"""The four scenarios: who connects where (the plans handed to generator processes), the
+"""The scenarios: who connects where (the plans handed to generator processes), the
 coordinator that starts those processes and holds the barrier, and the figures computed from
 what they report.
 
@@ -8,7 +8,8 @@ Phases of one run, the same for every scenario:
    time over all processes) and joins their rooms, then says "ready" and waits at the barrier;
 2. the coordinator writes the schedule (load start, measured window start and end, as
    ``time.time_ns()``) into shared memory and joins the barrier, releasing everyone;
-3. at the window's start and end it reads the server's CPU seconds (and memory) from /proc;
+3. at the window's start and end it reads the server's CPU seconds (and memory) from /proc
+   (the soak: its memory every few seconds all along);
 4. the generators drain in-flight messages, report counts and histograms, and disconnect.
 """
 
@@ -38,6 +39,14 @@ from .targets import (
 
 _NS = 1_000_000_000
 _LEAD_NS = 300_000_000  # the schedule starts this long after the barrier is released
+# the soak's memory after warm-up is its sample at this share of --duration (history filled,
+# every pool and cache at its working size), the baseline its growth is measured from
+SOAK_WARM_FRACTION = 0.2
+
+
+def soak_rss_interval(duration: float) -> float:
+    """Seconds between the soak's memory samples: every 5 s, or 20 samples in a short run."""
+    return min(5.0, duration / 20)
 
 
 @dataclass
@@ -45,7 +54,7 @@ class Plan:
     """One run: the mode, its parameters (as written to the JSON) and one plan per process."""
 
     scenario: str
-    mode: str  # window | rate | storm | connect | reconnect
+    mode: str  # window | rate | storm | connect | reconnect | soak
     title: str
     parameters: dict[str, Any]
     procs: list[dict[str, Any]] = field(default_factory=list)
@@ -123,7 +132,7 @@ def build_plan(
             title = f"fanout, {subs} subscribers, {pubs} publisher{'s' * (pubs > 1)}, {how}"
             unit = "deliveries/s"
     elif scenario == "rooms":
-        n_rooms, per_room = args.rooms, args.members
+        n_rooms, per_room = args.rooms, args.members or 4
         window = args.window or 16
         mode = "rate" if rate else "window"
         for r in range(n_rooms):
@@ -135,6 +144,34 @@ def build_plan(
         params = {"rooms": n_rooms, "members": per_room}
         how = f"{rate:g} msg/s per member" if rate else f"window {window}"
         title = f"rooms, {n_rooms} x {per_room} members, {how}"
+        unit = "deliveries/s"
+    elif scenario == "soak":
+        n_rooms, per_room = args.rooms, args.members or 20
+        mode = "soak"
+        window = 0
+        rate = rate or 1000.0
+        churn = 0.01 if args.reconnect_rate is None else args.reconnect_rate
+        # room r in process r % procs: soak.py judges each room inside one process
+        for r in range(n_rooms):
+            for j in range(per_room):
+                cid = r * per_room + j
+                members[r % procs].append((cid, f"b{run}-soak-{r}", True, cid % nodes))
+        total = n_rooms * per_room
+        rates = [rate * len(m) / total for m in members]
+        params = {
+            "rooms": n_rooms,
+            "members": per_room,
+            "connections": total,
+            "rate": rate,
+            "rate_unit": "msg/s in total",
+            "reconnect_rate": churn,
+            "rss_interval_s": soak_rss_interval(args.duration),
+            "warm_fraction": SOAK_WARM_FRACTION,
+        }
+        title = (
+            f"soak, {n_rooms} x {per_room} members, {rate:g} msg/s, "
+            f"{churn * 100:g} % reconnecting per second"
+        )
         unit = "deliveries/s"
     elif scenario == "connections":
         n = args.connections or 10000
@@ -191,6 +228,7 @@ def build_plan(
                 "mode": mode,
                 "members": members[i],
                 "rate": rates[i],
+                "reconnect_rate": params.get("reconnect_rate", 0.0),
                 "window": window,
                 "concurrency": per_proc_concurrency,
                 "pad": args.pad,
@@ -343,6 +381,13 @@ def run_plan(
             inbox.wait_for("done", n, args.timeout + args.duration + 30)
             readings["cpu_end_by_pid"] = cpu_by_pid(target.server_pids)
             readings["rss_after"] = rss_bytes(target.server_pids)
+        elif plan.mode == "soak":
+            progress = Progress(interactive and args.duration >= 3, args.duration, "soak", "s")
+            readings.update(
+                _sample_soak(pid, t_start, m1, plan.parameters["rss_interval_s"], progress)
+            )
+            progress.close()
+            inbox.wait_for("done", n, args.drain + 60)
         elif plan.timed:
             total = warmup + args.duration
             progress = Progress(interactive and total >= 3, total, plan.scenario, "s")
@@ -377,6 +422,9 @@ def run_plan(
             else:
                 readings["rss_after"] = rss_bytes(pid)
         results = inbox.wait_for("result", n, args.drain + 60)
+        if plan.mode == "soak":
+            time.sleep(1.0)  # the generators have closed: let the server let go of them
+            readings["rss_closed"] = rss_bytes(pid)
     except BaseException:
         barrier.abort()
         raise
@@ -386,6 +434,27 @@ def run_plan(
     readings["schedule"] = {"start": t_start, "measure": m0, "end": m1, "down": schedule[3],
                             "up": schedule[4]}  # fmt: skip
     return merge([results[i] for i in sorted(results)], readings)
+
+
+def _sample_soak(
+    pids: list[int], t_start: int, end: int, interval: float, progress: Progress
+) -> dict[str, Any]:
+    """The soak's server readings: CPU seconds at its start and end, and the resident memory
+    every ``interval`` seconds from the load's start to its end (both included)."""
+    step = max(1, int(interval * _NS))
+    rss: list[list[float | int | None]] = []  # [seconds from the load's start, bytes]
+    _sleep_until(t_start)
+    cpu_start = cpu_seconds(pids)
+    k = 0
+    while True:
+        due = min(t_start + k * step, end)
+        _sleep_until(due, progress, t_start)
+        rss.append([round((time.time_ns() - t_start) / _NS, 3), rss_bytes(pids)])
+        if due >= end:
+            break
+        k += 1
+    return {"cpu_start": cpu_start, "cpu_end": cpu_seconds(pids), "rss_series": rss,
+            "rss_after": rss[-1][1]}  # fmt: skip
 
 
 def _reap(processes: list[Any]) -> None:
@@ -453,6 +522,8 @@ def merge(results: list[dict[str, Any]], readings: dict[str, Any]) -> dict[str, 
             "settled": all(s["settled"] for s in storms),
             "chats": sum(s["chats"] for s in storms),
         }
+    if "soak" in results[0]:
+        merged["soak"] = merge_soak([r["soak"] for r in results])
     if "connect" in results[0]:
         conns = [r["connect"] for r in results]
         firsts = [c["first"] for c in conns if c["first"]]
@@ -463,6 +534,22 @@ def merge(results: list[dict[str, Any]], readings: dict[str, Any]) -> dict[str, 
             "open": sum(c["open"] for c in conns),
             "failed": sum(c["failed"] for c in conns),
         }
+    return merged
+
+
+_SOAK_SUMS = ("users", "cycles", "reconnects", "drops", "recovered", "not_recovered",
+              "epoch_changes", "failed", "distinct", "duplicates", "reorders", "losses",
+              "unsequenced", "sent", "skipped", "unsent")  # fmt: skip
+
+
+def merge_soak(soaks: list[dict[str, Any]]) -> dict[str, Any]:
+    """The soak's counts over every generator process (each judged its own rooms)."""
+    merged: dict[str, Any] = {key: sum(s[key] for s in soaks) for key in _SOAK_SUMS}
+    merged["settled"] = all(s["settled"] for s in soaks)
+    merged["rooms"] = {room: entry for s in soaks for room, entry in s["rooms"].items()}
+    series = [s["cycles_series"] for s in soaks]
+    length = max(len(c) for c in series)
+    merged["cycles_series"] = [sum(c[i] for c in series if i < len(c)) for i in range(length)]
     return merged
 
 
@@ -496,6 +583,8 @@ def figures(plan: Plan, merged: dict[str, Any], duration: float) -> dict[str, An
     head: dict[str, Any] = {"throughput_unit": plan.unit, "server_cpu_s": cpu}
     if plan.mode == "reconnect":
         return {**head, **reconnect_figures(merged)}
+    if plan.mode == "soak":
+        return {**head, **soak_figures(plan, merged, duration, cpu)}
     if plan.timed:
         count = merged["deliveries"]
         head["throughput"] = count / duration
@@ -616,7 +705,109 @@ def reconnect_figures(merged: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def rss_figures(series: list[list[Any]], duration: float, warm_fraction: float) -> dict[str, Any]:
+    """Server memory over a soak: after warm-up (the first sample at ``warm_fraction`` of the
+    duration), at the end, the growth between them in percent, and the least-squares slope
+    over every sample from warm-up on (a steady leak shows there even when it is small)."""
+    points = [(t, b) for t, b in series if b is not None]
+    if not points:
+        return {}
+    warm_t, warm = next(((t, b) for t, b in points if t >= duration * warm_fraction), points[-1])
+    end_t, end = points[-1]
+    after = [(t, b) for t, b in points if t >= warm_t]
+    slope = None
+    if len(after) >= 2:
+        mean_t = sum(t for t, _ in after) / len(after)
+        mean_b = sum(b for _, b in after) / len(after)
+        var = sum((t - mean_t) ** 2 for t, _ in after)
+        if var:
+            slope = sum((t - mean_t) * (b - mean_b) for t, b in after) / var * 60
+    return {
+        "rss_start_bytes": points[0][1],
+        "rss_warm_bytes": warm,
+        "rss_warm_at_s": warm_t,
+        "rss_end_bytes": end,
+        "rss_end_at_s": end_t,
+        "rss_peak_bytes": max(b for _, b in points),
+        "rss_growth_pct": round((end - warm) / warm * 100, 2) if warm else None,
+        "rss_slope_bytes_per_min": round(slope) if slope is not None else None,
+    }
+
+
+def soak_figures(
+    plan: Plan, merged: dict[str, Any], duration: float, cpu: float | None
+) -> dict[str, Any]:
+    """The soak's outcome. Losses are by seq, per room: every seq up to the room's last that a
+    member lacks, plus the messages sent into the room that never got a seq (unsequenced)."""
+    soak = merged["soak"]
+    params = plan.parameters
+    rooms = soak["rooms"]
+    errors = sum(merged["errors"].values())
+    deliveries = merged["deliveries"]
+    return {
+        "throughput": deliveries / duration,
+        "throughput_per_cpu_s": deliveries / cpu if cpu else None,
+        "wall_s": duration,
+        "deliveries": deliveries,
+        "deliveries_per_s": deliveries / duration,
+        "messages_per_s": merged["sent_total"] / duration,
+        "latency_us": latency_figures(merged["histogram"]),
+        "latency_of": "send -> each live delivery (replays after a re-join not counted)",
+        "clients": soak["users"],
+        "reconnects": soak["reconnects"],
+        "reconnects_per_s": round(soak["reconnects"] / duration, 2),
+        "recovered": soak["recovered"],
+        "not_recovered": soak["not_recovered"],
+        "history_lost": soak["epoch_changes"],
+        "losses": soak["losses"] + soak["unsequenced"],
+        "receiver_losses": soak["losses"],
+        "unsequenced": soak["unsequenced"],
+        "duplicates": soak["duplicates"],
+        "reorders": soak["reorders"],
+        "rooms_with_losses": sum(1 for r in rooms.values() if r[2] or r[3]),
+        "final_seq_total": sum(r[0] for r in rooms.values()),
+        "failed": soak["failed"],
+        "error_count": errors + soak["failed"] + soak["epoch_changes"],
+        **rss_figures(merged["rss_series"], duration, params["warm_fraction"]),
+        "server_rss_before_bytes": merged.get("rss_before"),
+        "server_rss_after_bytes": merged.get("rss_after"),
+        "server_rss_closed_bytes": merged.get("rss_closed"),
+        "pacer_max_lag_us": merged["pacer_max_lag_us"],
+        "closes": merged["closes"],
+        "errors": merged["errors"],
+        "unexpected_disconnects": merged["disconnects"],
+        "drain_timed_out": not soak["settled"],
+    }
+
+
+def soak_details(merged: dict[str, Any]) -> dict[str, Any]:
+    """For the JSON's details: the soak's counters, and every room that lost, doubled or
+    reordered a seq, with its final seq and the messages its members sent."""
+    soak = merged["soak"]
+    fields = ("final_seq", "sent", "losses", "unsequenced", "duplicates", "reorders")
+    problems = {
+        room: dict(zip(fields, entry, strict=True))
+        for room, entry in soak["rooms"].items()
+        if any(entry[2:])
+    }
+    counters = {k: v for k, v in soak.items() if k not in ("rooms", "cycles_series")}
+    return {**counters, "rooms_with_problems": problems}
+
+
 def time_series(plan: Plan, merged: dict[str, Any], duration: float) -> dict[str, Any]:
+    if plan.mode == "soak":
+        seconds = math.ceil(duration)
+        rss = merged["rss_series"]
+        return {
+            "interval_s": 1.0,
+            "origin": "start of the load",
+            "deliveries": merged["series"][:seconds],
+            "sent": merged["sent_series"][:seconds],
+            "reconnects": merged["soak"]["cycles_series"][:seconds],
+            "rss_interval_s": plan.parameters["rss_interval_s"],
+            "rss_t_s": [t for t, _ in rss],
+            "rss_bytes": [b for _, b in rss],
+        }
     if plan.timed:
         buckets = round(duration * 10)
         return {
