@@ -7,6 +7,7 @@ import secrets
 import time
 import warnings
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import parse_qs
 
 import jwt
@@ -26,6 +27,7 @@ class Principal:
     username: str
     roles: tuple[str, ...] = ()
     expires_at: float = 0.0
+    rooms: tuple[str, ...] = ()  # the ``rooms`` claim: private rooms (or globs) it may join
 
 
 class Verifier:
@@ -66,6 +68,33 @@ class Verifier:
 
     def verify(self, token: str) -> Principal:
         """Return the token's principal, or raise ``AuthError`` saying why (never the token)."""
+        claims = self._claims(token)
+        if "room" in claims:  # minted to join one room: it opens no connection
+            raise AuthError("a room token is not a connection token")
+        user_id = _user_of(claims)
+        username = claims.get("username", user_id)
+        if not isinstance(username, str) or not username:
+            raise AuthError("username claim must be a non-empty string")
+        roles = claims.get("roles", [])
+        if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
+            raise AuthError("roles claim must be a list of strings")
+        rooms = claims.get("rooms", [])
+        if not isinstance(rooms, list) or not all(isinstance(r, str) for r in rooms):
+            raise AuthError("rooms claim must be a list of strings")
+        return Principal(user_id, username[:64], tuple(roles), float(claims["exp"]),
+                         tuple(rooms))
+
+    def verify_room(self, token: str, room: str, user_id: str) -> float:
+        """Check a room token (signed like connection tokens, same algorithms, audience and
+        issuer) for exactly ``room`` and ``user_id``; its expiry, or ``AuthError``."""
+        claims = self._claims(token)
+        if claims.get("room") != room:
+            raise AuthError("room token is for another room")
+        if _user_of(claims) != user_id:
+            raise AuthError("room token is for another user")
+        return float(claims["exp"])
+
+    def _claims(self, token: str) -> dict[str, Any]:
         try:
             claims = jwt.decode(
                 token,
@@ -93,16 +122,14 @@ class Verifier:
                 # RFC 7515 4.1.11: a `crit` extension we do not implement voids the token.
                 raise AuthError("unsupported critical header") from exc
             raise AuthError(f"invalid token: {type(exc).__name__}") from exc
-        user_id = claims.get("userId", claims.get("sub"))
-        if not isinstance(user_id, str | int) or isinstance(user_id, bool) or user_id == "":
-            raise AuthError("token has no userId or sub claim")
-        username = claims.get("username", str(user_id))
-        if not isinstance(username, str) or not username:
-            raise AuthError("username claim must be a non-empty string")
-        roles = claims.get("roles", [])
-        if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
-            raise AuthError("roles claim must be a list of strings")
-        return Principal(str(user_id), username[:64], tuple(roles), float(claims["exp"]))
+        return claims
+
+
+def _user_of(claims: dict[str, Any]) -> str:
+    user_id = claims.get("userId", claims.get("sub"))
+    if not isinstance(user_id, str | int) or isinstance(user_id, bool) or user_id == "":
+        raise AuthError("token has no userId or sub claim")
+    return str(user_id)
 
 
 # Browsers cannot set Authorization on a WebSocket and a query string ends up in proxy logs,

@@ -50,6 +50,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     history_ttl: float = 3600.0
     history_off: str = ""
     history_max_bytes: int = 48 * 1024 * 1024
+    private_rooms: str = ""
+    direct_rooms: str = ""
+    room_post: str = ""
+    room_presence: str = ""
+    join_hook_url: str = ""
+    join_hook_timeout: float = 2.0
+    join_hook_cache: float = 10.0
     workers: int = 1
     redis_url: str = ""
     redis_node_ttl: float = 15.0
@@ -121,6 +128,20 @@ FIELD_HELP: dict[str, str] = {
     "history_max_bytes": "bytes of history one process (or the --workers supervisor) keeps in "
     "all rooms; past it the least recently used empty rooms lose theirs first (default "
     "50331648 = 48 MiB; 0 = no cap; with Redis, set Redis' maxmemory instead)",
+    "private_rooms": "comma-separated glob patterns of private rooms, e.g. 'private:*': joining "
+    "one needs it in the token's rooms claim, a room token, or the join hook's yes "
+    "(default none: every room is open)",
+    "direct_rooms": "comma-separated prefixes of direct rooms, e.g. 'dm:': <prefix><a>:<b> is "
+    "joinable by users a and b only (default none)",
+    "room_post": "who may post and type in matching rooms: 'pattern=role:x|user:y;...' "
+    "(default everyone)",
+    "room_presence": "who may see presence in matching rooms, same form as room_post "
+    "(default everyone)",
+    "join_hook_url": "POST {user, room} here to ask allow/deny for a private room the tokens do "
+    "not open; any failure denies (default none)",
+    "join_hook_timeout": "seconds the join hook may take before the join is denied (default 2)",
+    "join_hook_cache": "seconds a join hook answer is reused for the same user and room "
+    "(default 10)",
     "workers": "worker processes sharing the port (default 1; 0 = one per core); with more "
     "than one and no Redis, workers talk over a local bus in the supervisor",
     "redis_url": "redis://host:port/db to span rooms across hosts (default none: this host "
@@ -243,6 +264,13 @@ def validate(s: Settings) -> None:
         raise ConfigError("redis_url must start with redis://, rediss:// or unix://")
     if s.log_format not in ("text", "json"):
         raise ConfigError(f"log_format: expected text or json, got {s.log_format!r}")
+    if s.join_hook_timeout <= 0 or s.join_hook_cache < 0:
+        raise ConfigError("join_hook_timeout must be > 0 and join_hook_cache >= 0")
+    if s.join_hook_url and not s.join_hook_url.startswith(("http://", "https://")):
+        raise ConfigError("join_hook_url must start with http:// or https://")
+    from .policy import Policy
+
+    Policy(s)  # a malformed room_post / room_presence rule is refused at start
     if s.log_level.lower() not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"log_level: expected debug, info, warning or error, got {s.log_level!r}")
 
@@ -265,6 +293,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
     "redis": ("redis_",),
     "log": ("log_",),
     "admin": ("admin_", "api_key"),
+    "rooms": ("private_rooms", "direct_rooms", "room_", "join_hook_"),
 }
 
 

@@ -51,6 +51,10 @@ COUNTERS: dict[str, tuple[str, str]] = {
     "refused_per_ip": ("refused_per_ip", "connections closed at max_connections_per_ip"),
     "broker_pauses": ("broker_pauses", "times the broker's queue was full and clients were "
                       "not read until it drained"),
+    "forbidden": ("forbidden_requests", "requests refused by the room policy (join, post, "
+                  "typing, presence): code forbidden"),
+    "access_revoked": ("access_revoked", "connections taken out of a private room because a "
+                       "refreshed token no longer opens it"),
 }
 
 

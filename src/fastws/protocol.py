@@ -31,6 +31,7 @@ class Since(msgspec.Struct):
 class JoinPayload(msgspec.Struct):
     room: str
     since: Since | None = None
+    token: str | None = None  # a room token, for a private room (see policy.py)
 
 
 class HistoryPayload(msgspec.Struct):
@@ -163,6 +164,7 @@ class RoomJoined(_Out, tag="room_joined"):
 class RoomLeft(_Out, tag="room_left"):
     room: str
     id: MsgId = None
+    reason: str | None = None  # set when the server took the connection out (a refresh)
 
 
 class UserJoined(_Out, tag="user_joined"):

@@ -26,6 +26,8 @@ from .broker.types import HistoryPolicy
 from .config import Settings
 from .errors import BrokerUnavailable, CloseCode
 from .hub import FANOUT, FANOUT_ERROR, Hub
+from .joinhook import JoinHook
+from .policy import Policy
 from .session import Session
 
 log = logging.getLogger("fastws.server")
@@ -58,6 +60,8 @@ class Node:
     ) -> None:
         self.settings = settings
         self.verifier = Verifier(settings, secret)
+        self.policy = Policy(settings)
+        self.join_hook = JoinHook(settings) if settings.join_hook_url else None
         self.node_id = node_id or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(2)}"
         self.broker: Broker = broker if broker is not None else MemoryBroker(
             history_policy(settings))
@@ -95,6 +99,7 @@ class Node:
         if FANOUT_ERROR:  # it works, at a fraction of the speed: say so loudly, once
             log.error("compiled fan-out not loaded, running the pure-Python one: %s",
                       FANOUT_ERROR, extra={"event": "fanout_fallback", "reason": FANOUT_ERROR})
+        log.info(self.policy.describe(), extra={"event": "room_policy"})
         await self.broker.start()
         self.server = await listen(self, _load_pages(), reuse_port=reuse_port)
         self.heartbeat = Heartbeat(self).start()
@@ -134,6 +139,8 @@ class Node:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.server.wait_closed(), 1.0)
         await self.broker.close()
+        if self.join_hook is not None:
+            await self.join_hook.close()
         if self.admin is not None:
             await self.admin.close()
         log.info("stopped", extra={"event": "stopped", "connections": count})

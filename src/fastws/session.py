@@ -13,12 +13,13 @@ import re
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 from . import protocol as p
 from .auth import AuthError, Principal
 from .config import Settings
 from .errors import CloseCode, MessageError
+from .policy import FORBIDDEN
 
 ROOM_NAME = re.compile(r"[A-Za-z0-9_.:@#-]{1,64}")
 log = logging.getLogger("fastws.session")
@@ -60,6 +61,8 @@ class NodeActions(Protocol):
 
     inline: bool
     verifier: Any  # auth.Verifier
+    policy: Any  # policy.Policy
+    join_hook: Any  # joinhook.JoinHook | None
     counters: Any  # collections.Counter of node events, exported as metrics
     # ``chat`` without a coroutine (the broker answers by callback); None: use ``chat``.
     chat_now: Callable[[Session, str, str, p.MsgId], None] | None
@@ -108,10 +111,12 @@ class Session:
 
     __slots__ = (
         "_backlog",
+        "_needs_task",
         "_task",
         "bucket",
         "client_id",
         "connected_at",
+        "granted",
         "in_flight",
         "ip",
         "node",
@@ -153,6 +158,9 @@ class Session:
         # messages take effect in the order it sent them.
         self._backlog: deque[bytes | str] | None = None  # made on first need
         self._task: asyncio.Task[None] | None = None
+        self._needs_task = False  # this action awaits I/O (the join hook) even when inline
+        # Private rooms opened by a room token (until its exp) or the join hook (inf).
+        self.granted: dict[str, float] | None = None
 
     def __repr__(self) -> str:
         return f"<Session {self.client_id} user={self.principal.user_id}>"
@@ -181,10 +189,11 @@ class Session:
                 return
             self._backlog.append(data)
             return
+        self._needs_task = False
         action = self._start(data)
         if action is None:
             return
-        if self.node.inline:
+        if self.node.inline and not self._needs_task:
             self._run_inline(action)
         else:
             self._task = asyncio.get_running_loop().create_task(self._run_chain(action))
@@ -242,6 +251,9 @@ class Session:
             room, text = msg.payload.room, msg.payload.message
             if room not in self.rooms:
                 self._require_member(room, msg.id)  # raises not_in_room
+            policy = self.node.policy
+            if policy.post_rules and not policy.may_post(self.principal, room):
+                self._forbid("chat_message", room, msg.id)
             check_chat_text(text, self.settings.max_message_chars, msg.id)
             if self.node.chat_now is not None:
                 # The hot path: no coroutine to build and drive; a remote broker answers by
@@ -254,6 +266,8 @@ class Session:
             return self.node.chat(self, room, text, msg.id)
         elif isinstance(msg, p.Typing):
             self._require_member(msg.payload.room, msg.id)
+            if not self.node.policy.may_post(self.principal, msg.payload.room):
+                self._forbid("typing", msg.payload.room, msg.id)
             return self.node.typing(self, msg.payload.room, msg.payload.isTyping, msg.id)
         elif isinstance(msg, p.JoinRoom):
             room = msg.payload.room
@@ -261,12 +275,19 @@ class Session:
             limit = self.settings.max_rooms_per_connection
             if room not in self.rooms and limit and len(self.rooms) >= limit:
                 raise MessageError("too_many_rooms", f"Too many rooms (max {limit})", msg.id)
+            allowed = self.node.policy.may_join(self.principal, room)
+            if allowed is None:  # private: a room token, a grant already given, or the hook
+                return self._join_private(room, msg)
+            if not allowed:
+                self._forbid("join_room", room, msg.id)
             return self.node.join(self, room, msg.payload.since, msg.id)
         elif isinstance(msg, p.LeaveRoom):
             self._require_member(msg.payload.room, msg.id)
             return self.node.leave(self, msg.payload.room, msg.id)
         elif isinstance(msg, p.Presence):
             self._require_member(msg.payload.room, msg.id)
+            if not self.node.policy.may_see_presence(self.principal, msg.payload.room):
+                self._forbid("presence", msg.payload.room, msg.id)
             return self.node.presence(self, msg.payload.room, msg.id)
         elif isinstance(msg, p.History):
             self._require_member(msg.payload.room, msg.id)
@@ -274,23 +295,84 @@ class Session:
                 raise MessageError("invalid_payload", "Invalid history limit (1-1000)", msg.id)
             return self.node.history(self, msg.payload.room, msg.payload.limit, msg.id)
         elif isinstance(msg, p.Refresh):
-            self.refresh(msg.payload.token, msg.id)
+            return self.refresh(msg.payload.token, msg.id)
         elif isinstance(msg, p.Ping):
             self.send(p.ServerPong(p.now_ms(), msg.id))
         # Pong: the seed's heartbeat reply; liveness is tracked by the transport.
         return None
 
-    def refresh(self, token: str, msg_id: p.MsgId) -> None:
-        """A new token for the same user extends the connection past the old one's expiry."""
+    def refresh(self, token: str, msg_id: p.MsgId) -> Action | None:
+        """A new token for the same user extends the connection past the old one's expiry;
+        private rooms its claims no longer open are left (``room_left`` with a reason)."""
         try:
             fresh = self.node.verifier.verify(token)
         except AuthError as exc:
             raise MessageError("invalid_token", f"Invalid token: {exc.reason}", msg_id) from None
         if fresh.user_id != self.principal.user_id:
             raise MessageError("wrong_user", "Token is for another user", msg_id)
-        # Only the expiry changes: presence and rooms keep the identity they were given.
-        self.principal = dataclasses.replace(self.principal, expires_at=fresh.expires_at)
+        # The expiry, roles and rooms claims change; presence keeps the name it was given.
+        self.principal = dataclasses.replace(self.principal, expires_at=fresh.expires_at,
+                                             roles=fresh.roles, rooms=fresh.rooms)
         self.send(p.Refreshed(int(fresh.expires_at * 1000), msg_id))
+        revoked = [room for room in self.rooms if not self._may_stay(room)]
+        return self._leave_revoked(revoked) if revoked else None
+
+    def _may_stay(self, room: str) -> bool:
+        allowed = self.node.policy.may_join(self.principal, room)
+        if allowed is None:
+            return self.granted is not None and self.granted.get(room, 0.0) > time.time()
+        return allowed
+
+    async def _leave_revoked(self, rooms: list[str]) -> None:
+        for room in rooms:
+            if room in self.rooms:
+                await self.node.leave(self, room, None)
+                self.send(p.RoomLeft(room, None, "access_revoked"))
+                self.node.counters["access_revoked"] += 1
+
+    # ---- private rooms ----------------------------------------------------------------------
+
+    def _join_private(self, room: str, msg: p.JoinRoom) -> Action:
+        token = msg.payload.token
+        if token:
+            try:
+                expires = self.node.verifier.verify_room(token, room, self.principal.user_id)
+            except AuthError:
+                self._forbid("join_room", room, msg.id)
+            self._grant(room, expires)
+            return self.node.join(self, room, msg.payload.since, msg.id)
+        if self.granted is not None and self.granted.get(room, 0.0) > time.time():
+            return self.node.join(self, room, msg.payload.since, msg.id)  # e.g. since again
+        hook = self.node.join_hook
+        if hook is None:
+            self._forbid("join_room", room, msg.id)
+        known = hook.known(self.principal, room)
+        if known is not None:
+            if not known:
+                self._forbid("join_room", room, msg.id)
+            self._grant(room, float("inf"))
+            return self.node.join(self, room, msg.payload.since, msg.id)
+        self._needs_task = True  # the hook is an HTTP call: this join runs as a task
+        return self._join_by_hook(hook, room, msg)
+
+    async def _join_by_hook(self, hook: Any, room: str, msg: p.JoinRoom) -> None:
+        if not await hook.ask(self.principal, room):
+            self._forbid("join_room", room, msg.id)
+        self._grant(room, float("inf"))  # the backend said yes for this connection
+        await self.node.join(self, room, msg.payload.since, msg.id)
+
+    def _grant(self, room: str, until: float) -> None:
+        if self.granted is None:
+            self.granted = {}
+        self.granted[room] = until
+
+    def _forbid(self, path: str, room: str, msg_id: p.MsgId) -> NoReturn:
+        """Refuse with the one answer that says nothing about the room."""
+        self.node.counters["forbidden"] += 1
+        log.info("forbidden", extra={"event": "forbidden", "path": path, "room": room[:128],
+                                     "client_id": self.client_id,
+                                     "user_id": self.principal.user_id})
+        raise MessageError("forbidden", FORBIDDEN, msg_id)
 
     def _require_member(self, room: str, msg_id: p.MsgId) -> None:
         if room not in self.rooms:
