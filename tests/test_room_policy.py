@@ -240,6 +240,18 @@ async def test_a_failing_join_hook_denies(fault: str) -> None:
             assert node.join_hook is not None and node.join_hook.failures == 1
 
 
+def test_the_startup_banner_says_which_rules_are_in_force() -> None:
+    from .utils import server_process
+
+    with server_process() as (proc, _):
+        assert proc.stdout is not None
+        assert "rooms: open" in proc.stdout.readline()
+    with server_process("--private-rooms", "private:*", "--direct-rooms", "dm:") as (proc, _):
+        assert proc.stdout is not None
+        assert proc.stdout.readline().startswith(
+            "rooms: private private:*; direct dm:<user>:<user>")
+
+
 async def test_rooms_are_open_by_default_and_the_banner_says_so(caplog: Any) -> None:
     with caplog.at_level("INFO"):
         async with running_node() as node, connected(node, "anyone") as ws:

@@ -122,6 +122,10 @@ def _serve(args: argparse.Namespace) -> int:
             print("No --jwt-secret given: using a random secret for this run.\n"
                   f"Open the demo as alice: {base}/#token={alice}\n"
                   f"        and as bob:     {base}/#token={bob}", flush=True)
+        if ENV_WORKER not in os.environ:
+            from .policy import Policy
+
+            print(Policy(settings).describe(), flush=True)  # open, or the rules in force
 
     workers = settings.workers or os.cpu_count() or 1
     if ENV_WORKER in os.environ:
