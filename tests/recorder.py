@@ -9,6 +9,7 @@ from typing import Any
 
 from fastws.auth import Verifier
 from fastws.config import load_settings
+from fastws.policy import Policy
 from fastws.session import Session
 
 from .utils import SECRET
@@ -24,7 +25,10 @@ class Recorder:
         self.closed: tuple[int, str] | None = None
         self.calls: list[tuple[Any, ...]] = []
         self.counters: Counter[str] = Counter()
-        self.verifier = Verifier(load_settings({}, environ={}), SECRET)
+        settings = load_settings({}, environ={})
+        self.verifier = Verifier(settings, SECRET)
+        self.policy = Policy(settings)  # open: every room, as the seed
+        self.join_hook = None
         self.chat_now: Any = None  # chats go through the ``chat`` coroutine
 
     def send(self, payload: bytes) -> None:
