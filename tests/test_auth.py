@@ -546,3 +546,36 @@ async def test_tokens_never_reach_production_logs_at_debug(
             lg.handlers[:] = handlers
             lg.setLevel(level)
             lg.propagate = propagate
+
+
+@pytest.mark.parametrize("algorithm", ["HS256", "HS384", "HS512"])
+def test_the_default_accepts_every_hmac_algorithm_with_the_secret(algorithm: str) -> None:
+    """The seed signs its tokens HS512 with the shared secret: accepted by default, as are
+    HS256 and HS384 (never ``none``, never a public-key algorithm with the secret)."""
+    verifier = Verifier(Settings(), SECRET_64)
+    assert verifier.verify(_hs(key=SECRET_64, algorithm=algorithm)).username == "alice"
+
+
+def test_the_default_still_refuses_none() -> None:
+    verifier = Verifier(Settings(), SECRET_64)
+    unsigned = jwt.encode(_claims(), None, algorithm="none")
+    _reject(verifier, unsigned, "algorithm not allowed")
+
+
+async def test_a_seed_token_signed_hs512_connects() -> None:
+    """The seed's server signs {userId, username, exp} with HS512 and the shared secret: a
+    client holding such a token connects to a default fastws."""
+    import warnings
+
+    from .utils import SECRET as NODE_SECRET
+    from .utils import recv_json, running_node
+
+    with warnings.catch_warnings():  # the tests' secret is short for HS512: the seed's too
+        warnings.simplefilter("ignore", jwt.warnings.InsecureKeyLengthWarning)
+        seed_token = jwt.encode({"userId": "u-1", "username": "alice",
+                                 "exp": int(time.time()) + 60}, NODE_SECRET, algorithm="HS512")
+    async with running_node() as node, connect(
+            f"ws://127.0.0.1:{node.port}/ws?token={seed_token}") as ws:
+        hello = await recv_json(ws)
+        assert (hello["type"], hello["userId"], hello["username"]) == ("connected", "u-1",
+                                                                      "alice")

@@ -16,6 +16,7 @@ from .config import Settings
 from .errors import AuthError, ConfigError
 
 _HMAC = {"HS256", "HS384", "HS512"}
+_HMAC_KEY_BYTES = {"HS256": 32, "HS384": 48, "HS512": 64}
 log = logging.getLogger("fastws.auth")
 
 
@@ -43,10 +44,15 @@ class Verifier:
             if not secret:
                 raise ConfigError("jwt_secret is required for HMAC algorithms")
             self._key: object = secret
-            if len(secret.encode()) < 32:
+            size = len(secret.encode())
+            advised = max(_HMAC_KEY_BYTES[a] for a in hmac)  # RFC 7518 3.2: the hash's size
+            if size < 32:
                 log.warning("jwt_secret is shorter than 32 bytes; use a longer random secret")
-                # Said once above; PyJWT would otherwise warn on every single handshake.
-                warnings.filterwarnings("ignore", category=jwt.warnings.InsecureKeyLengthWarning)
+            elif size < advised:
+                log.info("jwt_secret is %d bytes; RFC 7518 advises %d for %s tokens", size,
+                         advised, max(hmac, key=_HMAC_KEY_BYTES.__getitem__))
+            # Said once above; PyJWT would otherwise warn on every single handshake.
+            warnings.filterwarnings("ignore", category=jwt.warnings.InsecureKeyLengthWarning)
         else:
             if not settings.jwt_public_key_file:
                 raise ConfigError(f"{algorithms[0]} needs --jwt-public-key-file")

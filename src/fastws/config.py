@@ -23,7 +23,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     host: str = "127.0.0.1"
     port: int = 8080
     jwt_secret: str = ""
-    jwt_algorithms: str = "HS256"
+    jwt_algorithms: str = "HS256,HS384,HS512"
     jwt_public_key_file: str = ""
     jwt_audience: str = ""
     jwt_issuer: str = ""
@@ -84,8 +84,9 @@ FIELD_HELP: dict[str, str] = {
     "port": "TCP port (default 8080; 0 picks a free port and logs it)",
     "jwt_secret": "HS256/384/512 secret for tokens (default: a random one for this run, "
     "printed with a ready demo link)",
-    "jwt_algorithms": "comma-separated accepted JWT algorithms (default HS256; "
-    "RS256/ES256 need --jwt-public-key-file)",
+    "jwt_algorithms": "comma-separated accepted JWT algorithms (default HS256,HS384,HS512 "
+    "with the shared secret, as the seed signs HS512; RS256/ES256 need --jwt-public-key-file, "
+    "and never mix with HS*)",
     "jwt_public_key_file": "PEM public key file for RS*/ES*/PS* algorithms (default none)",
     "jwt_audience": "required 'aud' claim (default: not checked)",
     "jwt_issuer": "required 'iss' claim (default: not checked)",
