@@ -344,11 +344,18 @@ class Gateway:
     def __init__(self, node: Node, pages: dict[str, tuple[bytes, str]]) -> None:
         self.node = node
         self.pages = pages
+        # "" (the default): a WebSocket upgrade on any path, as the seed's server does, so
+        # its clients' ws://host:8080/?token=... works; else only on the listed paths.
+        self.ws_paths = frozenset(p.strip() for p in node.settings.ws_paths.split(",")
+                                  if p.strip())
 
     def __call__(self, request: WSUpgradeRequest) -> Any:
         raw_path = request.path.decode("latin-1")
         path = _path_only(raw_path)
-        if path == "/ws":
+        if "websocket" in (request.headers.get("Upgrade") or "").lower():
+            if self.ws_paths and path not in self.ws_paths:
+                return _response(HTTPStatus.NOT_FOUND, b"no WebSocket here\n",
+                                 "text/plain; charset=utf-8")
             return self._upgrade(request, raw_path)
         if path == "/healthz":
             body = msgspec.json.encode(self.node.health())
@@ -392,7 +399,8 @@ class Gateway:
                 "text/plain; charset=utf-8",
                 {"WWW-Authenticate": 'Bearer realm="fastws"'},
             )
-        conn = Connection(self.node, principal, "/ws", request.headers.get("X-Forwarded-For", ""))
+        conn = Connection(self.node, principal, _path_only(raw_path),
+                          request.headers.get("X-Forwarded-For", ""))
         if PROTOCOL not in offered:
             return conn
         # Exactly one protocol, and never the token one (section 4.2.2, /subprotocol/).
