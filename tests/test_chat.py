@@ -124,9 +124,10 @@ async def test_posting_or_typing_outside_a_room_is_refused() -> None:
         await expect_silence(b)
 
 
-@pytest.mark.parametrize("room", ["", "x" * 65, "has space", "slash/room", "ünïcode", "a\nb"])
+@pytest.mark.parametrize("room", ["", "x" * 129, "a\nb", "nul\x00", "tab\there", "del\x7f",
+                                  "\x1b[31m"])
 async def test_invalid_room_names_are_refused(room: str) -> None:
-    """Room names are 1-64 characters of letters, digits and _ . : @ # -."""
+    """Room names are 1-128 code points of any text without control characters."""
     async with running_node() as node, client(node) as ws:
         await send_json(ws, "join_room", {"room": room})
         reply = await recv_json(ws)

@@ -139,7 +139,7 @@ async def test_error_reply_raises_client_error() -> None:
         assert info.value.code == "not_in_room"
         assert "nowhere" in info.value.text
         with pytest.raises(ClientError) as info:
-            await a.join("bad room")
+            await a.join("bad\nroom")
         assert info.value.code == "invalid_room"
         await a.join("r")
         with pytest.raises(ClientError) as info:

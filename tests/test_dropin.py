@@ -10,7 +10,8 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
-from .utils import TIMEOUT, recv_json, running_node, send_json, token
+from .nodes import Backend
+from .utils import TIMEOUT, client, recv_json, running_node, send_json, token
 
 
 @pytest.mark.parametrize("path", ["/", "/chat", "/ws", "/any/deeper/path"])
@@ -48,3 +49,38 @@ async def test_ws_paths_restricts_the_upgrade_to_the_listed_paths() -> None:
             await connect(f"ws://127.0.0.1:{node.port}/?token={token('a')}",
                           open_timeout=TIMEOUT)
         assert refused.value.response.status_code == 404
+
+
+HOSTILE = ["Room 1", "général", "support/team", "日本語", "a{b}c", "}x", "{", "~7e", "~",
+           "x:y:z", "fastws:{r}:seq", "emoji 🎉", "a" * 128]
+
+
+async def test_any_room_name_works_on_every_broker(backend: Backend) -> None:
+    """Names with spaces, accents, slashes, CJK, braces, colons, the tag escape's own ``~``,
+    a key of ours: each is its own room on every broker (Redis Cluster included: a name with
+    braces still maps its keys and channel to one slot), with seq, since and history."""
+    from .nodes import enter, next_of
+
+    async with backend.nodes(2) as nodes, client(nodes[0], "alice") as a, \
+            client(nodes[1], "bob") as b:
+        for room in HOSTILE:
+            await enter(a, room, nodes)
+            await enter(b, room, nodes)
+            await next_of(a, "user_joined")
+            await send_json(a, "chat_message", {"room": room, "message": f"in {room}"})
+            for ws in (a, b):
+                msg = await next_of(ws, "chat_message")
+                assert (msg["room"], msg["message"], msg["seq"]) == (room, f"in {room}", 1)
+            await send_json(b, "history", {"room": room, "limit": 10}, id="h")
+            history = await next_of(b, "history")
+            assert [m["message"] for m in history["messages"]] == [f"in {room}"]
+            await send_json(b, "leave_room", {"room": room}, id="l")
+            await next_of(b, "room_left")
+            await send_json(a, "chat_message", {"room": room, "message": "missed"})
+            await next_of(a, "chat_message")
+            await send_json(b, "join_room", {"room": room, "since": {
+                "seq": 1, "epoch": msg["epoch"]}})
+            joined = await next_of(b, "room_joined")
+            assert joined["recovered"] is True
+            assert (await next_of(b, "chat_message"))["message"] == "missed"
+            await next_of(a, "user_joined")  # b's return (its user_left was skipped above)

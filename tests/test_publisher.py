@@ -59,7 +59,7 @@ async def test_http_publisher_raises_typed_errors() -> None:
             assert (err.value.status, err.value.code) == (401, "unauthorized")
         async with Publisher(url, KEY) as pub:
             with pytest.raises(PublishError) as err:
-                await pub.publish("no spaces", "x")
+                await pub.publish("no\ncontrol", "x")
             assert (err.value.status, err.value.code) == (422, "invalid_room")
             with pytest.raises(PublishError) as err:
                 await pub.publish("ops", "x" * 1001)

@@ -69,17 +69,17 @@ def _json(data: Any, status: int = 200) -> web.Response:
                         headers={"Cache-Control": "no-store"})
 
 
-def check_room(room: str) -> None:
+def check_room(room: str, max_room_chars: int = 128) -> None:
     """The WebSocket path's rule (session.check_room_name), with its message, as a 422."""
     try:
-        check_room_name(room)
+        check_room_name(room, None, max_room_chars)
     except MessageError as exc:
         raise ApiError(422, exc.code, exc.text) from None
 
 
-def check_publish(body: PublishBody, max_chars: int) -> None:
+def check_publish(body: PublishBody, max_chars: int, max_room_chars: int = 128) -> None:
     """The checks a chat_message gets on the WebSocket path, with the same codes and texts."""
-    check_room(body.room)
+    check_room(body.room, max_room_chars)
     try:
         check_chat_text(body.text, max_chars)
     except MessageError as exc:
@@ -195,7 +195,7 @@ class Admin:
             body = _decode_body(raw)
         except msgspec.DecodeError as exc:  # ValidationError included
             raise ApiError(400, "invalid_body", f"Invalid publish body: {exc}") from None
-        check_publish(body, self.settings.max_message_chars)
+        check_publish(body, self.settings.max_message_chars, self.settings.max_room_chars)
         try:
             seq = await self.node.publish_system(body.room, body.text, body.username, body.userId)
         except BrokerUnavailable:
@@ -205,7 +205,7 @@ class Admin:
     async def api_presence(self, request: web.Request) -> web.Response:
         self._authorize(request)
         room = request.match_info["room"]
-        check_room(room)
+        check_room(room, self.settings.max_room_chars)
         try:
             entries = await self.node.broker.presence(room)
         except BrokerUnavailable:

@@ -51,6 +51,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     history_off: str = ""
     history_max_bytes: int = 48 * 1024 * 1024
     ws_paths: str = ""
+    max_room_chars: int = 128
     private_rooms: str = ""
     direct_rooms: str = ""
     room_post: str = ""
@@ -130,6 +131,8 @@ FIELD_HELP: dict[str, str] = {
     "history_max_bytes": "bytes of history one process (or the --workers supervisor) keeps in "
     "all rooms; past it the least recently used empty rooms lose theirs first (default "
     "50331648 = 48 MiB; 0 = no cap; with Redis, set Redis' maxmemory instead)",
+    "max_room_chars": "longest room name in Unicode code points (default 128); any text "
+    "without control characters is a name",
     "ws_paths": "comma-separated paths that accept a WebSocket upgrade, e.g. '/ws,/chat' "
     "(default any path, as the seed's server; pages and /healthz answer plain GETs)",
     "private_rooms": "comma-separated glob patterns of private rooms, e.g. 'private:*': joining "

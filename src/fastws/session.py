@@ -9,8 +9,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import re
 import time
+import unicodedata
 from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import Any, NoReturn, Protocol
@@ -21,17 +21,27 @@ from .config import Settings
 from .errors import CloseCode, MessageError
 from .policy import FORBIDDEN
 
-ROOM_NAME = re.compile(r"[A-Za-z0-9_.:@#-]{1,64}")
 log = logging.getLogger("fastws.session")
 Action = Coroutine[Any, Any, None]
 
 
-def check_room_name(room: str, msg_id: p.MsgId = None) -> None:
-    """Raise ``invalid_room`` unless ``room`` is a valid name (also for the admin API)."""
-    if not ROOM_NAME.fullmatch(room):
+def check_room_name(room: str, msg_id: p.MsgId = None, max_chars: int = 128) -> None:
+    """Raise ``invalid_room`` unless ``room`` is a valid name (also for the admin API): any
+    Unicode text of 1 to ``max_chars`` code points with no control character."""
+    if not 0 < len(room) <= max_chars or not _printable(room):
         raise MessageError(
-            "invalid_room", "Invalid room name (1-64 characters: letters, digits, _ . : @ # -)",
-            msg_id)
+            "invalid_room",
+            f"Invalid room name (1-{max_chars} characters, no control characters)", msg_id)
+
+
+def _printable(room: str) -> bool:
+    if room.isprintable():  # the common case, in C: no control (nor format/space-sep) chars
+        return True
+    try:
+        room.encode()  # a lone surrogate has no UTF-8: no broker could key it
+    except UnicodeEncodeError:
+        return False
+    return not any(unicodedata.category(c) in ("Cc", "Cs") for c in room)
 
 
 def check_chat_text(text: str, max_chars: int, msg_id: p.MsgId = None) -> None:
@@ -271,7 +281,7 @@ class Session:
             return self.node.typing(self, msg.payload.room, msg.payload.isTyping, msg.id)
         elif isinstance(msg, p.JoinRoom):
             room = msg.payload.room
-            check_room_name(room, msg.id)
+            check_room_name(room, msg.id, self.settings.max_room_chars)
             limit = self.settings.max_rooms_per_connection
             if room not in self.rooms and limit and len(self.rooms) >= limit:
                 raise MessageError("too_many_rooms", f"Too many rooms (max {limit})", msg.id)

@@ -125,7 +125,7 @@ describe("chat", { timeout: 30000 }, () => {
   test("a refused request rejects with a typed ServerError", async () => {
     const alice = await connected(server, "alice");
     try {
-      await assert.rejects(alice.join("bad room"), (err) =>
+      await assert.rejects(alice.join("bad\nroom"), (err) =>
         err instanceof ServerError && err.code === "invalid_room" && /Invalid room name/.test(err.message));
       await assert.rejects(alice.send("nowhere", "x"), (err) =>
         err instanceof ServerError && err.code === "not_in_room" && err.room === "nowhere");

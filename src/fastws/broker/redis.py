@@ -11,6 +11,10 @@ hash-tagged so a room's keys share a slot):
     fastws:{room}:history    "seq:unix_ms:payload", newest first
     fastws:{room}:members    hash clientId -> MemberInfo (msgpack)
     fastws:{room}            the pub/sub channel; a message is ``exclude \\n seq \\n payload``
+
+``{room}`` is the room's hash tag: the name itself, or ``~`` and its UTF-8 in hex when the name
+holds ``{`` or ``}`` (which would end the tag early and scatter the room's keys over slots) or
+starts with ``~`` (so the mapping stays one-to-one): see ``room_tag``.
     session:<clientId>       the seed's session record: userId, nodeId, connectedAt (TTL, refreshed)
     fastws:node:<id>         this node is alive (TTL, refreshed)
     fastws:node:<id>:rooms   rooms this node has members in, so a dead node can be swept
@@ -234,6 +238,23 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+def room_tag(room: str) -> bytes:
+    """The room's Redis hash tag: one slot for all its keys and its channel, any name."""
+    raw = room.encode()
+    if b"{" in raw or b"}" in raw or raw.startswith(b"~"):
+        return b"~" + raw.hex().encode()
+    return raw
+
+
+def tag_room(tag: bytes) -> str:
+    """``room_tag`` undone; ValueError (UnicodeDecodeError included) for a tag it never made."""
+    if tag.startswith(b"~"):
+        return bytes.fromhex(tag[1:].decode()).decode()
+    if b"{" in tag or b"}" in tag:
+        raise ValueError("not a room tag")
+    return tag.decode()
+
+
 class _RoomKeys(NamedTuple):
     seq: bytes
     epoch: bytes
@@ -246,7 +267,7 @@ class _RoomKeys(NamedTuple):
 
 @functools.lru_cache(maxsize=65536)
 def _room_keys(room: str) -> _RoomKeys:
-    tag = b"fastws:{" + room.encode() + b"}"
+    tag = b"fastws:{" + room_tag(room) + b"}"
     seq, epoch, history = tag + b":seq", tag + b":epoch", tag + b":history"
     return _RoomKeys(seq, epoch, tag + b":members", history, tag, (seq, epoch, history, tag),
                      tag + b":presence")
@@ -528,7 +549,7 @@ class RedisBroker:
             try:
                 if not sep or payload[:1] != b"{" or payload[-1:] != b"}":
                     raise ValueError("not exclude\\nseq\\n{payload}")
-                room, number, client = channel[8:-1].decode(), int(seq), exclude.decode()
+                room, number, client = tag_room(channel[8:-1]), int(seq), exclude.decode()
             except (ValueError, UnicodeDecodeError) as exc:
                 self._drop(channel, exc)
                 return
@@ -549,7 +570,10 @@ class RedisBroker:
 
     def _dropped(self, channel: bytes) -> None:
         """Redis unsubscribed us (a shard's slot moved): subscribe where it lives now."""
-        room = channel[8:-1].decode(errors="replace")
+        try:
+            room = tag_room(channel[8:-1])
+        except ValueError:
+            return
         if room in self._rooms:
             self._spawn(self._resubscribe(room))
 
