@@ -69,7 +69,7 @@ from .buswire import (
     Unsubscribe,
     socket_path,
 )
-from .ledger import Ledger, sweep_interval
+from .ledger import Ledger, SweepTimer
 from .types import HistoryPolicy, LeaveResult, MemberInfo
 
 log = logging.getLogger("fastws.bus")
@@ -183,31 +183,22 @@ class BusServer:
         self._revoked: dict[str, float] = {}  # room -> when its lessee was told to release
         self._waiters: dict[str, list[_Link]] = {}  # room -> links held until it is released
         self._revoke_timer: asyncio.TimerHandle | None = None
-        self._sweeper: asyncio.TimerHandle | None = None
+        self._sweeper = SweepTimer(self.ledger)
         # Counters for stats() and the batching tests.
         self.requests = self.reads = self.frames = self.writes = self.slow_drops = 0
         self.records = self.leases_granted = self.revokes = self.leases_cut = 0
         self.expired = 0  # requests read past their frame's deadline, refused
-        self._sequenced = 0  # requests since the last ledger sweep
 
     async def start(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)  # a stale socket of a previous run
         self._server = await asyncio.get_running_loop().create_unix_server(
             lambda: _Link(self), self.path)
-        self._sweep()
+        self._sweeper.start()
         log.info("local bus listening", extra={"event": "bus_listening", "endpoint": self.path})
 
-    def _sweep(self) -> None:
-        """Expired empty rooms go on a timer too, not only every 4,096 chats."""
-        self.ledger.sweep()
-        self._sweeper = asyncio.get_running_loop().call_later(
-            sweep_interval(self.ledger.policy), self._sweep)
-
     async def close(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            self._sweeper = None
+        self._sweeper.stop()
         if self._revoke_timer is not None:
             self._revoke_timer.cancel()
             self._revoke_timer = None
@@ -354,10 +345,6 @@ class BusServer:
                     if other is not link:
                         other.send(pub)
             out.append(Sequenced(room, payload, seq) if room in mine else Reply(a=seq))
-        self._sequenced += len(requests)
-        if self._sequenced >= 4096:  # expired empty rooms go without a timer
-            self._sequenced = 0
-            self.ledger.sweep()
 
     def _answer(self, link: _Link, req: Request) -> Reply:
         ledger = self.ledger
@@ -440,7 +427,6 @@ class BusServer:
             for other in links:
                 if other is not link:
                     other.send(pub)
-        self._sequenced += 1
 
     def _release(self, link: _Link, room: str) -> None:
         if self._leases.get(room) is link:

@@ -24,6 +24,7 @@ Shared by ``MemoryBroker`` (one process) and the local bus's ``BusServer`` (the 
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
@@ -37,10 +38,24 @@ __all__ = ["HistoryPolicy", "JoinResult", "LeaveResult", "Ledger", "new_epoch"]
 ENTRY_COST = 150
 
 
-def sweep_interval(policy: HistoryPolicy) -> float:
-    """How often an owner of a ledger sweeps it on a timer: a quarter of the history ttl, at
-    least every minute, at most every 0.05 s."""
-    return min(max(policy.ttl / 4, 0.05), 60.0) if policy.ttl else 60.0
+class SweepTimer:
+    """Sweeps a ledger on the running loop (expired empty rooms go even when no chat comes):
+    every quarter of the history ttl, at least every minute, at most every 0.05 s."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+        ttl = ledger.policy.ttl
+        self.interval = min(max(ttl / 4, 0.05), 60.0) if ttl else 60.0
+        self._handle: asyncio.TimerHandle | None = None
+
+    def start(self) -> None:
+        self.ledger.sweep()
+        self._handle = asyncio.get_running_loop().call_later(self.interval, self.start)
+
+    def stop(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
 
 
 class _Room:
@@ -130,12 +145,17 @@ class Ledger:
     def _evict(self, name: str, room: _Room) -> None:
         """Back under max_bytes: least recently used empty rooms first, then ``room``'s
         oldest messages (every other room with history has members)."""
-        for victim in list(self._empty):
-            if self.bytes <= self.max_bytes:
-                break
-            if victim != name and not self.rooms[victim].leased:  # a lessee still writes
-                self._drop(victim)
-                self.evicted_rooms += 1
+        empty, kept = self._empty, set()
+        while self.bytes > self.max_bytes and empty:
+            victim = next(iter(empty))  # the least recently used: no copy of them all
+            if victim in kept:
+                break  # every empty room left is this one or leased
+            if victim == name or self.rooms[victim].leased:  # a lessee still writes
+                kept.add(victim)
+                empty.move_to_end(victim)
+                continue
+            self._drop(victim)
+            self.evicted_rooms += 1
         history = room.history
         while self.bytes > self.max_bytes and history is not None and len(history) > 1:
             cost = len(history.popleft()[2]) + ENTRY_COST

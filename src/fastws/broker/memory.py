@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable
 from typing import Any
 
-from .ledger import Ledger, sweep_interval
+from .ledger import Ledger, SweepTimer
 from .types import (
     Deliver,
     HistoryPolicy,
@@ -30,25 +29,16 @@ class MemoryBroker:
     ) -> None:
         self._deliver: Deliver | None = None
         self.ledger = Ledger(policy, clock)
-        self._publications = 0
-        self._sweeper: asyncio.TimerHandle | None = None
+        self._sweeper = SweepTimer(self.ledger)
 
     def attach(self, node_id: str, deliver: Deliver, pressure: Pressure | None = None) -> None:
         self._deliver = deliver  # never under pressure: every call is answered in place
 
     async def start(self) -> None:
-        self._sweep()
-
-    def _sweep(self) -> None:
-        """Expired empty rooms go on a timer too, not only every 4,096 chats."""
-        self.ledger.sweep()
-        self._sweeper = asyncio.get_running_loop().call_later(
-            sweep_interval(self.ledger.policy), self._sweep)
+        self._sweeper.start()
 
     async def close(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            self._sweeper = None
+        self._sweeper.stop()
 
     def health(self) -> dict[str, Any]:
         ledger = self.ledger
@@ -74,9 +64,6 @@ class MemoryBroker:
         # Every chat message of the default deployment comes here: no call more than needed.
         seq, payload = self.ledger.publish_seq(room, head)
         self._deliver(room, "", payload, seq)  # type: ignore[misc]  # attached before start
-        self._publications += 1
-        if self._publications % 4096 == 0:
-            self.ledger.sweep()  # expired rooms go without a timer
         if done is not None:
             done(seq)
 
