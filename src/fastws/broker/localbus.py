@@ -129,15 +129,25 @@ class _Link(asyncio.Protocol):
             self.broker._drained()
 
 
-class _Missed:
-    """The waiter of a re-subscription: delivers the chats the bus kept that this worker
-    missed while its connection was down, in place, ahead of everything after them."""
+class _RoomWaiter:
+    """A waiter that takes the whole Reply (0 when the bus failed), called in place as the
+    reply is read, in stream order: unlike chat callbacks, which take just the seq."""
 
     __slots__ = ("broker", "room")
 
     def __init__(self, broker: LocalBusBroker, room: str) -> None:
         self.broker = broker
         self.room = room
+
+    def __call__(self, reply: Reply | int) -> None:
+        raise NotImplementedError
+
+
+class _Missed(_RoomWaiter):
+    """The waiter of a re-subscription: delivers the chats the bus kept that this worker
+    missed while its connection was down, in place, ahead of everything after them."""
+
+    __slots__ = ()
 
     def __call__(self, reply: Reply | int) -> None:
         broker = self.broker
@@ -154,15 +164,14 @@ class _Missed:
         broker._last_seq[room] = max(last, reply.a + len(reply.messages) - 1)
 
 
-class _Grant:
+class _Grant(_RoomWaiter):
     """The waiter of an ``acquire``. Called in place when its reply is read, so a ``revoke``
     read right behind the reply finds the lease installed."""
 
-    __slots__ = ("broker", "held", "room", "stale")
+    __slots__ = ("held", "stale")
 
     def __init__(self, broker: LocalBusBroker, room: str) -> None:
-        self.broker = broker
-        self.room = room
+        super().__init__(broker, room)
         self.held: list[tuple[bytes, SeqDone]] = []  # chats made while waiting
         self.stale = False  # the room was unsubscribed meanwhile: the answer is moot
 
@@ -549,7 +558,7 @@ class LocalBusBroker:
 
     def _answer(self, waiter: Any, event: Reply | Sequenced) -> None:
         """Answer the oldest waiter: a Future gets the Reply, a callback the seq (0: refused)."""
-        if type(waiter) is _Grant or type(waiter) is _Missed:
+        if isinstance(waiter, _RoomWaiter):
             waiter(event if isinstance(event, Reply) else 0)
             return
         if isinstance(event, Sequenced):  # the chat hot path: no Reply made for it
