@@ -25,7 +25,7 @@ from fastws.broker.types import Broker
 from fastws.config import load_settings
 from fastws.server import Node, history_policy
 
-from .utils import SECRET, TIMEOUT, recv_json, send_json
+from .utils import SECRET, TIMEOUT, client, recv_json, send_json
 
 BROKERS = ("memory", "localbus", "redis", "redis-cluster")
 DRAIN = 2.0
@@ -159,3 +159,26 @@ async def enter(ws: ClientConnection, room: str, nodes: list[Node], **payload: A
     reply = await next_of(ws, "room_joined")
     await settle(nodes)
     return reply
+
+
+async def presence_seen(ws: ClientConnection, room: str) -> list[str] | None:
+    """The room's users as the client's node sees them; None while it answers an error."""
+    await send_json(ws, "presence", {"room": room}, id="seen")
+    while True:
+        msg = await recv_json(ws)
+        if msg.get("id") == "seen":
+            return sorted(m["userId"] for m in msg["members"]) if msg["type"] == "presence" \
+                else None
+        assert msg["type"] in ("user_joined", "user_left", "typing", "chat_message"), msg
+
+
+@contextlib.asynccontextmanager
+async def alice_and_bob(
+    backend: Backend, room: str
+) -> AsyncIterator[tuple[list[Node], ClientConnection, ClientConnection]]:
+    """Two nodes, alice on the first and bob on the second, both members of ``room``."""
+    async with backend.nodes(2) as nodes, client(nodes[0], "alice") as a, \
+            client(nodes[1], "bob") as b:
+        await enter(a, room, nodes)
+        await enter(b, room, nodes)
+        yield nodes, a, b

@@ -9,8 +9,6 @@ spans two nodes.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator
 from typing import Any
 
 from websockets.asyncio.client import ClientConnection
@@ -18,20 +16,8 @@ from websockets.asyncio.client import ClientConnection
 from fastws.broker.types import MemberInfo, chat_payload
 from fastws.server import Node
 
-from .nodes import Backend, chats, enter, next_of, room_name, settle
+from .nodes import Backend, alice_and_bob, chats, enter, next_of, room_name, settle
 from .utils import TIMEOUT, client, expect_silence, recv_json, send_json
-
-
-@contextlib.asynccontextmanager
-async def alice_and_bob(
-    backend: Backend, room: str
-) -> AsyncIterator[tuple[list[Node], ClientConnection, ClientConnection]]:
-    """Two nodes, alice on the first and bob on the second, both members of ``room``."""
-    async with backend.nodes(2) as nodes, client(nodes[0], "alice") as a, \
-            client(nodes[1], "bob") as b:
-        await enter(a, room, nodes)
-        await enter(b, room, nodes)
-        yield nodes, a, b
 
 
 async def test_seq_is_one_order_for_every_member_on_every_node(backend: Backend) -> None:

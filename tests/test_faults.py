@@ -27,21 +27,10 @@ from fastws.broker.memory import MemoryBroker
 from fastws.broker.redis import RedisBroker
 from fastws.server import Node
 
-from .nodes import Backend, enter, next_of, room_name, settle
+from .nodes import Backend, alice_and_bob, enter, next_of, presence_seen, room_name, settle
 from .utils import TIMEOUT, client, expect_silence, recv_json, send_json, server_process, ws_url
 
 Members = list[tuple[ClientConnection, str]]  # (client, its user)
-
-
-async def presence_seen(ws: ClientConnection, room: str) -> list[str] | None:
-    """The room's users as the client's node sees them; None while it answers an error."""
-    await send_json(ws, "presence", {"room": room}, id="seen")
-    while True:
-        msg = await recv_json(ws)
-        if msg.get("id") == "seen":
-            return sorted(m["userId"] for m in msg["members"]) if msg["type"] == "presence" \
-                else None
-        assert msg["type"] in ("user_joined", "user_left", "typing", "chat_message"), msg
 
 
 async def converged(nodes: list[Node], members: Members, room: str) -> None:
@@ -101,11 +90,8 @@ async def emptied(backend: Backend, nodes: list[Node]) -> None:
 
 @contextlib.asynccontextmanager
 async def two_members(backend: Backend, room: str) -> Any:
-    """Two nodes, alice on the first and bob on the second, both in ``room``."""
-    async with backend.nodes(2) as nodes, client(nodes[0], "alice") as a, \
-            client(nodes[1], "bob") as b:
-        await enter(a, room, nodes)
-        await enter(b, room, nodes)
+    """``alice_and_bob``, with alice past bob's user_joined, as (client, user) pairs."""
+    async with alice_and_bob(backend, room) as (nodes, a, b):
         await next_of(a, "user_joined")
         yield nodes, [(a, "alice"), (b, "bob")]
 

@@ -14,6 +14,7 @@ from fastws.broker.redis import RedisBroker
 from fastws.broker.types import MemberInfo
 from fastws.server import Node
 
+from .nodes import presence_seen
 from .redisutil import RedisServer, redis_node, redis_pipe
 from .utils import TIMEOUT, client, recv_json, send_json, server_process
 from .utils import join_across_nodes as join
@@ -26,13 +27,6 @@ async def next_matching(ws: ClientConnection, timeout: float = TIMEOUT, **fields
             msg = await recv_json(ws, timeout)
             if all(msg.get(k) == v for k, v in fields.items()):
                 return msg
-
-
-async def members_seen(ws: ClientConnection, room: str) -> list[str] | None:
-    """The room's members as the client's node sees them; None if it answered an error."""
-    await send_json(ws, "presence", {"room": room}, id="who")
-    reply = await next_matching(ws, id="who")
-    return sorted(m["userId"] for m in reply["members"]) if reply["type"] == "presence" else None
 
 
 def broker_of(node: Node) -> RedisBroker:
@@ -59,8 +53,8 @@ async def test_a_node_paused_past_its_ttl_rejoins_its_members(
                 proc.send_signal(signal.SIGCONT)
             back = await next_matching(bob, TIMEOUT, type="user_joined", username="alice")
             assert back["members"] == 2
-            assert await members_seen(bob, "r") == ["alice", "bob"]
-            assert await members_seen(alice, "r") == ["alice", "bob"]
+            assert await presence_seen(bob, "r") == ["alice", "bob"]
+            assert await presence_seen(alice, "r") == ["alice", "bob"]
             await send_json(alice, "chat_message", {"room": "r", "message": "from 1"})
             assert (await next_matching(bob, type="chat_message"))["message"] == "from 1"
             await send_json(bob, "chat_message", {"room": "r", "message": "from 2"})
@@ -80,14 +74,14 @@ async def test_a_leave_lost_in_an_outage_is_done_on_reconnect(redis_server: Redi
         async with redis_pipe(redis_server.url) as pipe:
             await pipe.call(b"HSET", b"fastws:{r}:members", b"ghost-1",
                             msgspec.msgpack.encode(ghost))
-            assert await members_seen(bob, "r") == ["alice", "bob", "ghost"]
+            assert await presence_seen(bob, "r") == ["alice", "bob", "ghost"]
             await pipe.call(b"CLIENT", b"KILL", b"TYPE", b"pubsub")  # every node reconnects
         # (Its user_left goes out too, but B, reconnecting at the same moment, may not be
         # subscribed again yet: notices are best effort; presence itself must converge.)
         async with asyncio.timeout(TIMEOUT):
-            while await members_seen(bob, "r") != ["alice", "bob"]:
+            while await presence_seen(bob, "r") != ["alice", "bob"]:
                 await asyncio.sleep(0.05)
-        assert await members_seen(alice, "r") == ["alice", "bob"]
+        assert await presence_seen(alice, "r") == ["alice", "bob"]
         assert broker_of(a).reconciled == 1 and broker_of(b).reconciled == 0
 
 
@@ -105,7 +99,7 @@ async def test_bad_presence_entries_never_stop_the_upkeep(redis_server: RedisSer
             await pipe.call(b"SADD", b"fastws:nodes", b"dead-node")
             left = await next_matching(bob, type="user_left", username="carol")
             assert left["members"] == 2  # bob and the junk entry's field
-            assert await members_seen(bob, "r") == ["bob"]
+            assert await presence_seen(bob, "r") == ["bob"]
             assert "upkeep_error" not in broker_of(b).health()
             alive = b"fastws:node:" + b.node_id.encode()
             for _ in range(3):  # the keep-alive goes on refreshing B
