@@ -26,7 +26,6 @@ from .broker.types import HistoryPolicy
 from .config import Settings
 from .errors import BrokerUnavailable, CloseCode
 from .hub import FANOUT, FANOUT_ERROR, Hub
-from .joinhook import JoinHook
 from .policy import Policy
 from .session import Session
 
@@ -61,7 +60,11 @@ class Node:
         self.settings = settings
         self.verifier = Verifier(settings, secret)
         self.policy = Policy(settings)
-        self.join_hook = JoinHook(settings) if settings.join_hook_url else None
+        self.join_hook: Any = None
+        if settings.join_hook_url:  # aiohttp (about 9 MiB) is imported only for it
+            from .joinhook import JoinHook
+
+            self.join_hook = JoinHook(settings)
         self.node_id = node_id or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(2)}"
         self.broker: Broker = broker if broker is not None else MemoryBroker(
             history_policy(settings))
