@@ -7,22 +7,32 @@ that same loop turn, so the hub's corking survives the broker. Keys (room names 
 hash-tagged so a room's keys share a slot):
 
     fastws:{room}:seq        INCR counter; allocation and PUBLISH happen in one Lua script
-    fastws:{room}:epoch      the name of the room's current run of seqs
+    fastws:{room}:epoch      the name of the room's current run of seqs, and its lease
     fastws:{room}:history    "seq:unix_ms:payload", newest first
     fastws:{room}:members    hash clientId -> MemberInfo (msgpack)
+    fastws:{room}:nodes      hash node id -> its members in the room
     fastws:{room}            the pub/sub channel; a message is ``exclude \\n seq \\n payload``
 
 ``{room}`` is the room's hash tag: the name itself, or ``~`` and its UTF-8 in hex when the name
 holds ``{`` or ``}`` (which would end the tag early and scatter the room's keys over slots) or
 starts with ``~`` (so the mapping stays one-to-one): see ``room_tag``.
     session:<clientId>       the seed's session record: userId, nodeId, connectedAt (TTL, refreshed)
-    fastws:node:<id>         this node is alive (TTL, refreshed)
+    fastws:node:<id>         this node is alive (TTL, refreshed); holds its incarnation
     fastws:node:<id>:rooms   rooms this node has members in, so a dead node can be swept
     fastws:nodes             every node id seen
     fastws:sweep:<id>        a sweeper's claim on a dead node (deleted when it is done)
     fastws:swept:<id>        the node was swept (its rooms were told user_left): if it was
                              only paused, it re-joins its members with user_joined
-    fastws:flush:{tag}:<id>  this node's private channel for ``flush`` (one per shard)
+    fastws:flush:{tag}:<id>  this node's private channel for ``flush`` (one per shard), and
+                             for other nodes' ``revoke:<room>``
+
+Room leases (one Redis server; the rules are in ``redisscripts``): a room whose members are
+all on this node is leased to it at a join. The node then sequences the room's chats itself
+and sends their history entries in one ``record`` call per loop turn, delivering each chat
+when Redis has it: no INCR, PUBLISH or pub/sub read per chat. A node that joins the room, or
+publishes to it, asks the holder to let go (``revoke``) and waits for it; the holder settles
+the room behind its last record, holding its own chats until then, so every member sees the
+room's seqs in order across the handover.
 
 If Redis goes away the node keeps its clients: calls raise ``BrokerUnavailable`` (the client
 gets an ``unavailable`` error, never a false success, and the cause is logged, at most once a
@@ -44,21 +54,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import hashlib
 import logging
 import random
 import secrets
 import time
+from collections import Counter
 from typing import Any, NamedTuple
 
 import msgspec
 
 from ..errors import BrokerUnavailable
 from .rediscluster import ClusterServers
+from .redisscripts import SCRIPTS
 from .resp import ConnectionLost, ReplyError, RespError, Servers, parse_url
 from .types import (
-    CHAT_END,
-    CHAT_EPOCH,
+    CHAT_TAIL,
     Deliver,
     HistoryPolicy,
     JoinResult,
@@ -72,164 +82,12 @@ from .types import (
 log = logging.getLogger("fastws.broker.redis")
 
 
-def _lua_string(raw: bytes) -> str:
-    """A Lua string literal of exactly ``raw`` (anything but [A-Za-z0-9 ,:_-] escaped)."""
-    safe = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 ,:_-"
-    return "'" + "".join(chr(c) if c in safe else f"\\{c:03d}" for c in raw) + "'"
-
-
-# A room's seq, epoch and history move together. A missing epoch means the room's state is
-# gone (expired, or Redis lost it): a new epoch starts, and seq restarts from 1 under it.
-# History entries are "seq:unix_ms:payload", newest first, trimmed to size and aged by ttl.
-_NOW_MS = "local t = redis.call('TIME') local now = t[1] * 1000 + math.floor(t[2] / 1000)"
-
-_EPOCH = """
-local epoch = redis.call('GET', KEYS[2])
-if not epoch then
-  epoch = ARGV[3]
-  redis.call('DEL', KEYS[1], KEYS[4])
-end
-redis.call('SET', KEYS[2], epoch, 'EX', ARGV[4])
-"""
-
-# Every chat of one loop turn for one server (one slot on a cluster) in one call: the per-call
-# cost of EVALSHA (about 10 us in redis-server) is paid once for all of them.
-# KEYS: per message seq, epoch, history, channel (4 each, in the order of the calls)
-# ARGV: new epoch, state ttl s, PUBLISH|SPUBLISH, deadline (Redis' clock, unix ms), then per
-#       message head, history size - 1 (-1: no history)
-# Past the deadline the node has given up on the call (and told its clients unavailable):
-# the script then applies nothing and returns "expired", so no chat lands behind their back.
-# The history list is trimmed to size once it holds size / 8 more (an LTRIM per message
-# costs more than the rest of the history upkeep); readers read only its newest ``size``.
-# Returns the seqs, in order. A room met again in the same call reuses its epoch, and its
-# TTLs are refreshed once. redis-server's CPU is part of the cost of a chat, so each
-# redis.call() is counted (~0.3-0.5 us of Lua glue each) and numbers are turned into strings
-# once (Lua's number -> string costs ~0.4 us; redis.call() does it to number arguments too).
-# The payload is types.chat_payload, spelled with its own constants (tests compare the bytes).
-_PUBLISH_SEQS = """
-local fresh, ttl, publish = ARGV[1], ARGV[2], ARGV[3]
-local seqs, epochs = {}, {}
-local t = redis.call('TIME')
-local ms = t[1] * 1000 + math.floor(t[2] / 1000)
-if ms > tonumber(ARGV[4]) then return 'expired' end
-local now = ':' .. tostring(ms) .. ':'
-for i = 1, #KEYS / 4 do
-  local seq_key, epoch_key, history_key = KEYS[i * 4 - 3], KEYS[i * 4 - 2], KEYS[i * 4 - 1]
-  local epoch = epochs[epoch_key]
-  local first = not epoch
-  if first then
-    epoch = redis.call('GETEX', epoch_key, 'EX', ttl)
-    if not epoch then
-      epoch = fresh
-      redis.call('SET', epoch_key, epoch, 'EX', ttl)
-      redis.call('DEL', seq_key, history_key)
-    end
-    epochs[epoch_key] = epoch
-  end
-  local seq = redis.call('INCR', seq_key)
-  if first then redis.call('EXPIRE', seq_key, ttl) end
-  local s = tostring(seq)
-  local payload = ARGV[i * 2 + 3] .. s .. """ + _lua_string(CHAT_EPOCH) + """ .. epoch .. """ + \
-    _lua_string(CHAT_END) + """
-  redis.call(publish, KEYS[i * 4], '\\n' .. s .. '\\n' .. payload)
-  local last = ARGV[i * 2 + 4]
-  if last ~= '-1' then
-    local size = tonumber(last) + 1
-    if redis.call('LPUSH', history_key, s .. now .. payload) > size + math.floor(size / 8) then
-      redis.call('LTRIM', history_key, '0', last)
-    end
-    if first then redis.call('EXPIRE', history_key, ttl) end
-  end
-  seqs[i] = seq
-end
-return seqs
-"""
-
-# Reads history newer than ARGV[8] (and within ttl), oldest first, into ``out``: the newest
-# ARGV[9] + 1 entries only (the list may hold up to size / 8 more; ARGV[9] -1: all of it).
-_READ_HISTORY = """
-local out = {}
-local first = -1
-local entries = redis.call('LRANGE', KEYS[4], 0, ARGV[9])
-local ttl = tonumber(ARGV[7])
-for i = #entries, 1, -1 do
-  local e = entries[i]
-  local p1 = string.find(e, ':', 1, true)
-  local p2 = string.find(e, ':', p1 + 1, true)
-  local s = tonumber(string.sub(e, 1, p1 - 1))
-  local t = tonumber(string.sub(e, p1 + 1, p2 - 1))
-  if s > tonumber(ARGV[8]) and (ttl == 0 or now - t <= ttl) then
-    if first < 0 then first = s end
-    table.insert(out, string.sub(e, p2 + 1))
-  end
-end
-"""
-
-# KEYS: seq, epoch, members, history, presence version
-# ARGV: clientId, member, new epoch, state ttl s, since epoch, since seq (-1: none),
-#       history ttl ms, since seq again (for _READ_HISTORY), history size - 1
-# Returns {members, seq, epoch, recovered (-1 none, 0, 1), replay, presence version}.
-_JOIN = _NOW_MS + _EPOCH + """
-redis.call('EXPIRE', KEYS[1], ARGV[4])
-redis.call('EXPIRE', KEYS[4], ARGV[4])
-redis.call('HSET', KEYS[3], ARGV[1], ARGV[2])
-local version = redis.call('INCR', KEYS[5])
-redis.call('EXPIRE', KEYS[5], ARGV[4])
-local count = redis.call('HLEN', KEYS[3])
-local seq = tonumber(redis.call('GET', KEYS[1]) or '0')
-local since = tonumber(ARGV[6])
-if since < 0 then return {count, seq, epoch, -1, {}, version} end
-if ARGV[5] ~= epoch or since > seq then return {count, seq, epoch, 0, {}, version} end
-if since == seq then return {count, seq, epoch, 1, {}, version} end
-""" + _READ_HISTORY + """
-local complete = 0
-if first == since + 1 then complete = 1 end
-return {count, seq, epoch, complete, out, version}
-"""
-
-# KEYS: seq, epoch, members (unused), history
-# ARGV: 1-6 unused, history ttl ms, since (-1), history size - 1
-_HISTORY = _NOW_MS + """
-local epoch = redis.call('GET', KEYS[2]) or ''
-local seq = tonumber(redis.call('GET', KEYS[1]) or '0')
-""" + _READ_HISTORY + """
-return {seq, epoch, out}
-"""
-
-# KEYS: members, presence version; ARGV: clientId, state ttl s. Returns {left, version}.
-# The version key outlives an emptied room (its TTL is the room state's), so a room made again
-# does not count from 1 while notices from before may still be on their way.
-_LEAVE = """
-local version
-if redis.call('HDEL', KEYS[1], ARGV[1]) == 1 then
-  version = redis.call('INCR', KEYS[2])
-  redis.call('EXPIRE', KEYS[2], ARGV[2])
-else
-  version = tonumber(redis.call('GET', KEYS[2]) or '0')
-end
-local left = redis.call('HLEN', KEYS[1])
-if left == 0 then redis.call('DEL', KEYS[1]) end
-return {left, version}
-"""
-
-
-class _Script(NamedTuple):
-    source: bytes
-    sha: bytes
-
-    @classmethod
-    def of(cls, source: str) -> _Script:
-        return cls(source.encode(), hashlib.sha1(source.encode()).hexdigest().encode())
-
-
-_SCRIPTS = {name: _Script.of(source) for name, source in
-            (("publish_seqs", _PUBLISH_SEQS), ("join", _JOIN), ("history", _HISTORY),
-             ("leave", _LEAVE))}
-
 _STATE_TTL = 7 * 86400  # without a history ttl, a room's seq and epoch outlive a week of silence
 _SESSION_TTL = 60  # the seed's session records, refreshed every _SESSION_TTL / 3
 _QUEUE_LIMIT = 10_000  # commands waiting on one connection before the node is paused
 _BATCH_LIMIT = 512  # chats in one script call: bounds the time Redis spends in one call
+_RECORDS = "records"  # the group of a pipe's open _RecordBatch (its _SeqBatch has None)
+_TAKE_PAUSE = 0.005  # after asking a lease's holder for its room, before trying again
 _member_encoder = msgspec.msgpack.Encoder()
 _member_decoder = msgspec.msgpack.Decoder(MemberInfo)
 
@@ -263,6 +121,7 @@ class _RoomKeys(NamedTuple):
     channel: bytes
     script: tuple[bytes, bytes, bytes, bytes]  # a message's KEYS in _PUBLISH_SEQS
     presence: bytes  # the presence version (types.JoinResult.version)
+    nodes: bytes  # hash node -> its members in the room (a lease needs one node)
 
 
 @functools.lru_cache(maxsize=65536)
@@ -270,7 +129,7 @@ def _room_keys(room: str) -> _RoomKeys:
     tag = b"fastws:{" + room_tag(room) + b"}"
     seq, epoch, history = tag + b":seq", tag + b":epoch", tag + b":history"
     return _RoomKeys(seq, epoch, tag + b":members", history, tag, (seq, epoch, history, tag),
-                     tag + b":presence")
+                     tag + b":presence", tag + b":nodes")
 
 
 class _SeqBatch:
@@ -282,6 +141,7 @@ class _SeqBatch:
     retried once with EVAL, any other error answers every message ``done(0)``."""
 
     __slots__ = ("args", "broker", "dones", "full", "key", "keys", "sent", "servers")
+    held = False
 
     def __init__(self, broker: RedisBroker, servers: Servers, key: bytes) -> None:
         self.broker = broker
@@ -297,16 +157,20 @@ class _SeqBatch:
         broker = self.broker
         # Redis' clock: this node's plus the offset measured at connect (see _clock_offset).
         deadline = int((time.time() + broker.timeout * 0.8) * 1000) + broker._clock_offset_ms
-        self.sent = (b"EVALSHA", _SCRIPTS["publish_seqs"].sha, len(self.keys), *self.keys,
+        self.sent = (b"EVALSHA", SCRIPTS["publish_seqs"].sha, len(self.keys), *self.keys,
                      new_epoch(), broker._state_ttl_arg, broker._publish_cmd, deadline,
-                     *self.args)
+                     broker._me, *self.args)
         self.servers.send(self.key, self.sent, self)
 
     def __call__(self, reply: Any) -> None:
         if type(reply) is list and len(reply) == len(self.dones):
-            for done, seq in zip(self.dones, reply, strict=True):
+            for i, (done, seq) in enumerate(zip(self.dones, reply, strict=True)):
                 try:
-                    done(seq)
+                    if type(seq) is int:
+                        done(seq)
+                    else:  # the room is leased: its holder ("node incarnation") sequences it
+                        self.broker._leased(tag_room(self.keys[i * 4 + 3][8:-1]),
+                                            self.args[i * 2], done, seq)
                 except Exception:  # one caller's bug must not cost the others their answer
                     log.exception("publish_seq callback failed")
             return
@@ -314,7 +178,7 @@ class _SeqBatch:
         if (sent[0] == b"EVALSHA" and type(reply) is ReplyError
                 and str(reply).startswith("NOSCRIPT")):
             # A SCRIPT FLUSH or a failover lost it: EVAL loads it again.
-            self.sent = (b"EVAL", _SCRIPTS["publish_seqs"].source, *sent[2:])
+            self.sent = (b"EVAL", SCRIPTS["publish_seqs"].source, *sent[2:])
             self.servers.send(self.key, self.sent, self)
             return
         refused = self.broker._refused
@@ -325,6 +189,72 @@ class _SeqBatch:
         for done in self.dones:
             try:
                 done(0)
+            except Exception:
+                log.exception("publish_seq callback failed")
+
+
+class _RecordBatch:
+    """A lease holder's chats for its server: ONE call of ``record`` with every chat's
+    history entry; once Redis answers "ok", each chat is delivered here and answered, in order
+    (so nothing is delivered that Redis does not have). Any other answer is the batch's: every
+    chat gets ``done(0)`` and the node's leases are dropped (see
+    ``RedisBroker._records_failed``). One call is in flight at a time: the chats of the turns
+    until it is answered wait in the next one (``held``), so a busy node makes few large calls
+    (Redis and this node pay per call about what 10-20 chats cost) for one Redis round trip
+    of added latency at most."""
+
+    __slots__ = ("args", "broker", "full", "inc", "keys", "next_inc", "now", "out", "sent",
+                 "servers")
+
+    def __init__(self, broker: RedisBroker, servers: Servers, key: bytes) -> None:
+        self.broker = broker
+        self.servers = servers
+        self.inc = broker._inc
+        self.next_inc = broker._next_inc
+        self.keys: list[bytes] = [broker._alive_key]
+        self.args: list[bytes] = []
+        self.out: list[tuple[str, bytes, int, SeqDone]] = []
+        # Entries carry Redis' clock (this node's plus the offset measured at connect).
+        self.now = b":%d:" % (int(time.time() * 1000) + broker._clock_offset_ms)
+        self.full = False
+        self.sent: tuple[Any, ...] = ()
+
+    @property
+    def held(self) -> bool:
+        return self.broker._records_in_flight > 0 and not self.full
+
+    def close(self) -> None:
+        broker = self.broker
+        deadline = int((time.time() + broker.timeout * 0.8) * 1000) + broker._clock_offset_ms
+        self.sent = (b"EVALSHA", SCRIPTS["record"].sha, len(self.keys), *self.keys, self.inc,
+                     self.next_inc, deadline, *self.args)
+        broker.record_calls += 1
+        broker._records_in_flight += 1
+        self.servers.send(self.keys[0], self.sent, self)
+
+    def __call__(self, reply: Any) -> None:
+        broker = self.broker
+        sent = self.sent
+        if (sent[0] == b"EVALSHA" and type(reply) is ReplyError
+                and str(reply).startswith("NOSCRIPT")):
+            self.sent = (b"EVAL", SCRIPTS["record"].source, *sent[2:])  # still in flight
+            self.servers.send(self.keys[0], self.sent, self)
+            return
+        broker._records_in_flight -= 1
+        if not broker._records_in_flight and self.servers is broker._servers:
+            self.servers.close_batch(self.keys[0], _RECORDS)  # the held one goes now
+        if reply != b"ok":
+            broker._records_failed(self, reply)
+            return
+        deliver = broker._deliver
+        assert deliver is not None
+        for room, payload, seq, done in self.out:
+            try:
+                deliver(room, "", payload, seq)
+            except Exception:
+                log.exception("delivery failed", extra={"event": "deliver_error", "room": room})
+            try:
+                done(seq)
             except Exception:
                 log.exception("publish_seq callback failed")
 
@@ -366,6 +296,7 @@ class RedisBroker:
         cluster: bool = False,
         policy: HistoryPolicy | None = None,
         queue_limit: int = _QUEUE_LIMIT,
+        leases: bool = True,
     ) -> None:
         self.url = url
         self.endpoint = parse_url(url)
@@ -403,11 +334,29 @@ class RedisBroker:
         self._refused = _Refusals()
         self._closing = False
         self._clock_offset_ms = 0  # Redis' clock minus this node's, in ms (the largest shard's)
+        # Room leases (see redisscripts): one Redis server only, and only for a node.
+        self.leases = leases and not cluster and self._listens
+        self._inc = b""  # this node's incarnation: the value of its liveness key
+        self._next_inc = new_epoch().encode()  # the one it moves to if that one ends
+        self._me = b""  # b"node incarnation", as a lease names its holder
+        self._alive_key = b""
+        self._leases: dict[str, list[Any]] = {}  # room -> [last seq, epoch bytes, refreshed]
+        # Chats of a room held while its lease changes hands: (head, done), sent after.
+        self._held: dict[str, list[tuple[bytes, SeqDone]]] = {}
+        # Chats for a room another node leases, waiting for it to let go: (head, done, until).
+        self._waiting: dict[str, list[tuple[bytes, SeqDone, float]]] = {}
+        self._joins_in_flight: Counter[str] = Counter()  # room -> joins not answered yet
+        self._revoked_early: set[str] = set()  # revoked while a join was on its way
+        self.leased = 0  # chats sequenced here under a lease
+        self.record_calls = 0  # calls of ``record`` that carried them
+        self._records_in_flight = 0
+        self.handovers = 0  # leases given back because another node asked
 
     # ---- lifecycle ------------------------------------------------------------------------
 
     def attach(self, node_id: str, deliver: Deliver, pressure: Pressure | None = None) -> None:
         self.node_id = node_id
+        self._alive_key = b"fastws:node:" + node_id.encode()
         self._deliver = deliver
         self._pressure = pressure
 
@@ -441,6 +390,9 @@ class RedisBroker:
         return {"name": self.name, "state": state, "outages": self.outages,
                 "rooms": len(self._rooms), "dropped": self.dropped,
                 "reconciled": self.reconciled,
+                "leases": len(self._leases), "leased": self.leased,
+                "record_calls": self.record_calls,
+                "handovers": self.handovers,
                 **({"upkeep_error": self._upkeep_error} if self._upkeep_error else {}),
                 "refused": self._refused.total,
                 "waiting": servers.waiting if servers is not None else 0}
@@ -456,7 +408,7 @@ class RedisBroker:
         servers = self._new_servers()
         try:
             await servers.connect(listen=self._listens)
-            for script in _SCRIPTS.values():
+            for script in SCRIPTS.values():
                 await servers.call_all(b"SCRIPT", b"LOAD", script.source)
             self._clock_offset_ms = await _clock_offset(servers)
             if self._listens:
@@ -490,16 +442,38 @@ class RedisBroker:
             key = f"session:{client_id}".encode()
             waits.append(servers.call(key, b"SET", key, self._session_record(member, connected_at),
                                       b"EX", _SESSION_TTL))
-        waits.append(self._announce(servers))
+        waits.append(self._announce(servers, fresh=True))
         await asyncio.gather(*waits)  # one write per connection: they were all issued together
 
-    async def _announce(self, servers: Servers) -> bool:
-        """Refresh this node's liveness; False if the key had expired (presumed dead)."""
-        key = b"fastws:node:" + self.node_id.encode()
-        previous, _ = await asyncio.gather(
-            servers.call(key, b"SET", key, b"1", b"EX", self.node_ttl, b"GET"),
-            servers.call(b"fastws:nodes", b"SADD", b"fastws:nodes", self.node_id))
-        return previous is not None
+    async def _announce(self, servers: Servers, fresh: bool = False) -> bool:
+        """Refresh this node's liveness; False if its incarnation had ended (the key expired,
+        so it was presumed dead; or a node found it gone): it has moved to the next one, and
+        its leases are over. ``fresh`` (a connect): a new incarnation, whatever was before."""
+        key = self._alive_key
+        if fresh:
+            self._adopt(new_epoch().encode())
+            renew = servers.call(key, b"SET", key, self._inc, b"EX", self.node_ttl)
+        else:
+            renew = self._eval(servers, "renew", (key,), self._inc, self._next_inc,
+                               self.node_ttl)
+        inc, following = self._inc, self._next_inc
+        live, _ = await asyncio.gather(
+            renew, servers.call(b"fastws:nodes", b"SADD", b"fastws:nodes", self.node_id))
+        if fresh:
+            return True
+        if not live and self._inc == inc:
+            self._adopt(following)
+        return bool(live)
+
+    def _adopt(self, inc: bytes) -> None:
+        """This node's incarnation is ``inc`` from now on: the leases of the one before are
+        over (whoever uses those rooms next settles them, see redisscripts)."""
+        self._inc, self._next_inc = inc, new_epoch().encode()
+        self._me = b"%b %b" % (self.node_id.encode(), inc)
+        if self._leases:
+            log.info("room leases dropped: this node's incarnation ended",
+                     extra={"event": "leases_dropped", "rooms": len(self._leases)})
+            self._leases.clear()
 
     def _safe_url(self) -> str:
         return self.url.split("@")[-1]  # never log a password
@@ -556,6 +530,14 @@ class RedisBroker:
             assert self._deliver is not None
             self._deliver(room, client, payload, number)
         elif channel in self._flush_channels:
+            if data.startswith(b"revoke:"):  # another node asks for a room leased here
+                try:
+                    room = data[7:].decode()
+                except UnicodeDecodeError as exc:
+                    self._drop(channel, exc)
+                    return
+                self._revoked(room)
+                return
             future = self._flushes.pop(data, None)
             if future is not None and not future.done():
                 future.set_result(None)
@@ -622,6 +604,8 @@ class RedisBroker:
         servers = self._servers
         if self.state != "ok" or servers is None:
             return
+        if self._leases.pop(room, None) is not None:
+            self._settle(room, None)  # its last member here left: the lease goes back
         channel = _room_keys(room).channel
         servers.listener_for(channel).unsubscribe(channel)
         rooms_key = b"fastws:node:%b:rooms" % self.node_id.encode()
@@ -644,21 +628,43 @@ class RedisBroker:
             raise self._refused(exc) from None
 
     async def _script(self, name: str, keys: tuple[bytes, ...], *args: Any) -> Any:
-        script = _SCRIPTS[name]
         servers = self._servers
         if self.state != "ok" or servers is None:
             raise self._refused("redis is down")
         try:
-            try:
-                return await servers.call(keys[0], b"EVALSHA", script.sha, len(keys), *keys,
-                                          *args)
-            except ReplyError as exc:
-                if not str(exc).startswith("NOSCRIPT"):
-                    raise
-            # A SCRIPT FLUSH or a failover lost it: EVAL loads it again.
-            return await servers.call(keys[0], b"EVAL", script.source, len(keys), *keys, *args)
+            return await self._eval(servers, name, keys, *args)
         except RespError as exc:
             raise self._refused(exc) from None
+
+    @staticmethod
+    async def _eval(servers: Servers, name: str, keys: tuple[bytes, ...], *args: Any) -> Any:
+        script = SCRIPTS[name]
+        try:
+            return await servers.call(keys[0], b"EVALSHA", script.sha, len(keys), *keys, *args)
+        except ReplyError as exc:
+            if not str(exc).startswith("NOSCRIPT"):
+                raise
+        # A SCRIPT FLUSH or a failover lost it: EVAL loads it again.
+        return await servers.call(keys[0], b"EVAL", script.source, len(keys), *keys, *args)
+
+    def _send_script(self, name: str, keys: tuple[bytes, ...], args: tuple[Any, ...],
+                     callback: Any) -> None:
+        """A script whose reply is handled in the read that brings it (``callback(reply)``,
+        before anything after it on the connection): NOSCRIPT is retried once with EVAL."""
+        servers = self._servers
+        if self.state != "ok" or servers is None:
+            callback(ConnectionLost("redis is down"))
+            return
+        script = SCRIPTS[name]
+
+        def answered(reply: Any) -> None:
+            if type(reply) is ReplyError and str(reply).startswith("NOSCRIPT"):
+                servers.send(keys[0], (b"EVAL", script.source, len(keys), *keys, *args),
+                             callback)
+            else:
+                callback(reply)
+
+        servers.send(keys[0], (b"EVALSHA", script.sha, len(keys), *keys, *args), answered)
 
     async def publish(self, room: str, payload: bytes, exclude: str = "", seq: int = 0) -> None:
         channel = _room_keys(room).channel
@@ -686,6 +692,27 @@ class RedisBroker:
             done(0)
             return
         keys = _room_keys(room)
+        lease = self._leases.get(room)
+        if lease is not None:  # sequenced here; delivered once Redis has its history entry
+            seq = lease[0] = lease[0] + 1
+            payload = CHAT_TAIL % (head, seq, lease[1])  # types.chat_payload without a call
+            records = servers.batch(keys.channel, self._new_records, _RECORDS)
+            last = self._history_last(room)
+            if last == b"-1":
+                records.keys.append(keys.seq)
+                records.args += (b"%d" % seq, last)
+            else:
+                records.keys.append(keys.history)
+                records.args += (b"%d%b%b" % (seq, records.now, payload), last)
+            out = records.out
+            out.append((room, payload, seq, done))
+            records.full = len(out) >= _BATCH_LIMIT
+            self.leased += 1
+            return
+        held = self._held.get(room)
+        if held is not None:
+            held.append((head, done))
+            return
         batch = servers.batch(keys.channel, self._new_batch)
         batch.keys += keys.script
         batch.args += (head, self._history_last(room))
@@ -695,6 +722,140 @@ class RedisBroker:
 
     def _new_batch(self, servers: Servers, key: bytes) -> _SeqBatch:
         return _SeqBatch(self, servers, key)
+
+    def _new_records(self, servers: Servers, key: bytes) -> _RecordBatch:
+        return _RecordBatch(self, servers, key)
+
+    # ---- room leases (see redisscripts) ------------------------------------------------------
+
+    def _joined(self, room: str, me: bytes, reply: Any) -> None:
+        """A join's reply, in the read that brought it: a room leased to this node (to this
+        incarnation: ``me``) is sequenced here from now on, once every publication made before
+        the lease was delivered (a flush); its chats wait until then. A revoke that came while
+        the join was on its way wins: the lease goes straight back."""
+        granted = (self.leases and type(reply) is list and len(reply) == 7 and reply[6] == 1)
+        if room in self._revoked_early:
+            if not self._joins_in_flight[room]:
+                self._revoked_early.discard(room)
+            if granted and room not in self._leases:
+                self._settle(room, None)
+            return
+        if (granted and me == self._me and room not in self._leases
+                and room not in self._held and room in self._rooms):
+            self._leases[room] = [int(reply[1]), bytes(reply[2]), time.monotonic()]
+            held = self._held[room] = []
+            self._spawn(self._acquired(room, held))
+
+    async def _acquired(self, room: str, held: list[tuple[bytes, SeqDone]]) -> None:
+        try:
+            await self.flush()
+        finally:
+            self._release(room, held)
+
+    def _release(self, room: str, held: list[tuple[bytes, SeqDone]] | None) -> None:
+        """The chats held for ``room`` go where the room is now (leased here, or not)."""
+        if held is None or self._held.get(room) is not held:
+            return
+        del self._held[room]
+        for head, done in held:
+            self._send_publish_seq(room, head, done)
+
+    def _leased(self, room: str, head: bytes, done: SeqDone, holder: bytes) -> None:
+        """A chat refused by Redis because ``holder`` leases its room."""
+        if room in self._leases or room in self._held:
+            self._send_publish_seq(room, head, done)  # ours since it was sent: sequence it
+            return
+        if holder == self._me:  # ours in Redis, given up here: settle it, then go on
+            self._settle(room, None)
+            self._send_publish_seq(room, head, done)
+            return
+        waiting = self._waiting.get(room)
+        if waiting is None:
+            waiting = self._waiting[room] = []
+            self._spawn(self._take(room, holder, waiting))
+        waiting.append((head, done, time.monotonic() + self.node_ttl + self.timeout))
+
+    async def _take(self, room: str, holder: bytes,
+                    waiting: list[tuple[bytes, SeqDone, float]]) -> None:
+        """Ask ``holder`` for ``room``, then send the chats that waited for it (again)."""
+        try:
+            await self._revoke(room, holder)
+            await asyncio.sleep(_TAKE_PAUSE)
+        finally:
+            if self._waiting.get(room) is waiting:
+                del self._waiting[room]
+            now = time.monotonic()
+            for head, done, until in waiting:
+                if now > until:
+                    self._refused(f"room {room!r} is leased by {holder.decode(errors='replace')}"
+                                  ", which does not let go")
+                    done(0)
+                else:
+                    self._send_publish_seq(room, head, done)
+
+    async def _revoke(self, room: str, holder: bytes) -> None:
+        node, _, inc = holder.rpartition(b" ")
+        with contextlib.suppress(BrokerUnavailable):
+            await self._script("revoke", (b"fastws:node:" + node,),
+                               b"fastws:flush:{0}:" + node, b"revoke:" + room.encode(), inc)
+
+    def _revoked(self, room: str) -> None:
+        """Another node wants ``room``: its lease goes back behind this node's last
+        records, and its chats wait for that (so none is delivered out of seq order)."""
+        lease = self._leases.pop(room, None)
+        held = self._held.get(room)
+        if lease is None and self._joins_in_flight[room]:
+            self._revoked_early.add(room)  # a join's reply may yet bring the lease: see _joined
+        if lease is not None:
+            self.handovers += 1
+            if held is None:
+                held = self._held[room] = []
+        self._settle(room, held)
+
+    def _settle(self, room: str, held: list[tuple[bytes, SeqDone]] | None) -> None:
+        keys = _room_keys(room)
+        self._send_script("settle", (keys.seq, keys.epoch, keys.history),
+                          (self._me, self._state_ttl_arg),
+                          lambda reply: self._settled(room, held, reply))
+
+    def _settled(self, room: str, held: list[tuple[bytes, SeqDone]] | None, reply: Any) -> None:
+        if isinstance(reply, RespError):
+            log.debug("redis settle failed: %s", reply)  # the lease ends with the incarnation
+        self._release(room, held)
+
+    def _records_failed(self, batch: _RecordBatch, reply: Any) -> None:
+        """A lease holder's records were not applied: each chat is refused, and this node's
+        leases are over -- after \"expired\" the script moved it to its next incarnation,
+        after \"fenced\" its incarnation had ended (a pause past node_ttl), after an error
+        it cannot know which of its records landed."""
+        if reply == b"expired":
+            cause: Any = RespError("redis ran the chats past their deadline: none applied")
+            if self._inc == batch.inc:
+                self._adopt(batch.next_inc)
+        elif reply == b"fenced":
+            cause = RespError("this node's incarnation ended (paused past node_ttl?): "
+                              "none applied")
+            if self._inc == batch.inc:
+                self._leases.clear()
+                self._spawn(self._renew_now())
+        else:
+            cause = reply if isinstance(reply, RespError) else RespError(
+                f"bad reply {reply!r:.80}")
+            if self._inc == batch.inc:
+                self._leases.clear()
+        self._refused(cause)
+        self._refused.total += len(batch.out) - 1
+        for _room, _payload, _seq, done in batch.out:
+            try:
+                done(0)
+            except Exception:
+                log.exception("publish_seq callback failed")
+
+    async def _renew_now(self) -> None:
+        servers = self._servers
+        if servers is not None and self.state == "ok":
+            with contextlib.suppress(RespError):
+                await self._announce(servers)
 
     def _history_last(self, room: str) -> bytes:
         """The last index of ``room``'s history list (size - 1; b"-1" keeps none), as bytes."""
@@ -708,18 +869,52 @@ class RedisBroker:
         since_seq, since_epoch = since if since is not None else (-1, "")
         keys = _room_keys(room)
         pending = (room, member.clientId)
+        args = (member.clientId, _member_encoder.encode(member), new_epoch(), self._state_ttl,
+                since_epoch, since_seq, self._history_ttl_ms, since_seq,
+                self._history_last(room), self._me, member.node or self.node_id,
+                b"1" if self.leases else b"0")
+        until = time.monotonic() + self.node_ttl + self.timeout
         self._joining.add(pending)  # _reconcile leaves it alone while in flight
         try:
-            count, seq, epoch, complete, replay, version = await self._script(
-                "join", (*keys[:4], keys.presence), member.clientId,
-                _member_encoder.encode(member), new_epoch(), self._state_ttl, since_epoch,
-                since_seq, self._history_ttl_ms, since_seq, self._history_last(room))
+            while True:
+                reply = await self._join_script(room, (*keys[:4], keys.presence, keys.nodes),
+                                                args)
+                if reply[0] != b"leased":
+                    break
+                # Another node leases the room: ask it to let go, and try again.
+                if time.monotonic() > until:
+                    raise self._refused(f"room {room!r} is leased by "
+                                        f"{reply[1].decode(errors='replace')}, which does "
+                                        "not let go")
+                await self._revoke(room, reply[1])
+                await asyncio.sleep(_TAKE_PAUSE)
         finally:
             self._joining.discard(pending)
+        count, seq, epoch, complete, replay, version, _leased = reply
         self._members.setdefault(room, {})[member.clientId] = member
         recovered = None if int(complete) < 0 else bool(int(complete))
         return JoinResult(int(count), int(seq), _text(epoch), recovered, list(replay),
                           int(version))
+
+    async def _join_script(self, room: str, keys: tuple[bytes, ...],
+                           args: tuple[Any, ...]) -> Any:
+        future = asyncio.get_running_loop().create_future()
+
+        def answered(reply: Any) -> None:
+            in_flight[room] -= 1
+            if not in_flight[room]:
+                del in_flight[room]
+            self._joined(room, args[9], reply)  # before any reply after it: see _joined
+            if not future.done():
+                future.set_result(reply)
+
+        in_flight = self._joins_in_flight
+        in_flight[room] += 1
+        self._send_script("join", keys, args, answered)
+        reply = await future
+        if isinstance(reply, RespError):
+            raise self._refused(reply)
+        return reply
 
     async def history(self, room: str, limit: int) -> tuple[int, str, list[bytes]]:
         seq, epoch, messages = await self._script(
@@ -734,14 +929,14 @@ class RedisBroker:
         pending = (room, client_id)
         self._leaving.add(pending)
         try:
-            return await self._leave_script(room, client_id)
+            return await self._leave_script(room, client_id, self.node_id)
         finally:
             self._leaving.discard(pending)
 
-    async def _leave_script(self, room: str, client_id: str) -> LeaveResult:
+    async def _leave_script(self, room: str, client_id: str, node: str) -> LeaveResult:
         keys = _room_keys(room)
-        left, version = await self._script("leave", (keys.members, keys.presence), client_id,
-                                           self._state_ttl)
+        left, version = await self._script("leave", (keys.members, keys.presence, keys.nodes),
+                                           client_id, self._state_ttl, node)
         return LeaveResult(int(left), int(version))
 
     async def presence(self, room: str) -> list[MemberInfo]:
@@ -777,10 +972,17 @@ class RedisBroker:
             future = self._flushes[token] = loop.create_future()
             waits.append(future)
             servers.send(channel, (self._publish_cmd, channel, token), self._checked)
+        # Leased chats are delivered from the pipe's replies, not the listener: a round trip
+        # there too, behind every record sent before.
+        waits.append(self._ping(servers))
         try:
             await asyncio.wait_for(asyncio.gather(*waits), self.timeout * 2)
         except asyncio.TimeoutError:
             log.warning("redis flush timed out", extra={"event": "broker_flush_timeout"})
+
+    async def _ping(self, servers: Servers) -> None:
+        with contextlib.suppress(RespError):
+            await servers.call(self._alive_key or b"fastws:nodes", b"PING")
 
     # ---- upkeep: liveness, session TTLs, sweeping dead nodes ---------------------------------
 
@@ -798,6 +1000,7 @@ class RedisBroker:
                     for client_id in self._sessions:
                         key = f"session:{client_id}".encode()
                         waits.append(servers.call(key, b"EXPIRE", key, _SESSION_TTL))
+                self._refresh_leased(servers)
                 alive, *_ = await asyncio.gather(*waits)
                 if not alive:
                     log.warning("this node's liveness had expired (a pause longer than "
@@ -812,6 +1015,16 @@ class RedisBroker:
                 if not self._upkeep_error:
                     log.exception("redis upkeep failed", extra={"event": "broker_upkeep_error"})
                 self._upkeep_error = f"{type(exc).__name__}: {exc}"[:200]
+
+    def _refresh_leased(self, servers: Servers) -> None:
+        """A leased room's keys get no TTL refresh per chat: here, every state ttl / 4."""
+        now = time.monotonic()
+        for room, lease in self._leases.items():
+            if now - lease[2] > self._state_ttl / 4:
+                lease[2] = now
+                keys = _room_keys(room)
+                for key in (keys.seq, keys.epoch, keys.history):
+                    servers.send(key, (b"EXPIRE", key, self._state_ttl), self._checked)
 
     async def sweep(self) -> int:
         """Remove the presence of nodes that stopped refreshing; tell their rooms. Returns count."""
@@ -846,7 +1059,7 @@ class RedisBroker:
             entries = await self._call(members_key, b"HVALS", members_key)
             gone = [m for m in _decoded(entries) if m.node == node]
             for member in gone:
-                left = await self._leave_script(room, member.clientId)
+                left = await self._leave_script(room, member.clientId, node)
                 # Not to the member itself: if its node was only paused, it is still here.
                 await self.publish(room, p.encode(p.UserLeft(
                     room, member.username, p.now_ms(), member.userId, left.members)),
@@ -897,8 +1110,9 @@ class RedisBroker:
                     continue  # left while we were asking
                 self.reconciled += 1
                 if not swept:  # the room never heard it leave: put it back silently
-                    await self._call(keys.members, b"HSET", keys.members, cid,
-                                     _member_encoder.encode(member))
+                    if await self._call(keys.members, b"HSET", keys.members, cid,
+                                        _member_encoder.encode(member)):
+                        await self._call(keys.nodes, b"HINCRBY", keys.nodes, self.node_id, 1)
                     continue
                 joined = await self.join(room, member)
                 await self.publish(room, p.encode(p.UserJoined(
@@ -910,7 +1124,7 @@ class RedisBroker:
                         or (room, cid) in self._joining:
                     continue
                 self.reconciled += 1
-                left = await self._leave_script(room, cid)
+                left = await self._leave_script(room, cid, self.node_id)
                 if left.members:
                     await self.publish(room, p.encode(p.UserLeft(
                         room, member.username, p.now_ms(), member.userId, left.members)),

@@ -12,11 +12,22 @@ where it was told, refreshing the map in the background after a MOVED.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Callable
 from typing import Any
 
-from .resp import B, Callback, Endpoint, Listener, Pipe, ReplyError, RespError, Servers
+from .resp import (
+    B,
+    Callback,
+    Endpoint,
+    Listener,
+    Pipe,
+    ReplyError,
+    RespError,
+    Servers,
+    answer,
+)
 
 log = logging.getLogger("fastws.broker.redis")
 
@@ -105,8 +116,8 @@ class ClusterServers(Servers):
     def send(self, key: bytes, args: tuple[Any, ...], callback: Callback) -> None:
         self._slot_pipes[self.slot(key)].send(args, _Redirects(self, key, args, callback))
 
-    def batch(self, key: bytes, make: Callable[[Servers, bytes], B]) -> B:
-        slot = self.slot(key)
+    def batch(self, key: bytes, make: Callable[[Servers, bytes], B], group: Any = None) -> B:
+        slot = self.slot(key)  # one batch per slot: ``group`` is for one server's kinds
         pipe = self._slot_pipes[slot]
         batch = pipe.batch(slot)
         if batch is None:
@@ -115,7 +126,7 @@ class ClusterServers(Servers):
 
     async def call(self, key: bytes, *args: Any) -> Any:
         future = asyncio.get_running_loop().create_future()
-        self.send(key, args, future.set_result)
+        self.send(key, args, functools.partial(answer, future))
         reply = await future
         if isinstance(reply, RespError):
             raise reply

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import ssl
 from collections import deque
@@ -83,9 +84,14 @@ class QueueFull(RespError):
 class Batch(Protocol):
     """What ``Pipe.batch`` keeps open: items added until ``close()``, which sends them as one
     command (through ``Servers.send``, so a cluster's redirects apply). ``full`` True: the
-    next ``Pipe.batch`` closes this one and opens another."""
+    next ``Pipe.batch`` closes this one and opens another. ``held`` True: the end of the turn
+    leaves it open (its owner closes it later, e.g. when the call before it is answered);
+    any other command on the pipe still closes it first, so it keeps its place."""
 
     full: bool
+
+    @property
+    def held(self) -> bool: ...
 
     def close(self) -> None: ...
 
@@ -364,18 +370,27 @@ class Pipe(_Connection):
             asyncio.get_running_loop().call_soon(self._flush)
         return batch
 
-    def _close_batches(self) -> None:
+    def _close_batches(self, turn_end: bool = False) -> None:
         batches, self._batches = self._batches, {}
-        for batch in batches.values():
+        for group, batch in batches.items():
+            if turn_end and batch.held:
+                self._batches[group] = batch
+                continue
             try:
                 batch.close()
             except Exception:  # a batch's bug must not stop the write of the others
                 log.exception("redis batch failed to close")
 
+    def close_batch(self, group: Any) -> None:
+        """Send ``group``'s open batch now (a held one, whose time has come)."""
+        batch = self._batches.pop(group, None)
+        if batch is not None:
+            batch.close()
+
     async def call(self, *args: Any) -> Any:
         """One command as a coroutine: its reply, or raises ``RespError``."""
         future = asyncio.get_running_loop().create_future()
-        self.send(args, future.set_result)  # a RespError is a result: raised below
+        self.send(args, functools.partial(answer, future))  # a RespError is raised below
         reply = await future
         if isinstance(reply, RespError):
             raise reply
@@ -383,7 +398,7 @@ class Pipe(_Connection):
 
     def _flush(self) -> None:
         if self._batches:
-            self._close_batches()  # while _flushing is still set: no second call_soon
+            self._close_batches(True)  # while _flushing is still set: no second call_soon
         self._flushing = False
         if self._out and self._transport is not None:
             data = self._out[0] if len(self._out) == 1 else b"".join(self._out)
@@ -406,6 +421,12 @@ class Pipe(_Connection):
             self._transport.close()
         self._close_batches()  # if not connected: answered with errors now
         self._fail_all(ConnectionLost("closed"))
+
+
+def answer(future: asyncio.Future[Any], reply: Any) -> None:
+    """A reply for a caller that may have stopped waiting (cancelled): then it is dropped."""
+    if not future.done():
+        future.set_result(reply)
 
 
 class _Op:
@@ -678,15 +699,19 @@ class Servers:
     def send(self, key: bytes, args: tuple[Any, ...], callback: Callback) -> None:
         self._pipe.send(args, callback)
 
-    def batch(self, key: bytes, make: Callable[[Servers, bytes], B]) -> B:
-        """The open batch on the pipe ``key`` goes to (``Pipe.batch``), else a new one from
-        ``make(self, key)``: one per server here, one per slot on a cluster (a script's keys
-        must share a slot there)."""
+    def batch(self, key: bytes, make: Callable[[Servers, bytes], B], group: Any = None) -> B:
+        """The open batch of ``group`` on the pipe ``key`` goes to (``Pipe.batch``), else a new
+        one from ``make(self, key)``: one per server and group here, one per slot on a cluster
+        (a script's keys must share a slot there)."""
         pipe = self._pipe
-        batch = pipe.batch(None)
+        batch = pipe.batch(group)
         if batch is None:
-            return pipe.open_batch(None, make(self, key))
+            return pipe.open_batch(group, make(self, key))
         return batch  # type: ignore[return-value]  # made by ``make``
+
+    def close_batch(self, key: bytes, group: Any) -> None:
+        """Send the open batch of ``group`` on the pipe ``key`` goes to, now."""
+        self._pipe.close_batch(group)
 
     async def call(self, key: bytes, *args: Any) -> Any:
         return await self._pipe.call(*args)
