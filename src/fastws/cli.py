@@ -153,7 +153,8 @@ async def _run_node(settings: Settings, secret: str, announce: Any, bus_dir: str
         from .broker.redis import RedisBroker
 
         broker = RedisBroker(settings.redis_url, node_ttl=settings.redis_node_ttl,
-                             cluster=settings.redis_cluster, policy=history_policy(settings))
+                             cluster=settings.redis_cluster, policy=history_policy(settings),
+                             leases=settings.redis_leases)
     elif bus_dir:
         from .broker.buswire import socket_path
         from .broker.localbus import LocalBusBroker

@@ -63,6 +63,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     redis_url: str = ""
     redis_node_ttl: float = 15.0
     redis_cluster: bool = False
+    redis_leases: bool = True
     admin_host: str = "127.0.0.1"
     admin_port: int = -1
     api_key: str = ""
@@ -155,6 +156,10 @@ FIELD_HELP: dict[str, str] = {
     "only)",
     "redis_cluster": "treat --redis-url as a Redis Cluster node and use sharded pub/sub "
     "(SSUBSCRIBE/SPUBLISH) (default off)",
+    "redis_leases": "sequence a room whose members are all on this node here, writing its "
+    "history through to Redis (one call per loop turn) instead of a seq script and a PUBLISH "
+    "per chat; another node that joins takes the room over (default on; one Redis server, "
+    "not a cluster)",
     "redis_node_ttl": "seconds after which a node that stopped refreshing its Redis liveness "
     "key is presumed dead and its connections are removed from presence (default 15)",
     "admin_host": "address of the admin listener: /api/publish, /api/rooms/ROOM/presence, "
