@@ -78,7 +78,7 @@ class Backend:
 
     def _settings(self, **overrides: Any) -> Any:
         base: dict[str, Any] = {"host": "127.0.0.1", "port": 0, "jwt_secret": SECRET,
-                                "drain_timeout": DRAIN}
+                                "drain_timeout": DRAIN, "presence_grace": 0}
         if self.kind.startswith("redis"):
             base.update(redis_url=self.url, redis_cluster=self.kind == "redis-cluster")
         return load_settings({**base, **overrides}, environ={})

@@ -31,8 +31,9 @@ def token(user: str = "alice", **kw: Any) -> str:
 @contextlib.asynccontextmanager
 async def running_node(**overrides: Any) -> AsyncIterator[Node]:
     """A real node in this event loop on a free loopback port; drained on exit."""
+    # No presence grace unless a test asks: most tests watch user_left follow a close.
     settings = load_settings({"host": "127.0.0.1", "port": 0, "jwt_secret": SECRET,
-                              **overrides}, environ={})
+                              "presence_grace": 0, **overrides}, environ={})
     node = Node(settings, SECRET)
     await node.start()
     try:

@@ -40,6 +40,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     handshake_timeout: float = 5.0
     close_timeout: float = 2.0
     drain_timeout: float = 10.0
+    presence_grace: float = 3.0
     log_level: str = "info"
     log_format: str = "text"
     allowed_origins: str = ""
@@ -112,6 +113,9 @@ FIELD_HELP: dict[str, str] = {
     "handshake_timeout": "seconds a client has to finish the HTTP upgrade (default 5)",
     "close_timeout": "seconds to flush a close frame before the socket is dropped (default 2)",
     "drain_timeout": "seconds graceful shutdown waits for clients to close (default 10)",
+    "presence_grace": "seconds a dropped connection stays in its rooms' presence: if its user "
+    "joins the room again within them (on any node), the room hears neither user_left nor "
+    "user_joined (default 3; 0 = user_left at once)",
     "log_level": "debug, info, warning or error (default info)",
     "log_format": "text or json (one JSON object per line) (default text)",
     "allowed_origins": "comma-separated browser origins allowed to connect besides the "

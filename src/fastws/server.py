@@ -19,7 +19,7 @@ from typing import Any
 import msgspec
 
 from . import protocol as p
-from .auth import Verifier
+from .auth import Principal, Verifier
 from .broker import Broker, MemberInfo
 from .broker.memory import MemoryBroker
 from .broker.types import HistoryPolicy
@@ -78,6 +78,8 @@ class Node:
         self._tasks: set[asyncio.Task[None]] = set()
         # Rooms whose subscription is in flight: later local joiners wait for the same answer.
         self._subscribing: dict[str, asyncio.Future[bool]] = {}
+        # (room, clientId) of dropped connections in their presence grace -> its timer.
+        self._lingering: dict[tuple[str, str], tuple[asyncio.TimerHandle, Principal]] = {}
         self.hub = Hub(settings.max_send_buffer_bytes, self.slow_consumer)
         self.sessions: dict[str, Session] = {}
         self._by_transport: dict[Any, Session] = {}
@@ -129,6 +131,7 @@ class Node:
         log.info("draining", extra={"event": "drain", "connections": count})
         for session in list(self.sessions.values()):
             session.outlet.close(CloseCode.GOING_AWAY, "server shutting down")
+        started = time.monotonic()
         try:
             await asyncio.wait_for(self._idle.wait(), self.settings.drain_timeout)
         except asyncio.TimeoutError:
@@ -136,6 +139,7 @@ class Node:
                                                   "connections": len(self.sessions)})
             for session in list(self.sessions.values()):
                 session.transport.disconnect(False)
+        await self._end_lingering(self.settings.drain_timeout - (time.monotonic() - started))
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=self.settings.drain_timeout)
         if self.server is not None:
@@ -218,9 +222,51 @@ class Node:
             "duration": round(time.time() - session.connected_at, 3)})
 
     async def _cleanup(self, session: Session) -> None:
+        grace = self.settings.presence_grace
         for room in list(session.rooms):
-            await self._leave(session, room)
+            if grace > 0:
+                await self._linger(session, room, grace)
+            else:
+                await self._leave(session, room)
         await self._quietly(self.broker.session_closed(session.client_id))
+
+    async def _linger(self, session: Session, room: str, grace: float) -> None:
+        """A dropped connection stays in the room's presence for ``grace`` seconds; its user
+        joining again meanwhile takes its place without a word to the room."""
+        await self._drop_local(session, room)
+        try:
+            await self.broker.linger(room, session.client_id, session.principal.user_id)
+        except BrokerUnavailable:
+            await self._announce_left(room, session.client_id, session.principal)
+            return
+        who = session.principal
+        self._lingering[(room, session.client_id)] = (asyncio.get_running_loop().call_later(
+            grace, self._grace_over, room, session.client_id, who), who)
+
+    def _grace_over(self, room: str, client_id: str, who: Principal) -> None:
+        self._lingering.pop((room, client_id), None)
+        self._run(self._announce_left(room, client_id, who))
+
+    async def _announce_left(self, room: str, client_id: str, who: Principal) -> None:
+        """The connection leaves the room's presence; the room hears it if it was still there
+        (a join of its user may have taken its place)."""
+        try:
+            left = await self.broker.leave(room, client_id, who.user_id)
+        except BrokerUnavailable:
+            return
+        if left.removed and left.members:
+            await self._publish(room, p.encode(p.UserLeft(
+                room, who.username, p.now_ms(), who.user_id, left.members)), "", -left.version)
+
+    async def _end_lingering(self, within: float) -> None:
+        """Drain: the presence grace of the connections just closed runs out (their users
+        may be joining elsewhere) for at most ``within`` seconds; the rest leave now."""
+        deadline = time.monotonic() + within
+        while self._lingering and time.monotonic() < deadline:
+            await asyncio.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
+        for (room, client_id), (handle, who) in list(self._lingering.items()):
+            handle.cancel()
+            self._grace_over(room, client_id, who)
 
     def auth_failed(self, reason: str) -> None:
         self.counters["auth_failures"] += 1
@@ -280,7 +326,9 @@ class Node:
                 self.hub.send_frame(session.sink, data)
         if result.recovered is not None:
             self.counters["recoveries" if result.recovered else "recoveries_incomplete"] += 1
-        if fresh:
+        if fresh and result.resumed:  # back within the presence grace: the room saw no gap
+            self.counters["presence_resumed"] += 1
+        elif fresh:
             who = session.principal
             log.debug("joined", extra={"event": "join", "client_id": session.client_id,
                                        "room": room})

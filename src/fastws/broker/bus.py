@@ -52,6 +52,7 @@ from .buswire import (
     History,
     Join,
     Leave,
+    Linger,
     Offer,
     Ping,
     Presence,
@@ -360,10 +361,14 @@ class BusServer:
             result = ledger.join(req.room, req.member, since)
             recovered = -1 if result.recovered is None else int(result.recovered)
             return Reply(a=result.members, b=result.seq, epoch=result.epoch,
-                         recovered=recovered, messages=result.replay, version=result.version)
+                         recovered=recovered, messages=result.replay, version=result.version,
+                         c=int(result.resumed))
         if isinstance(req, Leave):
             left = ledger.leave(req.room, req.client_id)
-            return Reply(a=left.members, version=left.version)
+            return Reply(a=left.members, version=left.version, c=int(not left.removed))
+        if isinstance(req, Linger):
+            ledger.linger(req.room, req.client_id, req.user_id)
+            return OK
         if isinstance(req, Subscribe):
             if req.room not in link.rooms:
                 link.rooms.add(req.room)

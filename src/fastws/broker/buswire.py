@@ -118,6 +118,12 @@ class Leave(msgspec.Struct, array_like=True, gc=False, tag="leave"):
     client_id: str
 
 
+class Linger(msgspec.Struct, array_like=True, gc=False, tag="linger"):
+    room: str
+    client_id: str
+    user_id: str
+
+
 class History(msgspec.Struct, array_like=True, gc=False, tag="history"):
     room: str
     limit: int
@@ -167,8 +173,8 @@ class Release(msgspec.Struct, array_like=True, gc=False, tag="release"):
 ONE_WAY = (Record, Release)
 
 Request = (
-    PublishSeq | Publish | Join | Leave | History | Presence | Subscribe | Unsubscribe | Ping
-    | Resync | Acquire | Record | Release | Deadline
+    PublishSeq | Publish | Join | Leave | Linger | History | Presence | Subscribe | Unsubscribe
+    | Ping | Resync | Acquire | Record | Release | Deadline
 )
 
 # ---- server -> worker ---------------------------------------------------------------------------
@@ -183,6 +189,7 @@ class Reply(msgspec.Struct, array_like=True, gc=False, omit_defaults=True, tag="
     recovered: int = -1  # -1 none, 0 false, 1 true
     messages: list[bytes] = []
     version: int = 0  # join, leave: the room's presence version after it
+    c: int = 0  # join: 1 if it replaced its user's lingering connection; leave: 1 if not there
 
 
 class Publication(msgspec.Struct, array_like=True, gc=False, tag="p"):

@@ -59,8 +59,8 @@ class SweepTimer:
 
 
 class _Room:
-    __slots__ = ("bytes", "epoch", "epoch_bytes", "history", "leased", "members", "seq",
-                 "stamp")
+    __slots__ = ("bytes", "epoch", "epoch_bytes", "history", "leased", "lingering", "members",
+                 "seq", "stamp")
 
     def __init__(self, size: int) -> None:
         self.seq = 0
@@ -68,6 +68,7 @@ class _Room:
         self.epoch_bytes = self.epoch.encode()  # spliced into every chat payload
         self.history: deque[tuple[int, float, bytes]] | None = deque(maxlen=size) if size else None
         self.members: dict[str, MemberInfo] = {}
+        self.lingering: dict[str, str] | None = None  # userId -> its dropped connection's id
         self.stamp = 0.0  # time of the newest message
         self.leased = False
         self.bytes = 0  # what its history costs (see ENTRY_COST)
@@ -204,6 +205,11 @@ class Ledger:
 
     def join(self, name: str, member: MemberInfo, since: tuple[int, str] | None) -> JoinResult:
         room = self._room(name)
+        resumed = False
+        if room.lingering:
+            dropped = room.lingering.pop(member.userId, None)
+            if dropped is not None and dropped != member.clientId:
+                resumed = room.members.pop(dropped, None) is not None
         room.members[member.clientId] = member
         self._empty.pop(name, None)
         self.version += 1
@@ -212,7 +218,19 @@ class Ledger:
         if since is not None:
             recovered, replay = self._recover(room, since)
         return JoinResult(len(room.members), room.seq, room.epoch, recovered, replay,
-                          self.version)
+                          self.version, resumed)
+
+    def linger(self, name: str, client_id: str, user_id: str) -> None:
+        room = self.rooms.get(name)
+        if room is not None and client_id in room.members:
+            if room.lingering is None:
+                room.lingering = {}
+            room.lingering[user_id] = client_id
+
+    @staticmethod
+    def _unlinger(room: _Room, member: MemberInfo) -> None:
+        if room.lingering and room.lingering.get(member.userId) == member.clientId:
+            del room.lingering[member.userId]
 
     def _recover(self, room: _Room, since: tuple[int, str]) -> tuple[bool, list[bytes]]:
         seq, epoch = since
@@ -230,11 +248,13 @@ class Ledger:
         room = self.rooms.get(name)
         if room is None:
             return LeaveResult(0, self.version)
-        if room.members.pop(client_id, None) is not None:
+        member = room.members.pop(client_id, None)
+        if member is not None:
             self.version += 1
+            self._unlinger(room, member)
         if not room.members:
             self._emptied(name, room)
-        return LeaveResult(len(room.members), self.version)
+        return LeaveResult(len(room.members), self.version, member is not None)
 
     def _worth_keeping(self, room: _Room) -> bool:
         if room.leased:
@@ -271,6 +291,7 @@ class Ledger:
             room = self.rooms[name]
             for member in [m for m in room.members.values() if m.node == node_id]:
                 del room.members[member.clientId]
+                self._unlinger(room, member)
                 self.version += 1
                 gone.append((name, member, LeaveResult(len(room.members), self.version)))
             if not room.members:

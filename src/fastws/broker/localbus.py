@@ -59,6 +59,7 @@ from .buswire import (
     History,
     Join,
     Leave,
+    Linger,
     Offer,
     Ping,
     Presence,
@@ -367,17 +368,21 @@ class LocalBusBroker:
         if room in self._subscribed:  # a baseline for what a dropped connection missed
             self._last_seq[room] = max(self._last_seq.get(room, 0), reply.b)
         recovered = None if reply.recovered < 0 else bool(reply.recovered)
-        return JoinResult(reply.a, reply.b, reply.epoch, recovered, reply.messages, reply.version)
+        return JoinResult(reply.a, reply.b, reply.epoch, recovered, reply.messages, reply.version,
+                          bool(reply.c))
 
     async def history(self, room: str, limit: int) -> tuple[int, str, list[bytes]]:
         reply = await self._call(History(room, limit))
         return reply.b, reply.epoch, reply.messages
 
-    async def leave(self, room: str, client_id: str) -> LeaveResult:
+    async def leave(self, room: str, client_id: str, user_id: str = "") -> LeaveResult:
         # Forgotten at once: if this request is lost, the next resync removes it on the bus.
         self._members.pop((room, client_id), None)
         reply = await self._call(Leave(room, client_id))
-        return LeaveResult(reply.a, reply.version)
+        return LeaveResult(reply.a, reply.version, not reply.c)
+
+    async def linger(self, room: str, client_id: str, user_id: str) -> None:
+        await self._call(Linger(room, client_id, user_id))
 
     async def presence(self, room: str) -> list[MemberInfo]:
         return (await self._call(Presence(room))).members

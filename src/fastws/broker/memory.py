@@ -72,8 +72,11 @@ class MemoryBroker:
     ) -> JoinResult:
         return self.ledger.join(room, member, since)
 
-    async def leave(self, room: str, client_id: str) -> LeaveResult:
+    async def leave(self, room: str, client_id: str, user_id: str = "") -> LeaveResult:
         return self.ledger.leave(room, client_id)
+
+    async def linger(self, room: str, client_id: str, user_id: str) -> None:
+        self.ledger.linger(room, client_id, user_id)
 
     async def presence(self, room: str) -> list[MemberInfo]:
         return self.ledger.presence(room)

@@ -122,6 +122,7 @@ class _RoomKeys(NamedTuple):
     script: tuple[bytes, bytes, bytes, bytes]  # a message's KEYS in _PUBLISH_SEQS
     presence: bytes  # the presence version (types.JoinResult.version)
     nodes: bytes  # hash node -> its members in the room (a lease needs one node)
+    lingering: bytes  # hash userId -> "clientId node" of its connection in the presence grace
 
 
 @functools.lru_cache(maxsize=65536)
@@ -129,7 +130,7 @@ def _room_keys(room: str) -> _RoomKeys:
     tag = b"fastws:{" + room_tag(room) + b"}"
     seq, epoch, history = tag + b":seq", tag + b":epoch", tag + b":history"
     return _RoomKeys(seq, epoch, tag + b":members", history, tag, (seq, epoch, history, tag),
-                     tag + b":presence", tag + b":nodes")
+                     tag + b":presence", tag + b":nodes", tag + b":lingering")
 
 
 class _SeqBatch:
@@ -733,7 +734,7 @@ class RedisBroker:
         incarnation: ``me``) is sequenced here from now on, once every publication made before
         the lease was delivered (a flush); its chats wait until then. A revoke that came while
         the join was on its way wins: the lease goes straight back."""
-        granted = (self.leases and type(reply) is list and len(reply) == 7 and reply[6] == 1)
+        granted = (self.leases and type(reply) is list and len(reply) == 8 and reply[6] == 1)
         if room in self._revoked_early:
             if not self._joins_in_flight[room]:
                 self._revoked_early.discard(room)
@@ -872,13 +873,13 @@ class RedisBroker:
         args = (member.clientId, _member_encoder.encode(member), new_epoch(), self._state_ttl,
                 since_epoch, since_seq, self._history_ttl_ms, since_seq,
                 self._history_last(room), self._me, member.node or self.node_id,
-                b"1" if self.leases else b"0")
+                b"1" if self.leases else b"0", member.userId)
         until = time.monotonic() + self.node_ttl + self.timeout
         self._joining.add(pending)  # _reconcile leaves it alone while in flight
         try:
             while True:
-                reply = await self._join_script(room, (*keys[:4], keys.presence, keys.nodes),
-                                                args)
+                reply = await self._join_script(
+                    room, (*keys[:4], keys.presence, keys.nodes, keys.lingering), args)
                 if reply[0] != b"leased":
                     break
                 # Another node leases the room: ask it to let go, and try again.
@@ -890,11 +891,11 @@ class RedisBroker:
                 await asyncio.sleep(_TAKE_PAUSE)
         finally:
             self._joining.discard(pending)
-        count, seq, epoch, complete, replay, version, _leased = reply
+        count, seq, epoch, complete, replay, version, _leased, resumed = reply
         self._members.setdefault(room, {})[member.clientId] = member
         recovered = None if int(complete) < 0 else bool(int(complete))
         return JoinResult(int(count), int(seq), _text(epoch), recovered, list(replay),
-                          int(version))
+                          int(version), bool(resumed))
 
     async def _join_script(self, room: str, keys: tuple[bytes, ...],
                            args: tuple[Any, ...]) -> Any:
@@ -922,22 +923,29 @@ class RedisBroker:
             self._history_last(room))
         return int(seq), _text(epoch), list(messages)[-limit:] if limit else []
 
-    async def leave(self, room: str, client_id: str) -> LeaveResult:
+    async def leave(self, room: str, client_id: str, user_id: str = "") -> LeaveResult:
         local = self._members.get(room)
         if local is not None:
             local.pop(client_id, None)
         pending = (room, client_id)
         self._leaving.add(pending)
         try:
-            return await self._leave_script(room, client_id, self.node_id)
+            return await self._leave_script(room, client_id, self.node_id, user_id)
         finally:
             self._leaving.discard(pending)
 
-    async def _leave_script(self, room: str, client_id: str, node: str) -> LeaveResult:
+    async def _leave_script(self, room: str, client_id: str, node: str,
+                            user_id: str = "") -> LeaveResult:
         keys = _room_keys(room)
-        left, version = await self._script("leave", (keys.members, keys.presence, keys.nodes),
-                                           client_id, self._state_ttl, node)
-        return LeaveResult(int(left), int(version))
+        left, version, removed = await self._script(
+            "leave", (keys.members, keys.presence, keys.nodes, keys.lingering), client_id,
+            self._state_ttl, node, user_id)
+        return LeaveResult(int(left), int(version), bool(removed))
+
+    async def linger(self, room: str, client_id: str, user_id: str) -> None:
+        keys = _room_keys(room)
+        await self._script("linger", (keys.members, keys.lingering), client_id, user_id,
+                           self.node_id, self._state_ttl)
 
     async def presence(self, room: str) -> list[MemberInfo]:
         key = _room_keys(room).members

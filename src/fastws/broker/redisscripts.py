@@ -225,13 +225,15 @@ for i = #entries, 1, -1 do
 end
 """
 
-# KEYS: seq, epoch, members, history, presence version, nodes (node -> its members here)
+# KEYS: seq, epoch, members, history, presence version, nodes (node -> its members here),
+#       lingering (userId -> "clientId node" of its connection in the presence grace)
 # ARGV: clientId, member, new epoch, state ttl s, since epoch, since seq (-1: none),
 #       history ttl ms, since seq again (for _READ_HISTORY), history size - 1,
-#       "node incarnation", node, 1 if the room may be leased to it
+#       "node incarnation", node, 1 if the room may be leased to it, userId
 # Returns {members, seq, epoch, recovered (-1 none, 0, 1), replay, presence version,
-# leased (1: the room is this node's now)}, or {'leased', holder} (nothing done) while another
-# node's lease is live. A room whose members are all on this node is leased to it.
+# leased (1: the room is this node's now), resumed (1: it took the place of its user's
+# lingering connection)}, or {'leased', holder} (nothing done) while another node's lease is
+# live. A room whose members are all on this node is leased to it.
 _JOIN = _NOW_MS + _LEASES + """
 local ttl, me = ARGV[4], ARGV[10]
 local value = redis.call('GET', KEYS[2])
@@ -254,6 +256,16 @@ else
 end
 redis.call('EXPIRE', KEYS[1], ttl)
 redis.call('EXPIRE', KEYS[4], ttl)
+local resumed = 0
+local dropped = redis.call('HGET', KEYS[7], ARGV[13])
+if dropped then
+  redis.call('HDEL', KEYS[7], ARGV[13])
+  local cid, node = string.match(dropped, '^(.-) (.*)$')
+  if cid ~= ARGV[1] and redis.call('HDEL', KEYS[3], cid) == 1 then
+    resumed = 1
+    if redis.call('HINCRBY', KEYS[6], node, -1) <= 0 then redis.call('HDEL', KEYS[6], node) end
+  end
+end
 if redis.call('HSET', KEYS[3], ARGV[1], ARGV[2]) == 1 then
   redis.call('HINCRBY', KEYS[6], ARGV[11], 1)
 end
@@ -274,13 +286,15 @@ else
   end
 end
 local since = tonumber(ARGV[6])
-if since < 0 then return {count, seq, epoch, -1, {}, version, leased} end
-if ARGV[5] ~= epoch or since > seq then return {count, seq, epoch, 0, {}, version, leased} end
-if since == seq then return {count, seq, epoch, 1, {}, version, leased} end
+if since < 0 then return {count, seq, epoch, -1, {}, version, leased, resumed} end
+if ARGV[5] ~= epoch or since > seq then
+  return {count, seq, epoch, 0, {}, version, leased, resumed}
+end
+if since == seq then return {count, seq, epoch, 1, {}, version, leased, resumed} end
 """ + _READ_HISTORY + """
 local complete = 0
 if first == since + 1 then complete = 1 end
-return {count, seq, epoch, complete, out, version, leased}
+return {count, seq, epoch, complete, out, version, leased, resumed}
 """
 
 # KEYS: seq, epoch, members (unused), history
@@ -292,13 +306,17 @@ local seq = current_seq(KEYS[1], KEYS[4])
 return {seq, epoch, out}
 """
 
-# KEYS: members, presence version, nodes; ARGV: clientId, state ttl s, the member's node.
-# Returns {left, version}. The version key outlives an emptied room (its TTL is the room
-# state's), so a room made again does not count from 1 while notices from before may still be
-# on their way.
+# KEYS: members, presence version, nodes, lingering; ARGV: clientId, state ttl s, the member's
+# node, its userId ("" if unknown). Returns {left, version, removed (0: it was not there)}.
+# The version key outlives an emptied room (its TTL is the room state's), so a room made
+# again does not count from 1 while notices from before may still be on their way.
 _LEAVE = """
 local version
-if redis.call('HDEL', KEYS[1], ARGV[1]) == 1 then
+if ARGV[4] ~= '' and redis.call('HGET', KEYS[4], ARGV[4]) == ARGV[1] .. ' ' .. ARGV[3] then
+  redis.call('HDEL', KEYS[4], ARGV[4])
+end
+local removed = redis.call('HDEL', KEYS[1], ARGV[1])
+if removed == 1 then
   version = redis.call('INCR', KEYS[2])
   redis.call('EXPIRE', KEYS[2], ARGV[2])
   if redis.call('HINCRBY', KEYS[3], ARGV[3], -1) <= 0 then
@@ -309,7 +327,17 @@ else
 end
 local left = redis.call('HLEN', KEYS[1])
 if left == 0 then redis.call('DEL', KEYS[1]) end
-return {left, version}
+return {left, version, removed}
+"""
+
+# A dropped connection's presence grace begins (``Broker.linger``): a join of its user takes
+# its place. KEYS: members, lingering; ARGV: clientId, userId, node, state ttl s.
+_LINGER = """
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then
+  redis.call('HSET', KEYS[2], ARGV[2], ARGV[1] .. ' ' .. ARGV[3])
+  redis.call('EXPIRE', KEYS[2], ARGV[4])
+end
+return 1
 """
 
 
@@ -325,4 +353,4 @@ class Script(NamedTuple):
 SCRIPTS = {name: Script.of(source) for name, source in
            (("publish_seqs", _PUBLISH_SEQS), ("join", _JOIN), ("history", _HISTORY),
             ("leave", _LEAVE), ("record", _RECORD), ("settle", _SETTLE),
-            ("revoke", _REVOKE), ("renew", _RENEW))}
+            ("revoke", _REVOKE), ("renew", _RENEW), ("linger", _LINGER))}

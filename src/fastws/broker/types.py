@@ -47,11 +47,15 @@ class JoinResult(NamedTuple):
     # The room's presence version after this join. Every join and leave of the room moves it
     # up, so a presence notice at version <= this one is already counted in ``members``.
     version: int = 0
+    # The user had a connection lingering in the room (``Broker.linger``): it was replaced by
+    # this one, and the room is not told the user joined.
+    resumed: bool = False
 
 
 class LeaveResult(NamedTuple):
     members: int  # connections left in the room
     version: int = 0  # the room's presence version after this leave (see JoinResult)
+    removed: bool = True  # False: it was not in the room (a join of its user replaced it)
 
 
 class HistoryPolicy(NamedTuple):
@@ -141,8 +145,14 @@ class Broker(Protocol):
         """(last seq, epoch, up to ``limit`` newest chat payloads, oldest first)."""
         ...
 
-    async def leave(self, room: str, client_id: str) -> LeaveResult:
+    async def leave(self, room: str, client_id: str, user_id: str = "") -> LeaveResult:
         """Remove a connection from the room's presence; return the connections left."""
+        ...
+
+    async def linger(self, room: str, client_id: str, user_id: str) -> None:
+        """The connection dropped: it stays in the room's presence until the node's ``leave``
+        after the presence grace, unless a join of ``user_id`` (on any node) comes first and
+        takes its place (``JoinResult.resumed``; that ``leave`` then finds it gone)."""
         ...
 
     async def presence(self, room: str) -> list[MemberInfo]: ...
