@@ -55,6 +55,9 @@ COUNTERS: dict[str, tuple[str, str]] = {
                   "typing, presence): code forbidden"),
     "access_revoked": ("access_revoked", "connections taken out of a private room because a "
                        "refreshed token no longer opens it"),
+    "presence_resumed": ("presence_resumed", "joins that took the place of their user's "
+                         "dropped connection within the presence grace (no user_left or "
+                         "user_joined sent)"),
 }
 
 
