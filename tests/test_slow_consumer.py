@@ -199,3 +199,60 @@ async def test_slow_consumer_is_cut_off_and_healthy_members_get_everything() -> 
                 assert c.transport is not None
                 c.transport.disconnect()
                 await asyncio.wait_for(c.transport.wait_disconnected(), TIMEOUT)
+
+
+async def test_typing_to_a_congested_member_is_conflated_and_never_closes_it() -> None:
+    """A member that stops reading while another types a storm: its pending typing notices
+    shrink to the latest per typist instead of filling its buffer, it is not closed (4008),
+    and once it reads again it gets every chat and the typist's last state."""
+    typed = 3000  # ~110 bytes each: five times max_send_buffer_bytes
+    async with running_node(max_send_buffer_bytes=65536, close_timeout=0.5, rate_limit=0) as node:
+        alice = await picows_client(node, "alice")
+        try:
+            alice.send_json({"type": "join_room", "payload": {"room": ROOM}})
+            assert (await alice.next())["type"] == "room_joined"
+            async with raw_client(node, "slow") as slow:
+                hello = await slow.recv_json()
+                await slow.send_json({"type": "join_room", "payload": {"room": ROOM}})
+                while (await slow.recv_json())["type"] != "room_joined":
+                    pass
+                assert (await alice.next())["type"] == "user_joined"
+                session = node.sessions[hello["clientId"]]
+                server_sock = session.transport.underlying_transport.get_extra_info("socket")
+                server_sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+                for i in range(typed):
+                    alice.send_json({"type": "typing", "payload": {
+                        "room": ROOM, "isTyping": i % 2 == 0 or i == typed - 2}})
+                    if i % 100 == 99:
+                        alice.send_json({"type": "ping", "id": str(i)})  # paced: let it read
+                        while (await alice.next()).get("id") != str(i):
+                            pass
+                outbox = node.hub.outbox
+                assert outbox.conflated > 0
+                assert node.stats().get("slow_consumers", 0) == 0
+                assert hello["clientId"] in node.sessions
+                alice.send_json({"type": "chat_message", "payload": {"room": ROOM,
+                                                                     "message": "end"}})
+                typing: list[bool] = []
+                got_end = False
+                loop = asyncio.get_running_loop()
+                quiet_until = loop.time() + TIMEOUT
+                while not got_end or loop.time() < quiet_until:
+                    try:
+                        msg = await asyncio.wait_for(slow.recv_json(), 0.3)
+                    except asyncio.TimeoutError:
+                        if got_end:
+                            break
+                        continue
+                    if msg["type"] == "typing":
+                        typing.append(msg["isTyping"])
+                    elif msg["type"] == "chat_message":
+                        assert msg["message"] == "end"
+                        got_end, quiet_until = True, loop.time() + 0.5
+                assert got_end
+                assert 0 < len(typing) < typed
+                assert typing[-1] is False  # the typist's last state
+                assert node.stats().get("slow_consumers", 0) == 0
+        finally:
+            assert alice.transport is not None
+            alice.transport.disconnect()

@@ -11,6 +11,7 @@ class Sink:
     """One connection's outgoing bytes, gathered in a loop turn and sent in one write."""
 
     owner: Any
+    congested: bool  # its transport asked for writes to stop (pause_writing)
     @property
     def closed(self) -> bool: ...
     @property
@@ -26,6 +27,9 @@ class Outbox:
     def deliveries(self) -> int: ...
     @property
     def writes(self) -> int: ...
+    @property
+    def conflated(self) -> int:
+        """Ephemeral frames replaced by a later one of the same key while held."""
     def __init__(
         self, loop: AbstractEventLoop, max_buffered: int, on_slow: Callable[[Sink], Any]
     ) -> None: ...
@@ -40,6 +44,14 @@ class Outbox:
     ) -> int:
         """Queue ``data`` for every open sink but ``exclude`` and ``skip``; return how many
         took it."""
+    def broadcast_ephemeral(
+        self, sinks: list[Sink], data: bytes, exclude: Sink | None, key: Any
+    ) -> int:
+        """``broadcast`` for a frame of which only the latest per ``key`` matters: a sink
+        that is congested, or that it would put past half of ``max_buffered``, holds it (the
+        latest of ``key`` only) until ``release``, and is never made slow by it."""
+    def release(self, sink: Sink) -> None:
+        """The sink takes writes again: its held ephemeral frames go out."""
     def flush(self) -> None:
         """Write every queued sink (scheduled automatically once per loop turn)."""
     def flush_if_last(self, frame: WSFrame, sink: Sink | None) -> None:

@@ -64,6 +64,9 @@ cdef class Sink:
     cdef bint skip  # set only for the duration of one broadcast(..., skip=...)
     cdef readonly bint closed
     cdef public object owner
+    # The transport asked us to stop writing (its buffer is past its high-water mark).
+    cdef public bint congested
+    cdef dict held  # ephemeral frames held while congested: key -> latest frame; None if none
 
     def __cinit__(self, WSTransport transport, object owner=None):
         self.transport = transport
@@ -74,6 +77,8 @@ cdef class Sink:
         self.queued = False
         self.skip = False
         self.closed = False
+        self.congested = False
+        self.held = None
 
     def __dealloc__(self):
         free(self.buf)
@@ -127,6 +132,7 @@ cdef class Outbox:
     cdef object _on_slow
     cdef readonly unsigned long long deliveries
     cdef readonly unsigned long long writes
+    cdef readonly unsigned long long conflated
 
     def __init__(self, loop, Py_ssize_t max_buffered, on_slow):
         self._queued = []
@@ -137,6 +143,7 @@ cdef class Outbox:
         self._on_slow = on_slow
         self.deliveries = 0
         self.writes = 0
+        self.conflated = 0
 
     cdef inline int _put(self, Sink s, const char* data, Py_ssize_t n) except -1:
         if s.size + n > self.max_buffered:
@@ -194,6 +201,51 @@ cdef class Outbox:
         self.deliveries += taken
         return taken
 
+    def broadcast_ephemeral(self, list sinks, bytes data, Sink exclude, object key):
+        """``broadcast`` for a frame that only its latest of ``key`` matters (typing): a
+        sink that is congested, or that it would put past half of ``max_buffered`` (the other
+        half stays for what must be delivered), holds it instead (replacing the one it held
+        for ``key``) until ``release``; it never makes a sink slow. Returns how many sinks
+        took it now."""
+        cdef Py_ssize_t n = PyList_GET_SIZE(sinks)
+        cdef Py_ssize_t i
+        cdef Py_ssize_t taken = 0
+        cdef Py_ssize_t size = PyBytes_GET_SIZE(data)
+        cdef Sink s
+        for i in range(n):
+            s = <Sink>PyList_GET_ITEM(sinks, i)
+            if s is exclude or s._dead():
+                continue
+            if self._ephemeral(s, data, size, key):
+                taken += 1
+        self.deliveries += taken
+        return taken
+
+    cdef inline bint _ephemeral(self, Sink s, bytes data, Py_ssize_t size, object key) except -1:
+        if s.congested or (s.transport._tr_get_write_buffer_size() + s.size + size
+                           > self.max_buffered // 2):
+            if s.held is None:
+                s.held = {}
+            elif key in s.held:
+                self.conflated += 1
+            s.held[key] = data
+            return False
+        if s.held is not None:
+            s.held.pop(key, None)  # this one is newer
+        return self._put(s, PyBytes_AS_STRING(data), size) == 1
+
+    def release(self, Sink sink):
+        """The sink's transport takes writes again: the ephemeral frames it held go out
+        (or stay held, if it is past ``max_buffered`` still)."""
+        cdef dict held = sink.held
+        if held is None:
+            return
+        sink.held = None
+        if sink._dead():
+            return
+        for key, data in held.items():
+            self._ephemeral(sink, data, PyBytes_GET_SIZE(data), key)
+
     def flush(self):
         """Write every queued sink: one ``send()`` each, the rest handed to its transport."""
         cdef list queued = self._queued
@@ -215,6 +267,8 @@ cdef class Outbox:
                 # A transport that refuses writes is closing; its listener reports it.
                 pass
             s._reset()
+            if s.held is not None and not s.congested:
+                self.release(s)  # the socket took it all: what waited may go next turn
 
     def flush_if_last(self, WSFrame frame, Sink sink):
         """``flush_sink(sink)`` if ``frame`` ends its read batch and ``sink`` holds bytes: the

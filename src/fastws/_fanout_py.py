@@ -33,6 +33,8 @@ class Sink:
         self.buf = bytearray()
         self.queued = False
         self.closed = False
+        self.congested = False
+        self.held: dict[Any, bytes] | None = None
 
     @property
     def pending(self) -> int:
@@ -56,6 +58,7 @@ class Outbox:
         self._on_slow = on_slow
         self.deliveries = 0
         self.writes = 0
+        self.conflated = 0
 
     def _put(self, s: Sink, data: bytes) -> int:
         if len(s.buf) + len(data) > self.max_buffered:
@@ -98,6 +101,38 @@ class Outbox:
         self.deliveries += taken
         return taken
 
+    def broadcast_ephemeral(
+        self, sinks: list[Sink], data: bytes, exclude: Sink | None, key: Any
+    ) -> int:
+        taken = 0
+        for s in sinks:
+            if s is exclude or s._dead():
+                continue
+            taken += self._ephemeral(s, data, key)
+        self.deliveries += taken
+        return taken
+
+    def _ephemeral(self, s: Sink, data: bytes, key: Any) -> int:
+        tr = s.transport.underlying_transport
+        if s.congested or (tr.get_write_buffer_size() + len(s.buf) + len(data)
+                           > self.max_buffered // 2):
+            if s.held is None:
+                s.held = {}
+            elif key in s.held:
+                self.conflated += 1
+            s.held[key] = data
+            return 0
+        if s.held is not None:
+            s.held.pop(key, None)  # this one is newer
+        return self._put(s, data)
+
+    def release(self, sink: Sink) -> None:
+        held, sink.held = sink.held, None
+        if held is None or sink._dead():
+            return
+        for key, data in held.items():
+            self._ephemeral(sink, data, key)
+
     def flush(self) -> None:
         queued, self._queued = self._queued, []
         self._scheduled = False
@@ -110,6 +145,8 @@ class Outbox:
                 with contextlib.suppress(Exception):
                     self._write(s)
             s.buf.clear()
+            if s.held is not None and not s.congested:
+                self.release(s)  # the socket took it all: what waited may go next turn
 
     def flush_if_last(self, frame: WSFrame, sink: Sink | None) -> None:
         if frame.last_in_buffer and sink is not None and sink.buf:

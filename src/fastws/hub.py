@@ -201,9 +201,14 @@ class Hub:
         return room
 
     def broadcast(
-        self, name: str, payload: bytes, exclude: Session | None = None, seq: int = 0
+        self, name: str, payload: bytes, exclude: Session | None = None, seq: int = 0,
+        origin: str = "",
     ) -> int:
-        """Frame ``payload`` once and queue it for every member of ``name`` but ``exclude``."""
+        """Frame ``payload`` once and queue it for every member of ``name`` but ``exclude``.
+
+        ``seq`` 0 with an ``origin`` (the client id it came from, maybe on another node) is an
+        ephemeral notice (typing): a congested member holds only the latest of each
+        (room, origin) until its socket drains, and is never closed as slow for one."""
         room = self.rooms.get(name)
         if room is None:
             return 0
@@ -219,6 +224,8 @@ class Hub:
             skip = room.presence_marks.seen(-seq, time.monotonic())
         outbox = self._outbox or self.outbox  # the property only until it exists
         exclude_sink = exclude.sink if exclude is not None else None
+        if seq == 0 and origin:
+            return outbox.broadcast_ephemeral(room.sinks, data, exclude_sink, (name, origin))
         return outbox.broadcast(room.sinks, data, exclude_sink, skip)
 
     @staticmethod

@@ -484,7 +484,8 @@ class Node:
     def deliver(self, room: str, exclude: str, payload: bytes, seq: int = 0) -> None:
         """Broker callback: one publication for ``room``, framed once for every local member."""
         self.messages_out += 1
-        self.hub.broadcast(room, payload, self.sessions.get(exclude) if exclude else None, seq)
+        self.hub.broadcast(room, payload, self.sessions.get(exclude) if exclude else None, seq,
+                           exclude)
 
     def _run(self, action: Any) -> None:
         """Run a node-internal coroutine: in place when the broker is inline, else as a task."""
@@ -528,3 +529,4 @@ async def serve(node: Node, on_ready: Any = None, reuse_port: bool = False) -> N
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
         await node.drain()
+

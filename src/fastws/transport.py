@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import contextlib
 import logging
 import time
 import uuid
@@ -128,6 +129,10 @@ class Connection(WSListener):
                                self.settings)
         self.sink = self.node.hub.sink(transport, self.session)
         self.outbox = self.node.hub.outbox
+        # Paused (pause_writing) at half the send-buffer cap: where typing starts to wait.
+        with contextlib.suppress(AttributeError, ValueError):
+            transport.underlying_transport.set_write_buffer_limits(
+                high=max(1, self.settings.max_send_buffer_bytes // 2))
         self.session.sink = self.sink
         self.node.connect(self.session, self.remote, self.ip)
 
@@ -200,6 +205,17 @@ class Connection(WSListener):
             transport.send_close(WSCloseCode(code))
             transport.disconnect()
         # An unsolicited PONG is ignored (section 5.5.3).
+
+    def pause_writing(self) -> None:
+        """The socket's buffer passed its high-water mark: typing notices wait (conflated)."""
+        if self.sink is not None:
+            self.sink.congested = True
+
+    def resume_writing(self) -> None:
+        if self.sink is not None:
+            self.sink.congested = False
+            if self.outbox is not None:
+                self.outbox.release(self.sink)
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
         if self._abort_handle is not None:
