@@ -37,7 +37,8 @@ class Recorder:
     def close(self, code: int, reason: str) -> None:
         self.closed = (code, reason)
 
-    async def join(self, session: Session, room: str, since: Any, msg_id: Any) -> None:
+    async def join(self, session: Session, room: str, since: Any, msg_id: Any,
+                   presence: str = "each") -> None:
         session.rooms.add(room)
         self.calls.append(("join", room, msg_id))
 

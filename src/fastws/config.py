@@ -41,6 +41,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     close_timeout: float = 2.0
     drain_timeout: float = 10.0
     presence_grace: float = 3.0
+    presence_diff_interval: float = 0.1
+    presence_diff_names: int = 100
     log_level: str = "info"
     log_format: str = "text"
     allowed_origins: str = ""
@@ -116,6 +118,10 @@ FIELD_HELP: dict[str, str] = {
     "presence_grace": "seconds a dropped connection stays in its rooms' presence: if its user "
     "joins the room again within them (on any node), the room hears neither user_left nor "
     "user_joined (default 3; 0 = user_left at once)",
+    "presence_diff_interval": "seconds of presence changes one presence_diff gathers, for "
+    "members that join with \"presence\": \"diff\" (default 0.1)",
+    "presence_diff_names": "rooms up to this many connections get names in presence_diff; "
+    "bigger ones get only the counts (default 100)",
     "log_level": "debug, info, warning or error (default info)",
     "log_format": "text or json (one JSON object per line) (default text)",
     "allowed_origins": "comma-separated browser origins allowed to connect besides the "
@@ -258,6 +264,10 @@ def validate(s: Settings) -> None:
         raise ConfigError("ping_interval and ping_timeout must be >= 0")
     if s.ping_interval and s.ping_timeout > s.ping_interval:
         raise ConfigError("ping_timeout must not exceed ping_interval")
+    if s.presence_grace < 0:
+        raise ConfigError("presence_grace must be >= 0")
+    if s.presence_diff_interval <= 0 or s.presence_diff_names < 0:
+        raise ConfigError("presence_diff_interval must be > 0 and presence_diff_names >= 0")
     if s.max_message_bytes < 128:
         raise ConfigError("max_message_bytes must be at least 128")
     if s.max_message_chars < 1:

@@ -77,7 +77,8 @@ class Room:
     entry into the hole so join and leave stay O(1).
     """
 
-    __slots__ = ("fresh", "index", "members", "name", "pending", "presence_marks", "sinks")
+    __slots__ = ("diff", "diff_sinks", "fresh", "index", "members", "name", "pending",
+                 "presence_marks", "sinks")
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -92,6 +93,10 @@ class Room:
         # broker's stream can trail its replies) must skip them; cleared once the stream passes N.
         self.fresh: dict[Session, int] = {}
         self.presence_marks: PresenceMarks | None = None  # made for the first marked joiner
+        # Members that take presence as presence_diff (see presencediff.py): skipped by the
+        # room's notices. ``diff_sinks`` is their sinks as a list, made when needed.
+        self.diff: dict[Session, Any] | None = None
+        self.diff_sinks: list[Any] | None = None
 
     def __len__(self) -> int:
         return len(self.members) + len(self.pending)
@@ -194,6 +199,8 @@ class Hub:
         room.fresh.pop(session, None)
         if room.presence_marks is not None:
             room.presence_marks.remove(session)
+        if room.diff is not None and room.diff.pop(session, None) is not None:
+            room.diff_sinks = None
         if room.pending.pop(session, None) is None and not room.remove(session):
             return None
         if not len(room):
@@ -220,13 +227,43 @@ class Hub:
         skip = None
         if seq > 0 and room.fresh:
             skip = self._seen_chat(room, seq)
-        elif seq < 0 and room.presence_marks:
-            skip = room.presence_marks.seen(-seq, time.monotonic())
+        elif seq < 0:
+            if room.presence_marks:
+                skip = room.presence_marks.seen(-seq, time.monotonic())
+            if room.diff:
+                skip = self.diff_sinks(room) + skip if skip else self.diff_sinks(room)
         outbox = self._outbox or self.outbox  # the property only until it exists
         exclude_sink = exclude.sink if exclude is not None else None
         if seq == 0 and origin:
             return outbox.broadcast_ephemeral(room.sinks, data, exclude_sink, (name, origin))
         return outbox.broadcast(room.sinks, data, exclude_sink, skip)
+
+    def has_diffs(self, name: str) -> bool:
+        room = self.rooms.get(name)
+        return room is not None and bool(room.diff)
+
+    def want_diffs(self, name: str, session: Session) -> None:
+        """``session`` takes ``name``'s presence changes as presence_diff, not one by one."""
+        room = self.rooms.get(name)
+        if room is not None:
+            if room.diff is None:
+                room.diff = {}
+            room.diff[session] = session.sink
+            room.diff_sinks = None
+
+    @staticmethod
+    def diff_sinks(room: Room) -> list[Any]:
+        if room.diff_sinks is None:
+            room.diff_sinks = list(room.diff.values()) if room.diff else []
+        return room.diff_sinks
+
+    def send_diff(self, name: str, payload: bytes) -> int:
+        """A presence_diff to the room's diff members."""
+        room = self.rooms.get(name)
+        if room is None or not room.diff:
+            return 0
+        outbox = self._outbox or self.outbox
+        return int(outbox.broadcast(self.diff_sinks(room), self._frame(payload)))
 
     @staticmethod
     def _seen_chat(room: Room, seq: int) -> list[Any] | None:

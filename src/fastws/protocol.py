@@ -8,6 +8,7 @@ echoed on its reply or error. Field names and error texts are the seed's exactly
 from __future__ import annotations
 
 import time
+from typing import Literal
 
 import msgspec
 
@@ -32,6 +33,9 @@ class JoinPayload(msgspec.Struct):
     room: str
     since: Since | None = None
     token: str | None = None  # a room token, for a private room (see policy.py)
+    # "diff": this connection takes the room's presence changes as one presence_diff per
+    # interval instead of a user_joined/user_left per change (see docs/protocol.md).
+    presence: Literal["diff", "each"] = "each"
 
 
 class HistoryPayload(msgspec.Struct):
@@ -218,6 +222,19 @@ class TypingBroadcast(_Out, tag="typing"):
 class Member(msgspec.Struct):
     userId: str
     username: str
+
+
+class PresenceDiff(_Out, tag="presence_diff"):
+    """A room's presence changes of one interval, for members that asked for diffs: who
+    joined and who left (each user once, net of the interval), or above the names threshold
+    only how many; ``members`` is the room's connection count after them."""
+
+    room: str
+    members: int
+    joined: int
+    left: int
+    joins: list[Member] | None = None
+    leaves: list[Member] | None = None
 
 
 class PresenceReply(_Out, tag="presence"):

@@ -27,6 +27,7 @@ from .config import Settings
 from .errors import BrokerUnavailable, CloseCode
 from .hub import FANOUT, FANOUT_ERROR, Hub
 from .policy import Policy
+from .presencediff import PresenceDiffs
 from .session import Session
 
 log = logging.getLogger("fastws.server")
@@ -81,6 +82,8 @@ class Node:
         # (room, clientId) of dropped connections in their presence grace -> its timer.
         self._lingering: dict[tuple[str, str], tuple[asyncio.TimerHandle, Principal]] = {}
         self.hub = Hub(settings.max_send_buffer_bytes, self.slow_consumer)
+        self.diffs = PresenceDiffs(settings.presence_diff_interval, settings.presence_diff_names,
+                                   self.hub.send_diff)
         self.sessions: dict[str, Session] = {}
         self._by_transport: dict[Any, Session] = {}
         self.draining = False
@@ -145,6 +148,7 @@ class Node:
         if self.server is not None:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.server.wait_closed(), 1.0)
+        self.diffs.close()
         await self.broker.close()
         if self.join_hook is not None:
             await self.join_hook.close()
@@ -287,16 +291,22 @@ class Node:
     # Each is a coroutine; with an inline broker it never suspends (see broker/__init__.py).
 
     async def join(
-        self, session: Session, room: str, since: p.Since | None, msg_id: p.MsgId
+        self, session: Session, room: str, since: p.Since | None, msg_id: p.MsgId,
+        presence: str = "each",
     ) -> None:
         """Join, and with ``since`` replay what was missed: room_joined, then the replay, then
-        the chats the room was sent while the broker answered (held by the hub), each once."""
+        the chats the room was sent while the broker answered (held by the hub), each once.
+        ``presence`` "diff": the room's presence changes come as presence_diff."""
         fresh = room not in session.rooms
+        diffs = presence == "diff"
         if fresh:
             session.rooms.add(room)
             # Pending: the subscription must be live before the broker's join, so that every
             # message after its seq reaches this node; until then the hub holds them for us.
-            if len(self.hub.join(room, session, pending=True)) == 1:
+            joined_room = self.hub.join(room, session, pending=True)
+            if diffs:
+                self.hub.want_diffs(room, session)
+            if len(joined_room) == 1:
                 await self._subscribe(session, room, msg_id)
             elif room in self._subscribing and not await asyncio.shield(
                     self._subscribing[room]):  # every joiner shares the subscription's outcome
@@ -322,7 +332,7 @@ class Node:
             # Chats after our seq follow the replay; older ones are in it or predate us.
             # Presence notices after our version are news; older ones are counted in
             # room_joined. Without a version (or for typing) they may predate us: dropped.
-            if seq > result.seq or (seq < 0 and version and -seq > version):
+            if seq > result.seq or (seq < 0 and version and -seq > version and not diffs):
                 self.hub.send_frame(session.sink, data)
         if result.recovered is not None:
             self.counters["recoveries" if result.recovered else "recoveries_incomplete"] += 1
@@ -484,6 +494,8 @@ class Node:
     def deliver(self, room: str, exclude: str, payload: bytes, seq: int = 0) -> None:
         """Broker callback: one publication for ``room``, framed once for every local member."""
         self.messages_out += 1
+        if seq < 0 and self.hub.has_diffs(room):
+            self.diffs.notice(room, payload)
         self.hub.broadcast(room, payload, self.sessions.get(exclude) if exclude else None, seq,
                            exclude)
 

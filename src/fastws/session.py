@@ -78,7 +78,8 @@ class NodeActions(Protocol):
     chat_now: Callable[[Session, str, str, p.MsgId], None] | None
 
     async def join(
-        self, session: Session, room: str, since: p.Since | None, msg_id: p.MsgId
+        self, session: Session, room: str, since: p.Since | None, msg_id: p.MsgId,
+        presence: str = "each",
     ) -> None: ...
 
     async def leave(self, session: Session, room: str, msg_id: p.MsgId) -> None: ...
@@ -290,7 +291,7 @@ class Session:
                 return self._join_private(room, msg)
             if not allowed:
                 self._forbid("join_room", room, msg.id)
-            return self.node.join(self, room, msg.payload.since, msg.id)
+            return self.node.join(self, room, msg.payload.since, msg.id, msg.payload.presence)
         elif isinstance(msg, p.LeaveRoom):
             self._require_member(msg.payload.room, msg.id)
             return self.node.leave(self, msg.payload.room, msg.id)
@@ -350,9 +351,10 @@ class Session:
             except AuthError:
                 self._forbid("join_room", room, msg.id)
             self._grant(room, expires)
-            return self.node.join(self, room, msg.payload.since, msg.id)
+            return self.node.join(self, room, msg.payload.since, msg.id, msg.payload.presence)
         if self.granted is not None and self.granted.get(room, 0.0) > time.time():
-            return self.node.join(self, room, msg.payload.since, msg.id)  # e.g. since again
+            # e.g. since again
+            return self.node.join(self, room, msg.payload.since, msg.id, msg.payload.presence)
         hook = self.node.join_hook
         if hook is None:
             self._forbid("join_room", room, msg.id)
@@ -361,7 +363,7 @@ class Session:
             if not known:
                 self._forbid("join_room", room, msg.id)
             self._grant(room, float("inf"))
-            return self.node.join(self, room, msg.payload.since, msg.id)
+            return self.node.join(self, room, msg.payload.since, msg.id, msg.payload.presence)
         self._needs_task = True  # the hook is an HTTP call: this join runs as a task
         return self._join_by_hook(hook, room, msg)
 
@@ -369,7 +371,7 @@ class Session:
         if not await hook.ask(self.principal, room):
             self._forbid("join_room", room, msg.id)
         self._grant(room, float("inf"))  # the backend said yes for this connection
-        await self.node.join(self, room, msg.payload.since, msg.id)
+        await self.node.join(self, room, msg.payload.since, msg.id, msg.payload.presence)
 
     def _grant(self, room: str, until: float) -> None:
         if self.granted is None:
