@@ -36,6 +36,7 @@ import picows
 _TEXT = picows.WSMsgType.TEXT
 _CLOSE = picows.WSMsgType.CLOSE
 _search_chat = re.compile(rb'"message": ?"(\d+):(\d+):(\d+)').search
+_search_members = re.compile(rb'"members": ?(\d+)').search
 _search_notice = re.compile(rb'"userId": ?"([^"]*)", ?"members": ?(\d+)').search
 _time_ns = time.time_ns
 _BUCKET_NS = 100_000_000  # time series resolution: 100 ms
@@ -76,8 +77,11 @@ class Gen:
         self.storm_received = 0  # distinct user_joined about a later joiner
         self.storm_duplicates = 0  # the same user announced twice to one client
         self.storm_stale = 0  # about a member its room_joined.members already counted
+        self.storm_diffs = 0  # presence_diff messages (a storm joined with presence diffs)
         self.storm_last = 0
         self.storm_expected: int | None = None
+        self.storm_size = plan.get("storm_size", 0)
+        self.presence_diff = bool(plan.get("presence_diff"))
 
 
 class Client(picows.WSListener):
@@ -105,12 +109,16 @@ class Client(picows.WSListener):
         self.gone = False  # disconnected: its in-flight messages will never come back
         self.joined_members = 0  # room_joined.members: who was there before us
         self.announced: set[bytes] = set()  # join storm: users announced to us
+        self.final = False  # join storm with diffs: a presence_diff gave the room's final count
         self.suffix = ((":" + "x" * pad if pad else "") + '"}}').encode()
         if room is not None:
             self.prefix = (
                 f'{{"type":"chat_message","payload":{{"room":"{room}","message":"{cid}:'
             ).encode()
-            self.join_msg = orjson.dumps({"type": "join_room", "payload": {"room": room}})
+            join: dict[str, Any] = {"room": room}
+            if gen.presence_diff:
+                join["presence"] = "diff"
+            self.join_msg = orjson.dumps({"type": "join_room", "payload": join})
 
     # -- picows callbacks --------------------------------------------------------------------
 
@@ -191,6 +199,10 @@ class Client(picows.WSListener):
             if g.storm:
                 self._notice(data)
             return
+        if b'"presence_diff"' in data:
+            if g.storm:
+                self._diff(data)
+            return
         try:
             msg = orjson.loads(data)
         except orjson.JSONDecodeError:
@@ -231,6 +243,18 @@ class Client(picows.WSListener):
         self.announced.add(user)
         g.storm_received += 1
         _bump(g.series, (now - g.t_start) // _BUCKET_NS)
+
+    def _diff(self, data: bytes) -> None:
+        """A join storm's presence_diff: counted; the first with the room's final count
+        completes this client."""
+        g = self.gen
+        g.storm_diffs += 1
+        now = g.storm_last = _time_ns()
+        match = _search_members(data)
+        if match and int(match[1]) >= g.storm_size and not self.final:
+            self.final = True
+            g.storm_received += 1
+            _bump(g.series, (now - g.t_start) // _BUCKET_NS)
 
     # -- actions -------------------------------------------------------------------------
 
@@ -552,6 +576,8 @@ class Worker:
                 expected += size - members  # this client hears of everyone after it
             else:
                 expected = None
+        if self.plan.get("presence_diff"):
+            expected = len(self.clients)  # each sees the final count once
         g.storm_expected = expected
         self.storm_first = first
         idle_since = _time_ns()
@@ -645,6 +671,7 @@ class Worker:
                 "received": g.storm_received,
                 "duplicates": g.storm_duplicates,
                 "stale": g.storm_stale,
+                "diffs": g.storm_diffs,
                 "expected": g.storm_expected,
                 "join_histogram": join_hist.encode(),
             }

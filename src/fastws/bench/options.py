@@ -203,6 +203,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "more lets a server batch the notices of joins that arrive together)",
     )
     run.add_argument(
+        "--presence-diff",
+        action="store_true",
+        help="join storm: the clients join with \"presence\": \"diff\" (fastws): counts the "
+        "presence_diff messages they get instead of user_joined, and waits until each has seen "
+        "the room's final count",
+    )
+    run.add_argument(
         "--reconnect-storm",
         action="store_true",
         help="fanout, with --server: --subscribers clients in one room while one publisher "

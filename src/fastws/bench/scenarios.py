@@ -120,6 +120,10 @@ def build_plan(
                 "expected_deliveries": subs * (subs - 1) // 2,
             }
             title = f"join storm, {subs} clients"
+            if getattr(args, "presence_diff", False):
+                # Each client must see the final count once; the cost is the diffs sent.
+                params.update(presence_diff=True, expected_deliveries=subs)
+                title += ", presence diffs"
             unit = "deliveries/s"
         else:
             mode = "rate" if rate else "window"
@@ -238,6 +242,7 @@ def build_plan(
                 "flood": bool(flooders) and i == procs,
                 "storm_size": total if mode == "storm" else 0,
                 "storm_concurrency": max(1, getattr(args, "storm_concurrency", 1)),
+                "presence_diff": mode == "storm" and bool(getattr(args, "presence_diff", False)),
                 "barrier_timeout": args.timeout + args.warmup + args.duration + args.drain + 60,
                 "ttl": 3600 + args.timeout + args.duration,
             }
@@ -512,6 +517,7 @@ def merge(results: list[dict[str, Any]], readings: dict[str, Any]) -> dict[str, 
             "received": sum(s["received"] for s in storms),
             "duplicates": sum(s["duplicates"] for s in storms),
             "stale": sum(s["stale"] for s in storms),
+            "diffs": sum(s.get("diffs", 0) for s in storms),
             "expected_known": all(e is not None for e in expected),
         }
         merged["join_histogram"] = join_hist
@@ -619,6 +625,11 @@ def figures(plan: Plan, merged: dict[str, Any], duration: float) -> dict[str, An
         head["losses"] = expected - storm["received"]
         head["duplicates"] = storm["duplicates"]
         head["stale_notices"] = storm["stale"]
+        if plan.parameters.get("presence_diff"):
+            # received = clients that saw the final count; the presence traffic is the diffs
+            head["presence_messages"] = storm["diffs"]
+        else:
+            head["presence_messages"] = storm["received"]
         head["latency_us"] = latency_figures(merged["join_histogram"])
         head["latency_of"] = "join_room -> room_joined"
     else:
