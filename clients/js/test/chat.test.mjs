@@ -110,6 +110,31 @@ describe("chat", { timeout: 30000 }, () => {
     }
   });
 
+  test("presenceDiffs: joins and leaves come as presence_diff, not one by one", async () => {
+    const alice = await connected(server, "alice", { presenceDiffs: true });
+    const bob = await connected(server, "bob", { username: "Bob" });
+    const carol = await connected(server, "carol");
+    let single = 0;
+    alice.on("user_joined", () => { single += 1; });
+    try {
+      await alice.join("d");
+      const both = next(alice, "presence_diff", (d) => d.room === "d" && d.members === 3);
+      await Promise.all([bob.join("d"), carol.join("d")]);
+      const diff = await both;
+      assert.ok(diff.joined >= 1);
+      const left = next(alice, "presence_diff", (d) => d.room === "d" && d.left === 1);
+      await bob.leave("d");
+      const gone = await left;
+      assert.deepEqual(gone.leaves.map((u) => u.userId), ["bob"]);
+      assert.equal(gone.members, 2);
+      assert.equal(single, 0);
+    } finally {
+      alice.close();
+      bob.close();
+      carol.close();
+    }
+  });
+
   test("history returns the newest messages, oldest first", async () => {
     const alice = await connected(server, "alice");
     try {

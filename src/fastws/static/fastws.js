@@ -64,7 +64,7 @@ const noop = () => {};
 // Handlers become no-ops, not null: the ws package throws an 'error' event nobody listens to.
 const detach = (ws) => { ws.onopen = ws.onmessage = ws.onerror = ws.onclose = noop; };
 const POLICY_VIOLATION = 1008;
-const EVENTS = new Set(["message", "user_joined", "user_left", "typing", "presence", "room_joined",
+const EVENTS = new Set(["message", "user_joined", "user_left", "presence_diff", "typing", "presence", "room_joined",
                         "state", "error", "connected", "disconnected", "reconnected", "refreshed", "*"]);
 
 /** The `exp` claim of a JWT, in ms, or null: read only to schedule a refresh, never trusted. */
@@ -92,6 +92,9 @@ export class FastWS {
    * - `requestTimeout` (10000 ms): bounds each request and each connection attempt.
    * - `trackPresence` (false): ask for `presence` after every join, rejoin, user_joined and
    *   user_left, so the `presence` event always carries the room's current member list.
+   * - `presenceDiffs` (false): join rooms with `"presence": "diff"`: the room's joins and
+   *   leaves come as one `presence_diff` event per interval ({room, members, joined, left,
+   *   joins?, leaves?}) instead of a `user_joined`/`user_left` per change.
    * - `refreshBefore` (30000 ms; 0 = off): with `getToken`, renew the connection's token that
    *   long before its `exp` (half way through a shorter life) with a `refresh` message.
    */
@@ -119,6 +122,7 @@ export class FastWS {
     this._reconnectOnPolicyClose = o.reconnectOnPolicyClose ?? false;
     this._requestTimeout = o.requestTimeout ?? 10000;
     this._trackPresence = o.trackPresence ?? false;
+    this._presenceDiffs = o.presenceDiffs ?? false;
     this._refreshBefore = o.refreshBefore ?? 30000;
     this._refreshTimer = null;
     this._connToken = null;   // the token the current connection was opened with
@@ -202,7 +206,11 @@ export class FastWS {
 
   /** Join `room`; resolves with its `room_joined` (`members`, `seq`, `epoch`). From then on
    *  the room is re-joined with recovery after every reconnect, until leave() or close(). */
-  join(room) { return this._request("join_room", { room }, room); }
+  join(room) { return this._request("join_room", this._joinPayload(room), room); }
+
+  _joinPayload(room) {
+    return this._presenceDiffs ? { room, presence: "diff" } : { room };
+  }
 
   /** Leave `room`; it is no longer re-joined. Resolves with `room_left`. */
   leave(room) {
@@ -410,7 +418,7 @@ export class FastWS {
     this._ready = true;
     // Re-join before anything of the app can be sent, so the server handles them first.
     for (const [room, pos] of this._rooms) {
-      const payload = { room };
+      const payload = this._joinPayload(room);
       if (pos.epoch) payload.since = { seq: pos.seq, epoch: pos.epoch };
       this._sendRequest("join_room", payload, room, null);
     }
@@ -510,6 +518,7 @@ export class FastWS {
       }
       case "user_joined":
       case "user_left":
+      case "presence_diff":
         this._emit("*", msg);
         this._emit(msg.type, msg);
         if (this._trackPresence && this._rooms.has(msg.room)) this._askPresence(msg.room);
