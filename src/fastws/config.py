@@ -60,6 +60,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     room_post: str = ""
     room_presence: str = ""
     join_hook_url: str = ""
+    events_url: str = ""
+    events_secret: str = ""
+    events_batch: int = 100
+    events_interval: float = 0.5
+    events_queue: int = 10_000
     join_hook_timeout: float = 2.0
     join_hook_cache: float = 10.0
     workers: int = 1
@@ -158,6 +163,14 @@ FIELD_HELP: dict[str, str] = {
     "join_hook_url": "POST {user, room} here to ask allow/deny for a private room the tokens do "
     "not open; any failure denies (default none)",
     "join_hook_timeout": "seconds the join hook may take before the join is denied (default 2)",
+    "events_url": "POST connect, disconnect, join and leave events here, in batches, signed "
+    "with events_secret (default none)",
+    "events_secret": "HMAC-SHA256 key of the X-Fastws-Signature header of backend events "
+    "(required with events_url)",
+    "events_batch": "backend events per POST at most (default 100)",
+    "events_interval": "seconds backend events wait to fill a batch (default 0.5)",
+    "events_queue": "backend events kept while the endpoint is down; past it the oldest are "
+    "dropped and counted (default 10000)",
     "join_hook_cache": "seconds a join hook answer is reused for the same user and room "
     "(default 10)",
     "workers": "worker processes sharing the port (default 1; 0 = one per core); with more "
@@ -292,6 +305,12 @@ def validate(s: Settings) -> None:
         raise ConfigError(f"log_format: expected text or json, got {s.log_format!r}")
     if s.join_hook_timeout <= 0 or s.join_hook_cache < 0:
         raise ConfigError("join_hook_timeout must be > 0 and join_hook_cache >= 0")
+    if s.events_url and not s.events_url.startswith(("http://", "https://")):
+        raise ConfigError("events_url must start with http:// or https://")
+    if s.events_url and not s.events_secret:
+        raise ConfigError("events_url needs events_secret (the receiver checks the signature)")
+    if s.events_batch < 1 or s.events_interval <= 0 or s.events_queue < 1:
+        raise ConfigError("events_batch and events_queue must be >= 1, events_interval > 0")
     if s.join_hook_url and not s.join_hook_url.startswith(("http://", "https://")):
         raise ConfigError("join_hook_url must start with http:// or https://")
     from .policy import Policy
@@ -320,6 +339,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
     "log": ("log_",),
     "admin": ("admin_", "api_key"),
     "rooms": ("private_rooms", "direct_rooms", "room_", "join_hook_"),
+    "events": ("events_",),
 }
 
 

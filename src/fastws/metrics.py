@@ -112,6 +112,11 @@ class Metrics:
         self.counters = {key: Counter(f"fastws_{name}", text, registry=r)
                          for key, (name, text) in COUNTERS.items()}
         self._seen: dict[Any, float] = {}  # what was already exported, by source key
+        self.events = Counter("fastws_events", "backend events (events_url), by outcome: "
+                              "delivered, or dropped (queue full, refused, left at shutdown)",
+                              ["outcome"], registry=r)
+        self.events_waiting = Gauge("fastws_events_waiting", "backend events queued, not "
+                                    "delivered yet", registry=r, multiprocess_mode="livesum")
         self._tasks: list[asyncio.Task[None]] = []
         broker = node.broker
         self._broker_name = str(getattr(broker, "name", type(broker).__name__))
@@ -188,6 +193,11 @@ class Metrics:
         self._add(self.messages_out, "messages_out", node.messages_out)
         for key, metric in self.counters.items():
             self._add(metric, key, counters[key])
+        events = node.events
+        if events is not None:
+            self._add(self.events.labels("delivered"), "events_delivered", events.delivered)
+            self._add(self.events.labels("dropped"), "events_dropped", events.dropped)
+            self.events_waiting.set(events.waiting)
         for reason, count in list(node.auth_failures.items()):
             self._add(self.auth_failures.labels(reason), ("auth", reason), count)
 

@@ -67,6 +67,13 @@ class Node:
 
             self.join_hook = JoinHook(settings)
         self.node_id = node_id or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(2)}"
+        self.events: Any = None
+        if settings.events_url:  # aiohttp again, only when configured
+            from .events import BackendEvents
+
+            self.events = BackendEvents(settings.events_url, settings.events_secret,
+                                        self.node_id, settings.events_batch,
+                                        settings.events_interval, settings.events_queue)
         self.broker: Broker = broker if broker is not None else MemoryBroker(
             history_policy(settings))
         self.inline = self.broker.inline
@@ -109,6 +116,8 @@ class Node:
                       FANOUT_ERROR, extra={"event": "fanout_fallback", "reason": FANOUT_ERROR})
         log.info(self.policy.describe(), extra={"event": "room_policy"})
         await self.broker.start()
+        if self.events is not None:
+            self.events.start()
         self.server = await listen(self, _load_pages(), reuse_port=reuse_port)
         self.heartbeat = Heartbeat(self).start()
         if self.settings.admin_port >= 0:
@@ -149,6 +158,9 @@ class Node:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.server.wait_closed(), 1.0)
         self.diffs.close()
+        if self.events is not None:
+            await self.events.close(max(1.0, self.settings.drain_timeout
+                                        - (time.monotonic() - started)))
         await self.broker.close()
         if self.join_hook is not None:
             await self.join_hook.close()
@@ -210,6 +222,7 @@ class Node:
                                  session.principal.username, self.node_id))
         self._run(self._quietly(self.broker.session_opened(self._member(session),
                                                            session.connected_at)))
+        self._event("connect", session.client_id, session.principal)
 
     def disconnect(self, session: Session, code: int | None) -> None:
         session.cancel()
@@ -218,6 +231,7 @@ class Node:
             del self._per_ip[session.ip]
         self.sessions.pop(session.client_id, None)
         self._by_transport.pop(session.transport, None)
+        self._event("disconnect", session.client_id, session.principal)
         self._run(self._cleanup(session))
         if not self.sessions:
             self._idle.set()
@@ -247,6 +261,10 @@ class Node:
         self._lingering[(room, session.client_id)] = (asyncio.get_running_loop().call_later(
             grace, self._grace_over, room, session.client_id, who), who)
 
+    def _event(self, kind: str, client_id: str, who: Principal, room: str | None = None) -> None:
+        if self.events is not None:
+            self.events.add(kind, client_id, who.user_id, who.username, room)
+
     def _grace_over(self, room: str, client_id: str, who: Principal) -> None:
         self._lingering.pop((room, client_id), None)
         self._run(self._announce_left(room, client_id, who))
@@ -258,6 +276,8 @@ class Node:
             left = await self.broker.leave(room, client_id, who.user_id)
         except BrokerUnavailable:
             return
+        if left.removed:
+            self._event("leave", client_id, who, room)
         if left.removed and left.members:
             await self._publish(room, p.encode(p.UserLeft(
                 room, who.username, p.now_ms(), who.user_id, left.members)), "", -left.version)
@@ -340,6 +360,7 @@ class Node:
             self.counters["presence_resumed"] += 1
         elif fresh:
             who = session.principal
+            self._event("join", session.client_id, who, room)
             log.debug("joined", extra={"event": "join", "client_id": session.client_id,
                                        "room": room})
             await self._publish(room, p.encode(p.UserJoined(
@@ -465,6 +486,8 @@ class Node:
             left = await self.broker.leave(room, session.client_id)
         except BrokerUnavailable:
             return
+        if left.removed:
+            self._event("leave", session.client_id, session.principal, room)
         if left.members:
             who = session.principal
             await self._publish(room, p.encode(p.UserLeft(
