@@ -233,10 +233,11 @@ async def test_publish_seq_nowait_allocates_in_the_order_called(backend: Backend
         broker = node.broker
         original = node.hub.broadcast
 
-        def spy(name: str, payload: bytes, exclude: Any = None, seq: int = 0) -> int:
+        def spy(name: str, payload: bytes, exclude: Any = None, seq: int = 0,
+                origin: str = "") -> int:
             if name == room:
                 delivered.append(payload)
-            return original(name, payload, exclude, seq)
+            return original(name, payload, exclude, seq, origin)
 
         node.hub.broadcast = spy  # type: ignore[method-assign]
         member = MemberInfo("c1", "u1", "user", node.node_id)
