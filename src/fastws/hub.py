@@ -137,6 +137,8 @@ class Hub:
         self.fanout = fanout_module
         self._frame = fanout_module.frame
         self._outbox: Any = None
+        # (room, payload) of each presence notice of a room with diff members (presencediff).
+        self.on_diff_notice: Callable[[str, bytes], Any] | None = None
 
     @property
     def outbox(self) -> Any:
@@ -232,15 +234,13 @@ class Hub:
                 skip = room.presence_marks.seen(-seq, time.monotonic())
             if room.diff:
                 skip = self.diff_sinks(room) + skip if skip else self.diff_sinks(room)
+                if self.on_diff_notice is not None:
+                    self.on_diff_notice(name, payload)
         outbox = self._outbox or self.outbox  # the property only until it exists
         exclude_sink = exclude.sink if exclude is not None else None
         if seq == 0 and origin:
             return outbox.broadcast_ephemeral(room.sinks, data, exclude_sink, (name, origin))
         return outbox.broadcast(room.sinks, data, exclude_sink, skip)
-
-    def has_diffs(self, name: str) -> bool:
-        room = self.rooms.get(name)
-        return room is not None and bool(room.diff)
 
     def want_diffs(self, name: str, session: Session) -> None:
         """``session`` takes ``name``'s presence changes as presence_diff, not one by one."""

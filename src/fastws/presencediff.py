@@ -48,7 +48,6 @@ class PresenceDiffs:
         self._send = send
         self._rooms: dict[str, _Changes] = {}
         self._timer: asyncio.TimerHandle | None = None
-        self.sent = 0
 
     def notice(self, room: str, payload: bytes) -> None:
         """A user_joined or user_left for ``room`` (an encoded payload, as delivered)."""
@@ -81,7 +80,6 @@ class PresenceDiffs:
             self._send(room, p.encode(p.PresenceDiff(
                 room, changes.members, len(joins), len(leaves),
                 joins if named and joins else None, leaves if named and leaves else None)))
-            self.sent += 1
 
     def close(self) -> None:
         if self._timer is not None:

@@ -91,6 +91,7 @@ class Node:
         self.hub = Hub(settings.max_send_buffer_bytes, self.slow_consumer)
         self.diffs = PresenceDiffs(settings.presence_diff_interval, settings.presence_diff_names,
                                    self.hub.send_diff)
+        self.hub.on_diff_notice = self.diffs.notice
         self.sessions: dict[str, Session] = {}
         self._by_transport: dict[Any, Session] = {}
         self.draining = False
@@ -488,16 +489,7 @@ class Node:
         """Leave locally at once; then tell the broker and the room (best effort if it is down)."""
         await self._drop_local(session, room)
         log.debug("left", extra={"event": "leave", "client_id": session.client_id, "room": room})
-        try:
-            left = await self.broker.leave(room, session.client_id)
-        except BrokerUnavailable:
-            return
-        if left.removed:
-            self._event("leave", session.client_id, session.principal, room)
-        if left.members:
-            who = session.principal
-            await self._publish(room, p.encode(p.UserLeft(
-                room, who.username, p.now_ms(), who.user_id, left.members)), "", -left.version)
+        await self._announce_left(room, session.client_id, session.principal)
 
     async def _publish(self, room: str, payload: bytes, exclude: str = "", seq: int = 0) -> None:
         await self._quietly(self.broker.publish(room, payload, exclude, seq))
@@ -523,8 +515,6 @@ class Node:
     def deliver(self, room: str, exclude: str, payload: bytes, seq: int = 0) -> None:
         """Broker callback: one publication for ``room``, framed once for every local member."""
         self.messages_out += 1
-        if seq < 0 and self.hub.has_diffs(room):
-            self.diffs.notice(room, payload)
         self.hub.broadcast(room, payload, self.sessions.get(exclude) if exclude else None, seq,
                            exclude)
 

@@ -75,7 +75,17 @@ from .buswire import (
     Subscribe,
     Unsubscribe,
 )
-from .types import CHAT_TAIL, Deliver, JoinResult, LeaveResult, MemberInfo, Pressure, SeqDone
+from .types import (
+    CHAT_TAIL,
+    Deliver,
+    JoinResult,
+    LeasedChat,
+    LeaveResult,
+    MemberInfo,
+    Pressure,
+    SeqDone,
+    deliver_sequenced,
+)
 
 log = logging.getLogger("fastws.localbus")
 
@@ -223,7 +233,7 @@ class LocalBusBroker:
         self._leases: dict[str, list[Any]] = {}  # room -> [last seq, epoch bytes]
         self._acquiring: dict[str, _Grant] = {}
         # Leased chats whose record is not in the socket yet: (room, payload, seq, done).
-        self._leased_out: list[tuple[str, bytes, int, SeqDone]] = []
+        self._leased_out: list[LeasedChat] = []
         self._oneway = 0  # of _queued, messages the bus does not answer
         self._last_seq: dict[str, int] = {}  # room -> the last chat seq delivered here
         self._members: dict[tuple[str, str], MemberInfo] = {}  # (room, clientId) -> member
@@ -470,16 +480,9 @@ class LocalBusBroker:
         deliver = self._deliver
         assert deliver is not None
         last_seq = self._last_seq
-        for room, payload, seq, done in out:
+        for room, _payload, seq, _done in out:
             last_seq[room] = seq
-            try:
-                deliver(room, "", payload, seq)
-            except Exception:
-                log.exception("delivery failed", extra={"event": "deliver_error", "room": room})
-            try:
-                done(seq)
-            except Exception:
-                log.exception("publish callback failed", extra={"event": "bus_error"})
+        deliver_sequenced(deliver, out, log)
 
     # ---- leases ---------------------------------------------------------------------------------
 

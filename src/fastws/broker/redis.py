@@ -72,10 +72,12 @@ from .types import (
     Deliver,
     HistoryPolicy,
     JoinResult,
+    LeasedChat,
     LeaveResult,
     MemberInfo,
     Pressure,
     SeqDone,
+    deliver_sequenced,
     new_epoch,
 )
 
@@ -214,7 +216,7 @@ class _RecordBatch:
         self.next_inc = broker._next_inc
         self.keys: list[bytes] = [broker._alive_key]
         self.args: list[bytes] = []
-        self.out: list[tuple[str, bytes, int, SeqDone]] = []
+        self.out: list[LeasedChat] = []
         # Entries carry Redis' clock (this node's plus the offset measured at connect).
         self.now = b":%d:" % (int(time.time() * 1000) + broker._clock_offset_ms)
         self.full = False
@@ -247,17 +249,8 @@ class _RecordBatch:
         if reply != b"ok":
             broker._records_failed(self, reply)
             return
-        deliver = broker._deliver
-        assert deliver is not None
-        for room, payload, seq, done in self.out:
-            try:
-                deliver(room, "", payload, seq)
-            except Exception:
-                log.exception("delivery failed", extra={"event": "deliver_error", "room": room})
-            try:
-                done(seq)
-            except Exception:
-                log.exception("publish_seq callback failed")
+        assert broker._deliver is not None
+        deliver_sequenced(broker._deliver, self.out, log)
 
 
 class _Refusals:

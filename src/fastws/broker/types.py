@@ -84,6 +84,24 @@ CHAT_END = b'"}'
 CHAT_TAIL = b"%b%d" + CHAT_EPOCH + b"%b" + CHAT_END
 
 
+#: A chat a broker sequenced itself (under a lease): (room, payload, seq, done).
+LeasedChat = tuple[str, bytes, int, SeqDone]
+
+
+def deliver_sequenced(deliver: Deliver, out: list[LeasedChat], log: Any) -> None:
+    """Deliver and answer leased chats in order; one's failing callback costs the others
+    nothing (each is logged on ``log``)."""
+    for room, payload, seq, done in out:
+        try:
+            deliver(room, "", payload, seq)
+        except Exception:
+            log.exception("delivery failed", extra={"event": "deliver_error", "room": room})
+        try:
+            done(seq)
+        except Exception:
+            log.exception("publish_seq callback failed")
+
+
 def chat_payload(head: bytes, seq: int, epoch: str) -> bytes:
     """The published chat_message: the node's encoded head, then ``seq`` and ``epoch``."""
     return CHAT_TAIL % (head, seq, epoch.encode())
