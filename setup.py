@@ -1,4 +1,4 @@
-"""Build only the compiled fan-out; everything else is declared in pyproject.toml."""
+"""Build only the compiled modules; everything else is declared in pyproject.toml."""
 
 from Cython.Build import cythonize
 from setuptools import Extension, setup
@@ -8,7 +8,12 @@ extensions = [
         "fastws._fanout",
         ["src/fastws/_fanout.pyx"],
         extra_compile_args=["-O3"],
-    )
+    ),
+    Extension(
+        "fastws._wire",
+        ["src/fastws/_wire.pyx"],
+        extra_compile_args=["-O3"],
+    ),
 ]
 
 setup(

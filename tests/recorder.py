@@ -39,11 +39,11 @@ class Recorder:
 
     async def join(self, session: Session, room: str, since: Any, msg_id: Any,
                    presence: str = "each") -> None:
-        session.rooms.add(room)
+        session.enter_room(room)
         self.calls.append(("join", room, msg_id))
 
     async def leave(self, session: Session, room: str, msg_id: Any) -> None:
-        session.rooms.discard(room)
+        session.exit_room(room)
         self.calls.append(("leave", room, msg_id))
 
     async def chat(self, session: Session, room: str, text: str, msg_id: Any) -> None:

@@ -1,10 +1,11 @@
-"""The compiled fan-out and its pure-Python twin, on real picows sockets."""
+"""The compiled fan-out and its pure-Python twin, on real sockets: fastws' own server side
+(``_wire``) and picows clients."""
 
 from __future__ import annotations
 
 import asyncio
 import importlib.machinery
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from types import ModuleType
 from typing import Any
 
@@ -14,23 +15,44 @@ import pytest
 import fastws._fanout as compiled
 import fastws._fanout_py as twin
 from fastws import hub
+from fastws._wire import Wire, WireServer
+from fastws.upgrade import accept_key, parse_head, switching_protocols
 
 TIMEOUT = 5.0
 
 
-class _ServerSide(picows.WSListener):  # type: ignore[misc]
-    def __init__(self, sink: list[picows.WSTransport]) -> None:
-        super().__init__()
-        self.sink = sink
+class _ServerSide:
+    """A Wire listener that records its Wire; ``on_message`` runs the test's hook."""
 
-    def on_ws_connected(self, transport: picows.WSTransport) -> None:
-        self.sink.append(transport)
+    def __init__(self, wires: list[Wire], hook: list[Callable[[Wire, Any], None]]) -> None:
+        self.wires = wires
+        self.hook = hook
+
+    def on_connected(self, wire: Wire) -> None:
+        self.wires.append(wire)
+
+    def on_message(self, message: str | bytes) -> None:
+        for hook in self.hook:
+            hook(self.wires[0], message)
+
+    def before_close(self) -> None:
+        pass
+
+    def on_disconnected(self) -> None:
+        pass
+
+    def pause_writing(self) -> None:
+        pass
+
+    def resume_writing(self) -> None:
+        pass
 
 
 class _Receiver(picows.WSListener):  # type: ignore[misc]
     def __init__(self) -> None:
         super().__init__()
         self.frames: asyncio.Queue[tuple[int, bytes]] = asyncio.Queue()
+        self.peer: picows.WSTransport | None = None
 
     def on_ws_frame(self, transport: picows.WSTransport, frame: picows.WSFrame) -> None:
         self.frames.put_nowait((int(frame.msg_type), frame.get_payload_as_bytes()))
@@ -42,14 +64,26 @@ def fanout(request: pytest.FixtureRequest) -> ModuleType:
 
 
 @pytest.fixture
-async def pairs() -> AsyncIterator[tuple[list[picows.WSTransport], list[Any]]]:
-    """Ten connected (server transport, client receiver) pairs over loopback."""
-    server_side: list[picows.WSTransport] = []
-    server = await picows.ws_create_server(lambda _req: _ServerSide(server_side), "127.0.0.1", 0)
+def hooks() -> list[Callable[[Wire, Any], None]]:
+    return []
+
+
+@pytest.fixture
+async def pairs(hooks: list[Any]) -> AsyncIterator[tuple[list[Wire], list[Any]]]:
+    """Ten connected (server Wire, client receiver) pairs over loopback."""
+    server_side: list[Wire] = []
+
+    def route(head: bytes) -> tuple[_ServerSide, bytes]:
+        listener = _ServerSide(server_side, hooks)
+        return listener, switching_protocols(accept_key(parse_head(head)))
+
+    server = await asyncio.get_running_loop().create_server(
+        WireServer(route, 5.0, 1 << 20), "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     clients = []
     for _ in range(10):
         transport, receiver = await picows.ws_connect(_Receiver, f"ws://127.0.0.1:{port}/")
+        receiver.peer = transport
         clients.append((transport, receiver))
     async with asyncio.timeout(TIMEOUT):
         while len(server_side) < 10:
@@ -133,7 +167,7 @@ async def test_broadcast_skips_excluded_and_closed(fanout: ModuleType, pairs) ->
     transports, receivers = pairs
     outbox, _ = _outbox(fanout)
     sinks = [fanout.Sink(t) for t in transports]
-    transports[3].send_close(picows.WSCloseCode.GOING_AWAY)
+    transports[3].send_close(1001)
     assert outbox.broadcast(sinks, fanout.frame(b"big" * 30000), sinks[5]) == 8
     for i, r in enumerate(receivers):
         if i == 5:
@@ -185,28 +219,34 @@ async def test_flush_sink_writes_now(fanout: ModuleType, pairs) -> None:
     outbox.send(sink, fanout.frame(b"first"))
     outbox.flush_sink(sink)
     assert sink.pending == 0
-    transports[0].send_close(picows.WSCloseCode.GOING_AWAY)
+    transports[0].send_close(1001)
     kinds = [await asyncio.wait_for(receivers[0].frames.get(), TIMEOUT) for _ in range(2)]
     assert kinds[0] == (1, b"first") and kinds[1][0] == int(picows.WSMsgType.CLOSE)
 
 
 async def test_flush_if_last_writes_the_sink_at_the_end_of_a_read_batch(
-    fanout: ModuleType, pairs
+    fanout: ModuleType, pairs, hooks
 ) -> None:
-    """flush_if_last flushes a peer's sink when the frame ends its read batch (picows' test
-    frames do), and takes a peer without a sink (refused at connect) in its stride."""
+    """flush_if_last flushes a peer's sink after the last whole message of its read only:
+    three messages in one write leave their replies corked until the third."""
     transports, receivers = pairs
     outbox, _ = _outbox(fanout)
     sink = fanout.Sink(transports[0])
-    last = picows.picows._make_test_ws_frame(picows.WSMsgType.TEXT, b"{}", True, False)
-    assert last.last_in_buffer
-    outbox.flush_if_last(last, None)
-    outbox.send(sink, fanout.frame(b"reply"))
-    outbox.flush_if_last(last, sink)
-    assert sink.pending == 0
-    transports[0].send_close(picows.WSCloseCode.GOING_AWAY)
-    kinds = [await asyncio.wait_for(receivers[0].frames.get(), TIMEOUT) for _ in range(2)]
-    assert kinds[0] == (1, b"reply") and kinds[1][0] == int(picows.WSMsgType.CLOSE)
+    pending_after: list[int] = []
+
+    def reply(wire: Wire, message: Any) -> None:
+        outbox.send(sink, fanout.frame(b"re:" + message.encode()))
+        outbox.flush_if_last(sink)
+        pending_after.append(sink.pending)
+
+    hooks.append(reply)
+    # Three masked text frames (an all-zero mask key) in one TCP write.
+    frames = b"".join(bytes([0x81, 0x80 | 2, 0, 0, 0, 0]) + b"m%d" % i for i in range(3))
+    receivers[0].peer.underlying_transport.write(frames)
+    got = [await asyncio.wait_for(receivers[0].frames.get(), TIMEOUT) for _ in range(3)]
+    assert got == [(1, b"re:m0"), (1, b"re:m1"), (1, b"re:m2")]
+    assert pending_after[0] > 0 and pending_after[1] > pending_after[0]
+    assert pending_after[2] == 0
 
 
 async def test_broadcast_survives_a_dead_socket(fanout: ModuleType, pairs) -> None:
@@ -215,38 +255,10 @@ async def test_broadcast_survives_a_dead_socket(fanout: ModuleType, pairs) -> No
     outbox, _ = _outbox(fanout)
     sinks = [fanout.Sink(t) for t in transports]
     outbox.broadcast(sinks, fanout.frame(b"warm"))
-    transports[0].underlying_transport.abort()
+    transports[0].transport.abort()
     transports[1].disconnect(False)
     outbox.broadcast(sinks, fanout.frame(b"ok"))
     outbox.flush()
     for r in receivers[2:]:
         assert [await asyncio.wait_for(r.frames.get(), TIMEOUT) for _ in range(2)] == [
             (1, b"warm"), (1, b"ok")]
-
-
-@pytest.mark.parametrize(
-    ("msg_type", "payload", "fin", "rsv1", "expected"),
-    [
-        (picows.WSMsgType.TEXT, "héllo".encode(), True, False, "héllo"),
-        (picows.WSMsgType.TEXT, b"", True, False, ""),
-        (picows.WSMsgType.TEXT, b"part", False, False, None),  # fragmented: the full path
-        (picows.WSMsgType.TEXT, b"x", True, True, None),  # RSV1: the full path refuses it
-        (picows.WSMsgType.BINARY, b"{}", True, False, None),
-        (picows.WSMsgType.CONTINUATION, b"x", True, False, None),
-        (picows.WSMsgType.PING, b"x", True, False, None),
-    ],
-    ids=["text", "empty", "not-final", "rsv1", "binary", "continuation", "ping"],
-)
-def test_whole_text_takes_only_final_plain_text_frames(
-    fanout: ModuleType, msg_type: Any, payload: bytes, fin: bool, rsv1: bool, expected: Any
-) -> None:
-    """whole_text is the transport's fast path: the text of a final TEXT frame without RSV
-    bits, None for every other frame; both modules agree."""
-    frame = picows.picows._make_test_ws_frame(msg_type, payload, fin, rsv1)
-    assert fanout.whole_text(frame) == expected
-
-
-def test_whole_text_refuses_invalid_utf8(fanout: ModuleType) -> None:
-    frame = picows.picows._make_test_ws_frame(picows.WSMsgType.TEXT, b"\xff\xfe", True, False)
-    with pytest.raises(UnicodeDecodeError):
-        fanout.whole_text(frame)

@@ -356,7 +356,7 @@ async def test_slow_consumer_is_counted() -> None:
                 assert (await sender.next())["type"] == "user_joined"
                 session = node.sessions[hello["clientId"]]
                 # A small kernel buffer, so the 64 KiB limit is what the test runs into.
-                sock = session.transport.underlying_transport.get_extra_info("socket")
+                sock = session.transport.transport.get_extra_info("socket")
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
                 for _ in range(40):  # at most 2000 messages of 900 characters
                     for _ in range(50):

@@ -138,7 +138,7 @@ async def test_slow_consumer_is_cut_off_and_healthy_members_get_everything() -> 
                 # Loopback autotunes the server's kernel send buffer up to tcp_wmem's max
                 # (MBs), which would swallow thousands of messages before any byte waits in
                 # user space; pin it small so the test is bounded by the 64 KiB limit.
-                server_sock = session.transport.underlying_transport.get_extra_info("socket")
+                server_sock = session.transport.transport.get_extra_info("socket")
                 server_sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
                 # From here on the slow client never reads again.
                 before = node.stats()
@@ -161,7 +161,7 @@ async def test_slow_consumer_is_cut_off_and_healthy_members_get_everything() -> 
                 assert session.transport.is_close_frame_sent
                 # Nothing more is written to the flagged transport: deliveries grow by
                 # exactly the healthy members per message, and its buffer does not grow.
-                buffered = session.transport.underlying_transport.get_write_buffer_size()
+                buffered = session.transport.transport.get_write_buffer_size()
                 assert buffered <= 65536 + 2 * 1024  # the limit + one frame + the close frame
                 slow_deliveries = flagged_at["deliveries"] - before["deliveries"] - 3 * sent
                 # Frames queued for it before the cut (the last turn's may be dropped unsent).
@@ -175,7 +175,7 @@ async def test_slow_consumer_is_cut_off_and_healthy_members_get_everything() -> 
                     for i, c in enumerate(healthy):
                         seen[i] += await chats(c, BATCH, others[i])
                     if slow_id in node.sessions:
-                        now = session.transport.underlying_transport.get_write_buffer_size()
+                        now = session.transport.transport.get_write_buffer_size()
                         assert now <= buffered
                 # Dropped after close_timeout even though it never answers the close.
                 await wait_until(lambda: slow_id not in node.sessions, 0.5 + 2.0)
@@ -218,7 +218,7 @@ async def test_typing_to_a_congested_member_is_conflated_and_never_closes_it() -
                     pass
                 assert (await alice.next())["type"] == "user_joined"
                 session = node.sessions[hello["clientId"]]
-                server_sock = session.transport.underlying_transport.get_extra_info("socket")
+                server_sock = session.transport.transport.get_extra_info("socket")
                 server_sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
                 for i in range(typed):
                     alice.send_json({"type": "typing", "payload": {

@@ -2,7 +2,7 @@ from asyncio import AbstractEventLoop
 from collections.abc import Callable
 from typing import Any
 
-from picows import WSFrame, WSTransport
+from fastws._wire import Wire
 
 def frame(payload: bytes, opcode: int = 1) -> bytes:
     """One unmasked final server frame (text by default) holding ``payload``."""
@@ -16,7 +16,7 @@ class Sink:
     def closed(self) -> bool: ...
     @property
     def pending(self) -> int: ...
-    def __init__(self, transport: WSTransport, owner: Any = None) -> None: ...
+    def __init__(self, transport: Wire, owner: Any = None) -> None: ...
 
 class Outbox:
     """Corks frames for many sinks within one event-loop turn; flushes before the loop sleeps."""
@@ -54,13 +54,8 @@ class Outbox:
         """The sink takes writes again: its held ephemeral frames go out."""
     def flush(self) -> None:
         """Write every queued sink (scheduled automatically once per loop turn)."""
-    def flush_if_last(self, frame: WSFrame, sink: Sink | None) -> None:
-        """``flush_sink(sink)`` when ``frame`` ends its read batch and the sink holds bytes."""
+    def flush_if_last(self, sink: Sink) -> None:
+        """``flush_sink(sink)`` when the message its Wire is handling ends its read batch and
+        the sink holds bytes."""
     def flush_sink(self, sink: Sink) -> None:
         """Write one sink now, e.g. before a close frame."""
-
-def whole_text(frame: WSFrame) -> str | None:
-    """The text of a final unfragmented TEXT frame without RSV bits, else None."""
-
-def release_handshake(transport: WSTransport) -> None:
-    """Drop the upgrade request/response picows keeps per connection (memory)."""

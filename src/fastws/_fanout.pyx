@@ -16,7 +16,7 @@ from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
 from libc.stdint cimport uint8_t
 from libc.stdlib cimport free, realloc
 from libc.string cimport memcpy
-from picows.picows cimport WSFrame, WSMsgType, WSTransport
+from fastws._wire cimport Wire
 
 
 cdef extern from "<sys/socket.h>" nogil:
@@ -56,7 +56,7 @@ cdef class Sink:
     ``Outbox``; ``closed`` sinks (slow, or the transport closing) drop what they are given.
     """
 
-    cdef WSTransport transport
+    cdef Wire transport
     cdef char* buf
     cdef Py_ssize_t size
     cdef Py_ssize_t capacity
@@ -68,7 +68,7 @@ cdef class Sink:
     cdef public bint congested
     cdef dict held  # ephemeral frames held while congested: key -> latest frame; None if none
 
-    def __cinit__(self, WSTransport transport, object owner=None):
+    def __cinit__(self, Wire transport, object owner=None):
         self.transport = transport
         self.owner = owner
         self.buf = NULL
@@ -114,7 +114,8 @@ cdef class Sink:
         self.capacity = 0
 
     cdef inline bint _dead(self):
-        return self.closed or self.transport.is_close_frame_sent or self.transport.is_disconnected
+        return (self.closed or self.transport.close_sent_code != 0
+                or self.transport.is_disconnected)
 
 
 cdef class Outbox:
@@ -222,7 +223,7 @@ cdef class Outbox:
         return taken
 
     cdef inline bint _ephemeral(self, Sink s, bytes data, Py_ssize_t size, object key) except -1:
-        if s.congested or (s.transport._tr_get_write_buffer_size() + s.size + size
+        if s.congested or (s.transport.transport.get_write_buffer_size() + s.size + size
                            > self.max_buffered // 2):
             if s.held is None:
                 s.held = {}
@@ -270,10 +271,11 @@ cdef class Outbox:
             if s.held is not None and not s.congested:
                 self.release(s)  # the socket took it all: what waited may go next turn
 
-    def flush_if_last(self, WSFrame frame, Sink sink):
-        """``flush_sink(sink)`` if ``frame`` ends its read batch and ``sink`` holds bytes: the
-        peer has nothing more to read this turn, so its own replies need not wait for it."""
-        if frame.last_in_buffer and sink is not None and sink.size:
+    def flush_if_last(self, Sink sink):
+        """``flush_sink(sink)`` if the message its connection is handling ends its read batch
+        and ``sink`` holds bytes: the peer has nothing more to read this turn, so its own
+        replies need not wait for it."""
+        if sink.transport.last_in_batch and sink.size:
             self.flush_sink(sink)
 
     def flush_sink(self, Sink sink):
@@ -283,41 +285,19 @@ cdef class Outbox:
         sink._reset()
 
     cdef int _write(self, Sink s) except -1:
-        cdef WSTransport t = s.transport
-        cdef Py_ssize_t buffered = t._tr_get_write_buffer_size()
+        cdef Wire w = s.transport
+        cdef Py_ssize_t buffered = w.transport.get_write_buffer_size()
         cdef ssize_t sent = 0
         if buffered + s.size > self.max_buffered:
             self._slow(s)
             return 0
         self.writes += 1
-        if buffered == 0 and not t.is_secure:
-            sent = send(t._socket, s.buf, <size_t>s.size, MSG_NOSIGNAL)
+        if buffered == 0 and w.fd >= 0:
+            # Straight from the sink's buffer: no bytes object when the socket takes it all.
+            sent = send(w.fd, s.buf, <size_t>s.size, MSG_NOSIGNAL)
             if sent == s.size:
                 return 0
             if sent < 0:
                 sent = 0  # EAGAIN, or an error the transport meets itself and reports
-        t._tr_write(PyBytes_FromStringAndSize(s.buf + sent, s.size - sent))
+        w.transport.write(PyBytes_FromStringAndSize(s.buf + sent, s.size - sent))
         return 0
-
-
-def whole_text(WSFrame frame):
-    """The text of a final, unfragmented TEXT frame with no RSV bit set, else None.
-
-    The common case of every incoming message, read from the frame's C fields: no Python enum
-    is made for its type and no bytes object for its payload. Raises ``UnicodeDecodeError``
-    if the payload is not UTF-8. For None (any other frame) the caller takes its full path.
-    """
-    if (frame.msg_type == WSMsgType.TEXT and frame.fin
-            and not (frame.rsv1 | frame.rsv2 | frame.rsv3)):
-        return frame.get_payload_as_utf8_text()
-    return None
-
-
-def release_handshake(WSTransport transport):
-    """Drop the parsed upgrade request and response picows keeps for a connection's lifetime.
-
-    They are only read during the handshake; for an idle connection they are a large part of
-    its memory. Call after the connection is accepted; ``transport.request`` is None after.
-    """
-    transport.request = None
-    transport.response = None

@@ -8,7 +8,7 @@ import struct
 from collections.abc import Callable
 from typing import Any
 
-from picows import WSFrame, WSMsgType, WSTransport
+from ._wire import Wire
 
 
 def frame(payload: bytes, opcode: int = 1) -> bytes:
@@ -27,7 +27,7 @@ def frame(payload: bytes, opcode: int = 1) -> bytes:
 class Sink:
     """One connection's outgoing bytes for this loop turn."""
 
-    def __init__(self, transport: WSTransport, owner: Any = None) -> None:
+    def __init__(self, transport: Wire, owner: Any = None) -> None:
         self.transport = transport
         self.owner = owner
         self.buf = bytearray()
@@ -113,7 +113,7 @@ class Outbox:
         return taken
 
     def _ephemeral(self, s: Sink, data: bytes, key: Any) -> int:
-        tr = s.transport.underlying_transport
+        tr = s.transport.transport
         if s.congested or (tr.get_write_buffer_size() + len(s.buf) + len(data)
                            > self.max_buffered // 2):
             if s.held is None:
@@ -148,8 +148,8 @@ class Outbox:
             if s.held is not None and not s.congested:
                 self.release(s)  # the socket took it all: what waited may go next turn
 
-    def flush_if_last(self, frame: WSFrame, sink: Sink | None) -> None:
-        if frame.last_in_buffer and sink is not None and sink.buf:
+    def flush_if_last(self, sink: Sink) -> None:
+        if sink.transport.last_in_batch and sink.buf:
             self.flush_sink(sink)
 
     def flush_sink(self, sink: Sink) -> None:
@@ -158,21 +158,9 @@ class Outbox:
         sink.buf.clear()
 
     def _write(self, s: Sink) -> None:
-        tr = s.transport.underlying_transport
+        tr = s.transport.transport
         if tr.get_write_buffer_size() + len(s.buf) > self.max_buffered:
             self._slow(s)
             return
         self.writes += 1
         tr.write(bytes(s.buf))
-
-
-def whole_text(frame: WSFrame) -> str | None:
-    """The text of a final, unfragmented TEXT frame with no RSV bit set, else None."""
-    if (frame.msg_type == WSMsgType.TEXT and frame.fin
-            and not (frame.rsv1 or frame.rsv2 or frame.rsv3)):
-        return frame.get_payload_as_utf8_text()
-    return None
-
-
-def release_handshake(transport: WSTransport) -> None:
-    """No-op twin: picows' request/response attributes are read-only from Python."""

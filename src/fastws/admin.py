@@ -7,7 +7,8 @@
 
 It listens on ``admin_host:admin_port``, apart from the WebSocket port, so it can stay on
 loopback or a private interface while ``/ws`` faces the internet. aiohttp parses the HTTP:
-picows only parses GET upgrades, and a hand-written parser is not worth its bugs here.
+the public port only reads request heads, and a hand-written parser of bodies is not worth
+its bugs here.
 Under ``--workers N`` every worker listens on the same admin port (SO_REUSEPORT); whichever
 answers gives the same result: publishes and presence go through the broker shared by all
 workers, and ``/metrics`` reads every worker's values (see metrics.py).

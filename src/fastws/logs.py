@@ -67,5 +67,3 @@ def configure(level: str = "info", fmt: str = "text") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     root.propagate = False
-    # picows logs every connect/disconnect at INFO; keep its warnings and errors only.
-    logging.getLogger("fastws.picows").setLevel(logging.WARNING)

@@ -98,6 +98,9 @@ class Metrics:
                                     "members, one each however many got it", registry=r)
         self.deliveries = Counter("fastws_fanout_deliveries", "messages queued to member "
                                   "sockets by the fan-out (one per recipient)", registry=r)
+        self.handler_failures = Counter("fastws_handler_failures", "client messages whose "
+                                        "handling raised (a server bug, logged): each closed "
+                                        "its connection with 1011", registry=r)
         self.auth_failures = Counter("fastws_auth_failures", "refused WebSocket upgrades and "
                                      "expired tokens, by reason", ["reason"], registry=r)
         self.broker_dropped = Counter("fastws_broker_dropped", "messages read from the broker "
@@ -191,6 +194,8 @@ class Metrics:
                   counters["api_messages_in"])
         self._add(self.deliveries, "deliveries", node.hub.deliveries)
         self._add(self.messages_out, "messages_out", node.messages_out)
+        if node.wires is not None:
+            self._add(self.handler_failures, "handler_failures", node.wires.failures)
         for key, metric in self.counters.items():
             self._add(metric, key, counters[key])
         events = node.events

@@ -95,6 +95,9 @@ class NodeActions(Protocol):
     async def history(self, session: Session, room: str, limit: int, msg_id: p.MsgId) -> None: ...
 
 
+_NO_ROOMS: frozenset[str] = frozenset()
+
+
 class TokenBucket:
     """``rate`` tokens per second up to ``burst``; ``clock`` is injected so tests need no sleep."""
 
@@ -122,6 +125,7 @@ class Session:
 
     __slots__ = (
         "_backlog",
+        "_clock",
         "_needs_task",
         "_task",
         "bucket",
@@ -158,11 +162,12 @@ class Session:
         self.outlet = outlet
         self.node = node
         self.settings = settings
-        self.rooms: set[str] = set()
+        # The rooms it is in: only enter_room/exit_room change it. Shared and empty until the
+        # first join, and the rate bucket until the first message: most connections idle.
+        self.rooms: set[str] | frozenset[str] = _NO_ROOMS
         self.connected_at = time.time()
-        self.bucket = TokenBucket(settings.rate_limit, settings.rate_burst, clock) if (
-            settings.rate_limit > 0
-        ) else None
+        self.bucket: TokenBucket | None = None
+        self._clock = clock
         self.rejected_in_row = 0
         self.in_flight = 0  # chats handed to a remote broker and not yet answered
         # While an action awaits a remote broker, later messages wait here, so one client's
@@ -179,9 +184,26 @@ class Session:
     def send(self, message: Any) -> None:
         self.outlet.send(p.encode(message))
 
+    def enter_room(self, room: str) -> None:
+        rooms = self.rooms
+        if isinstance(rooms, frozenset):
+            rooms = self.rooms = set()
+        rooms.add(room)
+
+    def exit_room(self, room: str) -> None:
+        rooms = self.rooms
+        if isinstance(rooms, set):
+            rooms.discard(room)
+            if not rooms:
+                self.rooms = _NO_ROOMS
+
     def handle(self, data: bytes | str) -> None:
         """Act on one complete client message; every refusal becomes an ``error`` reply."""
-        if self.bucket is not None and not self.bucket.take():
+        bucket = self.bucket
+        if bucket is None and self.settings.rate_limit > 0:
+            bucket = self.bucket = TokenBucket(self.settings.rate_limit, self.settings.rate_burst,
+                                               self._clock)
+        if bucket is not None and not bucket.take():
             self.rejected_in_row += 1
             self.node.counters["rate_limited"] += 1
             if self.rejected_in_row > self.settings.rate_burst:

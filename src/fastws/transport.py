@@ -1,13 +1,13 @@
-"""The only module that speaks picows: upgrade routing, auth at the door, frames in, heartbeat.
+"""Connections at the door and after it: routing, auth at the upgrade, messages in, heartbeat.
 
-A refused client never gets a listener: the token is checked in the upgrade handler and
-a failure is answered with HTTP 401 before any WebSocket exists (RFC 6455 section 4.2.2).
+The WebSocket protocol itself is ``_wire`` (Cython). A refused client never gets a listener:
+the token is checked while routing the request head, and a failure is answered with HTTP 401
+before any WebSocket exists (RFC 6455 section 4.2.2).
 """
 
 from __future__ import annotations
 
 import asyncio
-import codecs
 import contextlib
 import logging
 import time
@@ -17,20 +17,9 @@ from time import monotonic
 from typing import TYPE_CHECKING, Any
 
 import msgspec
-from picows import (
-    WSCloseCode,
-    WSFrame,
-    WSListener,
-    WSMsgType,
-    WSTransport,
-    WSUpgradeRequest,
-    WSUpgradeResponse,
-    WSUpgradeResponseWithListener,
-    ws_create_server,
-)
-from picows.picows import WSProtocolError  # type: ignore[attr-defined]
 
 from . import protocol as p
+from ._wire import Wire, WireServer, protocol_factory
 from .auth import (
     PROTOCOL,
     TOKEN_PROTOCOL_PREFIX,
@@ -39,172 +28,95 @@ from .auth import (
     extract_token,
     offered_protocols,
 )
-from .config import Settings
 from .errors import CloseCode
-from .hub import fanout as _fanout
 from .session import Session
+from .upgrade import BadRequest, Request, accept_key, parse_head, response, switching_protocols
 
 if TYPE_CHECKING:
     from .server import Node
 
 log = logging.getLogger("fastws.transport")
 
-# picows logs raw upgrade requests (query-string tokens included) below INFO: never let
-# those records out, whatever level an embedding application sets.
-picows_log = logging.getLogger("fastws.picows")
-picows_log.addFilter(lambda record: record.levelno >= logging.INFO)
 
-# Close codes a peer may send (RFC 6455 section 7.4.1 and the IANA registry); we echo them.
-_VALID_CLOSE = set(range(1000, 1004)) | set(range(1007, 1015)) | set(range(3000, 5000))
+class Connection:
+    """One upgraded socket's listener: hands its messages to the session, sends its replies.
 
-
-whole_text = _fanout.whole_text
-
-
-class Connection(WSListener):
-    """One upgraded socket: reassembles messages, hands them to its session, sends replies."""
+    Framing, reassembly, UTF-8, pings and the close handshake are the ``Wire``'s (Cython);
+    this object sees whole messages only.
+    """
 
     # Slots, not a __dict__: one of these lives per connection (see the memory target).
     __slots__ = (
         "_abort_handle",
-        "_frag_type",
-        "_frags",
         "client_id",
         "forwarded_for",
-        "ip",
-        "last_rx",
         "node",
         "outbox",
-        "path",
         "ping_sent_at",
         "principal",
-        "remote",
         "session",
-        "settings",
         "sink",
         "transport",
-        "utf8",
     )
 
-    def __init__(
-        self, node: Node, principal: Principal, path: str, forwarded_for: str = ""
-    ) -> None:
-        super().__init__()
+    def __init__(self, node: Node, principal: Principal, forwarded_for: str = "") -> None:
         self.forwarded_for = forwarded_for
         self.node = node
-        self.settings: Settings = node.settings
         self.principal = principal
-        self.path = path
         self.client_id = str(uuid.uuid4())
-        self.transport: WSTransport | None = None
+        self.transport: Wire | None = None
         self.session: Session | None = None
         self.sink: Any = None
-        self.outbox: Any = None  # the hub's, once connected (read per frame)
-        self.remote = ""
-        self._frag_type: WSMsgType | None = None
-        self._frags: bytearray | None = None  # only while a fragmented message is open
-        self.utf8: Any = None  # incremental decoder, only while a fragmented text is open
-        self.ip = ""
+        self.outbox: Any = None  # the hub's, once connected (read per message)
         self._abort_handle: asyncio.TimerHandle | None = None
-        self.last_rx = monotonic()
         self.ping_sent_at = 0.0
 
-    # ---- picows callbacks -------------------------------------------------------------
+    @property
+    def last_rx(self) -> float:
+        """When the peer last sent anything (any frame proves it alive; see Heartbeat)."""
+        t = self.transport
+        return t.last_rx if t is not None else 0.0
 
-    def on_ws_connected(self, transport: WSTransport) -> None:
+    # ---- Wire callbacks ---------------------------------------------------------------
+
+    def on_connected(self, transport: Wire) -> None:
         self.transport = transport
-        self.node.hub.fanout.release_handshake(transport)
-        peer = transport.underlying_transport.get_extra_info("peername")
-        self.remote = f"{peer[0]}:{peer[1]}" if peer else ""
-        self.ip = peer[0] if peer else ""
-        if self.forwarded_for and self.ip in self.settings.proxies:
+        settings = self.node.settings
+        peer = transport.transport.get_extra_info("peername")
+        remote = f"{peer[0]}:{peer[1]}" if peer else ""
+        ip = peer[0] if peer else ""
+        if self.forwarded_for and ip in settings.proxies:
             # The nearest hop the trusted proxy saw is the last entry it appended.
-            self.ip = self.forwarded_for.split(",")[-1].strip() or self.ip
+            ip = self.forwarded_for.split(",")[-1].strip() or ip
         self.forwarded_for = ""
-        if not self.node.admit(self.ip):
-            transport.send_close(WSCloseCode.POLICY_VIOLATION, b"too many connections")
+        if not self.node.admit(ip):
+            transport.send_close(int(CloseCode.POLICY_VIOLATION), b"too many connections")
             transport.disconnect()
             return
         self.session = Session(self.client_id, self.principal, transport, self, self.node,
-                               self.settings)
+                               settings)
         self.sink = self.node.hub.sink(transport, self.session)
         self.outbox = self.node.hub.outbox
         # Paused (pause_writing) at half the send-buffer cap: where typing starts to wait.
         with contextlib.suppress(AttributeError, ValueError):
-            transport.underlying_transport.set_write_buffer_limits(
-                high=max(1, self.settings.max_send_buffer_bytes // 2))
+            transport.transport.set_write_buffer_limits(
+                high=max(1, settings.max_send_buffer_bytes // 2))
         self.session.sink = self.sink
-        self.node.connect(self.session, self.remote, self.ip)
+        self.node.connect(self.session, remote, ip)
 
-    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
-        self.last_rx = monotonic()  # any frame proves the peer alive (see Heartbeat)
-        if transport.is_close_frame_sent:
-            # After our Close nothing more is acted on (RFC 6455 section 5.5.1): the peer's
-            # answering Close ends it; data it sent meanwhile is dropped, not half-served.
-            if frame.msg_type == WSMsgType.CLOSE:
-                transport.disconnect()
+    def on_message(self, message: str | bytes) -> None:
+        session = self.session
+        if session is None:
             return
-        try:
-            # The common case, a whole text message, read in C; anything else takes _on_frame.
-            text = whole_text(frame) if self._frag_type is None else None
-            if text is None:
-                self._on_frame(transport, frame)
-            else:
-                self.session.handle(text)  # type: ignore[union-attr]
-        except UnicodeDecodeError:
-            # Text messages must be valid UTF-8 (RFC 6455 section 8.1).
-            self._flush()
-            raise WSProtocolError(WSCloseCode.INVALID_TEXT, "invalid UTF-8") from None
-        except WSProtocolError:
-            self._flush()  # replies already queued go out before picows' close frame
-            raise
+        session.handle(message)
         # At the end of this peer's read batch its own replies (and echoes) go out now
         # instead of a loop iteration later; others' copies stay corked.
-        if self.outbox is not None:
-            self.outbox.flush_if_last(frame, self.sink)
+        self.outbox.flush_if_last(self.sink)
 
-    def _flush(self) -> None:
+    def before_close(self) -> None:
+        """The Wire is about to send a close frame: replies already queued go out first."""
         if self.sink is not None and not self.sink.closed:
             self.node.hub.flush(self.sink)
-
-    def _on_frame(self, transport: WSTransport, frame: WSFrame) -> None:
-        msg_type = frame.msg_type
-        if frame.rsv1 or frame.rsv2 or frame.rsv3:
-            # No extension is negotiated, so any RSV bit is a protocol error (section 5.2).
-            raise WSProtocolError(WSCloseCode.PROTOCOL_ERROR, "reserved bits set")
-        if msg_type == WSMsgType.TEXT or msg_type == WSMsgType.BINARY:
-            if self._frag_type is not None:
-                raise WSProtocolError(WSCloseCode.PROTOCOL_ERROR,
-                                      "new message inside a fragmented one")
-            if frame.fin:
-                self._deliver(msg_type, frame.get_payload_as_bytes())
-                return
-            self._frag_type = msg_type
-            self._append(frame)
-        elif msg_type == WSMsgType.CONTINUATION:
-            if self._frag_type is None:
-                raise WSProtocolError(WSCloseCode.PROTOCOL_ERROR, "continuation without a start")
-            self._append(frame)
-            if frame.fin:
-                data, kind = bytes(self._frags or b""), self._frag_type
-                self._frags = None
-                self._frag_type = None
-                self.utf8 = None
-                self._deliver(kind, data)
-        elif msg_type == WSMsgType.PING:
-            # Answered here rather than by picows, so that the RSV check above applies.
-            transport.send_pong(frame.get_payload_as_bytes())
-        elif msg_type == WSMsgType.CLOSE:
-            if frame.payload_size == 0:
-                code = 1000  # no status code given (1005 on our side): answer a normal close
-            else:
-                code = frame.get_close_code().value
-                if code not in _VALID_CLOSE:
-                    raise WSProtocolError(WSCloseCode.PROTOCOL_ERROR, "invalid close code")
-            self._flush()
-            transport.send_close(WSCloseCode(code))
-            transport.disconnect()
-        # An unsolicited PONG is ignored (section 5.5.3).
 
     def pause_writing(self) -> None:
         """The socket's buffer passed its high-water mark: typing notices wait (conflated)."""
@@ -217,16 +129,12 @@ class Connection(WSListener):
             if self.outbox is not None:
                 self.outbox.release(self.sink)
 
-    def on_ws_disconnected(self, transport: WSTransport) -> None:
+    def on_disconnected(self) -> None:
         if self._abort_handle is not None:
             self._abort_handle.cancel()
             self._abort_handle = None
         if self.session is not None:
-            handshake = transport.close_handshake
-            code = None
-            if handshake is not None:
-                info = handshake.sent if handshake.sent is not None else handshake.recv
-                code = info.code.value if info is not None else None
+            code = self.transport.close_code if self.transport is not None else None
             self.node.disconnect(self.session, code)
             self.session = None
 
@@ -236,7 +144,7 @@ class Connection(WSListener):
         if t is None or t.is_close_frame_sent or t.is_disconnected:
             return
         self.ping_sent_at = now
-        if self.settings.json_ping:
+        if self.node.settings.json_ping:
             self.send(p.encode(p.ServerPing(p.now_ms())))
         else:
             t.send_ping()
@@ -255,42 +163,12 @@ class Connection(WSListener):
         if not t.is_close_frame_sent:
             if not self.sink.closed:
                 self.node.hub.flush(self.sink)  # what was queued goes before the close frame
-            t.send_close(WSCloseCode(code), reason.encode())
+            t.send_close(int(code), reason.encode()[:123])
         if self._abort_handle is None:
             loop = asyncio.get_running_loop()
             self._abort_handle = loop.call_later(
-                self.settings.close_timeout, t.disconnect, False
+                self.node.settings.close_timeout, t.disconnect, False
             )
-
-    # ---- helpers ----------------------------------------------------------------------
-
-    def _append(self, frame: WSFrame) -> None:
-        if self._frags is None:
-            self._frags = bytearray()
-            if self._frag_type == WSMsgType.TEXT:
-                self.utf8 = codecs.getincrementaldecoder("utf-8")()
-        if len(self._frags) + frame.payload_size > self.settings.max_message_bytes:
-            raise WSProtocolError(WSCloseCode.MESSAGE_TOO_BIG, "message too big")
-        chunk = frame.get_payload_as_bytes()
-        if self.utf8 is not None:
-            try:
-                # Fail fast: invalid UTF-8 closes at the fragment that has it (RFC 6455 8.1).
-                self.utf8.decode(chunk, final=bool(frame.fin))
-            except UnicodeDecodeError:
-                raise WSProtocolError(WSCloseCode.INVALID_TEXT, "invalid UTF-8") from None
-        self._frags += chunk
-
-    def _deliver(self, msg_type: WSMsgType, data: bytes) -> None:
-        if msg_type == WSMsgType.TEXT:
-            try:
-                text = data.decode("utf-8")
-            except UnicodeDecodeError:
-                # Text messages must be valid UTF-8 (RFC 6455 section 8.1).
-                raise WSProtocolError(WSCloseCode.INVALID_TEXT, "invalid UTF-8") from None
-            self.session.handle(text)  # type: ignore[union-attr]
-        else:
-            # Binary frames carry the same JSON, as the seed's server accepted them too.
-            self.session.handle(data)  # type: ignore[union-attr]
 
 
 class Heartbeat:
@@ -354,8 +232,15 @@ def _path_only(raw_path: str) -> str:
     return raw_path.partition("?")[0]
 
 
+_TEXT = "text/plain; charset=utf-8"
+
+
 class Gateway:
-    """picows' listener factory: routes each HTTP request before any upgrade happens."""
+    """Routes each request head before any upgrade happens (the Wire's ``route``).
+
+    Returns the bytes of a whole HTTP answer (the Wire closes after it), or the listener of
+    an accepted WebSocket with its 101 answer.
+    """
 
     def __init__(self, node: Node, pages: dict[str, tuple[bytes, str]]) -> None:
         self.node = node
@@ -365,63 +250,64 @@ class Gateway:
         self.ws_paths = frozenset(p.strip() for p in node.settings.ws_paths.split(",")
                                   if p.strip())
 
-    def __call__(self, request: WSUpgradeRequest) -> Any:
-        raw_path = request.path.decode("latin-1")
-        path = _path_only(raw_path)
+    def __call__(self, head: bytes) -> bytes | tuple[Connection, bytes]:
+        try:
+            request = parse_head(head)
+        except BadRequest as exc:
+            return response(HTTPStatus.BAD_REQUEST, f"{exc}\n".encode(), _TEXT)
+        path = _path_only(request.path)
         if "websocket" in (request.headers.get("Upgrade") or "").lower():
             if self.ws_paths and path not in self.ws_paths:
-                return _response(HTTPStatus.NOT_FOUND, b"no WebSocket here\n",
-                                 "text/plain; charset=utf-8")
-            return self._upgrade(request, raw_path)
+                return response(HTTPStatus.NOT_FOUND, b"no WebSocket here\n", _TEXT)
+            return self._upgrade(request)
+        if request.method != "GET":
+            return response(HTTPStatus.METHOD_NOT_ALLOWED, b"method not allowed\n", _TEXT,
+                            {"Allow": "GET"})
         if path == "/healthz":
             body = msgspec.json.encode(self.node.health())
-            return _response(HTTPStatus.OK, body, "application/json")
+            return response(HTTPStatus.OK, body, "application/json")
         page = self.pages.get(path)
         if page is not None:
-            return _response(HTTPStatus.OK, page[0], page[1])
-        return _response(HTTPStatus.NOT_FOUND, b"not found\n", "text/plain; charset=utf-8")
+            return response(HTTPStatus.OK, page[0], page[1])
+        return response(HTTPStatus.NOT_FOUND, b"not found\n", _TEXT)
 
-    def _upgrade(self, request: WSUpgradeRequest, raw_path: str) -> Any:
+    def _upgrade(self, request: Request) -> bytes | tuple[Connection, bytes]:
         node = self.node
         if node.draining:
-            return _response(HTTPStatus.SERVICE_UNAVAILABLE, b"shutting down\n", "text/plain")
+            return response(HTTPStatus.SERVICE_UNAVAILABLE, b"shutting down\n", "text/plain")
         limit = node.settings.max_connections
         if limit and len(node.sessions) >= limit:
             node.counters["refused_full"] += 1
-            return _response(HTTPStatus.SERVICE_UNAVAILABLE, b"server full\n", "text/plain")
-        origin = request.headers.get("Origin")
-        if origin is not None and not self._origin_allowed(origin, request.headers.get("Host")):
+            return response(HTTPStatus.SERVICE_UNAVAILABLE, b"server full\n", "text/plain")
+        headers = request.headers
+        origin = headers.get("Origin")
+        if origin is not None and not self._origin_allowed(origin, headers.get("Host")):
             # Cross-Site WebSocket Hijacking: a page elsewhere must not ride a user's cookies
             # or token into this server (RFC 6455 section 10.2).
             node.counters["refused_origin"] += 1
-            return _response(HTTPStatus.FORBIDDEN, b"origin not allowed\n", "text/plain")
-        offered = offered_protocols(request.headers.getall("Sec-WebSocket-Protocol", []))
+            return response(HTTPStatus.FORBIDDEN, b"origin not allowed\n", "text/plain")
+        offered = offered_protocols(headers.getall("Sec-WebSocket-Protocol", []))
         if PROTOCOL not in offered and any(o.startswith(TOKEN_PROTOCOL_PREFIX) for o in offered):
             # We never echo the token, and a browser fails a handshake whose answer names no
             # protocol it offered (RFC 6455 section 4.1): say so instead of a silent failure.
-            return _response(HTTPStatus.BAD_REQUEST,
-                             f"offer the {PROTOCOL} subprotocol with the token\n".encode(),
-                             "text/plain; charset=utf-8")
-        token = extract_token(raw_path, request.headers.get("Authorization"), offered)
+            return response(HTTPStatus.BAD_REQUEST,
+                            f"offer the {PROTOCOL} subprotocol with the token\n".encode(), _TEXT)
+        token = extract_token(request.path, headers.get("Authorization"), offered)
         try:
             if token is None:
                 raise AuthError("no token")
             principal = self.node.verifier.verify(token)
         except AuthError as exc:
             self.node.auth_failed(exc.reason)
-            return _response(
-                HTTPStatus.UNAUTHORIZED,
-                b"Unauthorized\n",
-                "text/plain; charset=utf-8",
-                {"WWW-Authenticate": 'Bearer realm="fastws"'},
-            )
-        conn = Connection(self.node, principal, _path_only(raw_path),
-                          request.headers.get("X-Forwarded-For", ""))
-        if PROTOCOL not in offered:
-            return conn
+            return response(HTTPStatus.UNAUTHORIZED, b"Unauthorized\n", _TEXT,
+                            {"WWW-Authenticate": 'Bearer realm="fastws"'})
+        try:
+            accept = accept_key(request)
+        except BadRequest as exc:
+            return response(HTTPStatus.BAD_REQUEST, f"{exc}\n".encode(), _TEXT)
+        conn = Connection(self.node, principal, headers.get("X-Forwarded-For") or "")
         # Exactly one protocol, and never the token one (section 4.2.2, /subprotocol/).
-        accept = WSUpgradeResponse.create_101_response({"Sec-WebSocket-Protocol": PROTOCOL})
-        return WSUpgradeResponseWithListener(accept, conn)
+        return conn, switching_protocols(accept, PROTOCOL if PROTOCOL in offered else None)
 
     def _origin_allowed(self, origin: str, host: str | None) -> bool:
         allowed = self.node.settings.origins
@@ -431,43 +317,22 @@ class Gateway:
         return host is not None and origin.partition("://")[2].rstrip("/") == host
 
 
-def _response(
-    status: HTTPStatus, body: bytes, content_type: str, headers: dict[str, str] | None = None
-) -> WSUpgradeResponseWithListener:
-    extra = {"Content-Type": content_type, "Cache-Control": "no-store"}
-    extra.update(headers or {})
-    if status == HTTPStatus.OK:
-        response = WSUpgradeResponse.create_ok_response(body, extra)
-    else:
-        response = WSUpgradeResponse.create_error_response(status, body, extra)
-    return WSUpgradeResponseWithListener(response, None)
-
-
 async def listen(
     node: Node, pages: dict[str, tuple[bytes, str]], reuse_port: bool = False
-) -> asyncio.Server:
-    """Start accepting on ``node.settings.host:port`` and return the asyncio server."""
+) -> tuple[asyncio.Server, WireServer]:
+    """Start accepting on ``node.settings.host:port``: the asyncio server and its Wires."""
     s = node.settings
-    return await ws_create_server(
-        Gateway(node, pages),
+    wires = WireServer(Gateway(node, pages), s.handshake_timeout or 0.0, s.max_message_bytes)
+    server = await asyncio.get_running_loop().create_server(
+        protocol_factory(wires),
         s.host,
         s.port,
-        websocket_handshake_timeout=s.handshake_timeout,
-        logger_name=picows_log,
-        # The heartbeat is ours (Heartbeat): picows' costs a task per connection.
-        enable_auto_ping=False,
-        max_frame_size=s.max_message_bytes,
-        enable_auto_pong=False,
         reuse_port=reuse_port,
         # asyncio's default backlog of 100 overflows under connect bursts (clients then wait
         # a 1 s SYN retry); the kernel caps it at net.core.somaxconn anyway.
         backlog=4096,
-        # Chat messages are small; picows grows the buffer for a bigger one. Its 16 KiB
-        # default would be most of an idle connection's memory.
-        read_buffer_init_size=2048,
-        # The plain uvloop transport: aiofastnet's costs ~5 KiB more per connection.
-        use_aiofastnet=False,
     )
+    return server, wires
 
 
 __all__ = ["Connection", "Gateway", "Heartbeat", "listen"]

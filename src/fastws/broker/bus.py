@@ -122,7 +122,7 @@ class _Link(asyncio.Protocol):
             return
         for requests in frames:
             server.serve(self, requests)
-        # The requester's replies leave now, at the end of its read (picows' flush_if_last);
+        # The requester's replies leave now, at the end of its read (the Outbox's flush_if_last);
         # what this read published to other workers stays corked until the turn ends.
         self._flush()
 
