@@ -5,6 +5,7 @@ against the picows baseline. Each run is a subprocess, as a user would start it.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -155,6 +156,27 @@ def test_connections_on_a_started_server(tmp_path: Path) -> None:
     assert head["connections"] == 50 and head["failed"] == 0
     assert head["memory_per_connection_bytes"] > 0
     assert head["server_cpu_s"] is not None
+
+
+def test_connections_idle_over_two_sources(tmp_path: Path) -> None:
+    """connections with --sources 2 --idle 1: every connection opens, half from 127.0.0.2 and
+    half from 127.0.0.3, answers the heartbeat while idle, and the JSON has the idle CPU and
+    the memory per connection."""
+    doc, _ = bench(tmp_path, "connections", "--connections", "50", "--sources", "2",
+                   "--idle", "1", "--server", "fastws", "--no-plot",
+                   # a heartbeat fast enough to ping every connection inside the second
+                   "--server-arg=--ping-interval=0.5",
+                   "--server-arg=--ping-timeout=0.5")  # fmt: skip
+    head = doc["headline"]
+    assert doc["parameters"]["sources"] == 2 and doc["parameters"]["idle"] == 1.0
+    assert head["connections"] == 50 and head["failed"] == 0 and head["open_after_idle"] == 50
+    assert head["source_addresses"] == {"127.0.0.2": 25, "127.0.0.3": 25}
+    assert 1.0 <= head["idle_s"] < 2.0 and head["idle_pings_per_connection"] >= 1, head
+    for key in ("idle_cpu_us_per_s_per_connection", "idle_server_cpu_s",
+                "memory_per_connection_bytes", "memory_per_connection_kib",
+                "server_rss_idle_end_mb"):  # fmt: skip
+        assert math.isfinite(head[key]) and head[key] > 0, (key, head[key])
+    assert not head["closes"] and not head["errors"] and not head["unexpected_disconnects"]
 
 
 def test_compare_and_summarize(tmp_path: Path, fastws_target: list[str],

@@ -35,6 +35,7 @@ import picows
 
 _TEXT = picows.WSMsgType.TEXT
 _CLOSE = picows.WSMsgType.CLOSE
+_PING = picows.WSMsgType.PING
 _search_chat = re.compile(rb'"message": ?"(\d+):(\d+):(\d+)').search
 _search_members = re.compile(rb'"members": ?(\d+)').search
 _search_notice = re.compile(rb'"userId": ?"([^"]*)", ?"members": ?(\d+)').search
@@ -82,6 +83,14 @@ class Gen:
         self.storm_expected: int | None = None
         self.storm_size = plan.get("storm_size", 0)
         self.presence_diff = bool(plan.get("presence_diff"))
+        # heartbeat pings answered, by 100 ms bucket of time.time_ns(): the idle phase
+        # counts those inside its window
+        self.pings: collections.Counter[int] = collections.Counter()
+
+    def pings_between(self, start: int, end: int) -> int:
+        """Pings answered from ``start`` to ``end`` (time.time_ns(), to the bucket)."""
+        first, last = start // _BUCKET_NS, end // _BUCKET_NS
+        return sum(n for bucket, n in self.pings.items() if first <= bucket <= last)
 
 
 class Client(picows.WSListener):
@@ -185,7 +194,10 @@ class Client(picows.WSListener):
                 self.send_chat()
 
     def _frame(self, transport: picows.WSTransport, frame: picows.WSFrame) -> None:
-        if frame.msg_type == _CLOSE:
+        if frame.msg_type == _PING:  # answered here, not by picows, to be counted
+            transport.send_pong(frame.get_payload_as_bytes())
+            self.gen.pings[_time_ns() // _BUCKET_NS] += 1
+        elif frame.msg_type == _CLOSE:
             code = self.close_code = frame.get_close_code().value
             if not self.closing:
                 self.gen.closes[code] += 1
@@ -328,6 +340,10 @@ class Worker:
         self.urls: dict[int, str] = {}  # pre-minted, so minting is not measured
         self.node_of: dict[int, int] = {m[0]: m[3] for m in plan["members"]}
         self.flood_sent = 0
+        self.sources: int = plan.get("sources", 1)
+        self.source_ips: collections.Counter[str] = collections.Counter()  # as connected
+        self.idle_pings = 0
+        self.open_after_idle = 0
 
     # -- setup --------------------------------------------------------------------------
 
@@ -352,10 +368,20 @@ class Worker:
             self.urls.get(cid) or self.url_for(cid),
             websocket_handshake_timeout=self.plan["timeout"],
             max_frame_size=1 << 20,
+            enable_auto_pong=False,  # Client._frame answers and counts the pings
+            **self.bind_for(cid),
         )
         self.clients.append(client)
         await asyncio.wait_for(client.waiter, self.plan["timeout"])
         return client
+
+    def bind_for(self, cid: int) -> dict[str, Any]:
+        """The user's loopback source address (create_connection's ``local_addr``) when the
+        plan spreads connections over several: each (source, server port) pair has only
+        ~28k ephemeral ports. Nothing with one source: the kernel picks, as for any client."""
+        if self.sources <= 1:
+            return {}
+        return {"local_addr": (f"127.0.0.{2 + cid % self.sources}", 0)}
 
     async def join(self, client: Client) -> dict[str, Any]:
         waiter = client.expect("room_joined")
@@ -605,12 +631,13 @@ class Worker:
                 t = _time_ns()
                 self.connect_first = self.connect_first or t
                 try:
-                    await self.connect(cid, None, False)
+                    client = await self.connect(cid, None, False)
                 except Exception as exc:
                     self.connect_failures += 1
                     g.errors[f"connect: {type(exc).__name__}: {exc}"[:120]] += 1
                 else:
                     now = _time_ns()
+                    self.count_source(client)
                     self.connect_last = now
                     us = max(1, (now - t) // 1000)
                     g.latency[us] = g.latency.get(us, 0) + 1
@@ -625,7 +652,17 @@ class Worker:
             self.drain_timed_out = True
             self.connect_failures += len(pending)
         self.queue.put(("done", self.index, {"open": len(self.clients)}))
-        await self.wait_barrier()  # the coordinator reads the server's memory meanwhile
+        await self.wait_barrier()  # the coordinator reads the server's memory, idles meanwhile
+        idle_start, idle_end = self.schedule[3], self.schedule[4]
+        if idle_end:
+            self.idle_pings = g.pings_between(idle_start, idle_end)
+            self.open_after_idle = sum(1 for c in self.clients if not c.gone)
+
+    def count_source(self, client: Client) -> None:
+        """Count the source address the kernel gave the connection (proves --sources)."""
+        assert client.transport is not None
+        sockname = client.transport.underlying_transport.get_extra_info("sockname")
+        self.source_ips[sockname[0] if sockname else "?"] += 1
 
     # -- report -------------------------------------------------------------------------
 
@@ -681,6 +718,9 @@ class Worker:
                 "last": self.connect_last,
                 "open": len(self.clients),
                 "failed": self.connect_failures,
+                "open_after_idle": self.open_after_idle,
+                "idle_pings": self.idle_pings,
+                "sources": dict(self.source_ips),
             }
         return out
 

@@ -31,6 +31,7 @@ examples:
   fastws bench fanout --server fastws --deployment redis2 --reconnect-storm --subscribers 1000
   fastws bench rooms --url ws://10.0.0.5:8080/ws --secret "$FASTWS_JWT_SECRET" --rate 5
   fastws bench connections --server fastws --connections 10000
+  fastws bench connections --server fastws --connections 100000 --idle 30 --procs 2
   fastws bench soak --server fastws --duration 600
   fastws bench --compare benchmarks/results/A.json benchmarks/results/B.json"""
 
@@ -126,6 +127,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="seconds allowed for connecting and joining, and for a join storm "
         "or a connection run to complete (default 120)",
     )
+    gen.add_argument(
+        "--sources",
+        type=int,
+        metavar="K",
+        help="connections: spread the connections over K loopback source addresses "
+        "127.0.0.2 .. 127.0.0.(K+1), since one source reaches one server port from at most "
+        "~28k ephemeral ports, and binding past ~14k per source gets slow (default: one per "
+        "12,000 connections; 1 = no bind). Only for a server on 127.0.0.1 or localhost; "
+        "ignored otherwise",
+    )
 
     run = parser.add_argument_group("run")
     run.add_argument(
@@ -166,6 +177,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="roundtrip: connections (default 64); connections: idle "
         "connections to open (default 10000)",
+    )
+    run.add_argument(
+        "--idle",
+        type=float,
+        default=0.0,
+        metavar="SEC",
+        help="connections: once every connection is open, keep them all idle this many "
+        "seconds and measure the server's CPU and memory over that window, its heartbeat "
+        "included (a started fastws keeps its default ping interval; the clients answer and "
+        "count the pings) (default 0: no idle phase)",
     )
     run.add_argument(
         "--subscribers",

@@ -28,6 +28,11 @@ FIGURES: list[tuple[str, str, bool | None]] = [
     ("latency_us.p99.9", "latency p99.9 (us)", False),
     ("latency_us.max", "latency max (us)", False),
     ("memory_per_connection_bytes", "server bytes per connection", False),
+    ("memory_per_connection_kib", "server KiB per connection", False),
+    ("idle_cpu_us_per_s_per_connection", "idle CPU per connection (us per second)", False),
+    ("idle_server_cpu_s", "server CPU seconds while idle", False),
+    ("server_rss_idle_end_mb", "server RSS at the idle window's end (MB)", False),
+    ("idle_pings_per_connection", "pings answered per connection while idle", None),
     ("rss_warm_bytes", "server RSS after warm-up (bytes)", False),
     ("rss_end_bytes", "server RSS at the end (bytes)", False),
     ("rss_growth_pct", "server RSS growth after warm-up (%)", False),
@@ -235,6 +240,14 @@ def run_table(doc: dict[str, Any]) -> str:
         )
     if head.get("connections") is not None:
         extra.append(f"connections open {fmt(head['connections'])}, failed {fmt(head['failed'])}")
+    if head.get("idle_s") is not None:
+        extra.append(
+            f"idle {fmt(head['idle_s'])} s: {fmt(head['open_after_idle'])} connections still "
+            f"open at its end, {fmt(head['idle_pings'])} heartbeat pings answered; "
+            "server CPU to the ns (schedstat)"
+        )
+    if len(head.get("source_addresses") or ()) > 1:
+        extra.append(f"source addresses: {head['source_addresses']} (address: connections)")
     if head.get("listen_overflows"):
         extra.append(
             f"listen backlog overflows (system-wide TcpExtListenOverflows): "
@@ -355,6 +368,7 @@ _SUMMARY = [
     ("latency_us.p50", "latency p50 (us)"),
     ("latency_us.p99", "latency p99 (us)"),
     ("memory_per_connection_bytes", "server bytes per connection"),
+    ("idle_cpu_us_per_s_per_connection", "idle CPU per connection (us per second)"),
     ("rss_growth_pct", "server RSS growth after warm-up (%)"),
     ("history_lost", "re-joins with history lost (new epoch)"),
     ("error_count", "errors"),

@@ -4,6 +4,8 @@ the results; or ``--compare`` two result files; or ``--summarize`` runs into Mar
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -57,8 +59,9 @@ def run(args: argparse.Namespace) -> int:
         kinds = list(SERVERS) if args.server == "all" else [args.server]
         runs = [(kind, mode) for kind in kinds for mode in args.deployments]
         for kind, mode in runs:
+            _reserve_server_fds(args, kind, mode)
             with deployed(
-                kind, mode, secret, args.server_cpus, args.server_arg, args.baselines
+                kind, mode, secret, args.server_cpus, server_args(args, kind), args.baselines
             ) as (deployment, target):
                 try:
                     docs.append(run_one(args, target, stamp, deployment.restart_node))
@@ -88,6 +91,54 @@ def run(args: argparse.Namespace) -> int:
         )
         return 1
     return 0
+
+
+def server_args(args: argparse.Namespace, kind: str) -> list[str]:
+    """The extra arguments of a started server. An idle phase measures what idle connections
+    cost, heartbeat included, so fastws gets back the default ping interval the harness
+    otherwise turns off; a ``--server-arg=--ping-interval=N`` comes later and still wins."""
+    if kind == "fastws" and args.idle:
+        from ..config import Settings
+
+        return [f"--ping-interval={Settings().ping_interval:g}", *args.server_arg]
+    return list(args.server_arg)
+
+
+# SO_REUSEPORT spreads connections over a server's processes by hash, not exactly evenly
+_SHARE_SLACK = 1.05
+
+
+def _reserve_server_fds(args: argparse.Namespace, kind: str, mode: str) -> None:
+    """Raise RLIMIT_NOFILE before a connections run's server starts (it inherits the limit)
+    to what each of its processes holds: its share of the connections (the other scenarios
+    stay within the usual limit)."""
+    if args.scenario != "connections":
+        return
+    from .scenarios import idle_connections
+    from .targets import FD_HEADROOM, ensure_nofile
+
+    processes = server_processes(kind, mode, args.server_arg)
+    share = idle_connections(args) / processes * (_SHARE_SLACK if processes > 1 else 1)
+    hint = " (--server-arg=--workers=N)" if kind == "fastws" else ""
+    ensure_nofile(math.ceil(share) + FD_HEADROOM, hint)
+
+
+def server_processes(kind: str, mode: str, extra: list[str]) -> int:
+    """The processes a started server's connections are spread over: its nodes (redis2: two)
+    times its workers (workers2, or the last --workers in ``extra``; 0 = one per core)."""
+    nodes = 2 if mode == "redis2" else 1
+    if kind != "fastws":
+        return 1
+    if mode == "workers2":
+        return nodes * 2
+    workers = "1"
+    for i, arg in enumerate(extra):
+        if arg.startswith("--workers="):
+            workers = arg.partition("=")[2]
+        elif arg == "--workers" and i + 1 < len(extra):
+            workers = extra[i + 1]
+    count = int(workers) if workers.isdigit() else 1  # a bad value: the server will say so
+    return nodes * (count or os.cpu_count() or 1)
 
 
 def _clean(head: dict[str, Any]) -> bool:
@@ -146,6 +197,15 @@ def _check(args: argparse.Namespace) -> None:
         raise BenchError("--flooders must be >= 0")
     if args.flooders and (args.scenario == "connections" or args.join_storm):
         raise BenchError("--flooders belongs to the roundtrip, fanout and rooms scenarios")
+    if args.idle < 0:
+        raise BenchError("--idle must be >= 0")
+    if args.idle and args.scenario != "connections":
+        raise BenchError("--idle belongs to the connections scenario")
+    if args.sources is not None:
+        if not 1 <= args.sources <= 253:  # 127.0.0.2 .. 127.0.0.254
+            raise BenchError("--sources must be 1 to 253")
+        if args.scenario != "connections":
+            raise BenchError("--sources belongs to the connections scenario")
     if args.join_storm and args.scenario != "fanout":
         raise BenchError("--join-storm belongs to the fanout scenario")
     if args.reconnect_rate is not None:
@@ -186,13 +246,15 @@ def run_one(
     ``restart`` restarts the target's first node (the reconnect storm)."""
     from . import report
     from .scenarios import build_plan, figures, generator_cpus, run_plan, soak_details, time_series
-    from .targets import versions
+    from .targets import FD_HEADROOM, ensure_nofile, versions
 
     cpus = generator_cpus(args, target)
     procs = args.procs or (len(cpus) if cpus else 1)
     per_proc = [[cpus[i % len(cpus)]] if cpus else None for i in range(procs)]
     plan = build_plan(args, target, procs, per_proc)
     plan.parameters["generator_cpus"] = [p[0] for p in per_proc if p] or None
+    # the generator processes inherit it: fail here, before any of them starts
+    ensure_nofile(max(len(p["members"]) for p in plan.procs) + FD_HEADROOM, " (--procs N)")
     if not args.quiet:
         where = f"CPU {','.join(str(c) for c in cpus)}" if cpus else "unpinned"
         print(

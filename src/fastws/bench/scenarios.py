@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 from .loadgen import new_histogram, worker_main
 from .report import Progress
@@ -32,6 +33,7 @@ from .targets import (
     BenchError,
     Target,
     cpu_by_pid,
+    cpu_runtime,
     cpu_seconds,
     listen_overflows,
     rss_bytes,
@@ -42,6 +44,28 @@ _LEAD_NS = 300_000_000  # the schedule starts this long after the barrier is rel
 # the soak's memory after warm-up is its sample at this share of --duration (history filled,
 # every pool and cache at its working size), the baseline its growth is measured from
 SOAK_WARM_FRACTION = 0.2
+
+
+DEFAULT_IDLE_CONNECTIONS = 10000
+# Connections per loopback source address. One (source, server address and port) pair has
+# ~28k ephemeral ports (32768-60999), but bind(port 0) searches its preferred half (one
+# parity, ~14k ports) first: past that, each bind took 3-11 ms here instead of 10 us.
+CONNECTIONS_PER_SOURCE = 12_000
+_LOOPBACK_HOSTS = ("127.0.0.1", "localhost")
+
+
+def idle_connections(args: argparse.Namespace) -> int:
+    """The connections scenario's connection count: --connections or its default."""
+    return int(args.connections or DEFAULT_IDLE_CONNECTIONS)
+
+
+def source_count(args: argparse.Namespace, target: Target, connections: int) -> int:
+    """How many loopback source addresses the connections are spread over: --sources, else
+    one per CONNECTIONS_PER_SOURCE. 1 (no bind: the kernel picks the source) when a node is
+    not on loopback, where 127.0.0.x would not reach it."""
+    if not all(urlsplit(url).hostname in _LOOPBACK_HOSTS for url in target.node_urls):
+        return 1
+    return int(args.sources or max(1, math.ceil(connections / CONNECTIONS_PER_SOURCE)))
 
 
 def soak_rss_interval(duration: float) -> float:
@@ -82,6 +106,7 @@ def build_plan(
     nodes = len(target.node_urls)
     members: list[list[tuple[int, str | None, bool, int]]] = [[] for _ in range(procs)]
     rates = [0.0] * procs
+    sources = 1
     if scenario == "roundtrip":
         conns = args.connections or 64
         for i in range(conns):
@@ -178,13 +203,14 @@ def build_plan(
         )
         unit = "deliveries/s"
     elif scenario == "connections":
-        n = args.connections or 10000
+        n = idle_connections(args)
         for i in range(n):
             members[i % procs].append((i, None, False, i % nodes))
         mode = "connect"
         window = 0
-        params = {"connections": n}
-        title = f"connections, {n} idle"
+        sources = source_count(args, target, n)
+        params = {"connections": n, "sources": sources, "idle": args.idle}
+        title = f"connections, {n} idle" + (f" for {args.idle:g} s" if args.idle else "")
         unit = "connections/s"
     else:
         raise BenchError(f"unknown scenario {scenario!r}")
@@ -243,8 +269,11 @@ def build_plan(
                 "storm_size": total if mode == "storm" else 0,
                 "storm_concurrency": max(1, getattr(args, "storm_concurrency", 1)),
                 "presence_diff": mode == "storm" and bool(getattr(args, "presence_diff", False)),
-                "barrier_timeout": args.timeout + args.warmup + args.duration + args.drain + 60,
-                "ttl": 3600 + args.timeout + args.duration,
+                "sources": sources,
+                "barrier_timeout": (
+                    args.timeout + args.warmup + args.duration + args.drain + args.idle + 60
+                ),
+                "ttl": 3600 + args.timeout + args.duration + args.idle,
             }
         )
     return plan
@@ -423,6 +452,8 @@ def run_plan(
             if plan.mode == "connect":
                 time.sleep(0.5)  # let the server finish its per-connection bookkeeping
                 readings["rss_after"] = rss_bytes(pid)
+                if args.idle:
+                    readings.update(_idle_window(pid, args.idle, schedule, interactive))
                 barrier.wait(30)
             else:
                 readings["rss_after"] = rss_bytes(pid)
@@ -436,8 +467,10 @@ def run_plan(
     finally:
         _reap(processes)
     readings["warnings"] = inbox.warnings
-    readings["schedule"] = {"start": t_start, "measure": m0, "end": m1, "down": schedule[3],
-                            "up": schedule[4]}  # fmt: skip
+    # slots 3 and 4: the reconnect storm's node down and up, or the idle phase's window
+    later = ("idle_start", "idle_end") if plan.mode == "connect" else ("down", "up")
+    readings["schedule"] = {"start": t_start, "measure": m0, "end": m1,
+                            later[0]: schedule[3], later[1]: schedule[4]}  # fmt: skip
     return merge([results[i] for i in sorted(results)], readings)
 
 
@@ -460,6 +493,24 @@ def _sample_soak(
         k += 1
     return {"cpu_start": cpu_start, "cpu_end": cpu_seconds(pids), "rss_series": rss,
             "rss_after": rss[-1][1]}  # fmt: skip
+
+
+def _idle_window(
+    pids: list[int], seconds: float, schedule: Any, interactive: bool
+) -> dict[str, Any]:
+    """The idle phase: every connection open, nothing sent but the heartbeat. The server's
+    CPU (to the nanosecond) over ``seconds``, and its memory at the end. The window goes
+    into ``schedule[3:5]`` (``time.time_ns()``) so the generators count the pings in it."""
+    progress = Progress(interactive and seconds >= 3, seconds, "idle", "s")
+    start = time.time_ns()
+    cpu_start = cpu_runtime(pids)
+    _sleep_until(start + int(seconds * _NS), progress, start)
+    cpu_end = cpu_runtime(pids)
+    end = time.time_ns()
+    progress.close()
+    schedule[3], schedule[4] = start, end
+    return {"idle_cpu_start": cpu_start, "idle_cpu_end": cpu_end,
+            "idle_s": (end - start) / _NS, "rss_idle_end": rss_bytes(pids)}  # fmt: skip
 
 
 def _reap(processes: list[Any]) -> None:
@@ -539,6 +590,9 @@ def merge(results: list[dict[str, Any]], readings: dict[str, Any]) -> dict[str, 
             "last": max(lasts) if lasts else 0,
             "open": sum(c["open"] for c in conns),
             "failed": sum(c["failed"] for c in conns),
+            "open_after_idle": sum(c["open_after_idle"] for c in conns),
+            "idle_pings": sum(c["idle_pings"] for c in conns),
+            "sources": _add_counts(c["sources"] for c in conns),
         }
     return merged
 
@@ -646,9 +700,13 @@ def figures(plan: Plan, merged: dict[str, Any], duration: float) -> dict[str, An
         if start is not None and end is not None:
             # system-wide, so other traffic counts too; each one costs its client a 1 s retry
             head["listen_overflows"] = end - start
+        head["source_addresses"] = conn["sources"]
         before, after = merged.get("rss_before"), merged.get("rss_after")
         if before is not None and after is not None and conn["open"]:
-            head["memory_per_connection_bytes"] = round((after - before) / conn["open"], 1)
+            per_conn = (after - before) / conn["open"]
+            head["memory_per_connection_bytes"] = round(per_conn, 1)
+            head["memory_per_connection_kib"] = round(per_conn / 1024, 2)
+        head.update(idle_figures(merged))
     # the same events as "throughput", counted over the same window, per server CPU-second
     head["throughput_per_cpu_s"] = count / cpu if cpu else None
     head["server_rss_before_bytes"] = merged.get("rss_before")
@@ -658,6 +716,27 @@ def figures(plan: Plan, merged: dict[str, Any], duration: float) -> dict[str, An
     head["unexpected_disconnects"] = merged["disconnects"]
     head["drain_timed_out"] = merged["drain_timed_out"]
     return head
+
+
+def idle_figures(merged: dict[str, Any]) -> dict[str, Any]:
+    """The idle phase's cost: the server's CPU over the window per open connection and per
+    second (microseconds of CPU each connection costs every second it sits idle), its memory
+    at the window's end, and the heartbeat pings the clients answered meanwhile."""
+    start, end, window = (merged.get(k) for k in ("idle_cpu_start", "idle_cpu_end", "idle_s"))
+    conn = merged["connect"]
+    if start is None or end is None or not window or not conn["open"]:
+        return {}
+    cpu = end - start
+    rss = merged.get("rss_idle_end")
+    return {
+        "idle_s": round(window, 3),
+        "idle_server_cpu_s": round(cpu, 6),
+        "idle_cpu_us_per_s_per_connection": round(cpu * 1e6 / (conn["open"] * window), 4),
+        "server_rss_idle_end_mb": round(rss / 1e6, 1) if rss is not None else None,
+        "idle_pings": conn["idle_pings"],
+        "idle_pings_per_connection": round(conn["idle_pings"] / conn["open"], 3),
+        "open_after_idle": conn["open_after_idle"],
+    }
 
 
 def reconnect_figures(merged: dict[str, Any]) -> dict[str, Any]:

@@ -160,6 +160,44 @@ def raise_nofile() -> tuple[int, int]:
     return soft, hard
 
 
+# Descriptors a process needs besides its connections: listening sockets, pipes, log files,
+# epoll, the Redis connections of a deployment.
+FD_HEADROOM = 256
+
+
+def ensure_nofile(needed: int, hint: str = "") -> tuple[int, int]:
+    """Make this process's RLIMIT_NOFILE at least ``needed`` (soft and hard) and return
+    (soft, hard); processes started after this inherit it, servers and generators alike.
+    Only root with CAP_SYS_RESOURCE may raise the hard limit, and only up to fs.nr_open.
+    Raises BenchError, saying how many descriptors are needed (``hint``: how else to get
+    there), when the limit cannot be had."""
+    soft, hard = raise_nofile()
+    if soft >= needed:
+        return soft, hard
+    if os.geteuid() == 0 and needed <= _nr_open():
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (needed, max(needed, hard)))
+            soft, hard = needed, max(needed, hard)
+    if soft < needed:
+        raise BenchError(
+            f"this run needs {needed:,} file descriptors per process (the connections it holds and "
+            f"{FD_HEADROOM} more), but RLIMIT_NOFILE is {soft:,} (hard {hard:,}) and cannot "
+            f"be raised here (raising the hard limit takes CAP_SYS_RESOURCE): run `ulimit -n "
+            f"{needed}` first (as root, up to /proc/sys/fs/nr_open), or spread the connections "
+            f"over more processes{hint}, or open fewer"
+        )
+    return soft, hard
+
+
+def _nr_open() -> int:
+    """The kernel's ceiling on RLIMIT_NOFILE (fs.nr_open)."""
+    try:
+        with open("/proc/sys/fs/nr_open") as fh:
+            return int(fh.read())
+    except (OSError, ValueError):
+        return 1 << 20  # the kernel's default
+
+
 class LocalServer:
     """A server subprocess on 127.0.0.1 port 0, pinned with ``taskset -c CPUS`` when taskset
     exists. Its output is drained by a thread (so a chatty server never blocks on a full pipe)
@@ -341,6 +379,32 @@ def cpu_seconds(pids: int | Iterable[int] | None) -> float | None:
     and their live descendants, or None if unreadable."""
     found = cpu_by_pid(pids)
     return sum(found.values()) if found else None
+
+
+def _runtime_one(pid: int) -> float | None:
+    """CPU seconds the live threads of ``pid`` have run, to the nanosecond: the first field
+    of each thread's schedstat (utime + stime only count whole clock ticks)."""
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return None
+    total, found = 0, False
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as fh:
+                total += int(fh.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue
+        found = True
+    return total / 1e9 if found else None
+
+
+def cpu_runtime(pids: int | Iterable[int] | None) -> float | None:
+    """Like :func:`cpu_seconds`, to the nanosecond (schedstat), for windows of little CPU such
+    as an idle phase, where a few clock ticks would be all there is to count. A thread that
+    exits inside the window takes its time with it. Falls back to :func:`cpu_seconds`."""
+    values = [v for v in map(_runtime_one, _tree(pids)) if v is not None]
+    return sum(values) if values else cpu_seconds(pids)
 
 
 def _rss_one(pid: int) -> int | None:
