@@ -10,6 +10,9 @@ cdef enum WireState:
     CLOSED = 4
 
 
+cdef class Wire
+
+
 cdef class WireServer:
     cdef object route
     cdef object call_later
@@ -19,6 +22,9 @@ cdef class WireServer:
     cdef object shared_view
     cdef readonly unsigned long long failures
     cdef readonly Py_ssize_t open      # sockets connected and not yet lost
+    cdef list upgraded                 # the open upgraded Wires (each knows its slot)
+    cdef int _enlist(self, Wire w) except -1
+    cdef int _unlist(self, Wire w) except -1
 
 
 cdef class Wire:
@@ -29,6 +35,8 @@ cdef class Wire:
     cdef readonly bint is_disconnected
     cdef readonly bint last_in_batch   # the message being handled ends its read batch
     cdef readonly double last_rx       # monotonic time of the last read
+    cdef public double ping_sent_at    # the heartbeat's unanswered ping, or 0
+    cdef Py_ssize_t slot               # in server.upgraded, or -1
     cdef int close_sent_code
     cdef int close_recv_code
     cdef WireState state

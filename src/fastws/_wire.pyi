@@ -26,8 +26,16 @@ class WireServer:
     @property
     def open(self) -> int:
         """Sockets connected and not yet lost (upgraded or not)."""
+    @property
+    def connections(self) -> int:
+        """Upgraded connections open now."""
     def __init__(self, route: Route, handshake_timeout: float, max_message: int) -> None: ...
     def __call__(self) -> Wire: ...
+    def sweep(
+        self, now: float, interval: float, timeout: float, ping: bool
+    ) -> tuple[list[Wire], list[Wire]]:
+        """The heartbeat's round in C: (Wires to ping -- pinged already when ``ping`` --,
+        Wires silent past ``timeout`` after their ping)."""
 
 def protocol_factory(server: WireServer) -> Callable[[], Any]:
     """``server`` on uvloop; on the plain asyncio loop, Wires behind ``AsyncioWire``."""
@@ -59,6 +67,7 @@ class Wire:
         """``time.monotonic()`` of the last read."""
     @property
     def close_code(self) -> int | None: ...
+    ping_sent_at: float  # the heartbeat's unanswered ping (monotonic), or 0
     @property
     def pending_bytes(self) -> int: ...
     @property

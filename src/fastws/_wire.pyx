@@ -19,6 +19,7 @@ import logging
 from cpython.buffer cimport PyBUF_WRITE
 from cpython.bytearray cimport PyByteArray_GET_SIZE
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
 from cpython.memoryview cimport PyMemoryView_FromMemory
 from cpython.unicode cimport PyUnicode_DecodeUTF8
 from libc.stdint cimport uint8_t, uint64_t
@@ -53,6 +54,9 @@ cdef inline double _monotonic() noexcept nogil:
     cdef timespec ts
     clock_gettime(CLOCK_MONOTONIC, &ts)
     return ts.tv_sec + ts.tv_nsec * 1e-9
+
+
+cdef bytes _PING = b"\x89\x00"  # an empty protocol ping
 
 
 cpdef bytes control_frame(int opcode, bytes payload):
@@ -106,6 +110,7 @@ cdef class WireServer:
             raise MemoryError()
         self.shared_view = PyMemoryView_FromMemory(self.shared, SHARED_SIZE, PyBUF_WRITE)
         self.failures = 0
+        self.upgraded = []
 
     def __dealloc__(self):
         # Only once no Wire can read into it: each Wire holds a reference to its server.
@@ -113,6 +118,60 @@ cdef class WireServer:
 
     def __call__(self):
         return Wire(self)
+
+    cdef int _enlist(self, Wire w) except -1:
+        w.slot = PyList_GET_SIZE(self.upgraded)
+        self.upgraded.append(w)
+        return 0
+
+    cdef int _unlist(self, Wire w) except -1:
+        # Swap-remove: the last Wire takes the leaving one's slot.
+        cdef Py_ssize_t last = PyList_GET_SIZE(self.upgraded) - 1
+        cdef Wire moved
+        if w.slot < 0:
+            return 0
+        moved = <Wire>self.upgraded[last]
+        self.upgraded[w.slot] = moved
+        moved.slot = w.slot
+        del self.upgraded[last]
+        w.slot = -1
+        return 0
+
+    def sweep(self, double now, double interval, double timeout, bint ping):
+        """The heartbeat's round over every upgraded connection, in C: a Wire whose peer sent
+        nothing for ``interval`` seconds is pinged (by protocol PING here when ``ping``, else
+        it is returned to be pinged by the caller, who then calls ``pinged``); one that then
+        stays silent ``timeout`` seconds past its ping is returned as dead. Returns (to_ping,
+        dead); ``interval`` <= 0 pings nobody."""
+        cdef list wires = self.upgraded
+        cdef Py_ssize_t i, n = PyList_GET_SIZE(wires)
+        cdef list due = []
+        cdef list dead = []
+        cdef Wire w
+        if interval <= 0:
+            return due, dead
+        for i in range(n):
+            w = <Wire>PyList_GET_ITEM(wires, i)
+            if w.close_sent_code or w.is_disconnected:
+                continue
+            if w.ping_sent_at:
+                if w.last_rx >= w.ping_sent_at:
+                    w.ping_sent_at = 0
+                elif now - w.ping_sent_at > timeout:
+                    dead.append(w)
+                continue
+            if now - w.last_rx >= interval:
+                w.ping_sent_at = now
+                if ping:
+                    w.transport.write(_PING)
+                else:
+                    due.append(w)
+        return due, dead
+
+    @property
+    def connections(self):
+        """How many upgraded connections are open."""
+        return PyList_GET_SIZE(self.upgraded)
 
 
 def protocol_factory(WireServer server):
@@ -169,6 +228,8 @@ cdef class Wire:
         self.close_sent_code = 0
         self.close_recv_code = 0
         self.last_rx = _monotonic()
+        self.ping_sent_at = 0
+        self.slot = -1
 
     def __dealloc__(self):
         free(self.buf)
@@ -194,6 +255,7 @@ cdef class Wire:
         if self.state == CLOSED:
             return
         self.server.open -= 1
+        self.server._unlist(self)
         self.state = CLOSED
         self.is_disconnected = True
         if self.timer is not None:
@@ -392,6 +454,7 @@ cdef class Wire:
         self.transport.write(response)
         self.listener = listener
         self.state = OPEN
+        self.server._enlist(self)
         self.need = 0
         try:
             listener.on_connected(self)

@@ -88,8 +88,10 @@ class Verifier:
         rooms = claims.get("rooms", [])
         if not isinstance(rooms, list) or not all(isinstance(r, str) for r in rooms):
             raise AuthError("rooms claim must be a list of strings")
-        return Principal(user_id, username[:64], tuple(roles), float(claims["exp"]),
-                         tuple(rooms))
+        username = username[:64]
+        if username == user_id:
+            username = user_id  # one string, not two equal ones, per connection
+        return Principal(user_id, username, tuple(roles), float(claims["exp"]), tuple(rooms))
 
     def verify_room(self, token: str, room: str, user_id: str) -> float:
         """Check a room token (signed like connection tokens, same algorithms, audience and

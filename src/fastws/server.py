@@ -214,6 +214,8 @@ class Node:
         self._per_ip[ip] += 1
         session.ip = ip
         self.sessions[session.client_id] = session
+        if self.heartbeat is not None:
+            self.heartbeat.track(session)
         self._idle.clear()
         self.counters["connections_total"] += 1
         if self.paused:

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import logging
+import math
+import sys
 import time
 import uuid
 from http import HTTPStatus
 from time import monotonic
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import msgspec
 
@@ -45,64 +48,48 @@ class Connection:
     this object sees whole messages only.
     """
 
-    # Slots, not a __dict__: one of these lives per connection (see the memory target).
-    __slots__ = (
-        "_abort_handle",
-        "client_id",
-        "forwarded_for",
-        "node",
-        "outbox",
-        "ping_sent_at",
-        "principal",
-        "session",
-        "sink",
-        "transport",
-    )
+    # Slots, not a __dict__: one of these lives per connection (see the memory target). What
+    # the session holds (client id, principal, sink, the Wire) is read from it, not copied.
+    __slots__ = ("_abort_handle", "_admission", "node", "session")
 
     def __init__(self, node: Node, principal: Principal, forwarded_for: str = "") -> None:
-        self.forwarded_for = forwarded_for
         self.node = node
-        self.principal = principal
-        self.client_id = str(uuid.uuid4())
-        self.transport: Wire | None = None
+        # Needed only until on_connected makes the session.
+        self._admission: tuple[Principal, str] | None = (principal, forwarded_for)
         self.session: Session | None = None
-        self.sink: Any = None
-        self.outbox: Any = None  # the hub's, once connected (read per message)
         self._abort_handle: asyncio.TimerHandle | None = None
-        self.ping_sent_at = 0.0
 
     @property
-    def last_rx(self) -> float:
-        """When the peer last sent anything (any frame proves it alive; see Heartbeat)."""
-        t = self.transport
-        return t.last_rx if t is not None else 0.0
+    def transport(self) -> Wire | None:
+        return self.session.transport if self.session is not None else None
 
     # ---- Wire callbacks ---------------------------------------------------------------
 
     def on_connected(self, transport: Wire) -> None:
-        self.transport = transport
-        settings = self.node.settings
+        node = self.node
+        settings = node.settings
+        assert self._admission is not None
+        principal, forwarded_for = self._admission
+        self._admission = None
         peer = transport.transport.get_extra_info("peername")
         remote = f"{peer[0]}:{peer[1]}" if peer else ""
         ip = peer[0] if peer else ""
-        if self.forwarded_for and ip in settings.proxies:
+        if forwarded_for and ip in settings.proxies:
             # The nearest hop the trusted proxy saw is the last entry it appended.
-            ip = self.forwarded_for.split(",")[-1].strip() or ip
-        self.forwarded_for = ""
-        if not self.node.admit(ip):
+            ip = forwarded_for.split(",")[-1].strip() or ip
+        if not node.admit(ip):
             transport.send_close(int(CloseCode.POLICY_VIOLATION), b"too many connections")
             transport.disconnect()
             return
-        self.session = Session(self.client_id, self.principal, transport, self, self.node,
-                               settings)
-        self.sink = self.node.hub.sink(transport, self.session)
-        self.outbox = self.node.hub.outbox
+        session = Session(str(uuid.uuid4()), principal, transport, self, node, settings)
+        session.sink = node.hub.sink(transport, session)
+        self.session = session
         # Paused (pause_writing) at half the send-buffer cap: where typing starts to wait.
         with contextlib.suppress(AttributeError, ValueError):
             transport.transport.set_write_buffer_limits(
                 high=max(1, settings.max_send_buffer_bytes // 2))
-        self.session.sink = self.sink
-        self.node.connect(self.session, remote, ip)
+        # Many connections share an address (a proxy, a NAT): one string for all of them.
+        node.connect(session, remote, sys.intern(ip))
 
     def on_message(self, message: str | bytes) -> None:
         session = self.session
@@ -111,58 +98,52 @@ class Connection:
         session.handle(message)
         # At the end of this peer's read batch its own replies (and echoes) go out now
         # instead of a loop iteration later; others' copies stay corked.
-        self.outbox.flush_if_last(self.sink)
+        self.node.hub.outbox.flush_if_last(session.sink)
 
     def before_close(self) -> None:
         """The Wire is about to send a close frame: replies already queued go out first."""
-        if self.sink is not None and not self.sink.closed:
-            self.node.hub.flush(self.sink)
+        session = self.session
+        if session is not None and not session.sink.closed:
+            self.node.hub.flush(session.sink)
 
     def pause_writing(self) -> None:
         """The socket's buffer passed its high-water mark: typing notices wait (conflated)."""
-        if self.sink is not None:
-            self.sink.congested = True
+        if self.session is not None:
+            self.session.sink.congested = True
 
     def resume_writing(self) -> None:
-        if self.sink is not None:
-            self.sink.congested = False
-            if self.outbox is not None:
-                self.outbox.release(self.sink)
+        session = self.session
+        if session is not None:
+            session.sink.congested = False
+            self.node.hub.outbox.release(session.sink)
 
     def on_disconnected(self) -> None:
         if self._abort_handle is not None:
             self._abort_handle.cancel()
             self._abort_handle = None
-        if self.session is not None:
-            code = self.transport.close_code if self.transport is not None else None
-            self.node.disconnect(self.session, code)
+        session = self.session
+        if session is not None:
             self.session = None
-
-    def ping(self, now: float) -> None:
-        """Heartbeat: a protocol PING, or the seed's JSON ping when json_ping is set."""
-        t = self.transport
-        if t is None or t.is_close_frame_sent or t.is_disconnected:
-            return
-        self.ping_sent_at = now
-        if self.node.settings.json_ping:
-            self.send(p.encode(p.ServerPing(p.now_ms())))
-        else:
-            t.send_ping()
+            self.node.disconnect(session, session.transport.close_code)
 
     # ---- Outlet: how the session's replies leave --------------------------------------
 
     def send(self, payload: bytes) -> None:
         # Through the sink, so replies keep their order with the room traffic it is corking.
-        self.node.hub.send(self.sink, payload)
+        if self.session is not None:
+            self.node.hub.send(self.session.sink, payload)
 
     def close(self, code: int, reason: str) -> None:
         """Send a close frame; drop the socket if the peer has not closed within close_timeout."""
-        t = self.transport
-        if t is None or t.is_disconnected:
+        session = self.session
+        if session is None:
+            return
+        t = session.transport
+        if t.is_disconnected:
             return
         if not t.is_close_frame_sent:
-            if not self.sink.closed:
-                self.node.hub.flush(self.sink)  # what was queued goes before the close frame
+            if not session.sink.closed:
+                self.node.hub.flush(session.sink)  # what was queued goes before the close frame
             t.send_close(int(code), reason.encode()[:123])
         if self._abort_handle is None:
             loop = asyncio.get_running_loop()
@@ -178,6 +159,9 @@ class Heartbeat:
     within ``ping_timeout`` it is closed with 1001. Browsers answer protocol pings themselves.
     A connection whose token has expired (plus jwt_leeway) is closed with 4001 unless it sent a
     ``refresh``.
+
+    Each tick costs little for idle connections: the liveness round is the WireServer's, in C,
+    and token expiry is a heap of whole-second deadlines, looked at only when one is due.
     """
 
     def __init__(self, node: Node) -> None:
@@ -191,6 +175,10 @@ class Heartbeat:
         self.task: asyncio.Task[None] | None = None
         self.timeouts = 0
         self.expired = 0
+        # Deadline second -> the client ids whose token (plus leeway) ends in it; and a heap
+        # of those seconds. An entry a refresh made stale is checked and put back when due.
+        self._expiring: dict[int, list[str]] = {}
+        self._deadlines: list[int] = []
 
     def start(self) -> Heartbeat:
         self.task = asyncio.get_running_loop().create_task(self._run())
@@ -205,27 +193,44 @@ class Heartbeat:
             await asyncio.sleep(self.tick)
             self.beat(monotonic(), time.time())
 
+    def track(self, session: Session) -> None:
+        """Watch ``session``'s token expiry (call once it is connected)."""
+        second = math.ceil(session.principal.expires_at + self.leeway)
+        bucket = self._expiring.get(second)
+        if bucket is None:
+            bucket = self._expiring[second] = []
+            heapq.heappush(self._deadlines, second)
+        bucket.append(session.client_id)
+
     def beat(self, now: float, wall: float) -> None:
-        """One round over every connection; ``now`` is monotonic, ``wall`` Unix seconds."""
-        for session in list(self.node.sessions.values()):
-            conn = session.outlet
-            if not isinstance(conn, Connection) or session.transport.is_close_frame_sent:
-                continue
-            if wall > session.principal.expires_at + self.leeway:
-                self.expired += 1
-                conn.close(CloseCode.TOKEN_EXPIRED, "token expired")
-                continue
-            if self.interval <= 0:
-                continue
-            if conn.ping_sent_at:
-                if conn.last_rx >= conn.ping_sent_at:
-                    conn.ping_sent_at = 0.0
-                elif now - conn.ping_sent_at > self.timeout:
-                    self.timeouts += 1
-                    conn.close(CloseCode.GOING_AWAY, "heartbeat timeout")
-                continue
-            if now - conn.last_rx >= self.interval:
-                conn.ping(now)
+        """One round; ``now`` is monotonic, ``wall`` Unix seconds."""
+        self._expire(wall)
+        wires = self.node.wires
+        if wires is None:
+            return
+        json_ping = self.node.settings.json_ping
+        due, dead = wires.sweep(now, self.interval, self.timeout, not json_ping)
+        for wire in dead:
+            if wire.listener is not None:
+                self.timeouts += 1
+                wire.listener.close(CloseCode.GOING_AWAY, "heartbeat timeout")
+        for wire in due:  # json_ping: the seed's {"type": "ping"} instead of a protocol PING
+            if wire.listener is not None:
+                wire.listener.send(p.encode(p.ServerPing(p.now_ms())))
+
+    def _expire(self, wall: float) -> None:
+        deadlines = self._deadlines
+        sessions = self.node.sessions
+        while deadlines and deadlines[0] <= wall:
+            for client_id in self._expiring.pop(heapq.heappop(deadlines)):
+                session = sessions.get(client_id)
+                if session is None or session.transport.is_close_frame_sent:
+                    continue
+                if wall > session.principal.expires_at + self.leeway:
+                    self.expired += 1
+                    session.outlet.close(CloseCode.TOKEN_EXPIRED, "token expired")
+                else:
+                    self.track(session)  # refreshed meanwhile
 
 
 def _path_only(raw_path: str) -> str:
