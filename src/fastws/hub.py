@@ -238,9 +238,12 @@ class Hub:
                     self.on_diff_notice(name, payload)
         outbox = self._outbox or self.outbox  # the property only until it exists
         exclude_sink = exclude.sink if exclude is not None else None
+        taken: int
         if seq == 0 and origin:
-            return outbox.broadcast_ephemeral(room.sinks, data, exclude_sink, (name, origin))
-        return outbox.broadcast(room.sinks, data, exclude_sink, skip)
+            taken = outbox.broadcast_ephemeral(room.sinks, data, exclude_sink, (name, origin))
+        else:
+            taken = outbox.broadcast(room.sinks, data, exclude_sink, skip)
+        return taken
 
     def want_diffs(self, name: str, session: Session) -> None:
         """``session`` takes ``name``'s presence changes as presence_diff, not one by one."""

@@ -213,7 +213,7 @@ class Metrics:
             from prometheus_client import multiprocess as mp
 
             registry = CollectorRegistry()
-            mp.MultiProcessCollector(registry)
+            mp.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
             return bytes(generate_latest(registry))
         return bytes(generate_latest(self.registry))
 
@@ -222,4 +222,4 @@ def mark_process_dead(pid: int, directory: str) -> None:
     """Supervisor: drop a dead worker's live gauges (its counters stay in the totals)."""
     from prometheus_client import multiprocess as mp
 
-    mp.mark_process_dead(pid, directory)
+    mp.mark_process_dead(pid, directory)  # type: ignore[no-untyped-call]

@@ -109,7 +109,7 @@ class Publisher:
     async def presence(self, room: str) -> list[Member]:
         """Who is in ``room``, once per user, wherever connected."""
         if self._rooms is not None:
-            from .admin import check_room, unique_members
+            from .publishrules import check_room, unique_members
 
             self._check(check_room, room)
             rooms = await self._redis()
@@ -155,7 +155,7 @@ class Publisher:
 
     @staticmethod
     def _check(check: Any, *args: Any) -> None:
-        from .admin import ApiError
+        from .publishrules import ApiError
 
         try:
             check(*args)
@@ -164,7 +164,7 @@ class Publisher:
 
     async def _publish_redis(self, room: str, text: str, username: str, user_id: str) -> int:
         from . import protocol as p
-        from .admin import PublishBody, check_publish
+        from .publishrules import PublishBody, check_publish
 
         self._check(check_publish, PublishBody(room, text, username, user_id), self._max_chars)
         rooms = await self._redis()

@@ -16,9 +16,9 @@ from collections.abc import Callable, Coroutine
 from typing import Any, NoReturn, Protocol
 
 from . import protocol as p
-from .auth import AuthError, Principal
+from .auth import Principal
 from .config import Settings
-from .errors import CloseCode, MessageError
+from .errors import AuthError, CloseCode, MessageError
 from .policy import FORBIDDEN
 
 log = logging.getLogger("fastws.session")
@@ -354,7 +354,7 @@ class Session:
         allowed = self.node.policy.may_join(self.principal, room)
         if allowed is None:
             return self.granted is not None and self.granted.get(room, 0.0) > time.time()
-        return allowed
+        return bool(allowed)
 
     async def _leave_revoked(self, rooms: list[str]) -> None:
         for room in rooms:

@@ -26,12 +26,11 @@ from ._wire import Wire, WireServer, protocol_factory
 from .auth import (
     PROTOCOL,
     TOKEN_PROTOCOL_PREFIX,
-    AuthError,
     Principal,
     extract_token,
     offered_protocols,
 )
-from .errors import CloseCode
+from .errors import AuthError, CloseCode
 from .session import Session
 from .upgrade import BadRequest, Request, accept_key, parse_head, response, switching_protocols
 

@@ -45,7 +45,7 @@ import contextlib
 import logging
 import time
 from collections import Counter, deque
-from typing import Any, cast
+from typing import Any
 
 import msgspec
 
@@ -697,7 +697,6 @@ class LocalBusBroker:
         assert self._loop is not None
         transport, link = await self._loop.create_unix_connection(
             lambda: _Link(self), self.path)
-        transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
         if self._closing:
             transport.close()
             return
