@@ -49,8 +49,21 @@ def token(user: str) -> str:
 
 
 def start_server(extra: list[str]) -> tuple[subprocess.Popen[str], int]:
-    cmd = [sys.executable, "-m", "fastws", "serve", "--port", "0", "--jwt-secret", SECRET,
-           "--rate-limit", "0", "--max-rooms-per-connection", "0", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "fastws",
+        "serve",
+        "--port",
+        "0",
+        "--jwt-secret",
+        SECRET,
+        "--rate-limit",
+        "0",
+        "--max-rooms-per-connection",
+        "0",
+        *extra,
+    ]
     if shutil.which("taskset"):
         cmd = ["taskset", "-c", "0", *cmd]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
@@ -76,8 +89,15 @@ async def request(ws: ClientConnection, type_: str, payload: dict, msg_id: str) 
 
 async def post(ws: ClientConnection, room: str, count: int, tag: str) -> None:
     for i in range(count):
-        await ws.send(orjson.dumps({"type": "chat_message", "id": f"{tag}-{i}",
-                                    "payload": {"room": room, "message": TEXT}}).decode())
+        await ws.send(
+            orjson.dumps(
+                {
+                    "type": "chat_message",
+                    "id": f"{tag}-{i}",
+                    "payload": {"room": room, "message": TEXT},
+                }
+            ).decode()
+        )
     acks = 0
     while acks < count:
         acks += orjson.loads(await ws.recv()).get("type") == "ack"
@@ -166,14 +186,17 @@ async def main() -> None:
                 print(f"room with one member: {kib * 1024:.0f} bytes each ({args.rooms} rooms)")
             elif step == "messages":
                 kib = await messages(url, proc.pid, args.messages)
-                print(f"retained message of 1,000 characters: {kib * 1024:.0f} bytes each "
-                      f"({args.messages} in one room's history: --history-size permitting)")
+                print(
+                    f"retained message of 1,000 characters: {kib * 1024:.0f} bytes each "
+                    f"({args.messages} in one room's history: --history-size permitting)"
+                )
             elif step == "churn":
-                before, after, mb = await churn(url, proc.pid, args.churn_clients,
-                                                args.churn_rooms)
-                print(f"churn: {mb} MB of text through {args.churn_rooms} rooms by "
-                      f"{args.churn_clients} clients: RSS {before / 1024:.1f} -> "
-                      f"{after / 1024:.1f} MiB (+{(after - before) / 1024:.1f} MiB)")
+                before, after, mb = await churn(url, proc.pid, args.churn_clients, args.churn_rooms)
+                print(
+                    f"churn: {mb} MB of text through {args.churn_rooms} rooms by "
+                    f"{args.churn_clients} clients: RSS {before / 1024:.1f} -> "
+                    f"{after / 1024:.1f} MiB (+{(after - before) / 1024:.1f} MiB)"
+                )
         finally:
             proc.terminate()
             proc.wait(10)

@@ -63,8 +63,21 @@ async def cost(pid: int, port: int, subscribers: int) -> float:
 async def main() -> None:
     port = free_port()
     pin = ["taskset", "-c", "0"] if shutil.which("taskset") else []
-    proc = subprocess.Popen([*pin, "redis-server", "--port", str(port), "--bind", "127.0.0.1",
-                             "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            *pin,
+            "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ],
+        stdout=subprocess.DEVNULL,
+    )
     try:
         for _ in range(50):
             try:
@@ -74,8 +87,10 @@ async def main() -> None:
             except OSError:
                 await asyncio.sleep(0.05)
         for subscribers in (1, 4, 16, 64):
-            print(f"{subscribers:3d} subscribed: {await cost(proc.pid, port, subscribers):.2f} us "
-                  "of redis-server CPU per PUBLISH")
+            print(
+                f"{subscribers:3d} subscribed: {await cost(proc.pid, port, subscribers):.2f} us "
+                "of redis-server CPU per PUBLISH"
+            )
     finally:
         proc.kill()
         proc.wait()

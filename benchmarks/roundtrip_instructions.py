@@ -39,10 +39,32 @@ def free_port() -> int:
 
 def server_command(kind: str, port: int) -> list[str]:
     if kind == "picows":
-        return [sys.executable, str(HERE / "baselines" / "picows_server.py"),
-                "--host", "127.0.0.1", "--port", str(port), "--jwt-secret", SECRET]
-    return [sys.executable, "-m", "fastws", "serve", "--host", "127.0.0.1", "--port", str(port),
-            "--jwt-secret", SECRET, "--rate-limit", "0", "--log-level", "warning"]
+        return [
+            sys.executable,
+            str(HERE / "baselines" / "picows_server.py"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--jwt-secret",
+            SECRET,
+        ]
+    return [
+        sys.executable,
+        "-m",
+        "fastws",
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--jwt-secret",
+        SECRET,
+        "--rate-limit",
+        "0",
+        "--log-level",
+        "warning",
+    ]
 
 
 def wait_ready(port: int, proc: subprocess.Popen[bytes], timeout: float = 120.0) -> None:
@@ -73,19 +95,45 @@ def one_run(kind: str, duration: float, work: str) -> tuple[int, int]:
     port = free_port()
     out = os.path.join(work, f"callgrind.{kind}.{duration:g}.%p")
     proc = subprocess.Popen(
-        ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", "--quiet",
-         *server_command(kind, port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            "valgrind",
+            "--tool=callgrind",
+            f"--callgrind-out-file={out}",
+            "--quiet",
+            *server_command(kind, port),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         wait_ready(port, proc)
         results = os.path.join(work, f"bench-{kind}-{duration:g}")
         subprocess.run(
-            ["fastws", "bench", "roundtrip", "--url", f"ws://127.0.0.1:{port}/ws",
-             "--secret", SECRET, "--connections", "8", "--window", "1",
-             "--warmup", "1", "--duration", str(duration), "--timeout", "60",
-             "--out", results, "--no-plot", "--quiet"],
-            check=True, stdout=subprocess.DEVNULL,
+            [
+                "fastws",
+                "bench",
+                "roundtrip",
+                "--url",
+                f"ws://127.0.0.1:{port}/ws",
+                "--secret",
+                SECRET,
+                "--connections",
+                "8",
+                "--window",
+                "1",
+                "--warmup",
+                "1",
+                "--duration",
+                str(duration),
+                "--timeout",
+                "60",
+                "--out",
+                results,
+                "--no-plot",
+                "--quiet",
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
         )
         (report,) = glob.glob(os.path.join(results, "*.json"))
         # Every message sent, warm-up included (window 1: each is one round trip): the
@@ -108,12 +156,18 @@ def main() -> None:
         short_ir, short_trips = one_run(args.server, args.short, work)
         long_ir, long_trips = one_run(args.server, args.long, work)
     per_trip = (long_ir - short_ir) / max(1, long_trips - short_trips)
-    print(json.dumps({
-        "server": args.server,
-        "runs": [{"seconds": args.short, "instructions": short_ir, "round_trips": short_trips},
-                 {"seconds": args.long, "instructions": long_ir, "round_trips": long_trips}],
-        "instructions_per_round_trip": round(per_trip),
-    }))
+    print(
+        json.dumps(
+            {
+                "server": args.server,
+                "runs": [
+                    {"seconds": args.short, "instructions": short_ir, "round_trips": short_trips},
+                    {"seconds": args.long, "instructions": long_ir, "round_trips": long_trips},
+                ],
+                "instructions_per_round_trip": round(per_trip),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -49,6 +49,7 @@ def redis_cluster() -> Iterator[object]:
 
 # ---- every broker: the conformance and fault suites run each test on each --------------------
 
+
 @pytest.fixture(scope="module", params=BROKERS)
 def broker_kind(request: pytest.FixtureRequest) -> Iterator[tuple[str, str, Any]]:
     """(kind, url, server): the redis-server or cluster is started once per module and kind

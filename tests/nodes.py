@@ -77,8 +77,13 @@ class Backend:
             shutil.rmtree(self._bus_dir, ignore_errors=True)
 
     def _settings(self, **overrides: Any) -> Any:
-        base: dict[str, Any] = {"host": "127.0.0.1", "port": 0, "jwt_secret": SECRET,
-                                "drain_timeout": DRAIN, "presence_grace": 0}
+        base: dict[str, Any] = {
+            "host": "127.0.0.1",
+            "port": 0,
+            "jwt_secret": SECRET,
+            "drain_timeout": DRAIN,
+            "presence_grace": 0,
+        }
         if self.kind.startswith("redis"):
             base.update(redis_url=self.url, redis_cluster=self.kind == "redis-cluster")
         return load_settings({**base, **overrides}, environ={})
@@ -89,8 +94,13 @@ class Backend:
         if self.kind.startswith("redis"):
             from fastws.broker.redis import RedisBroker
 
-            return RedisBroker(self.url, timeout=timeout, node_ttl=1, policy=policy,
-                               cluster=self.kind == "redis-cluster")
+            return RedisBroker(
+                self.url,
+                timeout=timeout,
+                node_ttl=1,
+                policy=policy,
+                cluster=self.kind == "redis-cluster",
+            )
         if self.kind == "localbus":
             from fastws.broker.localbus import LocalBusBroker
 
@@ -124,6 +134,7 @@ class Backend:
 
 
 # ---- what the suites over every broker share -------------------------------------------------
+
 
 def room_name(tag: str) -> str:
     """A room no other test uses (the Redis servers are shared by a module's tests)."""
@@ -167,8 +178,9 @@ async def presence_seen(ws: ClientConnection, room: str) -> list[str] | None:
     while True:
         msg = await recv_json(ws)
         if msg.get("id") == "seen":
-            return sorted(m["userId"] for m in msg["members"]) if msg["type"] == "presence" \
-                else None
+            return (
+                sorted(m["userId"] for m in msg["members"]) if msg["type"] == "presence" else None
+            )
         assert msg["type"] in ("user_joined", "user_left", "typing", "chat_message"), msg
 
 
@@ -177,8 +189,11 @@ async def alice_and_bob(
     backend: Backend, room: str
 ) -> AsyncIterator[tuple[list[Node], ClientConnection, ClientConnection]]:
     """Two nodes, alice on the first and bob on the second, both members of ``room``."""
-    async with backend.nodes(2) as nodes, client(nodes[0], "alice") as a, \
-            client(nodes[1], "bob") as b:
+    async with (
+        backend.nodes(2) as nodes,
+        client(nodes[0], "alice") as a,
+        client(nodes[1], "bob") as b,
+    ):
         await enter(a, room, nodes)
         await enter(b, room, nodes)
         yield nodes, a, b

@@ -37,8 +37,9 @@ class Recorder:
     def close(self, code: int, reason: str) -> None:
         self.closed = (code, reason)
 
-    async def join(self, session: Session, room: str, since: Any, msg_id: Any,
-                   presence: str = "each") -> None:
+    async def join(
+        self, session: Session, room: str, since: Any, msg_id: Any, presence: str = "each"
+    ) -> None:
         session.enter_room(room)
         self.calls.append(("join", room, msg_id))
 

@@ -41,10 +41,26 @@ class RedisServer:
 
     def start(self) -> RedisServer:
         self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", self.dir, "--protected-mode", "no",
-             "--logfile", f"{self.dir}/redis.log", *self.extra],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                self.dir,
+                "--protected-mode",
+                "no",
+                "--logfile",
+                f"{self.dir}/redis.log",
+                *self.extra,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:
@@ -111,21 +127,41 @@ class RedisClusterServers:
 
     def start(self) -> RedisClusterServers:
         for node in self.nodes:
-            node.extra = ["--cluster-enabled", "yes", "--cluster-config-file",
-                          f"{node.dir}/nodes.conf", "--cluster-node-timeout", "2000"]
+            node.extra = [
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                f"{node.dir}/nodes.conf",
+                "--cluster-node-timeout",
+                "2000",
+            ]
             node.start()
         subprocess.run(
-            ["redis-cli", "--cluster", "create",
-             *[f"127.0.0.1:{n.port}" for n in self.nodes],
-             "--cluster-replicas", "0", "--cluster-yes"],
-            check=True, capture_output=True, timeout=30,
+            [
+                "redis-cli",
+                "--cluster",
+                "create",
+                *[f"127.0.0.1:{n.port}" for n in self.nodes],
+                "--cluster-replicas",
+                "0",
+                "--cluster-yes",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=30,
         )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             # Every node must agree, or the first commands may meet CLUSTERDOWN.
-            infos = [subprocess.run(["redis-cli", "-p", str(n.port), "cluster", "info"],
-                                    capture_output=True, text=True, timeout=5).stdout
-                     for n in self.nodes]
+            infos = [
+                subprocess.run(
+                    ["redis-cli", "-p", str(n.port), "cluster", "info"],
+                    capture_output=True,
+                    text=True,
+                    timeout=5,
+                ).stdout
+                for n in self.nodes
+            ]
             if all("cluster_state:ok" in info for info in infos):
                 return self
             time.sleep(0.05)

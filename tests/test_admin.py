@@ -43,8 +43,9 @@ def admin_url(node: Node) -> str:
 @contextlib.asynccontextmanager
 async def http(key: str | None = KEY) -> AsyncIterator[aiohttp.ClientSession]:
     headers = {"Authorization": f"Bearer {key}"} if key is not None else {}
-    async with aiohttp.ClientSession(headers=headers,
-                                     timeout=aiohttp.ClientTimeout(total=TIMEOUT)) as session:
+    async with aiohttp.ClientSession(
+        headers=headers, timeout=aiohttp.ClientTimeout(total=TIMEOUT)
+    ) as session:
         yield session
 
 
@@ -67,15 +68,23 @@ async def next_of(ws: Any, kind: str) -> dict[str, Any]:
 async def test_publish_reaches_every_member_with_seq_and_history() -> None:
     """An API publish is a chat_message with the room's next seq: every member gets it, the
     ack carries the seq, history and recovery include it."""
-    async with running_node(admin_port=0, api_key=KEY) as node, \
-            client(node, "alice") as alice, client(node, "bob") as bob, http() as h:
+    async with (
+        running_node(admin_port=0, api_key=KEY) as node,
+        client(node, "alice") as alice,
+        client(node, "bob") as bob,
+        http() as h,
+    ):
         await join(alice, "general")
         await join(bob, "general")
         await send_json(alice, "chat_message", {"room": "general", "message": "hi"})
         first = await next_of(alice, "chat_message")
         assert (await next_of(bob, "chat_message"))["seq"] == first["seq"] == 1
-        status, body, _ = await call(h, "POST", admin_url(node) + "/api/publish",
-                                     json={"room": "general", "text": "deploy at 5"})
+        status, body, _ = await call(
+            h,
+            "POST",
+            admin_url(node) + "/api/publish",
+            json={"room": "general", "text": "deploy at 5"},
+        )
         assert (status, body) == (200, {"room": "general", "seq": 2})
         for ws in (alice, bob):
             msg = await next_of(ws, "chat_message")
@@ -86,8 +95,11 @@ async def test_publish_reaches_every_member_with_seq_and_history() -> None:
         history = await next_of(alice, "history")
         assert [m["message"] for m in history["messages"]] == ["hi", "deploy at 5"]
         async with client(node, "carol") as carol:
-            await send_json(carol, "join_room", {"room": "general", "since": {
-                "seq": 1, "epoch": first["epoch"]}})
+            await send_json(
+                carol,
+                "join_room",
+                {"room": "general", "since": {"seq": 1, "epoch": first["epoch"]}},
+            )
             joined = await next_of(carol, "room_joined")
             assert joined["recovered"] is True and joined["seq"] == 2
             assert (await next_of(carol, "chat_message"))["message"] == "deploy at 5"
@@ -97,14 +109,17 @@ async def test_publish_reaches_every_member_with_seq_and_history() -> None:
 async def test_publish_names_its_sender() -> None:
     """username and userId in the body become the chat_message's; a room with no member
     still counts the seq."""
-    async with running_node(admin_port=0, api_key=KEY) as node, client(node) as ws, \
-            http() as h:
+    async with running_node(admin_port=0, api_key=KEY) as node, client(node) as ws, http() as h:
         url = admin_url(node) + "/api/publish"
         status, body, _ = await call(h, "POST", url, json={"room": "empty", "text": "x"})
         assert (status, body["seq"]) == (200, 1)
         await join(ws, "news")
-        status, body, _ = await call(h, "POST", url, json={
-            "room": "news", "text": "breaking", "username": "Newsroom", "userId": "bot-7"})
+        status, body, _ = await call(
+            h,
+            "POST",
+            url,
+            json={"room": "news", "text": "breaking", "username": "Newsroom", "userId": "bot-7"},
+        )
         assert status == 200
         msg = await next_of(ws, "chat_message")
         assert (msg["username"], msg["userId"], msg["seq"]) == ("Newsroom", "bot-7", 1)
@@ -112,9 +127,13 @@ async def test_publish_names_its_sender() -> None:
 
 async def test_presence_lists_each_user_once() -> None:
     """The presence endpoint lists every user in the room once and counts connections."""
-    async with running_node(admin_port=0, api_key=KEY) as node, http() as h, \
-            client(node, "alice") as a1, client(node, "alice") as a2, \
-            client(node, "bob") as b:
+    async with (
+        running_node(admin_port=0, api_key=KEY) as node,
+        http() as h,
+        client(node, "alice") as a1,
+        client(node, "alice") as a2,
+        client(node, "bob") as b,
+    ):
         for ws in (a1, a2, b):
             await join(ws, "lobby")
         status, body, _ = await call(h, "GET", admin_url(node) + "/api/rooms/lobby/presence")
@@ -141,8 +160,9 @@ async def test_api_key_is_required_and_compared() -> None:
                 status, body, _ = await call(h, "GET", base + "/api/rooms/r/presence")
                 assert (status, body["code"]) == (401, "unauthorized")
         async with http(None) as h:
-            status, _, _ = await call(h, "POST", base + "/api/publish", json=publish,
-                                      headers={"X-API-Key": KEY})
+            status, _, _ = await call(
+                h, "POST", base + "/api/publish", json=publish, headers={"X-API-Key": KEY}
+            )
             assert status == 200
             async with h.get(base + "/metrics") as r:
                 assert r.status == 200 and b"fastws_connections" in await r.read()
@@ -154,31 +174,40 @@ async def test_api_key_is_required_and_compared() -> None:
 async def test_api_is_off_without_a_key() -> None:
     """With no api_key configured every /api request is refused with 403 api_disabled."""
     async with running_node(admin_port=0) as node, http("anything") as h:
-        status, body, _ = await call(h, "POST", admin_url(node) + "/api/publish",
-                                     json={"room": "r", "text": "t"})
+        status, body, _ = await call(
+            h, "POST", admin_url(node) + "/api/publish", json={"room": "r", "text": "t"}
+        )
         assert (status, body["code"]) == (403, "api_disabled")
 
 
-@pytest.mark.parametrize(("body", "status", "code"), [
-    (b"not json", 400, "invalid_body"),
-    (b"[1, 2]", 400, "invalid_body"),
-    (b'{"room": "r"}', 400, "invalid_body"),
-    (b'{"room": "r", "text": 5}', 400, "invalid_body"),
-    (b'{"room": "r", "text": "t", "txet": "typo"}', 400, "invalid_body"),
-    (b'{"room": "bad\\nroom", "text": "t"}', 422, "invalid_room"),
-    (b'{"room": "", "text": "t"}', 422, "invalid_room"),
-    (b'{"room": "r", "text": "   "}', 422, "empty_message"),
-    (b'{"room": "r", "text": "' + b"x" * 1001 + b'"}', 422, "message_too_long"),
-    (b'{"room": "r", "text": "t", "username": ""}', 422, "invalid_user"),
-    (b'{"room": "r", "text": "t", "username": "' + b"u" * 65 + b'"}', 422, "invalid_user"),
-    (b'{"room": "r", "text": "t", "userId": " "}', 422, "invalid_user"),
-    (b'{"room": "r", "text": "' + b"x" * 70000 + b'"}', 413, "too_large"),
-])
+@pytest.mark.parametrize(
+    ("body", "status", "code"),
+    [
+        (b"not json", 400, "invalid_body"),
+        (b"[1, 2]", 400, "invalid_body"),
+        (b'{"room": "r"}', 400, "invalid_body"),
+        (b'{"room": "r", "text": 5}', 400, "invalid_body"),
+        (b'{"room": "r", "text": "t", "txet": "typo"}', 400, "invalid_body"),
+        (b'{"room": "bad\\nroom", "text": "t"}', 422, "invalid_room"),
+        (b'{"room": "", "text": "t"}', 422, "invalid_room"),
+        (b'{"room": "r", "text": "   "}', 422, "empty_message"),
+        (b'{"room": "r", "text": "' + b"x" * 1001 + b'"}', 422, "message_too_long"),
+        (b'{"room": "r", "text": "t", "username": ""}', 422, "invalid_user"),
+        (b'{"room": "r", "text": "t", "username": "' + b"u" * 65 + b'"}', 422, "invalid_user"),
+        (b'{"room": "r", "text": "t", "userId": " "}', 422, "invalid_user"),
+        (b'{"room": "r", "text": "' + b"x" * 70000 + b'"}', 413, "too_large"),
+    ],
+)
 async def test_bad_bodies_get_typed_errors(body: bytes, status: int, code: str) -> None:
     """Every malformed or invalid publish gets its status and JSON code; nothing is sent."""
     async with running_node(admin_port=0, api_key=KEY) as node, http() as h:
-        got, reply, headers = await call(h, "POST", admin_url(node) + "/api/publish", data=body,
-                                         headers={"Content-Type": "application/json"})
+        got, reply, headers = await call(
+            h,
+            "POST",
+            admin_url(node) + "/api/publish",
+            data=body,
+            headers={"Content-Type": "application/json"},
+        )
         assert (got, reply["code"]) == (status, code), reply
         assert reply["error"] and headers["Content-Type"].startswith("application/json")
         assert node.stats().get("api_messages_in", 0) == 0
@@ -186,6 +215,7 @@ async def test_bad_bodies_get_typed_errors(body: bytes, status: int, code: str) 
 
 async def test_oversize_chunked_body_is_413() -> None:
     """A body without Content-Length that grows past the limit is cut off with 413."""
+
     async def chunks() -> AsyncIterator[bytes]:
         yield b'{"room": "r", "text": "'
         for _ in range(20):
@@ -216,8 +246,7 @@ async def test_admin_listener_is_off_by_default() -> None:
 async def test_publish_with_redis_down_is_503(redis_server: Any) -> None:
     """When the broker is unavailable the publish fails with 503 unavailable, not a false 200;
     once Redis is back it goes through again."""
-    async with redis_node(redis_server.url, "n1", admin_port=0, api_key=KEY) as node, \
-            http() as h:
+    async with redis_node(redis_server.url, "n1", admin_port=0, api_key=KEY) as node, http() as h:
         url = admin_url(node) + "/api/publish"
         status, _, _ = await call(h, "POST", url, json={"room": "r", "text": "one"})
         assert status == 200
@@ -239,8 +268,9 @@ async def test_publish_reaches_clients_on_every_worker() -> None:
     """Under --workers 2 an API publish, whichever worker takes it, reaches the room's
     members on both workers once, with one seq; presence counts them all."""
     admin = free_port()
-    with server_process("--workers", "2", "--admin-port", str(admin),
-                        env={"FASTWS_API_KEY": KEY}) as (_proc, port):
+    with server_process(
+        "--workers", "2", "--admin-port", str(admin), env={"FASTWS_API_KEY": KEY}
+    ) as (_proc, port):
         from websockets.asyncio.client import connect
 
         clients, nodes = [], []
@@ -256,8 +286,12 @@ async def test_publish_reaches_clients_on_every_worker() -> None:
                 seqs = []
                 for i in range(4):  # fresh connections: both workers' admin listeners answer
                     async with aiohttp.ClientSession(headers={"X-API-Key": KEY}) as fresh:
-                        status, body, _ = await call(fresh, "POST", base + "/api/publish",
-                                                     json={"room": "all", "text": f"n{i}"})
+                        status, body, _ = await call(
+                            fresh,
+                            "POST",
+                            base + "/api/publish",
+                            json={"room": "all", "text": f"n{i}"},
+                        )
                     assert status == 200, body
                     seqs.append(body["seq"])
                 assert seqs == [1, 2, 3, 4]
@@ -277,8 +311,22 @@ def test_busy_admin_port_is_a_clear_error() -> None:
         busy.listen()
         taken = busy.getsockname()[1]
         done = subprocess.run(
-            [sys.executable, "-m", "fastws", "serve", "--port", "0", "--jwt-secret", SECRET,
-             "--admin-port", str(taken)], capture_output=True, text=True, timeout=TIMEOUT * 3)
+            [
+                sys.executable,
+                "-m",
+                "fastws",
+                "serve",
+                "--port",
+                "0",
+                "--jwt-secret",
+                SECRET,
+                "--admin-port",
+                str(taken),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT * 3,
+        )
     assert done.returncode == 2, done.stderr
     assert f"admin listener: cannot listen on 127.0.0.1:{taken}" in done.stderr
     assert "Traceback" not in done.stderr

@@ -572,10 +572,14 @@ async def test_a_seed_token_signed_hs512_connects() -> None:
 
     with warnings.catch_warnings():  # the tests' secret is short for HS512: the seed's too
         warnings.simplefilter("ignore", jwt.warnings.InsecureKeyLengthWarning)
-        seed_token = jwt.encode({"userId": "u-1", "username": "alice",
-                                 "exp": int(time.time()) + 60}, NODE_SECRET, algorithm="HS512")
-    async with running_node() as node, connect(
-            f"ws://127.0.0.1:{node.port}/ws?token={seed_token}") as ws:
+        seed_token = jwt.encode(
+            {"userId": "u-1", "username": "alice", "exp": int(time.time()) + 60},
+            NODE_SECRET,
+            algorithm="HS512",
+        )
+    async with (
+        running_node() as node,
+        connect(f"ws://127.0.0.1:{node.port}/ws?token={seed_token}") as ws,
+    ):
         hello = await recv_json(ws)
-        assert (hello["type"], hello["userId"], hello["username"]) == ("connected", "u-1",
-                                                                      "alice")
+        assert (hello["type"], hello["userId"], hello["username"]) == ("connected", "u-1", "alice")

@@ -94,9 +94,16 @@ async def test_each_event_is_posted_once_per_deployment(backend: Backend) -> Non
             await enter(bob, room, nodes)
             await send_json(alice, "leave_room", {"room": room}, id="l")
             await until(lambda: rec.kinds()[("leave", "alice")] == 1)
-        want = {("connect", "alice"): 1, ("connect", "bob"): 1, ("join", "alice"): 1,
-                ("join", "bob"): 1, ("leave", "alice"): 1, ("leave", "bob"): 1,
-                ("disconnect", "alice"): 1, ("disconnect", "bob"): 1}
+        want = {
+            ("connect", "alice"): 1,
+            ("connect", "bob"): 1,
+            ("join", "alice"): 1,
+            ("join", "bob"): 1,
+            ("leave", "alice"): 1,
+            ("leave", "bob"): 1,
+            ("disconnect", "alice"): 1,
+            ("disconnect", "bob"): 1,
+        }
         await until(lambda: rec.kinds() == want)
         await asyncio.sleep(0.3)
         assert rec.kinds() == want  # nothing twice: not once per node
@@ -106,10 +113,13 @@ async def test_each_event_is_posted_once_per_deployment(backend: Backend) -> Non
 
 
 async def test_a_user_back_within_the_grace_posts_no_leave_and_no_second_join(
-        backend: Backend) -> None:
+    backend: Backend,
+) -> None:
     room = room_name("events-grace")
-    async with receiver() as (rec, url), \
-            backend.nodes(2, presence_grace=1.0, **events_settings(url)) as nodes:
+    async with (
+        receiver() as (rec, url),
+        backend.nodes(2, presence_grace=1.0, **events_settings(url)) as nodes,
+    ):
         async with client(nodes[0], "alice") as alice:
             await enter(alice, room, nodes)
         async with client(nodes[1], "alice") as again:
@@ -131,8 +141,10 @@ async def test_a_failing_or_slow_receiver_gets_everything_once_it_answers() -> N
                     pass
             await until(lambda: len(rec.events) == 10, TIMEOUT * 3)
             assert node.events.failures >= 4 and node.events.dropped == 0
-            assert rec.kinds() == {**{("connect", f"u{i}"): 1 for i in range(5)},
-                                   **{("disconnect", f"u{i}"): 1 for i in range(5)}}
+            assert rec.kinds() == {
+                **{("connect", f"u{i}"): 1 for i in range(5)},
+                **{("disconnect", f"u{i}"): 1 for i in range(5)},
+            }
 
 
 async def test_a_receiver_down_gets_the_queue_once_up_bounded_and_counted() -> None:

@@ -27,8 +27,9 @@ async def test_200_members_receive_100_broadcasts_once_in_order() -> None:
             await asyncio.sleep(0)
             senders = members[:2]
             for i in range(BROADCASTS):
-                senders[i % 2].send_json({"type": "chat_message",
-                                          "payload": {"room": "big", "message": f"m{i}"}})
+                senders[i % 2].send_json(
+                    {"type": "chat_message", "payload": {"room": "big", "message": f"m{i}"}}
+                )
             for m in members:
                 seen: list[int] = []
                 texts: list[str] = []

@@ -30,12 +30,14 @@ async def test_seq_is_one_order_for_every_member_on_every_node(backend: Backend)
             await send_json(b, "chat_message", {"room": room, "message": f"b{i}"})
         got_a, got_b = await chats(a, 20), await chats(b, 20)
         assert [m["seq"] for m in got_a] == list(range(1, 21))
-        assert [(m["seq"], m["message"], m["epoch"]) for m in got_a] == \
-            [(m["seq"], m["message"], m["epoch"]) for m in got_b]
+        assert [(m["seq"], m["message"], m["epoch"]) for m in got_a] == [
+            (m["seq"], m["message"], m["epoch"]) for m in got_b
+        ]
         assert len({m["epoch"] for m in got_a}) == 1
         for sender in ("a", "b"):  # each sender's own messages in the order it sent them
-            assert [m["message"] for m in got_a if m["message"][0] == sender] == \
-                [f"{sender}{i}" for i in range(10)]
+            assert [m["message"] for m in got_a if m["message"][0] == sender] == [
+                f"{sender}{i}" for i in range(10)
+            ]
         await expect_silence(a, 0.1)
 
 
@@ -84,8 +86,7 @@ async def test_since_from_another_epoch_or_the_future_is_not_recovered(backend: 
         async with client(nodes[0], "bob") as bob:
             joined = await enter(bob, room, nodes, since={"seq": 0, "epoch": "other"})
             assert joined["recovered"] is False and joined["epoch"] == first["epoch"]
-            joined = await enter(bob, room, nodes,
-                                 since={"seq": 99, "epoch": first["epoch"]})
+            joined = await enter(bob, room, nodes, since={"seq": 99, "epoch": first["epoch"]})
             assert joined["recovered"] is False
             await expect_silence(bob, 0.1)
 
@@ -109,8 +110,11 @@ async def test_presence_and_counts_span_the_nodes(backend: Backend) -> None:
     """room_joined counts every connection on every node; presence lists each user once;
     user_joined and user_left reach the others with the count after the change."""
     room = room_name("presence")
-    async with backend.nodes(2) as nodes, client(nodes[0], "alice") as a, \
-            client(nodes[1], "bob") as b:
+    async with (
+        backend.nodes(2) as nodes,
+        client(nodes[0], "alice") as a,
+        client(nodes[1], "bob") as b,
+    ):
         assert (await enter(a, room, nodes))["members"] == 1
         assert (await enter(b, room, nodes))["members"] == 2
         joined = await next_of(a, "user_joined")
@@ -135,8 +139,9 @@ async def test_a_disconnect_leaves_every_room(backend: Backend) -> None:
             for room in rooms:
                 await enter(carol, room, nodes)
         gone = [await next_of(bob, "user_left") for _ in rooms]
-        assert sorted((m["room"], m["userId"]) for m in gone) == \
-            [(r, "carol") for r in sorted(rooms)]
+        assert sorted((m["room"], m["userId"]) for m in gone) == [
+            (r, "carol") for r in sorted(rooms)
+        ]
         for room in rooms:
             await send_json(bob, "presence", {"room": room}, id="p")
             reply = await next_of(bob, "presence")
@@ -157,8 +162,11 @@ async def test_typing_reaches_the_others_not_the_sender(backend: Backend) -> Non
 async def test_a_room_whose_name_prefixes_another_gets_only_its_own(backend: Backend) -> None:
     """Publications to "r1" never reach members of "r10" (topics and channels are exact)."""
     base = room_name("prefix")
-    async with backend.nodes(2) as nodes, client(nodes[0], "alice") as a, \
-            client(nodes[1], "bob") as b:
+    async with (
+        backend.nodes(2) as nodes,
+        client(nodes[0], "alice") as a,
+        client(nodes[1], "bob") as b,
+    ):
         await enter(a, base + "1", nodes)
         await enter(b, base + "10", nodes)
         await send_json(a, "chat_message", {"room": base + "1", "message": "x"})
@@ -183,8 +191,7 @@ async def test_leaving_the_last_member_stops_the_room_here(backend: Backend) -> 
         await expect_silence(b, 0.1)
 
 
-async def test_concurrent_joins_and_posts_have_no_errors_and_lose_nothing(
-        backend: Backend) -> None:
+async def test_concurrent_joins_and_posts_have_no_errors_and_lose_nothing(backend: Backend) -> None:
     """200 clients over two nodes join 16 rooms and one common room at once, then all post at
     once: every join succeeds, every member gets every message of its rooms exactly once."""
     common = room_name("common")
@@ -192,8 +199,7 @@ async def test_concurrent_joins_and_posts_have_no_errors_and_lose_nothing(
     count = 200
     async with backend.nodes(2) as nodes:
         async with asyncio.timeout(TIMEOUT * 6):
-            sockets = await asyncio.gather(*[
-                _connect(nodes[i % 2], f"u{i}") for i in range(count)])
+            sockets = await asyncio.gather(*[_connect(nodes[i % 2], f"u{i}") for i in range(count)])
             try:
                 for ws, i in zip(sockets, range(count), strict=True):
                     await send_json(ws, "join_room", {"room": rooms[i % 16]}, id="j1")
@@ -233,8 +239,9 @@ async def test_publish_seq_nowait_allocates_in_the_order_called(backend: Backend
         broker = node.broker
         original = node.hub.broadcast
 
-        def spy(name: str, payload: bytes, exclude: Any = None, seq: int = 0,
-                origin: str = "") -> int:
+        def spy(
+            name: str, payload: bytes, exclude: Any = None, seq: int = 0, origin: str = ""
+        ) -> int:
             if name == room:
                 delivered.append(payload)
             return original(name, payload, exclude, seq, origin)
@@ -252,8 +259,9 @@ async def test_publish_seq_nowait_allocates_in_the_order_called(backend: Backend
         assert seqs == list(range(joined.seq + 1, joined.seq + 51))
         await broker.flush()
         _, epoch, _ = await broker.history(room, 1)
-        assert delivered == [chat_payload(b'{"n":%d,"seq":' % i, joined.seq + 1 + i, epoch)
-                             for i in range(50)]
+        assert delivered == [
+            chat_payload(b'{"n":%d,"seq":' % i, joined.seq + 1 + i, epoch) for i in range(50)
+        ]
         await broker.leave(room, "c1")
         await broker.unsubscribe(room)
 

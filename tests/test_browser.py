@@ -115,8 +115,9 @@ async def test_two_browsers_chat_and_survive_a_server_restart() -> None:
                     timeout=RECONNECT_WAIT
                 )
                 await expect(page.get_by_test_id("status")).to_have_attribute("data-state", "open")
-                await expect(page.locator('[data-testid=rooms] li[data-room="general"]')) \
-                    .to_have_attribute("data-joined", "true")
+                await expect(
+                    page.locator('[data-testid=rooms] li[data-room="general"]')
+                ).to_have_attribute("data-joined", "true")
             for page in (alice, bob):
                 await sees_member(page, "alice")
                 await sees_member(page, "bob")

@@ -36,8 +36,12 @@ async def test_join_room_replies_room_joined_and_tells_others() -> None:
 
 async def test_chat_message_reaches_every_member_including_sender() -> None:
     """chat_message is broadcast to all members, sender included, with username and seq."""
-    async with running_node() as node, client(node, "alice") as a, client(node, "bob") as b, \
-            client(node, "carol") as c:
+    async with (
+        running_node() as node,
+        client(node, "alice") as a,
+        client(node, "bob") as b,
+        client(node, "carol") as c,
+    ):
         await join(a, "r1")
         await join(b, "r1")
         await recv_json(a)  # user_joined bob
@@ -60,8 +64,13 @@ async def test_typing_goes_to_the_others_only() -> None:
         await join(b, "r")
         await recv_json(a)
         await send_json(a, "typing", {"room": "r", "isTyping": True})
-        assert await recv_json(b) == {"type": "typing", "room": "r", "username": "alice",
-                                      "isTyping": True, "userId": "alice"}
+        assert await recv_json(b) == {
+            "type": "typing",
+            "room": "r",
+            "username": "alice",
+            "isTyping": True,
+            "userId": "alice",
+        }
         await expect_silence(a)
 
 
@@ -113,19 +122,26 @@ async def test_posting_or_typing_outside_a_room_is_refused() -> None:
     """chat_message, typing, leave_room and presence need membership."""
     async with running_node() as node, client(node, "alice") as a, client(node, "bob") as b:
         await join(b, "secret")
-        for type_, payload in [("chat_message", {"room": "secret", "message": "hi"}),
-                               ("typing", {"room": "secret", "isTyping": True}),
-                               ("leave_room", {"room": "secret"}),
-                               ("presence", {"room": "secret"})]:
+        for type_, payload in [
+            ("chat_message", {"room": "secret", "message": "hi"}),
+            ("typing", {"room": "secret", "isTyping": True}),
+            ("leave_room", {"room": "secret"}),
+            ("presence", {"room": "secret"}),
+        ]:
             await send_json(a, type_, payload, id=type_)
             reply = await recv_json(a)
-            assert reply == {"type": "error", "error": "Not a member of room: secret",
-                             "code": "not_in_room", "id": type_}
+            assert reply == {
+                "type": "error",
+                "error": "Not a member of room: secret",
+                "code": "not_in_room",
+                "id": type_,
+            }
         await expect_silence(b)
 
 
-@pytest.mark.parametrize("room", ["", "x" * 129, "a\nb", "nul\x00", "tab\there", "del\x7f",
-                                  "\x1b[31m"])
+@pytest.mark.parametrize(
+    "room", ["", "x" * 129, "a\nb", "nul\x00", "tab\there", "del\x7f", "\x1b[31m"]
+)
 async def test_invalid_room_names_are_refused(room: str) -> None:
     """Room names are 1-128 code points of any text without control characters."""
     async with running_node() as node, client(node) as ws:
@@ -158,16 +174,24 @@ async def test_ids_are_echoed_on_replies_and_acks() -> None:
         assert "id" not in by_type["chat_message"]
         assert by_type["ack"] == {"type": "ack", "id": 10, "seq": 1}
         await send_json(ws, "presence", {"room": "r"}, id="p")
-        assert (await recv_json(ws)) == {"type": "presence", "room": "r", "id": "p",
-                                         "members": [{"userId": "alice", "username": "alice"}]}
+        assert (await recv_json(ws)) == {
+            "type": "presence",
+            "room": "r",
+            "id": "p",
+            "members": [{"userId": "alice", "username": "alice"}],
+        }
         await send_json(ws, "leave_room", {"room": "r"}, id="l")
         assert (await recv_json(ws)) == {"type": "room_left", "room": "r", "id": "l"}
 
 
 async def test_presence_lists_each_user_once() -> None:
     """presence has one entry per user, however many connections that user has."""
-    async with running_node() as node, client(node, "alice") as a1, client(node, "alice") as a2, \
-            client(node, "bob") as b:
+    async with (
+        running_node() as node,
+        client(node, "alice") as a1,
+        client(node, "alice") as a2,
+        client(node, "bob") as b,
+    ):
         for ws in (a1, a2, b):
             await join(ws, "r")
         await send_json(b, "presence", {"room": "r"})

@@ -32,15 +32,30 @@ def test_token_command_mints_a_token_the_server_accepts(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     """`fastws token --user alice` prints a token that verifies with the same secret."""
-    assert main(["token", "--user", "alice", "--username", "Alice", "--roles", "admin,mod",
-                 "--jwt-secret", SECRET]) == 0
+    assert (
+        main(
+            [
+                "token",
+                "--user",
+                "alice",
+                "--username",
+                "Alice",
+                "--roles",
+                "admin,mod",
+                "--jwt-secret",
+                SECRET,
+            ]
+        )
+        == 0
+    )
     tok = capsys.readouterr().out.strip()
     who = Verifier(load_settings({"jwt_secret": SECRET}, environ={}), SECRET).verify(tok)
     assert (who.user_id, who.username, who.roles) == ("alice", "Alice", ("admin", "mod"))
 
 
-def test_token_without_secret_is_a_clear_error(capsys: pytest.CaptureFixture[str],
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_token_without_secret_is_a_clear_error(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Without a secret, `fastws token` says what to set and exits 2."""
     monkeypatch.delenv("FASTWS_JWT_SECRET", raising=False)
     assert main(["token", "--user", "a"]) == 2
@@ -72,8 +87,12 @@ def test_bad_settings_are_clear_errors(env: dict[str, str], message: str) -> Non
 
 def test_bad_setting_exits_2_with_message() -> None:
     """`fastws serve` with a bad value exits 2 with a one-line error, no traceback."""
-    proc = subprocess.run([sys.executable, "-m", "fastws", "serve", "--port", "99999"],
-                          capture_output=True, text=True, timeout=TIMEOUT * 2)
+    proc = subprocess.run(
+        [sys.executable, "-m", "fastws", "serve", "--port", "99999"],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT * 2,
+    )
     assert proc.returncode == 2
     assert "fastws: error: port" in proc.stderr and "Traceback" not in proc.stderr
 
@@ -81,8 +100,13 @@ def test_bad_setting_exits_2_with_message() -> None:
 def test_first_run_prints_a_demo_link_and_serves_pages() -> None:
     """With no secret the server prints demo links with tokens; /, /healthz and 404 answer."""
     cmd = [sys.executable, "-m", "fastws", "serve", "--port", "0"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                            env={"PATH": "/usr/bin:/bin"})
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env={"PATH": "/usr/bin:/bin"},
+    )
     try:
         assert proc.stdout is not None
         lines = [proc.stdout.readline() for _ in range(4)]
@@ -124,8 +148,11 @@ def test_json_logs_never_contain_the_token() -> None:
         assert proc.stderr is not None
         _, err = proc.communicate(timeout=TIMEOUT)
     lines = [line for line in err.splitlines() if line.strip()]
-    events = [msgspec.json.decode(line)["event"] for line in lines
-              if line.startswith("{") and '"event"' in line]
+    events = [
+        msgspec.json.decode(line)["event"]
+        for line in lines
+        if line.startswith("{") and '"event"' in line
+    ]
     assert "connected" in events and "disconnected" in events
     assert tok not in err and tok.split(".")[2] not in err
 
@@ -133,13 +160,18 @@ def test_json_logs_never_contain_the_token() -> None:
 def test_healthz_says_which_fan_out_runs_and_a_fallback_is_logged_as_an_error() -> None:
     """The compiled fan-out: "compiled". Without it (the extension does not import) the
     server still serves, says "python", and logs an error with the reason at start."""
-    with server_process() as (_, port), \
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=TIMEOUT) as r:
+    with (
+        server_process() as (_, port),
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=TIMEOUT) as r,
+    ):
         assert msgspec.json.decode(r.read())["fanout"] == "compiled"
-    blocked = ("import sys; sys.modules['fastws._fanout'] = None; from fastws.cli import main; "
-               f"sys.exit(main(['serve', '--port', '0', '--jwt-secret', {SECRET!r}]))")
-    proc = subprocess.Popen([sys.executable, "-c", blocked], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    blocked = (
+        "import sys; sys.modules['fastws._fanout'] = None; from fastws.cli import main; "
+        f"sys.exit(main(['serve', '--port', '0', '--jwt-secret', {SECRET!r}]))"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", blocked], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
         assert proc.stdout is not None and proc.stderr is not None
         line = proc.stdout.readline()

@@ -64,24 +64,36 @@ def test_file_then_environment_then_flag(
     assert (getattr(got.settings, field), got.sources[field]) == (in_flag, "flag")
 
 
-def test_cli_applies_the_same_precedence(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cli_applies_the_same_precedence(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Through `fastws config --print --format json`: --config file, env and flags combine."""
-    path = write(tmp_path, "[limits]\nmax_message_chars = 7\nrate_burst = 9\n"
-                           "[heartbeat]\nping_interval = 20\n")
+    path = write(
+        tmp_path,
+        "[limits]\nmax_message_chars = 7\nrate_burst = 9\n[heartbeat]\nping_interval = 20\n",
+    )
     monkeypatch.setenv("FASTWS_RATE_BURST", "10")
     monkeypatch.setenv("FASTWS_PING_INTERVAL", "25")
-    assert main(["config", "--print", "--format", "json", "--config", path,
-                 "--ping-interval", "26"]) == 0
+    assert (
+        main(["config", "--print", "--format", "json", "--config", path, "--ping-interval", "26"])
+        == 0
+    )
     out = json.loads(capsys.readouterr().out)
-    got = {k: (out["settings"][k], out["sources"][k])
-           for k in ("max_message_chars", "rate_burst", "ping_interval", "host")}
-    assert got == {"max_message_chars": (7, "file"), "rate_burst": (10, "env"),
-                   "ping_interval": (26.0, "flag"), "host": ("127.0.0.1", "default")}
+    got = {
+        k: (out["settings"][k], out["sources"][k])
+        for k in ("max_message_chars", "rate_burst", "ping_interval", "host")
+    }
+    assert got == {
+        "max_message_chars": (7, "file"),
+        "rate_burst": (10, "env"),
+        "ping_interval": (26.0, "flag"),
+        "host": ("127.0.0.1", "default"),
+    }
 
 
-def test_fastws_config_variable_names_the_file(tmp_path: Path,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fastws_config_variable_names_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """FASTWS_CONFIG is read when --config is absent; --config wins over it."""
     env_file = write(tmp_path, "[server]\nport = 9101\n", "env.toml")
     flag_file = write(tmp_path, "[server]\nport = 9102\n", "flag.toml")
@@ -93,20 +105,25 @@ def test_fastws_config_variable_names_the_file(tmp_path: Path,
     ("text", "message"),
     [
         ("[server]\nprot = 8080\n", r"fastws\.toml: unknown key server\.prot"),
-        ("[limits]\nmax_message_chars = \"many\"\n",
-         r"fastws\.toml: limits\.max_message_chars: expected `int`, got `str`"),
+        (
+            '[limits]\nmax_message_chars = "many"\n',
+            r"fastws\.toml: limits\.max_message_chars: expected `int`, got `str`",
+        ),
         ("[limits]\nmax_message_chars = 1.5\n", r"limits\.max_message_chars: expected `int`"),
-        ("[heartbeat]\njson_ping = \"yes\"\n", r"heartbeat\.json_ping: expected `bool`"),
-        ("[server]\nmax_message_chars = 5\n",
-         r"unknown key server\.max_message_chars: max_message_chars belongs in \[limits\]"),
+        ('[heartbeat]\njson_ping = "yes"\n', r"heartbeat\.json_ping: expected `bool`"),
+        (
+            "[server]\nmax_message_chars = 5\n",
+            r"unknown key server\.max_message_chars: max_message_chars belongs in \[limits\]",
+        ),
         ("port = 8080\n", r"'port' must be inside a section: put it under \[server\]"),
         ("[srv]\nport = 8080\n", r"unknown section \[srv\] \(sections: server, auth"),
         ("[server\nport = 8080\n", r"fastws\.toml: not valid TOML"),
         ("[server]\nport = 99999\n", r"port: 99999 is not a TCP port \(port from .*fastws\.toml\)"),
     ],
 )
-def test_bad_files_are_errors_naming_the_file_and_key(tmp_path: Path, text: str,
-                                                      message: str) -> None:
+def test_bad_files_are_errors_naming_the_file_and_key(
+    tmp_path: Path, text: str, message: str
+) -> None:
     """Unknown keys and sections, wrong types, misplaced keys, broken TOML and out-of-range
     values raise ConfigError naming the file and the key."""
     with pytest.raises(ConfigError, match=message):
@@ -125,11 +142,17 @@ def test_missing_file_is_an_error(tmp_path: Path) -> None:
 def test_serve_with_a_bad_file_exits_2_with_one_line(tmp_path: Path) -> None:
     """`fastws serve --config bad.toml` exits 2 with a one-line message and no traceback."""
     path = write(tmp_path, "[server]\nprot = 1\n")
-    proc = subprocess.run([sys.executable, "-m", "fastws", "serve", "--config", path],
-                          capture_output=True, text=True, timeout=TIMEOUT * 2)
+    proc = subprocess.run(
+        [sys.executable, "-m", "fastws", "serve", "--config", path],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT * 2,
+    )
     assert proc.returncode == 2
-    assert proc.stderr == f"fastws: error: {path}: unknown key server.prot " \
+    assert (
+        proc.stderr == f"fastws: error: {path}: unknown key server.prot "
         "(a typo? `fastws serve --help` lists every setting)\n"
+    )
     assert proc.stdout == ""
 
 
@@ -156,25 +179,40 @@ def test_print_output_loads_back_to_the_same_settings(
 ) -> None:
     """`fastws config --print` writes TOML that --config reads back to the same settings,
     with each value's source as a comment."""
-    path = write(tmp_path, "[server]\nhost = \"0.0.0.0\"\n[history]\nhistory_off = \"tmp-*\"\n"
-                           "[limits]\nrate_limit = 12.5\n")
+    path = write(
+        tmp_path,
+        '[server]\nhost = "0.0.0.0"\n[history]\nhistory_off = "tmp-*"\n'
+        "[limits]\nrate_limit = 12.5\n",
+    )
     monkeypatch.setenv("FASTWS_JSON_PING", "on")
-    out = printed(["--config", path, "--max-message-chars", "77", "--allowed-origins",
-                   'https://a.example, "quoted" \\ odd'], capsys)
+    out = printed(
+        [
+            "--config",
+            path,
+            "--max-message-chars",
+            "77",
+            "--allowed-origins",
+            'https://a.example, "quoted" \\ odd',
+        ],
+        capsys,
+    )
     assert 'host = "0.0.0.0"  # file' in out
     assert "json_ping = true  # env" in out
     assert "max_message_chars = 77  # flag" in out
     assert "port = 8080  # default" in out
-    expected = load_settings({"max_message_chars": 77,
-                              "allowed_origins": 'https://a.example, "quoted" \\ odd'},
-                             environ={"FASTWS_JSON_PING": "on"}, config_file=path)
+    expected = load_settings(
+        {"max_message_chars": 77, "allowed_origins": 'https://a.example, "quoted" \\ odd'},
+        environ={"FASTWS_JSON_PING": "on"},
+        config_file=path,
+    )
     again = resolve(environ={}, config_file=write(tmp_path, out, "printed.toml"))
     assert again.settings == expected
     assert set(again.sources.values()) == {"file"}
 
 
-def test_print_masks_secrets(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_print_masks_secrets(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """jwt_secret, api_key and a password inside redis_url never appear in the output; their
     lines are commented out so that loading the output cannot install '***' as a secret."""
     secret, key, password = "jwt-s3cret-value", "api-k3y-value", "redis-pa55word"
@@ -244,11 +282,12 @@ async def test_workers_get_the_file_and_the_flags(tmp_path: Path) -> None:
     started with only --host/--port/--workers, so they must inherit the rest)."""
     path = write(tmp_path, "[limits]\nmax_message_chars = 5\n")
     checked: set[str] = set()
-    with server_process("--workers", "2", "--config", path,
-                        "--max-rooms-per-connection", "1") as (_proc, port):
+    with server_process("--workers", "2", "--config", path, "--max-rooms-per-connection", "1") as (
+        _proc,
+        port,
+    ):
         for i in range(64):  # SO_REUSEPORT spreads connections: both workers show up soon
-            async with connect(ws_url(port, f"u{i}"), open_timeout=TIMEOUT,
-                               close_timeout=1) as ws:
+            async with connect(ws_url(port, f"u{i}"), open_timeout=TIMEOUT, close_timeout=1) as ws:
                 node = (await recv_json(ws))["node"]
                 if node not in checked:
                     await _check_limits(ws)

@@ -16,9 +16,12 @@ from .utils import TIMEOUT, client, recv_json, running_node, send_json, token
 
 @pytest.mark.parametrize("path", ["/", "/chat", "/ws", "/any/deeper/path"])
 async def test_a_seed_client_connects_on_any_path_and_chats(path: str) -> None:
-    async with running_node() as node, connect(
-            f"ws://127.0.0.1:{node.port}{path}?token={token('alice')}",
-            open_timeout=TIMEOUT) as ws:
+    async with (
+        running_node() as node,
+        connect(
+            f"ws://127.0.0.1:{node.port}{path}?token={token('alice')}", open_timeout=TIMEOUT
+        ) as ws,
+    ):
         assert (await recv_json(ws))["type"] == "connected"
         await send_json(ws, "join_room", {"room": "general"})
         assert (await recv_json(ws))["type"] == "room_joined"
@@ -42,17 +45,30 @@ async def test_plain_gets_still_serve_the_page_and_health() -> None:
 async def test_ws_paths_restricts_the_upgrade_to_the_listed_paths() -> None:
     async with running_node(ws_paths="/ws,/chat") as node:
         for path in ("/ws", "/chat"):
-            async with connect(f"ws://127.0.0.1:{node.port}{path}?token={token('a')}",
-                               open_timeout=TIMEOUT) as ws:
+            async with connect(
+                f"ws://127.0.0.1:{node.port}{path}?token={token('a')}", open_timeout=TIMEOUT
+            ) as ws:
                 assert (await recv_json(ws))["type"] == "connected"
         with pytest.raises(InvalidStatus) as refused:
-            await connect(f"ws://127.0.0.1:{node.port}/?token={token('a')}",
-                          open_timeout=TIMEOUT)
+            await connect(f"ws://127.0.0.1:{node.port}/?token={token('a')}", open_timeout=TIMEOUT)
         assert refused.value.response.status_code == 404
 
 
-HOSTILE = ["Room 1", "général", "support/team", "日本語", "a{b}c", "}x", "{", "~7e", "~",
-           "x:y:z", "fastws:{r}:seq", "emoji 🎉", "a" * 128]
+HOSTILE = [
+    "Room 1",
+    "général",
+    "support/team",
+    "日本語",
+    "a{b}c",
+    "}x",
+    "{",
+    "~7e",
+    "~",
+    "x:y:z",
+    "fastws:{r}:seq",
+    "emoji 🎉",
+    "a" * 128,
+]
 
 
 async def test_any_room_name_works_on_every_broker(backend: Backend) -> None:
@@ -61,8 +77,11 @@ async def test_any_room_name_works_on_every_broker(backend: Backend) -> None:
     braces still maps its keys and channel to one slot), with seq, since and history."""
     from .nodes import enter, next_of
 
-    async with backend.nodes(2) as nodes, client(nodes[0], "alice") as a, \
-            client(nodes[1], "bob") as b:
+    async with (
+        backend.nodes(2) as nodes,
+        client(nodes[0], "alice") as a,
+        client(nodes[1], "bob") as b,
+    ):
         for room in HOSTILE:
             await enter(a, room, nodes)
             await enter(b, room, nodes)
@@ -78,8 +97,9 @@ async def test_any_room_name_works_on_every_broker(backend: Backend) -> None:
             await next_of(b, "room_left")
             await send_json(a, "chat_message", {"room": room, "message": "missed"})
             await next_of(a, "chat_message")
-            await send_json(b, "join_room", {"room": room, "since": {
-                "seq": 1, "epoch": msg["epoch"]}})
+            await send_json(
+                b, "join_room", {"room": room, "since": {"seq": 1, "epoch": msg["epoch"]}}
+            )
             joined = await next_of(b, "room_joined")
             assert joined["recovered"] is True
             assert (await next_of(b, "chat_message"))["message"] == "missed"

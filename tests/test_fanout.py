@@ -78,7 +78,8 @@ async def pairs(hooks: list[Any]) -> AsyncIterator[tuple[list[Wire], list[Any]]]
         return listener, switching_protocols(accept_key(parse_head(head)))
 
     server = await asyncio.get_running_loop().create_server(
-        WireServer(route, 5.0, 1 << 20), "127.0.0.1", 0)
+        WireServer(route, 5.0, 1 << 20), "127.0.0.1", 0
+    )
     port = server.sockets[0].getsockname()[1]
     clients = []
     for _ in range(10):
@@ -182,7 +183,8 @@ async def test_broadcast_skips_excluded_and_closed(fanout: ModuleType, pairs) ->
 
 
 async def test_broadcast_skips_the_listed_sinks_for_that_call_only(
-        fanout: ModuleType, pairs) -> None:
+    fanout: ModuleType, pairs
+) -> None:
     """Sinks in ``skip`` get nothing from that broadcast and everything from the next."""
     transports, receivers = pairs
     outbox, _ = _outbox(fanout)
@@ -261,4 +263,6 @@ async def test_broadcast_survives_a_dead_socket(fanout: ModuleType, pairs) -> No
     outbox.flush()
     for r in receivers[2:]:
         assert [await asyncio.wait_for(r.frames.get(), TIMEOUT) for _ in range(2)] == [
-            (1, b"warm"), (1, b"ok")]
+            (1, b"warm"),
+            (1, b"ok"),
+        ]

@@ -64,11 +64,21 @@ def tables_empty(backend: Backend, nodes: list[Node]) -> None:
             assert not [r for r in broker.ledger.rooms.values() if r.members]
             assert broker.ledger.bytes <= broker.ledger.max_bytes
         elif isinstance(broker, LocalBusBroker):
-            assert not (broker._subscribed or broker._members or broker._leases
-                        or broker._acquiring or broker._fifo)
+            assert not (
+                broker._subscribed
+                or broker._members
+                or broker._leases
+                or broker._acquiring
+                or broker._fifo
+            )
         elif isinstance(broker, RedisBroker):
-            assert not (broker._rooms or any(broker._members.values()) or broker._sessions
-                        or broker._joining or broker._leaving)
+            assert not (
+                broker._rooms
+                or any(broker._members.values())
+                or broker._sessions
+                or broker._joining
+                or broker._leaving
+            )
     if backend.kind == "localbus":
         bus = backend.bus
         assert not (bus._subscribers or bus._leases or bus._waiters or bus._revoked)
@@ -205,10 +215,12 @@ async def test_a_node_paused_past_its_ttl_converges(backend: Backend) -> None:
         pytest.skip("node liveness and sweeping are Redis'")
     room = room_name("paused")
     cluster = ["--redis-cluster"] if backend.kind == "redis-cluster" else []
-    with server_process("--redis", backend.url, "--redis-node-ttl", "1", *cluster) as (proc,
-                                                                                      port):
-        async with backend.nodes(1) as nodes, client(port, "alice") as a, \
-                client(nodes[0], "bob") as b:
+    with server_process("--redis", backend.url, "--redis-node-ttl", "1", *cluster) as (proc, port):
+        async with (
+            backend.nodes(1) as nodes,
+            client(port, "alice") as a,
+            client(nodes[0], "bob") as b,
+        ):
             await enter(a, room, [])
             await enter(b, room, nodes)
             proc.send_signal(signal.SIGSTOP)
@@ -247,11 +259,17 @@ async def test_a_worker_killed_holding_leases_loses_nothing() -> None:
                     await ws.wait_closed()
                 seq, epoch = last[user]
                 async with await reconnect(port, user) as again:
-                    await send_json(again, "join_room", {"room": f"solo-{user}",
-                                                         "since": {"seq": seq, "epoch": epoch}})
+                    await send_json(
+                        again,
+                        "join_room",
+                        {"room": f"solo-{user}", "since": {"seq": seq, "epoch": epoch}},
+                    )
                     joined = await next_of(again, "room_joined")
                     assert (joined["seq"], joined["epoch"], joined["recovered"]) == (
-                        20, epoch, True)
+                        20,
+                        epoch,
+                        True,
+                    )
                     await expect_silence(again, 0.05)  # nothing replayed: nothing was missed
                     await converged([], [(again, user)], f"solo-{user}")
         finally:

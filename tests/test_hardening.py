@@ -55,8 +55,7 @@ async def test_max_connections_answers_503() -> None:
 
 async def test_per_ip_limit_closes_the_extra_connection_with_1008() -> None:
     """max_connections_per_ip: the next connection from that IP is closed with 1008."""
-    async with running_node(max_connections_per_ip=2) as node, client(node, "a"), \
-            client(node, "b"):
+    async with running_node(max_connections_per_ip=2) as node, client(node, "a"), client(node, "b"):
         async with connect(ws_url(node, "c"), open_timeout=TIMEOUT) as ws:
             with pytest.raises(ConnectionClosed):
                 await asyncio.wait_for(ws.recv(), TIMEOUT)
@@ -114,8 +113,11 @@ async def test_refresh_with_a_new_token_keeps_the_connection() -> None:
 
 @pytest.mark.parametrize(
     ("tok", "code"),
-    [(lambda: token("mallory", ttl=7200), "wrong_user"), (lambda: "garbage", "invalid_token"),
-     (lambda: token("alice", ttl=-100), "invalid_token")],
+    [
+        (lambda: token("mallory", ttl=7200), "wrong_user"),
+        (lambda: "garbage", "invalid_token"),
+        (lambda: token("alice", ttl=-100), "invalid_token"),
+    ],
 )
 async def test_refresh_is_refused_for_another_user_or_a_bad_token(tok, code: str) -> None:
     """refresh only accepts a valid token for the same user; the old expiry stays."""

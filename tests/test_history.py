@@ -111,8 +111,9 @@ async def test_wrong_epoch_or_future_seq_is_not_recovered() -> None:
 async def test_history_expires_by_age() -> None:
     """Messages older than history_ttl are not replayed: the clock is injected, not slept."""
     now = [1000.0]
-    settings = load_settings({"host": "127.0.0.1", "port": 0, "jwt_secret": SECRET,
-                              "history_ttl": 60}, environ={})
+    settings = load_settings(
+        {"host": "127.0.0.1", "port": 0, "jwt_secret": SECRET, "history_ttl": 60}, environ={}
+    )
     broker = MemoryBroker(HistoryPolicy(100, 60), clock=lambda: now[0])
     node = Node(settings, SECRET, broker)
     await node.start()
@@ -142,8 +143,9 @@ async def test_history_request_returns_the_last_n_in_order() -> None:
         reply = await recv_json(bob)
         assert reply["type"] == "history" and reply["id"] == "h" and reply["seq"] == 12
         assert [m["seq"] for m in reply["messages"]] == [8, 9, 10, 11, 12]
-        assert all(m["type"] == "chat_message" and m["epoch"] == reply["epoch"]
-                   for m in reply["messages"])
+        assert all(
+            m["type"] == "chat_message" and m["epoch"] == reply["epoch"] for m in reply["messages"]
+        )
         await send_json(bob, "history", {"room": "r", "limit": 0}, id="bad")
         assert (await recv_json(bob))["code"] == "invalid_payload"
         async with client(node, "eve") as eve:
@@ -198,8 +200,11 @@ async def test_epoch_changes_when_the_in_memory_broker_restarts() -> None:
 
 async def test_recovery_across_two_redis_nodes_while_traffic_continues(redis_server) -> None:
     """Back on the other node, with messages still arriving: a gapless run, each seq once."""
-    async with redis_node(redis_server.url, "A") as a, redis_node(redis_server.url, "B") as b, \
-            client(b, "bob") as bob:
+    async with (
+        redis_node(redis_server.url, "A") as a,
+        redis_node(redis_server.url, "B") as b,
+        client(b, "bob") as bob,
+    ):
         await join(bob, "r")
         async with client(a, "alice") as alice:
             await join(alice, "r")

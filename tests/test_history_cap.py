@@ -43,8 +43,12 @@ def test_rooms_with_members_lose_their_oldest_messages_only_when_nothing_else_is
     assert seq == 100 and 40 <= len(kept) < 50
     assert ledger.bytes <= ledger.max_bytes
     # Recovery from before what is kept says so: not recovered.
-    assert ledger.join("busy", MemberInfo("c2", "bob", "bob"), (1, ledger.rooms["busy"].epoch)
-                       ).recovered is False
+    assert (
+        ledger.join(
+            "busy", MemberInfo("c2", "bob", "bob"), (1, ledger.rooms["busy"].epoch)
+        ).recovered
+        is False
+    )
 
 
 def test_expiry_and_the_size_per_room_give_their_bytes_back() -> None:
@@ -65,14 +69,17 @@ def test_expiry_and_the_size_per_room_give_their_bytes_back() -> None:
 async def test_the_cap_holds_over_real_sockets() -> None:
     """One node with a 400 kB cap; a client joins 30 rooms in turn, posts 40 messages of
     1,000 characters in each and leaves: the node keeps under the cap, the newest room whole."""
-    async with running_node(history_max_bytes=400_000, rate_limit=0) as node, \
-            client(node, "alice") as alice:
+    async with (
+        running_node(history_max_bytes=400_000, rate_limit=0) as node,
+        client(node, "alice") as alice,
+    ):
         for r in range(30):
             room = f"churn-{r}"
             await join(alice, room)
             for i in range(40):
-                await send_json(alice, "chat_message", {"room": room, "message": "y" * 1000},
-                                id=f"{r}-{i}")
+                await send_json(
+                    alice, "chat_message", {"room": room, "message": "y" * 1000}, id=f"{r}-{i}"
+                )
             acks = 0
             while acks < 40:
                 msg = await recv_json(alice)

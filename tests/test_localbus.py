@@ -376,8 +376,7 @@ class Bare:
         self.broker = LocalBusBroker(bus.path, **options)
         self.delivered: list[tuple[str, str, bytes, int]] = []
         self.pressure: list[bool] = []
-        self.broker.attach(node_id, lambda *pub: self.delivered.append(pub),
-                           self.pressure.append)
+        self.broker.attach(node_id, lambda *pub: self.delivered.append(pub), self.pressure.append)
 
 
 @contextlib.asynccontextmanager
@@ -535,8 +534,9 @@ async def test_corking_survives_the_bus() -> None:
         writes = n2.hub.outbox.writes
         seqs: list[int] = []
         for i in range(50):
-            n1.broker.publish_seq_nowait("r", p.chat_head("r", "alice", f"m{i}", "alice"),
-                                         seqs.append)
+            n1.broker.publish_seq_nowait(
+                "r", p.chat_head("r", "alice", f"m{i}", "alice"), seqs.append
+            )
         assert [m["seq"] for m in await chats(b, 50)] == list(range(1, 51))
         assert n2.hub.outbox.writes - writes == 1
         assert seqs == list(range(1, 51))
@@ -618,8 +618,9 @@ async def test_a_dropped_connection_recovers_subscriptions_and_presence() -> Non
         # A ghost: on the bus under w2, but not one of w2's members (its leave was lost).
         bus.ledger.join("r", MemberInfo("ghost-1", "ghost", "ghost", "w2"), None)
         link_of(bus, "w2").close()
-        await until(lambda: n2.broker.health()["reconnects"] == 1
-                    and n2.broker.health()["state"] == "ok")
+        await until(
+            lambda: n2.broker.health()["reconnects"] == 1 and n2.broker.health()["state"] == "ok"
+        )
         await expect(a, "user_left", username="ghost", members=2)
         await settle(n1, n2)
         await send_json(a, "chat_message", {"room": "r", "message": "after"})
@@ -652,8 +653,9 @@ async def test_joiners_waiting_on_a_failed_subscribe_are_all_told() -> None:
     await bus.start()
     broker = _SubscribeFails(bus.path, timeout=TIMEOUT)
     broker.gate = asyncio.Event()
-    settings = load_settings({"host": "127.0.0.1", "port": 0, "jwt_secret": SECRET,
-                              "drain_timeout": DRAIN}, environ={})
+    settings = load_settings(
+        {"host": "127.0.0.1", "port": 0, "jwt_secret": SECRET, "drain_timeout": DRAIN}, environ={}
+    )
     node = Node(settings, SECRET, broker=broker, node_id="w1")
     await node.start()
     try:
@@ -665,8 +667,11 @@ async def test_joiners_waiting_on_a_failed_subscribe_are_all_told() -> None:
             broker.gate.set()
             for ws, msg_id in ((a, "a"), (b, "b")):
                 error = await recv_json(ws)
-                assert (error["type"], error["code"], error["id"]) == ("error", "unavailable",
-                                                                      msg_id)
+                assert (error["type"], error["code"], error["id"]) == (
+                    "error",
+                    "unavailable",
+                    msg_id,
+                )
             assert "flaky" not in node.hub.rooms
             assert node.stats()["memberships"] == 0
     finally:
@@ -736,8 +741,9 @@ async def test_garbage_from_the_bus_makes_the_worker_reconnect_not_crash() -> No
 
     server = await asyncio.start_unix_server(rogue, path)
     broker = LocalBusBroker(path, timeout=TIMEOUT)
-    settings = load_settings({"host": "127.0.0.1", "port": 0, "jwt_secret": SECRET,
-                              "drain_timeout": DRAIN}, environ={})
+    settings = load_settings(
+        {"host": "127.0.0.1", "port": 0, "jwt_secret": SECRET, "drain_timeout": DRAIN}, environ={}
+    )
     node = Node(settings, SECRET, broker=broker, node_id="w1")
     await node.start()
     try:

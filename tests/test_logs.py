@@ -90,13 +90,15 @@ def test_json_log_lines_carry_event_connection_and_room_and_no_token() -> None:
         'headers {{"x-api-key: {t}"}}',
     ],
 )
-def test_formatters_redact_credentials_that_slip_into_a_record(fmt: logging.Formatter,
-                                                               leak: str) -> None:
+def test_formatters_redact_credentials_that_slip_into_a_record(
+    fmt: logging.Formatter, leak: str
+) -> None:
     """A token or key in a log message or an extra field comes out as ***, and a JSON line
     stays valid JSON."""
     tok = token("alice")
-    record = logging.LogRecord("fastws.test", logging.INFO, __file__, 1, leak.format(t=tok),
-                               None, None)
+    record = logging.LogRecord(
+        "fastws.test", logging.INFO, __file__, 1, leak.format(t=tok), None, None
+    )
     record.event = "test"
     record.path = leak.format(t=tok)
     line = fmt.format(record)

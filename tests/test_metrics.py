@@ -39,17 +39,29 @@ KEY = "metrics-test-key-0123456789"
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 EVERY_METRIC = [
-    "fastws_connections", "fastws_rooms", "fastws_messages_in", "fastws_messages_out",
-    "fastws_fanout_deliveries", "fastws_slow_consumers", "fastws_rate_limited_messages",
-    "fastws_auth_failures", "fastws_broker_up", "fastws_broker_publish_seconds",
-    "fastws_event_loop_lag_seconds", "fastws_event_loop_lag_last_seconds",
-    "fastws_connections_opened", "fastws_api_requests", "fastws_broker_pauses",
+    "fastws_connections",
+    "fastws_rooms",
+    "fastws_messages_in",
+    "fastws_messages_out",
+    "fastws_fanout_deliveries",
+    "fastws_slow_consumers",
+    "fastws_rate_limited_messages",
+    "fastws_auth_failures",
+    "fastws_broker_up",
+    "fastws_broker_publish_seconds",
+    "fastws_event_loop_lag_seconds",
+    "fastws_event_loop_lag_last_seconds",
+    "fastws_connections_opened",
+    "fastws_api_requests",
+    "fastws_broker_pauses",
 ]
 
 
 async def scrape_text(port: int) -> str:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=TIMEOUT)) as h, \
-            h.get(f"http://127.0.0.1:{port}/metrics") as r:
+    async with (
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=TIMEOUT)) as h,
+        h.get(f"http://127.0.0.1:{port}/metrics") as r,
+    ):
         assert r.status == 200
         assert r.headers["Content-Type"].startswith("text/plain")
         return (await r.read()).decode()
@@ -86,19 +98,23 @@ async def test_scrape_under_load_matches_what_was_sent() -> None:
                     assert (await earlier.next())["type"] == "user_joined"
             for n in range(100):
                 for c in clients:
-                    c.send_json({"type": "chat_message",
-                                 "payload": {"room": "load", "message": f"m{n}"}})
+                    c.send_json(
+                        {"type": "chat_message", "payload": {"room": "load", "message": f"m{n}"}}
+                    )
             for c in clients:
                 got = [await c.next() for _ in range(600)]
                 assert all(m["type"] == "chat_message" for m in got)
             async with aiohttp.ClientSession(headers={"X-API-Key": KEY}) as h:
                 for n in range(5):
-                    async with h.post(f"http://127.0.0.1:{admin_port(node)}/api/publish",
-                                      json={"room": "load", "text": f"api{n}"}) as r:
+                    async with h.post(
+                        f"http://127.0.0.1:{admin_port(node)}/api/publish",
+                        json={"room": "load", "text": f"api{n}"},
+                    ) as r:
                         assert r.status == 200
             for c in clients:
                 assert [(await c.next())["message"] for _ in range(5)] == [
-                    f"api{n}" for n in range(5)]
+                    f"api{n}" for n in range(5)
+                ]
             s = await scrape(admin_port(node))
             assert value(s, "fastws_messages_in_total", source="websocket") == 600
             assert value(s, "fastws_messages_in_total", source="api") == 5
@@ -108,8 +124,7 @@ async def test_scrape_under_load_matches_what_was_sent() -> None:
             assert value(s, "fastws_connections") == 6
             assert value(s, "fastws_connections_opened_total") == 6
             assert value(s, "fastws_rooms") == 1
-            assert value(s, "fastws_api_requests_total", route="/api/publish",
-                         status="200") == 5
+            assert value(s, "fastws_api_requests_total", route="/api/publish", status="200") == 5
             assert value(s, "fastws_broker_up", broker="memory") == 1
         finally:
             await close_picows(*clients)
@@ -139,8 +154,7 @@ async def test_every_metric_has_help_and_type() -> None:
 
 async def test_rate_limited_messages_are_counted() -> None:
     """Every message refused by the rate limit is counted: as many as rate_limited errors."""
-    async with running_node(admin_port=0, rate_limit=1, rate_burst=4) as node, \
-            client(node) as ws:
+    async with running_node(admin_port=0, rate_limit=1, rate_burst=4) as node, client(node) as ws:
         await join(ws, "r")  # one token
         for n in range(6):
             await send_json(ws, "chat_message", {"room": "r", "message": f"m{n}"})
@@ -173,15 +187,13 @@ async def test_auth_failures_are_counted_by_reason() -> None:
         assert value(s, "fastws_auth_failures_total", reason="no token") == 1
         assert value(s, "fastws_auth_failures_total", reason="bad signature") == 2
         assert value(s, "fastws_auth_failures_total", reason="token expired") == 1
-        assert sum(v for (name, _), v in s.items()
-                   if name == "fastws_auth_failures_total") == 4
+        assert sum(v for (name, _), v in s.items() if name == "fastws_auth_failures_total") == 4
 
 
 async def test_redis_broker_state_and_latency(redis_server: Any) -> None:
     """With Redis: one publish round trip observed per chat message; broker_up goes to 0
     when Redis stops."""
-    async with redis_node(redis_server.url, "m1", admin_port=0) as node, \
-            client(node) as ws:
+    async with redis_node(redis_server.url, "m1", admin_port=0) as node, client(node) as ws:
         await join(ws, "r")
         for n in range(7):
             await send_json(ws, "chat_message", {"room": "r", "message": f"m{n}"})
@@ -217,8 +229,9 @@ async def test_scrape_sums_both_workers(tmp_path: Path) -> None:
     (messages_out twice), one fan-out copy per member. The metrics directory is removed on
     exit."""
     admin = free_port()
-    with server_process("--workers", "2", "--admin-port", str(admin),
-                        env={"TMPDIR": str(tmp_path)}) as (proc, port):
+    with server_process(
+        "--workers", "2", "--admin-port", str(admin), env={"TMPDIR": str(tmp_path)}
+    ) as (proc, port):
         [metrics_dir] = tmp_path.glob("fastws-metrics-*")
         clients: list[ClientConnection] = []
         nodes: list[str] = []
@@ -231,8 +244,9 @@ async def test_scrape_sums_both_workers(tmp_path: Path) -> None:
             assert len(per_worker) == 2 and max(per_worker.values()) < 16, per_worker
             joined = [await _join_counting(ws, "all") for ws in clients]
             for n in range(20):
-                await send_json(clients[n % 16], "chat_message",
-                                {"room": "all", "message": f"m{n}"})
+                await send_json(
+                    clients[n % 16], "chat_message", {"room": "all", "message": f"m{n}"}
+                )
             for i, ws in enumerate(clients):
                 chats = 0
                 while chats < 20:
@@ -263,13 +277,16 @@ async def test_scrape_sums_both_workers(tmp_path: Path) -> None:
             # be on the bus (its joiner already had room_joined), so that worker gets it too.
             out_min = 2 * 20 + sum(len(set(nodes[: i + 1])) for i in range(16))
             out = -1.0
-            while (got != expected or not out_min <= out <= out_min + 1 or len(pids) < 2) \
-                    and loop.time() < deadline:
+            while (
+                got != expected or not out_min <= out <= out_min + 1 or len(pids) < 2
+            ) and loop.time() < deadline:
                 s = await scrape(admin)
                 got = {key: value(s, key[0], **labels[key]) for key in expected}
                 out = value(s, "fastws_messages_out_total")
-                async with aiohttp.ClientSession() as h, \
-                        h.get(f"http://127.0.0.1:{admin}/healthz") as r:
+                async with (
+                    aiohttp.ClientSession() as h,
+                    h.get(f"http://127.0.0.1:{admin}/healthz") as r,
+                ):
                     pids.add(json.loads(await r.read())["pid"])
                 await asyncio.sleep(0.05)
             assert got == expected and len(pids) == 2, (got, pids)
@@ -289,8 +306,7 @@ async def _node_pids(admin: int) -> dict[str, int]:
     """node id -> pid of each worker, asked of /healthz on the admin port until both answered."""
     found: dict[str, int] = {}
     for _ in range(200):
-        async with aiohttp.ClientSession() as h, \
-                h.get(f"http://127.0.0.1:{admin}/healthz") as r:
+        async with aiohttp.ClientSession() as h, h.get(f"http://127.0.0.1:{admin}/healthz") as r:
             health = json.loads(await r.read())
         found[health["node"]] = health["pid"]
         if len(found) == 2:
@@ -342,8 +358,9 @@ async def test_slow_consumer_is_counted() -> None:
     """A member that stops reading is closed as a slow consumer, and the scrape says so once."""
     from .test_slow_consumer import raw_client
 
-    async with running_node(admin_port=0, max_send_buffer_bytes=65536, close_timeout=0.5,
-                            rate_limit=0) as node:
+    async with running_node(
+        admin_port=0, max_send_buffer_bytes=65536, close_timeout=0.5, rate_limit=0
+    ) as node:
         sender = await picows_client(node, "sender")
         try:
             sender.send_json({"type": "join_room", "payload": {"room": "busy"}})
@@ -360,8 +377,12 @@ async def test_slow_consumer_is_counted() -> None:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
                 for _ in range(40):  # at most 2000 messages of 900 characters
                     for _ in range(50):
-                        sender.send_json({"type": "chat_message",
-                                          "payload": {"room": "busy", "message": "x" * 900}})
+                        sender.send_json(
+                            {
+                                "type": "chat_message",
+                                "payload": {"room": "busy", "message": "x" * 900},
+                            }
+                        )
                     for _ in range(50):
                         while (await sender.next())["type"] != "chat_message":
                             pass

@@ -34,14 +34,16 @@ def broker_of(node: Node) -> RedisBroker:
     return node.broker
 
 
-async def test_a_node_paused_past_its_ttl_rejoins_its_members(
-        redis_server: RedisServer) -> None:
+async def test_a_node_paused_past_its_ttl_rejoins_its_members(redis_server: RedisServer) -> None:
     """Node 1 (a process) is stopped past its TTL: node 2 sweeps alice (user_left). Resumed,
     node 1 notices, waits for the sweep, and puts her back (user_joined); presence on both
     nodes lists both users again, and chat flows both ways."""
     with server_process("--redis", redis_server.url, "--redis-node-ttl", "1") as (proc, port):
-        async with redis_node(redis_server.url, "B") as b, client(port, "alice") as alice, \
-                client(b, "bob") as bob:
+        async with (
+            redis_node(redis_server.url, "B") as b,
+            client(port, "alice") as alice,
+            client(b, "bob") as bob,
+        ):
             await join(alice, "r")
             assert (await join(bob, "r"))["members"] == 2
             await next_matching(alice, type="user_joined", username="bob")
@@ -58,22 +60,28 @@ async def test_a_node_paused_past_its_ttl_rejoins_its_members(
             await send_json(alice, "chat_message", {"room": "r", "message": "from 1"})
             assert (await next_matching(bob, type="chat_message"))["message"] == "from 1"
             await send_json(bob, "chat_message", {"room": "r", "message": "from 2"})
-            assert (await next_matching(alice, type="chat_message",
-                                        username="bob"))["message"] == "from 2"
+            assert (await next_matching(alice, type="chat_message", username="bob"))[
+                "message"
+            ] == "from 2"
 
 
 async def test_a_leave_lost_in_an_outage_is_done_on_reconnect(redis_server: RedisServer) -> None:
     """An entry Redis holds for node A that A no longer has (its leave was lost) leaves when A
     reconnects, with user_left; A's real member stays, and nobody else is touched."""
-    async with redis_node(redis_server.url, "A") as a, redis_node(redis_server.url, "B") as b, \
-            client(a, "alice") as alice, client(b, "bob") as bob:
+    async with (
+        redis_node(redis_server.url, "A") as a,
+        redis_node(redis_server.url, "B") as b,
+        client(a, "alice") as alice,
+        client(b, "bob") as bob,
+    ):
         await join(alice, "r")
         await join(bob, "r")
         await next_matching(alice, type="user_joined", username="bob")
         ghost = MemberInfo("ghost-1", "ghost", "ghost", a.node_id)
         async with redis_pipe(redis_server.url) as pipe:
-            await pipe.call(b"HSET", b"fastws:{r}:members", b"ghost-1",
-                            msgspec.msgpack.encode(ghost))
+            await pipe.call(
+                b"HSET", b"fastws:{r}:members", b"ghost-1", msgspec.msgpack.encode(ghost)
+            )
             assert await presence_seen(bob, "r") == ["alice", "bob", "ghost"]
             await pipe.call(b"CLIENT", b"KILL", b"TYPE", b"pubsub")  # every node reconnects
         # (Its user_left goes out too, but B, reconnecting at the same moment, may not be
@@ -93,8 +101,7 @@ async def test_bad_presence_entries_never_stop_the_upkeep(redis_server: RedisSer
         dead = MemberInfo("dead-1", "carol", "carol", "dead-node")
         async with redis_pipe(redis_server.url) as pipe:
             await pipe.call(b"HSET", b"fastws:{r}:members", b"junk", b"\xc1not msgpack")
-            await pipe.call(b"HSET", b"fastws:{r}:members", b"dead-1",
-                            msgspec.msgpack.encode(dead))
+            await pipe.call(b"HSET", b"fastws:{r}:members", b"dead-1", msgspec.msgpack.encode(dead))
             await pipe.call(b"SADD", b"fastws:node:dead-node:rooms", b"r")
             await pipe.call(b"SADD", b"fastws:nodes", b"dead-node")
             left = await next_matching(bob, type="user_left", username="carol")

@@ -37,12 +37,15 @@ def left(diffs: list[dict[str, Any]]) -> set[str]:
 
 async def test_a_join_storm_reaches_a_diff_member_as_a_few_diffs(backend: Backend) -> None:
     room = room_name("diff")
-    async with backend.nodes(2) as nodes, client(nodes[0], "alice") as alice, \
-            client(nodes[0], "bob") as bob, contextlib.AsyncExitStack() as stack:
+    async with (
+        backend.nodes(2) as nodes,
+        client(nodes[0], "alice") as alice,
+        client(nodes[0], "bob") as bob,
+        contextlib.AsyncExitStack() as stack,
+    ):
         assert (await enter(alice, room, nodes, presence="diff"))["members"] == 1
         await enter(bob, room, nodes)  # a seed client: one user_joined per join
-        others = [await stack.enter_async_context(client(nodes[1], f"u{i}"))
-                  for i in range(USERS)]
+        others = [await stack.enter_async_context(client(nodes[1], f"u{i}")) for i in range(USERS)]
         await asyncio.gather(*(enter(ws, room, nodes) for ws in others))
         # Her own join is in the first diff too (the room's changes are the same for all).
         users = {f"u{i}" for i in range(USERS)} | {"bob", "alice"}
@@ -63,8 +66,11 @@ async def test_a_join_storm_reaches_a_diff_member_as_a_few_diffs(backend: Backen
 
 async def test_a_big_room_gets_counts_not_names(backend: Backend) -> None:
     room = room_name("diff-count")
-    async with backend.nodes(2, presence_diff_names=3) as nodes, \
-            client(nodes[0], "alice") as alice, contextlib.AsyncExitStack() as stack:
+    async with (
+        backend.nodes(2, presence_diff_names=3) as nodes,
+        client(nodes[0], "alice") as alice,
+        contextlib.AsyncExitStack() as stack,
+    ):
         await enter(alice, room, nodes, presence="diff")
         others = [await stack.enter_async_context(client(nodes[1], f"c{i}")) for i in range(6)]
         await asyncio.gather(*(enter(ws, room, nodes) for ws in others))
@@ -76,8 +82,10 @@ async def test_a_big_room_gets_counts_not_names(backend: Backend) -> None:
 
 async def test_a_join_and_leave_within_one_interval_cancel(backend: Backend) -> None:
     room = room_name("diff-cancel")
-    async with backend.nodes(2, presence_diff_interval=1.0) as nodes, \
-            client(nodes[0], "alice") as alice:
+    async with (
+        backend.nodes(2, presence_diff_interval=1.0) as nodes,
+        client(nodes[0], "alice") as alice,
+    ):
         await enter(alice, room, nodes, presence="diff")
         own = await recv_json(alice)  # her own join, the interval's only change
         assert (own["type"], own["joined"]) == ("presence_diff", 1)

@@ -13,11 +13,9 @@ from .utils import client, expect_silence, recv_json, send_json
 GRACE = 1.0
 
 
-async def test_a_user_back_within_the_grace_is_neither_left_nor_joined(
-        backend: Backend) -> None:
+async def test_a_user_back_within_the_grace_is_neither_left_nor_joined(backend: Backend) -> None:
     room = room_name("grace")
-    async with backend.nodes(2, presence_grace=GRACE) as nodes, \
-            client(nodes[1], "bob") as bob:
+    async with backend.nodes(2, presence_grace=GRACE) as nodes, client(nodes[1], "bob") as bob:
         async with client(nodes[0], "alice") as alice:
             await enter(alice, room, nodes)
             await enter(bob, room, nodes)
@@ -34,8 +32,7 @@ async def test_a_user_back_within_the_grace_is_neither_left_nor_joined(
 
 async def test_past_the_grace_the_room_hears_user_left_once(backend: Backend) -> None:
     room = room_name("grace-over")
-    async with backend.nodes(2, presence_grace=GRACE) as nodes, \
-            client(nodes[1], "bob") as bob:
+    async with backend.nodes(2, presence_grace=GRACE) as nodes, client(nodes[1], "bob") as bob:
         async with client(nodes[0], "alice") as alice:
             await enter(alice, room, nodes)
             await enter(bob, room, nodes)
@@ -55,8 +52,11 @@ async def test_past_the_grace_the_room_hears_user_left_once(backend: Backend) ->
 
 async def test_leave_room_is_heard_at_once(backend: Backend) -> None:
     room = room_name("grace-leave")
-    async with backend.nodes(2, presence_grace=30) as nodes, \
-            client(nodes[0], "alice") as alice, client(nodes[1], "bob") as bob:
+    async with (
+        backend.nodes(2, presence_grace=30) as nodes,
+        client(nodes[0], "alice") as alice,
+        client(nodes[1], "bob") as bob,
+    ):
         await enter(alice, room, nodes)
         await enter(bob, room, nodes)
         await send_json(alice, "leave_room", {"room": room}, id="bye")

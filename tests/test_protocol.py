@@ -58,8 +58,11 @@ def test_refusals_are_typed(raw: str, code: str) -> None:
 
 @pytest.mark.parametrize(
     "raw",
-    [b'{"type":"\xff"}', b'{"type":"join_room","payload":{"room":"\xc0\xaf"}}',
-     b'{"type":"ping","id":"\xed\xa0\x80"}'],
+    [
+        b'{"type":"\xff"}',
+        b'{"type":"join_room","payload":{"room":"\xc0\xaf"}}',
+        b'{"type":"ping","id":"\xed\xa0\x80"}',
+    ],
 )
 def test_invalid_utf8_inside_binary_json_is_invalid_format(raw: bytes) -> None:
     """Invalid UTF-8 in a string msgspec reads is a typed refusal, not a server error."""
@@ -76,16 +79,34 @@ def test_outgoing_messages_use_the_seeds_field_names() -> None:
     assert out.startswith(b'{"type":"chat_message"')
     msg = json.loads(out)
     assert isinstance(msg.pop("timestamp"), int)
-    assert msg == {"type": "chat_message", "room": "r", "username": "alice",
-                   "message": "hi", "seq": 7, "epoch": "ep0", "userId": "u1"}
+    assert msg == {
+        "type": "chat_message",
+        "room": "r",
+        "username": "alice",
+        "message": "hi",
+        "seq": 7,
+        "epoch": "ep0",
+        "userId": "u1",
+    }
     assert json.loads(p.encode(p.Connected("c", 5))) == {
-        "type": "connected", "clientId": "c", "timestamp": 5}
+        "type": "connected",
+        "clientId": "c",
+        "timestamp": 5,
+    }
     assert json.loads(p.encode(p.TypingBroadcast("r", "a", False))) == {
-        "type": "typing", "room": "r", "username": "a", "isTyping": False}
+        "type": "typing",
+        "room": "r",
+        "username": "a",
+        "isTyping": False,
+    }
 
 
 def test_error_replies_carry_the_request_id() -> None:
     """An error for a request that had an id carries the same id."""
     err = MessageError("not_in_room", "Not a member of room: r", "abc")
     assert json.loads(p.error_bytes(err)) == {
-        "type": "error", "error": "Not a member of room: r", "code": "not_in_room", "id": "abc"}
+        "type": "error",
+        "error": "Not a member of room: r",
+        "code": "not_in_room",
+        "id": "abc",
+    }

@@ -25,8 +25,11 @@ async def next_chat(ws: Any) -> dict[str, Any]:
 async def test_http_publisher_publishes_and_reads_presence() -> None:
     """Publisher(url, key) posts into a room (the members get it with the returned seq) and
     lists the room's members."""
-    async with running_node(admin_port=0, api_key=KEY) as node, \
-            client(node, "alice") as alice, client(node, "bob") as bob:
+    async with (
+        running_node(admin_port=0, api_key=KEY) as node,
+        client(node, "alice") as alice,
+        client(node, "bob") as bob,
+    ):
         await join(alice, "ops")
         await join(bob, "ops")
         assert node.admin is not None
@@ -36,11 +39,16 @@ async def test_http_publisher_publishes_and_reads_presence() -> None:
             for ws in (alice, bob):
                 first, second = await next_chat(ws), await next_chat(ws)
                 assert (first["message"], first["seq"], first["userId"]) == (
-                    "deploying", 1, "system")
+                    "deploying",
+                    1,
+                    "system",
+                )
                 assert (second["username"], second["userId"], second["seq"]) == ("CI", "ci", 2)
             members = await pub.presence("ops")
-            assert sorted(members, key=lambda m: m.userId) == [Member("alice", "alice"),
-                                                               Member("bob", "bob")]
+            assert sorted(members, key=lambda m: m.userId) == [
+                Member("alice", "alice"),
+                Member("bob", "bob"),
+            ]
             await join(alice, "team#1:@ops")  # '#' and ':' are room characters, not URL syntax
             assert await pub.publish("team#1:@ops", "hash") == 1
             assert (await next_chat(alice))["room"] == "team#1:@ops"
@@ -73,9 +81,12 @@ async def test_http_publisher_raises_typed_errors() -> None:
 async def test_redis_publisher_reaches_nodes_and_history(redis_server: Any) -> None:
     """Publisher.over_redis posts with the nodes' Lua script: members on two nodes get it
     with the next seq, history keeps it, and presence spans both nodes."""
-    async with redis_node(redis_server.url, "n1") as n1, \
-            redis_node(redis_server.url, "n2") as n2, \
-            client(n1, "alice") as alice, client(n2, "bob") as bob:
+    async with (
+        redis_node(redis_server.url, "n1") as n1,
+        redis_node(redis_server.url, "n2") as n2,
+        client(n1, "alice") as alice,
+        client(n2, "bob") as bob,
+    ):
         await join(alice, "news")
         await join(bob, "news")
         await send_json(alice, "chat_message", {"room": "news", "message": "hi"})
@@ -85,7 +96,10 @@ async def test_redis_publisher_reaches_nodes_and_history(redis_server: Any) -> N
             for ws in (alice, bob):
                 msg = await next_chat(ws)
                 assert (msg["message"], msg["seq"], msg["username"]) == (
-                    "from the backend", 2, "Bot")
+                    "from the backend",
+                    2,
+                    "Bot",
+                )
             members = await pub.presence("news")
             assert sorted(m.userId for m in members) == ["alice", "bob"]
             with pytest.raises(PublishError) as err:

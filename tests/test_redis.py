@@ -26,9 +26,14 @@ async def until(predicate: Any, timeout: float = TIMEOUT) -> None:
 
 async def test_broadcasts_reach_every_member_on_both_nodes_once(redis_server) -> None:
     """A message posted on either node reaches every member on both, once, in one seq order."""
-    async with redis_node(redis_server.url, "A") as a, redis_node(redis_server.url, "B") as b, \
-            client(a, "a1") as a1, client(a, "a2") as a2, client(b, "b1") as b1, \
-            client(b, "b2") as b2:
+    async with (
+        redis_node(redis_server.url, "A") as a,
+        redis_node(redis_server.url, "B") as b,
+        client(a, "a1") as a1,
+        client(a, "a2") as a2,
+        client(b, "b1") as b1,
+        client(b, "b2") as b2,
+    ):
         members = [a1, a2, b1, b2]
         for i, ws in enumerate(members):
             joined = await join(ws, "room")
@@ -51,8 +56,13 @@ async def test_broadcasts_reach_every_member_on_both_nodes_once(redis_server) ->
 
 async def test_join_leave_and_presence_agree_across_nodes(redis_server) -> None:
     """Counts, user_joined/user_left and presence see members on both nodes, users once."""
-    async with redis_node(redis_server.url, "A") as a, redis_node(redis_server.url, "B") as b, \
-            client(a, "alice") as alice, client(b, "bob") as bob, client(b, "alice") as alice2:
+    async with (
+        redis_node(redis_server.url, "A") as a,
+        redis_node(redis_server.url, "B") as b,
+        client(a, "alice") as alice,
+        client(b, "bob") as bob,
+        client(b, "alice") as alice2,
+    ):
         await join(alice, "r")
         assert (await join(bob, "r"))["members"] == 2
         assert (await recv_json(alice))["username"] == "bob"
@@ -76,8 +86,11 @@ async def test_join_leave_and_presence_agree_across_nodes(redis_server) -> None:
 
 async def test_nodes_subscribe_only_to_rooms_with_local_members(redis_server) -> None:
     """A node subscribes when its first member joins a room and unsubscribes after the last."""
-    async with redis_pipe(redis_server.url) as r, redis_node(redis_server.url, "A") as a, \
-            client(a, "x") as x:
+    async with (
+        redis_pipe(redis_server.url) as r,
+        redis_node(redis_server.url, "A") as a,
+        client(a, "x") as x,
+    ):
 
         async def subscribers() -> int:
             return int((await r.call(b"PUBSUB", b"NUMSUB", b"fastws:{lobby}"))[1])
@@ -120,16 +133,24 @@ async def test_session_keys_are_created_and_removed(redis_server) -> None:
 
 async def test_redis_outage_degrades_then_recovers_without_restart(redis_server) -> None:
     """With Redis killed, nodes keep clients, refuse honestly, report degraded; then resume."""
-    async with redis_node(redis_server.url, "A") as a, redis_node(redis_server.url, "B") as b, \
-            client(a, "alice") as alice, client(b, "bob") as bob:
+    async with (
+        redis_node(redis_server.url, "A") as a,
+        redis_node(redis_server.url, "B") as b,
+        client(a, "alice") as alice,
+        client(b, "bob") as bob,
+    ):
         await join(alice, "r")
         await join(bob, "r")
         await recv_json(alice)
         redis_server.stop()
         await send_json(alice, "chat_message", {"room": "r", "message": "lost?"}, id="x")
         reply = await recv_json(alice, timeout=TIMEOUT)
-        assert reply == {"type": "error", "error": "Service temporarily unavailable, try again",
-                         "code": "unavailable", "id": "x"}
+        assert reply == {
+            "type": "error",
+            "error": "Service temporarily unavailable, try again",
+            "code": "unavailable",
+            "id": "x",
+        }
 
         async def degraded() -> bool:
             return a.health()["status"] == "degraded" and b.health()["status"] == "degraded"
@@ -195,8 +216,16 @@ async def test_redis_cluster_with_sharded_pubsub(redis_cluster) -> None:
 
     @contextlib.asynccontextmanager
     async def cluster_node(name: str) -> AsyncIterator[Node]:
-        settings = load_settings({"host": "127.0.0.1", "port": 0, "jwt_secret": SECRET,
-                                  "redis_url": url, "redis_cluster": True}, environ={})
+        settings = load_settings(
+            {
+                "host": "127.0.0.1",
+                "port": 0,
+                "jwt_secret": SECRET,
+                "redis_url": url,
+                "redis_cluster": True,
+            },
+            environ={},
+        )
         node = Node(settings, SECRET, RedisBroker(url, timeout=1.0, cluster=True), node_id=name)
         await node.start()
         try:
@@ -209,16 +238,21 @@ async def test_redis_cluster_with_sharded_pubsub(redis_cluster) -> None:
     rooms = ["alpha", "beta", "gamma", "delta", "omega"]
     slots = {key_slot(f"fastws:{{{r}}}".encode()) * 3 // 16384 for r in rooms}
     assert len(slots) >= 2, "the rooms should spread over shards"
-    async with cluster_node("A") as a, cluster_node("B") as b, client(a, "ann") as ann, \
-            client(b, "ben") as ben:
+    async with (
+        cluster_node("A") as a,
+        cluster_node("B") as b,
+        client(a, "ann") as ann,
+        client(b, "ben") as ben,
+    ):
         assert a.health()["status"] == "ok"
         for room in rooms:
             await join(ann, room)
             assert (await join(ben, room))["members"] == 2
             assert (await recv_json(ann))["type"] == "user_joined"
         for i, room in enumerate(rooms * 2):
-            await send_json(ann if i % 2 else ben, "chat_message",
-                            {"room": room, "message": f"{room}-{i}"})
+            await send_json(
+                ann if i % 2 else ben, "chat_message", {"room": room, "message": f"{room}-{i}"}
+            )
         for ws in (ann, ben):
             got: dict[str, list[int]] = {}
             for _ in range(len(rooms) * 2):
@@ -232,18 +266,29 @@ async def test_redis_cluster_with_sharded_pubsub(redis_cluster) -> None:
 def chat_frames(count: int, room: str = "pending") -> bytes:
     """``count`` chat_messages with ids 0..count-1, as masked frames for one write."""
     return b"".join(
-        build_frame(OP_TEXT, json.dumps({"type": "chat_message", "id": str(i),
-                                         "payload": {"room": room, "message": f"m{i}"}}).encode())
+        build_frame(
+            OP_TEXT,
+            json.dumps(
+                {
+                    "type": "chat_message",
+                    "id": str(i),
+                    "payload": {"room": room, "message": f"m{i}"},
+                }
+            ).encode(),
+        )
         for i in range(count)
     )
 
 
 async def test_messages_waiting_on_the_broker_keep_their_order_up_to_rate_burst(
-        redis_server) -> None:
+    redis_server,
+) -> None:
     """With a remote broker a connection's messages wait while its previous one is in flight;
     up to rate_burst of them wait and then take effect in the order they were sent."""
-    async with redis_node(redis_server.url, "A", rate_limit=0, rate_burst=40) as node, \
-            await raw_connect(node.port, token("alice")) as ws:
+    async with (
+        redis_node(redis_server.url, "A", rate_limit=0, rate_burst=40) as node,
+        await raw_connect(node.port, token("alice")) as ws,
+    ):
         await ws.send_text(json.dumps({"type": "join_room", "payload": {"room": "pending"}}))
         assert json.loads(await ws.read_text())["type"] == "room_joined"
         await ws.send_raw(chat_frames(40))
@@ -275,8 +320,12 @@ async def test_a_chat_given_up_on_is_not_applied_when_redis_wakes(redis_server) 
     """Redis stopped (SIGSTOP) past the node's timeout while a chat waits: the sender is told
     ``unavailable``; when Redis runs again it reads the script, but past its deadline (in
     Redis' own clock) it applies nothing: no seq, no history, nothing delivered."""
-    async with redis_node(redis_server.url, "A") as a, redis_node(redis_server.url, "B") as b, \
-            client(a, "alice") as alice, client(b, "bob") as bob:
+    async with (
+        redis_node(redis_server.url, "A") as a,
+        redis_node(redis_server.url, "B") as b,
+        client(a, "alice") as alice,
+        client(b, "bob") as bob,
+    ):
         await join(alice, "late")
         await join(bob, "late")
         await recv_json(alice)  # user_joined bob

@@ -47,10 +47,14 @@ async def seqs_of_chats(ws: ClientConnection, count: int) -> list[int]:
 
 
 async def test_a_room_on_one_node_is_sequenced_there_and_its_history_is_in_redis(
-        redis_server: RedisServer) -> None:
+    redis_server: RedisServer,
+) -> None:
     room = room_name("leased")
-    async with redis_node(redis_server.url, "A") as a, client(a, "alice") as alice, \
-            client(a, "carol") as carol:
+    async with (
+        redis_node(redis_server.url, "A") as a,
+        client(a, "alice") as alice,
+        client(a, "carol") as carol,
+    ):
         await join(alice, room)
         await join(carol, room)
         holder = await lease_of(redis_server.url, room)
@@ -74,12 +78,17 @@ async def test_a_room_on_one_node_is_sequenced_there_and_its_history_is_in_redis
 
 
 async def test_a_second_node_takes_the_room_over_without_a_gap_or_a_reorder(
-        redis_server: RedisServer) -> None:
+    redis_server: RedisServer,
+) -> None:
     """alice (node A, the holder) streams chats while bob joins on node B: A gives the room
     back behind its last record, and every member sees one run of seqs, in order."""
     room = room_name("handover")
-    async with redis_node(redis_server.url, "A") as a, redis_node(redis_server.url, "B") as b, \
-            client(a, "alice") as alice, client(b, "bob") as bob:
+    async with (
+        redis_node(redis_server.url, "A") as a,
+        redis_node(redis_server.url, "B") as b,
+        client(a, "alice") as alice,
+        client(b, "bob") as bob,
+    ):
         await join(alice, room)
         assert await lease_of(redis_server.url, room) is not None
         for i in range(40):
@@ -115,13 +124,13 @@ async def test_a_publisher_into_a_leased_room_takes_it_over(redis_server: RedisS
 
 
 async def test_a_crashed_holder_is_taken_over_at_once_and_since_recovers(
-        redis_server: RedisServer) -> None:
+    redis_server: RedisServer,
+) -> None:
     """The holder is SIGKILLed (its Redis connections close with it): a node its users come
     back to takes the room at once, not after the holder's TTL, in the same epoch, and a
     client's ``since`` recovers everything the holder had delivered."""
     room = room_name("crash")
-    with server_process("--redis-url", redis_server.url, "--redis-node-ttl", "30") as (proc,
-                                                                                    port):
+    with server_process("--redis-url", redis_server.url, "--redis-node-ttl", "30") as (proc, port):
         async with client(port, "alice") as alice:
             await join(alice, room)
             for i in range(3):
@@ -133,28 +142,33 @@ async def test_a_crashed_holder_is_taken_over_at_once_and_since_recovers(
             proc.wait(TIMEOUT)
     async with redis_node(redis_server.url, "B") as b, client(b, "alice") as again:
         started = asyncio.get_running_loop().time()
-        await send_json(again, "join_room",
-                        {"room": room, "since": {"seq": 1, "epoch": got[0]["epoch"]}})
+        await send_json(
+            again, "join_room", {"room": room, "since": {"seq": 1, "epoch": got[0]["epoch"]}}
+        )
         joined = await next_of(again, "room_joined")
         assert asyncio.get_running_loop().time() - started < 2.0  # not the holder's 30 s TTL
-        assert (joined["seq"], joined["epoch"], joined["recovered"]) == (3, got[0]["epoch"],
-                                                                          True)
-        assert [m["message"] for m in [await next_of(again, "chat_message")
-                                       for _ in range(2)]] == ["m1", "m2"]
+        assert (joined["seq"], joined["epoch"], joined["recovered"]) == (3, got[0]["epoch"], True)
+        assert [m["message"] for m in [await next_of(again, "chat_message") for _ in range(2)]] == [
+            "m1",
+            "m2",
+        ]
         await send_json(again, "chat_message", {"room": room, "message": "after"})
         assert await seqs_of_chats(again, 1) == [4]
 
 
 async def test_a_paused_holder_loses_the_room_and_applies_nothing_after(
-        redis_server: RedisServer) -> None:
+    redis_server: RedisServer,
+) -> None:
     """The holder is SIGSTOPped: node B's join waits for the holder's liveness to lapse, then
     takes the room, in the same epoch. Resumed, the old holder's chats are refused or take
     seqs after B's: no seq is ever given twice."""
     room = room_name("paused")
-    with server_process("--redis-url", redis_server.url, "--redis-node-ttl", "1") as (proc,
-                                                                                   port):
-        async with client(port, "alice") as alice, redis_node(redis_server.url, "B") as b, \
-                client(b, "bob") as bob:
+    with server_process("--redis-url", redis_server.url, "--redis-node-ttl", "1") as (proc, port):
+        async with (
+            client(port, "alice") as alice,
+            redis_node(redis_server.url, "B") as b,
+            client(b, "bob") as bob,
+        ):
             await join(alice, room)
             await send_json(alice, "chat_message", {"room": room, "message": "before"})
             first = await next_of(alice, "chat_message")
@@ -165,8 +179,9 @@ async def test_a_paused_holder_loses_the_room_and_applies_nothing_after(
                 await send_json(bob, "chat_message", {"room": room, "message": "while paused"})
                 assert await seqs_of_chats(bob, 1) == [2]
                 # Written while A is stopped: A reads it first thing when it runs again.
-                await send_json(alice, "chat_message", {"room": room, "message": "stale"},
-                                id="stale")
+                await send_json(
+                    alice, "chat_message", {"room": room, "message": "stale"}, id="stale"
+                )
             finally:
                 proc.send_signal(signal.SIGCONT)
             given: dict[int, str] = {}
@@ -192,7 +207,8 @@ async def test_a_paused_holder_loses_the_room_and_applies_nothing_after(
 
 
 async def test_records_past_their_deadline_apply_nothing_and_leave_no_gap(
-        redis_server: RedisServer) -> None:
+    redis_server: RedisServer,
+) -> None:
     """Redis stopped past the node's timeout while a leased chat's record waits: the sender is
     told ``unavailable``; when Redis runs again the record is past its deadline, nothing is
     applied, and the room's next chat takes the next seq."""

@@ -30,8 +30,9 @@ class Deliveries:
         self.got.append((room, exclude, payload, seq))
 
 
-async def started_broker(url: str, deliveries: Deliveries | None = None,
-                         **options: Any) -> RedisBroker:
+async def started_broker(
+    url: str, deliveries: Deliveries | None = None, **options: Any
+) -> RedisBroker:
     broker = RedisBroker(url, **{"timeout": 1.0, "node_ttl": 5, **options})
     broker.attach("test-node", deliveries or Deliveries())
     await broker.start()
@@ -40,7 +41,8 @@ async def started_broker(url: str, deliveries: Deliveries | None = None,
 
 
 async def test_commands_of_one_loop_turn_leave_in_one_write_and_replies_keep_order(
-        redis_server: RedisServer) -> None:
+    redis_server: RedisServer,
+) -> None:
     """100 commands issued in one turn are one socket write; their replies come back in order."""
     async with redis_pipe(redis_server.url) as pipe:
         before = pipe.writes
@@ -66,6 +68,7 @@ async def test_a_thousand_concurrent_joins_all_succeed(redis_server: RedisServer
     """The reconnect storm: 1,000 subscribes and joins at once, zero unavailable."""
     broker = await started_broker(redis_server.url)
     try:
+
         async def join(i: int) -> int:
             room = f"room{i % 100}"
             await broker.subscribe(room)
@@ -81,7 +84,8 @@ async def test_a_thousand_concurrent_joins_all_succeed(redis_server: RedisServer
 
 
 async def test_concurrent_subscribe_and_unsubscribe_end_in_the_last_wanted_state(
-        redis_server: RedisServer) -> None:
+    redis_server: RedisServer,
+) -> None:
     """Interleaved subscribes and unsubscribes of one channel, in any order and any number
     in flight: Redis ends subscribed exactly when the last call was a subscribe."""
     listener = Listener(parse_url(redis_server.url), on_message=lambda c, d: None)
@@ -123,10 +127,13 @@ async def test_every_message_of_one_read_is_handed_over_in_that_read() -> None:
     """A read holding many pub/sub messages calls on_message for all of them before
     data_received returns: the node's deliveries of one read are corked together."""
     got: list[bytes] = []
-    listener = Listener(parse_url("redis://127.0.0.1:1/0"),
-                        on_message=lambda channel, data: got.append(data))
-    chunk = b"".join(b"*3\r\n$7\r\nmessage\r\n$4\r\nchan\r\n$%d\r\n%b\r\n" % (len(d), d)
-                     for d in (b"m%d" % i for i in range(50)))
+    listener = Listener(
+        parse_url("redis://127.0.0.1:1/0"), on_message=lambda channel, data: got.append(data)
+    )
+    chunk = b"".join(
+        b"*3\r\n$7\r\nmessage\r\n$4\r\nchan\r\n$%d\r\n%b\r\n" % (len(d), d)
+        for d in (b"m%d" % i for i in range(50))
+    )
     listener.data_received(chunk[:-3])  # a partial last message waits for the rest
     assert len(got) == 49
     listener.data_received(chunk[-3:])
@@ -134,7 +141,8 @@ async def test_every_message_of_one_read_is_handed_over_in_that_read() -> None:
 
 
 async def test_killed_server_fails_waiters_then_the_broker_recovers(
-        redis_server: RedisServer, caplog: pytest.LogCaptureFixture) -> None:
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
     """Killing redis-server fails every waiting command at once (no hang), the broker goes
     down and logs why each call is refused, then reconnects by itself after a restart."""
     broker = await started_broker(redis_server.url)
@@ -155,8 +163,7 @@ async def test_killed_server_fails_waiters_then_the_broker_recovers(
         with caplog.at_level(logging.WARNING, "fastws.broker.redis"):
             broker.publish_seq_nowait("r", b"{", seqs.append)
         assert seqs[-1] == 0
-        assert any("refused" in r.getMessage() and "down" in r.getMessage()
-                   for r in caplog.records)
+        assert any("refused" in r.getMessage() and "down" in r.getMessage() for r in caplog.records)
         redis_server.start()
         async with asyncio.timeout(TIMEOUT * 2):
             while broker.state != "ok":
@@ -168,12 +175,17 @@ async def test_killed_server_fails_waiters_then_the_broker_recovers(
 
 
 async def test_a_paused_server_applies_backpressure_then_releases_it(
-        redis_server: RedisServer) -> None:
+    redis_server: RedisServer,
+) -> None:
     """With redis-server stopped (SIGSTOP) the queue passes its bound and pressure(True) is
     signalled; after SIGCONT every reply arrives, and pressure(False) follows."""
     signals: list[bool] = []
-    pipe = Pipe(parse_url(redis_server.url), timeout=10.0, limit=100,
-                pressure=lambda _pipe, paused: signals.append(paused))
+    pipe = Pipe(
+        parse_url(redis_server.url),
+        timeout=10.0,
+        limit=100,
+        pressure=lambda _pipe, paused: signals.append(paused),
+    )
     await pipe.connect()
     replies: list[Any] = []
     try:
@@ -214,15 +226,21 @@ async def test_a_server_that_stops_answering_times_out(redis_server: RedisServer
 
 
 async def test_garbage_on_a_room_channel_is_dropped_and_delivery_goes_on(
-        redis_server: RedisServer) -> None:
+    redis_server: RedisServer,
+) -> None:
     """Messages that do not parse are dropped and counted; the reader keeps delivering."""
     deliveries = Deliveries()
     broker = await started_broker(redis_server.url, deliveries)
     try:
         await broker.subscribe("r")
         async with redis_pipe(redis_server.url) as pipe:
-            for garbage in (b"no newlines", b"x\nnot-a-seq\n{}", b"x\n1\nnot json",
-                            b"\xff\n0\n{}", b""):
+            for garbage in (
+                b"no newlines",
+                b"x\nnot-a-seq\n{}",
+                b"x\n1\nnot json",
+                b"\xff\n0\n{}",
+                b"",
+            ):
                 await pipe.call(b"PUBLISH", b"fastws:{r}", garbage)
         await broker.publish("r", b'{"type":"typing"}', "someone")
         await broker.flush()
@@ -233,7 +251,8 @@ async def test_garbage_on_a_room_channel_is_dropped_and_delivery_goes_on(
 
 
 async def test_the_lua_chat_payload_is_types_chat_payload_byte_for_byte(
-        redis_server: RedisServer) -> None:
+    redis_server: RedisServer,
+) -> None:
     """What the publish_seq script publishes and keeps equals types.chat_payload."""
     deliveries = Deliveries()
     broker = await started_broker(redis_server.url, deliveries)
@@ -251,7 +270,8 @@ async def test_the_lua_chat_payload_is_types_chat_payload_byte_for_byte(
 
 
 async def test_flush_waits_for_what_another_node_published_before(
-        redis_server: RedisServer) -> None:
+    redis_server: RedisServer,
+) -> None:
     """flush() returns only after every publication made before it has been delivered."""
     deliveries = Deliveries()
     listener = await started_broker(redis_server.url, deliveries)
@@ -278,7 +298,8 @@ async def test_auth_and_select_come_from_the_url() -> None:
         async with redis_pipe(url) as pipe:
             await pipe.call(b"SET", b"k", b"v")
             assert await pipe.call(b"CLIENT", b"INFO") and b"db=3" in await pipe.call(
-                b"CLIENT", b"INFO")
+                b"CLIENT", b"INFO"
+            )
         async with redis_pipe(f"redis://:s3cret@127.0.0.1:{server.port}/0") as other:
             assert await other.call(b"GET", b"k") is None
         with pytest.raises(RespError, match=r"NOAUTH|WRONGPASS|invalid"):
@@ -290,8 +311,9 @@ async def test_auth_and_select_come_from_the_url() -> None:
 
 async def test_cluster_routes_every_key_to_its_slots_primary(redis_cluster: Any) -> None:
     """On a 3-primary cluster, commands go to the primary of their key's slot, concurrently."""
-    servers = ClusterServers(parse_url(redis_cluster.url), timeout=TIMEOUT,
-                             on_message=lambda c, d: None)
+    servers = ClusterServers(
+        parse_url(redis_cluster.url), timeout=TIMEOUT, on_message=lambda c, d: None
+    )
     await servers.connect(listen=False)
     try:
         keys = [b"fastws:{room%d}:seq" % i for i in range(300)]
@@ -311,8 +333,9 @@ async def test_cluster_routes_every_key_to_its_slots_primary(redis_cluster: Any)
 async def test_cluster_follows_moved_and_corrects_its_map(redis_cluster: Any) -> None:
     """A stale slot map (every slot on one primary): the others answer MOVED, the command is
     retried where they say, succeeds, and the map is corrected."""
-    servers = ClusterServers(parse_url(redis_cluster.url), timeout=TIMEOUT,
-                             on_message=lambda c, d: None)
+    servers = ClusterServers(
+        parse_url(redis_cluster.url), timeout=TIMEOUT, on_message=lambda c, d: None
+    )
     await servers.connect(listen=False)
     try:
         truth = list(servers._slot_pipes)
@@ -320,14 +343,16 @@ async def test_cluster_follows_moved_and_corrects_its_map(redis_cluster: Any) ->
         servers._slot_pipes = [wrong] * len(truth)
         keys = [b"k{%d}" % i for i in range(100)]
         async with asyncio.timeout(TIMEOUT):
-            assert await asyncio.gather(*(servers.call(k, b"SET", k, b"v") for k in keys)) \
+            assert (
+                await asyncio.gather(*(servers.call(k, b"SET", k, b"v") for k in keys))
                 == [b"OK"] * 100
-            assert await asyncio.gather(*(servers.call(k, b"GET", k) for k in keys)) \
-                == [b"v"] * 100
+            )
+            assert await asyncio.gather(*(servers.call(k, b"GET", k) for k in keys)) == [b"v"] * 100
             while servers._slot_pipes[key_slot(keys[1])] is not truth[key_slot(keys[1])]:
                 await asyncio.sleep(0.01)
-        assert [servers._slot_pipes[key_slot(k)] for k in keys] == \
-            [truth[key_slot(k)] for k in keys]
+        assert [servers._slot_pipes[key_slot(k)] for k in keys] == [
+            truth[key_slot(k)] for k in keys
+        ]
     finally:
         servers.close()
 
@@ -349,7 +374,8 @@ async def test_redis_rooms_reconnects_on_the_next_start(redis_server: RedisServe
 
 
 async def test_the_chats_of_one_turn_are_one_script_call_in_the_order_called(
-        redis_server: RedisServer) -> None:
+    redis_server: RedisServer,
+) -> None:
     """60 chats over 6 rooms issued in one loop turn are one EVALSHA; each room's seqs
     follow the order of the calls, and every message is answered."""
     broker = await started_broker(redis_server.url)
@@ -359,16 +385,18 @@ async def test_the_chats_of_one_turn_are_one_script_call_in_the_order_called(
             got: list[tuple[str, int, int]] = []
             for i in range(60):
                 room = f"batch{i % 6}"
-                broker.publish_seq_nowait(room, b'{"seq":', lambda seq, r=room, i=i:
-                                          got.append((r, i, seq)))
+                broker.publish_seq_nowait(
+                    room, b'{"seq":', lambda seq, r=room, i=i: got.append((r, i, seq))
+                )
             async with asyncio.timeout(TIMEOUT):
                 while len(got) < 60:
                     await asyncio.sleep(0.005)
             stats = (await pipe.call(b"INFO", b"commandstats")).decode()
         assert "cmdstat_evalsha:calls=1," in stats
         for n in range(6):
-            assert [seq for room, _, seq in sorted(got, key=lambda g: g[1])
-                    if room == f"batch{n}"] == list(range(1, 11))
+            assert [
+                seq for room, _, seq in sorted(got, key=lambda g: g[1]) if room == f"batch{n}"
+            ] == list(range(1, 11))
     finally:
         await broker.close()
 
@@ -388,14 +416,18 @@ async def test_other_commands_between_chats_keep_their_place(redis_server: Redis
         await asyncio.wait_for(typing, TIMEOUT)
         await broker.flush()
         assert seqs == [1, 2]
-        assert [payload[:12] for _, _, payload, _ in deliveries.got] == \
-            [b'{"n":1,"seq"', b'{"typing":1}', b'{"n":2,"seq"']
+        assert [payload[:12] for _, _, payload, _ in deliveries.got] == [
+            b'{"n":1,"seq"',
+            b'{"typing":1}',
+            b'{"n":2,"seq"',
+        ]
     finally:
         await broker.close()
 
 
 async def test_a_flushed_script_is_reloaded_and_a_failed_batch_answers_every_chat(
-        redis_server: RedisServer) -> None:
+    redis_server: RedisServer,
+) -> None:
     """After SCRIPT FLUSH the batch is retried once with EVAL (every seq allocated once);
     a batch Redis refuses answers each of its chats done(0)."""
     broker = await started_broker(redis_server.url)

@@ -40,9 +40,13 @@ def test_valid_messages_become_node_calls() -> None:
     s.handle(msg("typing", room="r", isTyping=False))
     s.handle(msg("presence", room="r"))
     s.handle(msg("leave_room", room="r"))
-    assert rec.calls == [("join", "r", None), ("chat", "r", "hi", None),
-                         ("typing", "r", False, None), ("presence", "r", None),
-                         ("leave", "r", None)]
+    assert rec.calls == [
+        ("join", "r", None),
+        ("chat", "r", "hi", None),
+        ("typing", "r", False, None),
+        ("presence", "r", None),
+        ("leave", "r", None),
+    ]
     assert rec.sent == []
 
 
@@ -82,8 +86,9 @@ def test_rate_limit_refuses_then_recovers_with_time() -> None:
         s.handle('{"type":"pong"}')
     assert rec.sent == []
     s.handle('{"type":"pong"}')
-    assert rec.sent == [{"type": "error", "error": "Rate limit exceeded, slow down",
-                         "code": "rate_limited"}]
+    assert rec.sent == [
+        {"type": "error", "error": "Rate limit exceeded, slow down", "code": "rate_limited"}
+    ]
     clock.now += 0.15  # one token back at 10/s
     s.handle('{"type":"ping"}')
     assert rec.sent[-1]["type"] == "pong"

@@ -49,9 +49,11 @@ async def test_drain_gives_up_on_clients_that_never_close() -> None:
         from .utils import token
 
         writer.write(
-            (f"GET /ws?token={token('mute')} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
-             "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-             "Sec-WebSocket-Version: 13\r\n\r\n").encode()
+            (
+                f"GET /ws?token={token('mute')} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                "Sec-WebSocket-Version: 13\r\n\r\n"
+            ).encode()
         )
         await writer.drain()
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)

@@ -221,8 +221,12 @@ async def test_typing_to_a_congested_member_is_conflated_and_never_closes_it() -
                 server_sock = session.transport.transport.get_extra_info("socket")
                 server_sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
                 for i in range(typed):
-                    alice.send_json({"type": "typing", "payload": {
-                        "room": ROOM, "isTyping": i % 2 == 0 or i == typed - 2}})
+                    alice.send_json(
+                        {
+                            "type": "typing",
+                            "payload": {"room": ROOM, "isTyping": i % 2 == 0 or i == typed - 2},
+                        }
+                    )
                     if i % 100 == 99:
                         alice.send_json({"type": "ping", "id": str(i)})  # paced: let it read
                         while (await alice.next()).get("id") != str(i):
@@ -231,8 +235,9 @@ async def test_typing_to_a_congested_member_is_conflated_and_never_closes_it() -
                 assert outbox.conflated > 0
                 assert node.stats().get("slow_consumers", 0) == 0
                 assert hello["clientId"] in node.sessions
-                alice.send_json({"type": "chat_message", "payload": {"room": ROOM,
-                                                                     "message": "end"}})
+                alice.send_json(
+                    {"type": "chat_message", "payload": {"room": ROOM, "message": "end"}}
+                )
                 typing: list[bool] = []
                 got_end = False
                 loop = asyncio.get_running_loop()

@@ -40,7 +40,10 @@ def offer(jwt: str) -> list[str]:
 def test_offered_protocols_splits_every_header_line() -> None:
     """Comma lists over one or several header lines become one list, blanks dropped."""
     assert offered_protocols(["fastws.v1, fastws.token.a.b.c", " x ,,"]) == [
-        "fastws.v1", "fastws.token.a.b.c", "x"]
+        "fastws.v1",
+        "fastws.token.a.b.c",
+        "x",
+    ]
     assert offered_protocols([]) == []
 
 
@@ -57,9 +60,10 @@ def test_extract_token_reads_the_subprotocol_last() -> None:
 
 async def test_websockets_client_connects_with_the_token_as_subprotocol() -> None:
     """websockets with subprotocols=[fastws.v1, fastws.token.<jwt>]: accepted, fastws.v1 chosen."""
-    async with running_node() as node, connect(
-        ws_url(node, None), subprotocols=offer(token("alice")), open_timeout=TIMEOUT
-    ) as ws:
+    async with (
+        running_node() as node,
+        connect(ws_url(node, None), subprotocols=offer(token("alice")), open_timeout=TIMEOUT) as ws,
+    ):
         assert ws.subprotocol == PROTOCOL
         hello = await recv_json(ws)
         assert hello["type"] == "connected" and hello["userId"] == "alice"
@@ -72,7 +76,8 @@ async def test_picows_client_sees_exactly_the_protocol_echoed_never_the_token() 
     jwt = token("bob")
     async with running_node() as node:
         transport, listener = await picows.ws_connect(
-            Collector, ws_url(node, None),
+            Collector,
+            ws_url(node, None),
             extra_headers={"Sec-WebSocket-Protocol": ", ".join(offer(jwt))},
         )
         try:
@@ -89,9 +94,12 @@ async def test_protocols_in_separate_headers_are_read_too() -> None:
     """Two Sec-WebSocket-Protocol header lines are one list (RFC 6455 section 4.1)."""
     async with running_node() as node:
         transport, listener = await picows.ws_connect(
-            Collector, ws_url(node, None),
-            extra_headers=[("Sec-WebSocket-Protocol", PROTOCOL),
-                           ("Sec-WebSocket-Protocol", TOKEN_PROTOCOL_PREFIX + token("carol"))],
+            Collector,
+            ws_url(node, None),
+            extra_headers=[
+                ("Sec-WebSocket-Protocol", PROTOCOL),
+                ("Sec-WebSocket-Protocol", TOKEN_PROTOCOL_PREFIX + token("carol")),
+            ],
         )
         try:
             assert transport.response.headers.getall("Sec-WebSocket-Protocol") == [PROTOCOL]
@@ -103,8 +111,7 @@ async def test_protocols_in_separate_headers_are_read_too() -> None:
 async def refused(node: Node, subprotocols: list[str]) -> Any:
     """The HTTP response of an upgrade offering ``subprotocols`` that the node refuses."""
     with pytest.raises(InvalidStatus) as info:
-        async with connect(ws_url(node, None), subprotocols=subprotocols,
-                           open_timeout=TIMEOUT):
+        async with connect(ws_url(node, None), subprotocols=subprotocols, open_timeout=TIMEOUT):
             pass
     return info.value.response
 
@@ -148,19 +155,22 @@ async def test_token_without_the_protocol_is_refused_with_400() -> None:
 async def test_query_token_wins_over_subprotocol_token() -> None:
     """Precedence: ?token= first, then Authorization, then the subprotocol."""
     async with running_node() as node:
-        async with connect(ws_url(node, "alice"), subprotocols=offer(token("bob")),
-                           open_timeout=TIMEOUT) as ws:
+        async with connect(
+            ws_url(node, "alice"), subprotocols=offer(token("bob")), open_timeout=TIMEOUT
+        ) as ws:
             assert ws.subprotocol == PROTOCOL
             assert (await recv_json(ws))["userId"] == "alice"
-        async with connect(ws_url(node, None), subprotocols=offer(token("bob")),
-                           additional_headers={"Authorization": f"Bearer {token('carol')}"},
-                           open_timeout=TIMEOUT) as ws:
+        async with connect(
+            ws_url(node, None),
+            subprotocols=offer(token("bob")),
+            additional_headers={"Authorization": f"Bearer {token('carol')}"},
+            open_timeout=TIMEOUT,
+        ) as ws:
             assert (await recv_json(ws))["userId"] == "carol"
         # A bad query token is not rescued by a good subprotocol one.
         bad = ws_url(node, None) + "?token=bad"
         with pytest.raises(InvalidStatus) as info:
-            async with connect(bad, subprotocols=offer(token("bob")),
-                               open_timeout=TIMEOUT):
+            async with connect(bad, subprotocols=offer(token("bob")), open_timeout=TIMEOUT):
                 pass
         assert info.value.response.status_code == 401
 
@@ -172,8 +182,9 @@ async def test_query_token_clients_get_no_protocol_unless_they_offer_it() -> Non
             assert ws.subprotocol is None
             assert "Sec-WebSocket-Protocol" not in ws.response.headers
             assert (await recv_json(ws))["type"] == "connected"
-        async with connect(ws_url(node, "alice"), subprotocols=[PROTOCOL],
-                           open_timeout=TIMEOUT) as ws:
+        async with connect(
+            ws_url(node, "alice"), subprotocols=[PROTOCOL], open_timeout=TIMEOUT
+        ) as ws:
             assert ws.subprotocol == PROTOCOL
 
 

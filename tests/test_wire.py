@@ -63,8 +63,9 @@ async def test_an_idle_connection_holds_a_buffer_only_while_a_frame_is_incomplet
             wire = session.transport
             assert (wire.pending_bytes, wire.buffer_capacity) == (0, 0)
             await join(bob, "lobby")
-            frame = build_frame(OP_TEXT, json.dumps(
-                {"type": "join_room", "payload": {"room": "lobby"}}).encode())
+            frame = build_frame(
+                OP_TEXT, json.dumps({"type": "join_room", "payload": {"room": "lobby"}}).encode()
+            )
             await ws.send_raw(frame[:9])
             async with asyncio.timeout(TIMEOUT):
                 while wire.pending_bytes != 9:
@@ -84,7 +85,7 @@ async def test_a_request_head_in_pieces_is_kept_until_it_is_whole() -> None:
         try:
             request = upgrade_request(node.port)
             for i in range(0, len(request), 7):
-                writer.write(request[i:i + 7])
+                writer.write(request[i : i + 7])
                 await writer.drain()
                 await asyncio.sleep(0)
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
@@ -114,11 +115,13 @@ async def test_firefox_connection_token_list_upgrades() -> None:
     ],
     ids=["version-8", "short-key", "no-upgrade-token"],
 )
-async def test_a_bad_handshake_is_400_with_its_reason(changes: dict[str, str],
-                                                       reason: bytes) -> None:
+async def test_a_bad_handshake_is_400_with_its_reason(
+    changes: dict[str, str], reason: bytes
+) -> None:
     async with running_node() as node:
-        status, headers, body = await http_exchange(node.port,
-                                                    upgrade_request(node.port, **changes))
+        status, headers, body = await http_exchange(
+            node.port, upgrade_request(node.port, **changes)
+        )
         assert (status, body) == (400, reason + b"\n")
         assert headers["connection"] == "close" and node.stats()["sessions"] == 0
 
@@ -126,8 +129,11 @@ async def test_a_bad_handshake_is_400_with_its_reason(changes: dict[str, str],
 @pytest.mark.parametrize(
     ("request_bytes", "status", "body"),
     [
-        (b"POST /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n", 405,
-         b"method not allowed\n"),
+        (
+            b"POST /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
+            405,
+            b"method not allowed\n",
+        ),
         (b"GET /healthz\r\nHost: x\r\n\r\n", 400, b"malformed request line\n"),
         (b"GET /healthz HTTP/1.1\r\nno colon here\r\n\r\n", 400, b"malformed header line\n"),
         (b"GET /healthz SPDY/3\r\nHost: x\r\n\r\n", 400, b"not HTTP/1.x\n"),
@@ -183,16 +189,19 @@ async def test_a_failing_handler_closes_its_connection_with_1011_only(
 
 def test_parse_head_and_the_rfc_accept_key() -> None:
     """RFC 6455 section 1.3's own example key gives its accept value."""
-    head = (b"GET /chat?x=1 HTTP/1.1\r\nHost: server.example.com\r\nUpgrade: websocket\r\n"
-            b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-            b"Sec-WebSocket-Protocol: a\r\nsec-websocket-protocol: b\r\n"
-            b"Sec-WebSocket-Version: 13")
+    head = (
+        b"GET /chat?x=1 HTTP/1.1\r\nHost: server.example.com\r\nUpgrade: websocket\r\n"
+        b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        b"Sec-WebSocket-Protocol: a\r\nsec-websocket-protocol: b\r\n"
+        b"Sec-WebSocket-Version: 13"
+    )
     request = parse_head(head)
     assert (request.method, request.path) == ("GET", "/chat?x=1")
     assert request.headers.getall("Sec-WebSocket-Protocol") == ["a", "b"]
     assert accept_key(request) == "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
-    expected = base64.b64encode(hashlib.sha1(
-        b"dGhlIHNhbXBsZSBub25jZQ==258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest()).decode()
+    expected = base64.b64encode(
+        hashlib.sha1(b"dGhlIHNhbXBsZSBub25jZQ==258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest()
+    ).decode()
     assert accept_key(request) == expected
     with pytest.raises(BadRequest):
         accept_key(parse_head(head.replace(b"GET", b"PUT")))

@@ -63,8 +63,9 @@ async def test_clients_on_both_workers_receive_every_room_message() -> None:
             for i, ws in enumerate(clients):
                 assert (await join(ws, "all"))["members"] == i + 1
             for i in range(10):
-                await send_json(clients[i % 16], "chat_message",
-                                {"room": "all", "message": f"m{i}"})
+                await send_json(
+                    clients[i % 16], "chat_message", {"room": "all", "message": f"m{i}"}
+                )
             for ws in clients:
                 seqs: list[int] = []
                 while len(seqs) < 10:

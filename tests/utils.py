@@ -32,8 +32,10 @@ def token(user: str = "alice", **kw: Any) -> str:
 async def running_node(**overrides: Any) -> AsyncIterator[Node]:
     """A real node in this event loop on a free loopback port; drained on exit."""
     # No presence grace unless a test asks: most tests watch user_left follow a close.
-    settings = load_settings({"host": "127.0.0.1", "port": 0, "jwt_secret": SECRET,
-                              "presence_grace": 0, **overrides}, environ={})
+    settings = load_settings(
+        {"host": "127.0.0.1", "port": 0, "jwt_secret": SECRET, "presence_grace": 0, **overrides},
+        environ={},
+    )
     node = Node(settings, SECRET)
     await node.start()
     try:
@@ -146,8 +148,13 @@ def server_process(
 ) -> Iterator[tuple[subprocess.Popen[str], int]]:
     """``fastws serve`` as a subprocess on a free port; killed on exit if still running."""
     cmd = [sys.executable, "-m", "fastws", "serve", "--port", "0", "--jwt-secret", SECRET, *args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, **(env or {})})
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
     try:
         line = _readline(proc, TIMEOUT * 2)
         match = re.search(r"listening on http://[\d.]+:(\d+)", line)

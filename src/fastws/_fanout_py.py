@@ -114,8 +114,9 @@ class Outbox:
 
     def _ephemeral(self, s: Sink, data: bytes, key: Any) -> int:
         tr = s.transport.transport
-        if s.congested or (tr.get_write_buffer_size() + len(s.buf) + len(data)
-                           > self.max_buffered // 2):
+        if s.congested or (
+            tr.get_write_buffer_size() + len(s.buf) + len(data) > self.max_buffered // 2
+        ):
             if s.held is None:
                 s.held = {}
             elif key in s.held:

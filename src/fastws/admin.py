@@ -44,8 +44,12 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
-    return web.Response(body=_encode(data), status=status, content_type="application/json",
-                        headers={"Cache-Control": "no-store"})
+    return web.Response(
+        body=_encode(data),
+        status=status,
+        content_type="application/json",
+        headers={"Cache-Control": "no-store"},
+    )
 
 
 class Admin:
@@ -57,30 +61,43 @@ class Admin:
         self.metrics = Metrics(node)
         self._key = self.settings.api_key.encode()
         # The body limit is the WebSocket message limit: an API publish is no bigger a message.
-        app = web.Application(client_max_size=self.settings.max_message_bytes,
-                              middlewares=[self._errors])
+        app = web.Application(
+            client_max_size=self.settings.max_message_bytes, middlewares=[self._errors]
+        )
         app.router.add_post("/api/publish", self.api_publish)
         app.router.add_get("/api/rooms/{room}/presence", self.api_presence)
         app.router.add_get("/metrics", self.serve_metrics)
         app.router.add_get("/healthz", self.serve_health)
         # Shutdown waits for requests in flight at most close_timeout, never aiohttp's 60 s.
-        self.runner = web.AppRunner(app, access_log=None, handle_signals=False,
-                                    shutdown_timeout=self.settings.close_timeout)
+        self.runner = web.AppRunner(
+            app, access_log=None, handle_signals=False, shutdown_timeout=self.settings.close_timeout
+        )
         self._site: web.TCPSite | None = None
 
     async def start(self, reuse_port: bool = False) -> None:
         await self.runner.setup()
-        self._site = web.TCPSite(self.runner, self.settings.admin_host, self.settings.admin_port,
-                                 reuse_port=reuse_port or None, backlog=1024)
+        self._site = web.TCPSite(
+            self.runner,
+            self.settings.admin_host,
+            self.settings.admin_port,
+            reuse_port=reuse_port or None,
+            backlog=1024,
+        )
         try:
             await self._site.start()
         except OSError as exc:
             await self.runner.cleanup()
-            raise ConfigError(f"admin listener: cannot listen on {self.settings.admin_host}:"
-                              f"{self.settings.admin_port}: {exc.strerror}") from None
+            raise ConfigError(
+                f"admin listener: cannot listen on {self.settings.admin_host}:"
+                f"{self.settings.admin_port}: {exc.strerror}"
+            ) from None
         self.metrics.start()
-        log.info("admin listening on %s:%d", self.settings.admin_host, self.port,
-                 extra={"event": "admin_listening", "port": self.port})
+        log.info(
+            "admin listening on %s:%d",
+            self.settings.admin_host,
+            self.port,
+            extra={"event": "admin_listening", "port": self.port},
+        )
         if not self._key:
             log.warning("no api_key: /api/* answers 403", extra={"event": "api_disabled"})
 
@@ -103,15 +120,17 @@ class Admin:
         try:
             response = await handler(request)
         except ApiError as exc:
-            headers = {"WWW-Authenticate": 'Bearer realm="fastws-admin"'} if (
-                exc.status == 401) else {}
+            headers = (
+                {"WWW-Authenticate": 'Bearer realm="fastws-admin"'} if (exc.status == 401) else {}
+            )
             response = _json({"error": exc.text, "code": exc.code}, exc.status)
             response.headers.update(headers)
         except web.HTTPException as exc:  # aiohttp's own: 404, 405, 413 ...
             if not request.path.startswith("/api/"):
                 raise
-            code = {404: "not_found", 405: "method_not_allowed",
-                    413: "too_large"}.get(exc.status, "bad_request")
+            code = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}.get(
+                exc.status, "bad_request"
+            )
             response = _json({"error": exc.reason, "code": code}, exc.status)
         if request.path.startswith("/api/"):
             self.metrics.api_requests.labels(name, str(response.status)).inc()
@@ -158,8 +177,9 @@ class Admin:
             entries = await self.node.broker.presence(room)
         except BrokerUnavailable:
             raise ApiError(503, "unavailable", "Broker unavailable, try again") from None
-        return _json({"room": room, "connections": len(entries),
-                      "members": unique_members(entries)})
+        return _json(
+            {"room": room, "connections": len(entries), "members": unique_members(entries)}
+        )
 
     async def serve_metrics(self, request: web.Request) -> web.Response:
         body = self.metrics.render()

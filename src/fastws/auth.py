@@ -49,9 +49,13 @@ class Verifier:
             if size < 32:
                 log.warning("jwt_secret is shorter than 32 bytes; use a longer random secret")
             elif size < advised:
-                log.info("jwt_secret is %d bytes; RFC 7518 advises %d for %s tokens", size,
-                         advised, max(hmac, key=_HMAC_KEY_BYTES.__getitem__),
-                         extra={"event": "jwt_secret_short"})
+                log.info(
+                    "jwt_secret is %d bytes; RFC 7518 advises %d for %s tokens",
+                    size,
+                    advised,
+                    max(hmac, key=_HMAC_KEY_BYTES.__getitem__),
+                    extra={"event": "jwt_secret_short"},
+                )
             # Said once above; PyJWT would otherwise warn on every single handshake.
             warnings.filterwarnings("ignore", category=jwt.warnings.InsecureKeyLengthWarning)
         else:
@@ -172,7 +176,7 @@ def extract_token(
         if protocol.startswith(TOKEN_PROTOCOL_PREFIX) and len(protocol) > len(
             TOKEN_PROTOCOL_PREFIX
         ):
-            return protocol[len(TOKEN_PROTOCOL_PREFIX):]
+            return protocol[len(TOKEN_PROTOCOL_PREFIX) :]
     return None
 
 

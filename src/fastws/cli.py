@@ -34,17 +34,33 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
             flags.append("--redis")
         help_text = f"{FIELD_HELP[f.name]} [env {env_name(f.name)}]"
         if isinstance(f.default, bool):
-            parser.add_argument(*flags, dest=f.name, default=None,
-                                action=argparse.BooleanOptionalAction, help=help_text)
+            parser.add_argument(
+                *flags,
+                dest=f.name,
+                default=None,
+                action=argparse.BooleanOptionalAction,
+                help=help_text,
+            )
         else:
-            parser.add_argument(*flags, dest=f.name, default=None, type=type(f.default),
-                                metavar=_METAVAR[type(f.default)], help=help_text)
+            parser.add_argument(
+                *flags,
+                dest=f.name,
+                default=None,
+                type=type(f.default),
+                metavar=_METAVAR[type(f.default)],
+                help=help_text,
+            )
 
 
 def _add_config_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", dest="config_file", metavar="PATH", default=None,
-                        help="TOML file of settings, in sections as `fastws config --print` "
-                        f"shows them; FASTWS_* variables and flags override it [env {CONFIG_ENV}]")
+    parser.add_argument(
+        "--config",
+        dest="config_file",
+        metavar="PATH",
+        default=None,
+        help="TOML file of settings, in sections as `fastws config --print` "
+        f"shows them; FASTWS_* variables and flags override it [env {CONFIG_ENV}]",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,40 +73,65 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"fastws {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     serve = sub.add_parser(
-        "serve", help="run the server (WebSocket at /ws, demo page at /, health at /healthz)",
+        "serve",
+        help="run the server (WebSocket at /ws, demo page at /, health at /healthz)",
         description="Run the server. Without --jwt-secret a random secret is made for this run "
         "and a ready demo link with a token is printed.",
     )
     _add_config_flag(serve)
     _add_settings_flags(serve)
     config = sub.add_parser(
-        "config", help="show the effective configuration (file < env < flags), secrets masked",
+        "config",
+        help="show the effective configuration (file < env < flags), secrets masked",
         description="Print the settings `fastws serve` would run with, given the same --config, "
         "FASTWS_* variables and flags, as a TOML file --config reads, each value marked with "
         "where it came from. Secrets (and passwords in URLs) are masked and their lines "
-        "commented out. Exits 2 with the reason if the configuration is invalid.")
-    config.add_argument("--print", dest="print_config", action="store_true",
-                        help="print the effective configuration")
-    config.add_argument("--format", choices=("toml", "json"), default="toml",
-                        help="toml (default; loadable with --config) or json")
+        "commented out. Exits 2 with the reason if the configuration is invalid.",
+    )
+    config.add_argument(
+        "--print",
+        dest="print_config",
+        action="store_true",
+        help="print the effective configuration",
+    )
+    config.add_argument(
+        "--format",
+        choices=("toml", "json"),
+        default="toml",
+        help="toml (default; loadable with --config) or json",
+    )
     _add_config_flag(config)
     _add_settings_flags(config)
-    token = sub.add_parser("token", help="mint a JWT for a user with the configured secret",
-                           description="Print a token signed with --jwt-secret or "
-                           "FASTWS_JWT_SECRET (HS256 by default).")
+    token = sub.add_parser(
+        "token",
+        help="mint a JWT for a user with the configured secret",
+        description="Print a token signed with --jwt-secret or "
+        "FASTWS_JWT_SECRET (HS256 by default).",
+    )
     token.add_argument("--user", required=True, help="userId claim")
     token.add_argument("--username", help="username claim (default: the user id)")
     token.add_argument("--roles", default="", help="comma-separated roles claim")
     token.add_argument("--ttl", type=float, default=3600.0, help="seconds until exp (default 3600)")
-    token.add_argument("--jwt-secret", dest="jwt_secret", default=None,
-                       help=f"HMAC secret [env {env_name('jwt_secret')}]")
-    token.add_argument("--jwt-algorithms", dest="jwt_algorithms", default=None,
-                       help="signing algorithm, HS256/HS384/HS512 (default HS256)")
+    token.add_argument(
+        "--jwt-secret",
+        dest="jwt_secret",
+        default=None,
+        help=f"HMAC secret [env {env_name('jwt_secret')}]",
+    )
+    token.add_argument(
+        "--jwt-algorithms",
+        dest="jwt_algorithms",
+        default=None,
+        help="signing algorithm, HS256/HS384/HS512 (default HS256)",
+    )
     _add_config_flag(token)
     from .bench.options import add_arguments as add_bench_arguments  # argparse only: cheap
 
-    bench = sub.add_parser("bench", help="benchmark a server: roundtrip, fanout, rooms, "
-                           "connections (load generator on picows + uvloop)")
+    bench = sub.add_parser(
+        "bench",
+        help="benchmark a server: roundtrip, fanout, rooms, "
+        "connections (load generator on picows + uvloop)",
+    )
     add_bench_arguments(bench)
     return parser
 
@@ -113,15 +154,21 @@ def _serve(args: argparse.Namespace) -> int:
 
     def announce(port: int) -> None:
         base = f"http://{host}:{port}"
-        print(f"fastws {__version__} listening on {base} (WebSocket at ws://{host}:{port}/ws, "
-              f"pid {os.getpid()})", flush=True)
+        print(
+            f"fastws {__version__} listening on {base} (WebSocket at ws://{host}:{port}/ws, "
+            f"pid {os.getpid()})",
+            flush=True,
+        )
         if generated and ENV_WORKER not in os.environ:
             alg = settings.algorithms[0]
             alice = mint(secret, "alice", ttl=86400, algorithm=alg)
             bob = mint(secret, "bob", ttl=86400, algorithm=alg)
-            print("No --jwt-secret given: using a random secret for this run.\n"
-                  f"Open the demo as alice: {base}/#token={alice}\n"
-                  f"        and as bob:     {base}/#token={bob}", flush=True)
+            print(
+                "No --jwt-secret given: using a random secret for this run.\n"
+                f"Open the demo as alice: {base}/#token={alice}\n"
+                f"        and as bob:     {base}/#token={bob}",
+                flush=True,
+            )
         if ENV_WORKER not in os.environ:
             from .policy import Policy
 
@@ -138,12 +185,26 @@ def _serve(args: argparse.Namespace) -> int:
         os.environ.update(environ_for(settings))
         os.environ.pop(CONFIG_ENV, None)
         return uvloop.run(Supervisor(settings, secret, workers).run(announce))
-    return uvloop.run(_run_node(settings, secret, announce, os.environ.get(ENV_BUS),
-                                os.environ.get(ENV_NODE), ENV_WORKER in os.environ))
+    return uvloop.run(
+        _run_node(
+            settings,
+            secret,
+            announce,
+            os.environ.get(ENV_BUS),
+            os.environ.get(ENV_NODE),
+            ENV_WORKER in os.environ,
+        )
+    )
 
 
-async def _run_node(settings: Settings, secret: str, announce: Any, bus_dir: str | None,
-                    node_id: str | None, reuse_port: bool) -> int:
+async def _run_node(
+    settings: Settings,
+    secret: str,
+    announce: Any,
+    bus_dir: str | None,
+    node_id: str | None,
+    reuse_port: bool,
+) -> int:
     from .broker import Broker
     from .broker.memory import MemoryBroker
     from .server import Node, history_policy, serve
@@ -152,9 +213,13 @@ async def _run_node(settings: Settings, secret: str, announce: Any, bus_dir: str
     if settings.redis_url:
         from .broker.redis import RedisBroker
 
-        broker = RedisBroker(settings.redis_url, node_ttl=settings.redis_node_ttl,
-                             cluster=settings.redis_cluster, policy=history_policy(settings),
-                             leases=settings.redis_leases)
+        broker = RedisBroker(
+            settings.redis_url,
+            node_ttl=settings.redis_node_ttl,
+            cluster=settings.redis_cluster,
+            policy=history_policy(settings),
+            leases=settings.redis_leases,
+        )
     elif bus_dir:
         from .broker.buswire import socket_path
         from .broker.localbus import LocalBusBroker
@@ -168,14 +233,18 @@ async def _run_node(settings: Settings, secret: str, announce: Any, bus_dir: str
 
 
 def _token(args: argparse.Namespace) -> int:
-    settings = load_settings({"jwt_secret": args.jwt_secret,
-                              "jwt_algorithms": args.jwt_algorithms}, config_file=args.config_file)
+    settings = load_settings(
+        {"jwt_secret": args.jwt_secret, "jwt_algorithms": args.jwt_algorithms},
+        config_file=args.config_file,
+    )
     if not settings.jwt_secret:
-        raise ConfigError("no secret: pass --jwt-secret or set FASTWS_JWT_SECRET "
-                          "(the same one the server uses)")
+        raise ConfigError(
+            "no secret: pass --jwt-secret or set FASTWS_JWT_SECRET (the same one the server uses)"
+        )
     roles = tuple(r for r in args.roles.split(",") if r)
-    print(mint(settings.jwt_secret, args.user, args.username, roles, args.ttl,
-               settings.algorithms[0]))
+    print(
+        mint(settings.jwt_secret, args.user, args.username, roles, args.ttl, settings.algorithms[0])
+    )
     return 0
 
 
@@ -197,8 +266,12 @@ def _bench(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    handlers: dict[str, Any] = {"serve": _serve, "token": _token, "config": _config,
-                                "bench": _bench}
+    handlers: dict[str, Any] = {
+        "serve": _serve,
+        "token": _token,
+        "config": _config,
+        "bench": _bench,
+    }
     if args.command not in handlers:
         parser.print_help()
         return 2

@@ -109,8 +109,7 @@ FIELD_HELP: dict[str, str] = {
     "{'type':'pong'} instead of protocol pings (default off)",
     "max_message_bytes": "largest frame or reassembled message in bytes; bigger closes "
     "with 1009 (default 65536)",
-    "max_message_chars": "longest chat_message text in characters (default 1000, as in "
-    "the seed)",
+    "max_message_chars": "longest chat_message text in characters (default 1000, as in the seed)",
     "max_rooms_per_connection": "rooms one connection may be in (default 100; 0 = no limit)",
     "max_send_buffer_bytes": "unsent output in bytes after which a client is a slow "
     "consumer and is closed with 4008 (default 1048576)",
@@ -124,7 +123,7 @@ FIELD_HELP: dict[str, str] = {
     "joins the room again within them (on any node), the room hears neither user_left nor "
     "user_joined (default 3; 0 = user_left at once)",
     "presence_diff_interval": "seconds of presence changes one presence_diff gathers, for "
-    "members that join with \"presence\": \"diff\" (default 0.1)",
+    'members that join with "presence": "diff" (default 0.1)',
     "presence_diff_names": "rooms up to this many connections get names in presence_diff; "
     "bigger ones get only the counts (default 100)",
     "log_level": "debug, info, warning or error (default info)",
@@ -175,8 +174,7 @@ FIELD_HELP: dict[str, str] = {
     "(default 10)",
     "workers": "worker processes sharing the port (default 1; 0 = one per core); with more "
     "than one and no Redis, workers talk over a local bus in the supervisor",
-    "redis_url": "redis://host:port/db to span rooms across hosts (default none: this host "
-    "only)",
+    "redis_url": "redis://host:port/db to span rooms across hosts (default none: this host only)",
     "redis_cluster": "treat --redis-url as a Redis Cluster node and use sharded pub/sub "
     "(SSUBSCRIBE/SPUBLISH) (default off)",
     "redis_leases": "sequence a room whose members are all on this node here, writing its "
@@ -258,9 +256,13 @@ def resolve(
 
 
 def _origins(message: str, sources: dict[str, str], path: str | None) -> str:
-    """" (port from fastws.toml)": where the settings a range error names were set."""
-    where = {"file": path, "env": "the environment", "flag": "the command line",
-             "default": "default"}
+    """ " (port from fastws.toml)": where the settings a range error names were set."""
+    where = {
+        "file": path,
+        "env": "the environment",
+        "flag": "the command line",
+        "default": "default",
+    }
     named = dict.fromkeys(w for w in re.findall(r"\w+", message) if w in FIELDS)
     parts = [f"{name} from {where[sources[name]]}" for name in named]
     return f" ({', '.join(parts)})" if parts else ""
@@ -356,11 +358,21 @@ def _file_struct() -> Any:
     sections: dict[str, list[tuple[str, Any, Any]]] = {name: [] for name in SECTIONS}
     for name, kind in FIELDS.items():
         sections[section_of(name)].append((name, kind | msgspec.UnsetType, msgspec.UNSET))
-    return msgspec.defstruct("ConfigFile", [
-        (section, msgspec.defstruct(section, fields, forbid_unknown_fields=True, kw_only=True)
-         | msgspec.UnsetType, msgspec.UNSET)
-        for section, fields in sections.items() if fields
-    ], forbid_unknown_fields=True, kw_only=True)
+    return msgspec.defstruct(
+        "ConfigFile",
+        [
+            (
+                section,
+                msgspec.defstruct(section, fields, forbid_unknown_fields=True, kw_only=True)
+                | msgspec.UnsetType,
+                msgspec.UNSET,
+            )
+            for section, fields in sections.items()
+            if fields
+        ],
+        forbid_unknown_fields=True,
+        kw_only=True,
+    )
 
 
 _ConfigFile = _file_struct()
@@ -383,8 +395,9 @@ def read_file(path: str) -> dict[str, Any]:
     values: dict[str, Any] = {}
     for section in msgspec.structs.asdict(parsed).values():
         if section is not msgspec.UNSET:
-            values.update({k: v for k, v in msgspec.structs.asdict(section).items()
-                           if v is not msgspec.UNSET})
+            values.update(
+                {k: v for k, v in msgspec.structs.asdict(section).items() if v is not msgspec.UNSET}
+            )
     return values
 
 
@@ -440,8 +453,10 @@ def render_toml(resolved: Resolved) -> str:
 
     A masked line is commented out, so that loading the output never installs ``***`` as a
     secret: secrets stay wherever they came from (env, flag or the original file)."""
-    lines = ["# fastws effective configuration: `fastws serve --config` reads this file.",
-             "# Precedence: defaults < this file < FASTWS_* variables < command-line flags."]
+    lines = [
+        "# fastws effective configuration: `fastws serve --config` reads this file.",
+        "# Precedence: defaults < this file < FASTWS_* variables < command-line flags.",
+    ]
     by_section: dict[str, list[str]] = {name: [] for name in SECTIONS}
     for name, value in msgspec.structs.asdict(resolved.settings).items():
         shown = masked(name, value)
@@ -464,5 +479,8 @@ def render_json(resolved: Resolved) -> str:
 def environ_for(settings: Settings) -> dict[str, str]:
     """Every setting as a ``FASTWS_*`` variable: how worker processes inherit the
     supervisor's effective settings, whatever file, variable or flag they came from."""
-    return {env_name(name): str(value).lower() if isinstance(value, bool) else str(value)
-            for name, value in msgspec.structs.asdict(settings).items() if name in FIELDS}
+    return {
+        env_name(name): str(value).lower() if isinstance(value, bool) else str(value)
+        for name, value in msgspec.structs.asdict(settings).items()
+        if name in FIELDS
+    }

@@ -1,11 +1,11 @@
 """The exception tree and the close-code table.
 
-    FastWSError
-    ├── ConfigError      bad settings; the CLI prints it and exits 2
-    ├── AuthError        the upgrade is refused with HTTP 401; ``reason`` is safe to log
-    └── MessageError     one client message is refused with an ``error`` reply; the
-        │                connection stays open. ``code`` is the machine-readable kind.
-        └── BrokerUnavailable  the broker is down: the message was not delivered anywhere
+FastWSError
+├── ConfigError      bad settings; the CLI prints it and exits 2
+├── AuthError        the upgrade is refused with HTTP 401; ``reason`` is safe to log
+└── MessageError     one client message is refused with an ``error`` reply; the
+    │                connection stays open. ``code`` is the machine-readable kind.
+    └── BrokerUnavailable  the broker is down: the message was not delivered anywhere
 """
 
 from __future__ import annotations

@@ -42,8 +42,16 @@ def signature(secret: str, timestamp: str, body: bytes) -> str:
 
 
 class BackendEvents:
-    def __init__(self, url: str, secret: str, node: str, batch: int = 100,
-                 interval: float = 0.5, queue: int = 10_000, timeout: float = 5.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        secret: str,
+        node: str,
+        batch: int = 100,
+        interval: float = 0.5,
+        queue: int = 10_000,
+        timeout: float = 5.0,
+    ) -> None:
         self.url = url
         self.secret = secret
         self.node = node
@@ -61,19 +69,29 @@ class BackendEvents:
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
 
-    def add(self, kind: str, client_id: str, user_id: str, username: str,
-            room: str | None = None) -> None:
-        event = {"id": uuid.uuid4().hex, "type": kind, "clientId": client_id,
-                 "userId": user_id, "username": username, "node": self.node,
-                 "ts": int(time.time() * 1000)}
+    def add(
+        self, kind: str, client_id: str, user_id: str, username: str, room: str | None = None
+    ) -> None:
+        event = {
+            "id": uuid.uuid4().hex,
+            "type": kind,
+            "clientId": client_id,
+            "userId": user_id,
+            "username": username,
+            "node": self.node,
+            "ts": int(time.time() * 1000),
+        }
         if room is not None:
             event["room"] = room
         if len(self._queue) >= self._limit:
             self._queue.popleft()
             self.dropped += 1
             if self.dropped & (self.dropped - 1) == 0:  # 1st, 2nd, 4th...: rate-limited
-                log.warning("backend events queue full: dropped the oldest (%d so far)",
-                            self.dropped, extra={"event": "events_dropped"})
+                log.warning(
+                    "backend events queue full: dropped the oldest (%d so far)",
+                    self.dropped,
+                    extra={"event": "events_dropped"},
+                )
         self._queue.append(event)
         if len(self._queue) >= self.batch:
             self._wake.set()
@@ -111,13 +129,18 @@ class BackendEvents:
     async def _post(self, batch: list[dict[str, Any]]) -> str:
         body = _encoder.encode({"events": batch})
         stamp = str(int(time.time()))
-        headers = {"Content-Type": "application/json", "X-Fastws-Timestamp": stamp,
-                   "X-Fastws-Signature": signature(self.secret, stamp, body)}
+        headers = {
+            "Content-Type": "application/json",
+            "X-Fastws-Timestamp": stamp,
+            "X-Fastws-Signature": signature(self.secret, stamp, body),
+        }
         try:
             if self._session is None:
                 self._session = aiohttp.ClientSession()
-            async with asyncio.timeout(self.timeout), self._session.post(
-                    self.url, data=body, headers=headers) as response:
+            async with (
+                asyncio.timeout(self.timeout),
+                self._session.post(self.url, data=body, headers=headers) as response,
+            ):
                 status = response.status
         except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
             self._failed(f"{type(exc).__name__}: {exc}")
@@ -129,15 +152,23 @@ class BackendEvents:
             self._failed(f"HTTP {status}")
             return "retry"
         self.dropped += len(batch)
-        log.warning("backend events refused with HTTP %d: %d dropped", status, len(batch),
-                    extra={"event": "events_refused", "status": status})
+        log.warning(
+            "backend events refused with HTTP %d: %d dropped",
+            status,
+            len(batch),
+            extra={"event": "events_refused", "status": status},
+        )
         return "done"
 
     def _failed(self, cause: str) -> None:
         self.failures += 1
         if self.failures & (self.failures - 1) == 0:
-            log.warning("backend events not delivered (%s), retrying (%d failures so far)",
-                        cause, self.failures, extra={"event": "events_failed"})
+            log.warning(
+                "backend events not delivered (%s), retrying (%d failures so far)",
+                cause,
+                self.failures,
+                extra={"event": "events_failed"},
+            )
 
     async def close(self, within: float) -> None:
         """Deliver what is queued for up to ``within`` seconds; what is left is dropped."""
@@ -152,8 +183,11 @@ class BackendEvents:
                     await self._task
         if self._queue:
             self.dropped += len(self._queue)
-            log.warning("backend events dropped at shutdown: %d", len(self._queue),
-                        extra={"event": "events_dropped"})
+            log.warning(
+                "backend events dropped at shutdown: %d",
+                len(self._queue),
+                extra={"event": "events_dropped"},
+            )
             self._queue.clear()
         if self._session is not None:
             await self._session.close()

@@ -77,8 +77,17 @@ class Room:
     entry into the hole so join and leave stay O(1).
     """
 
-    __slots__ = ("diff", "diff_sinks", "fresh", "index", "members", "name", "pending",
-                 "presence_marks", "sinks")
+    __slots__ = (
+        "diff",
+        "diff_sinks",
+        "fresh",
+        "index",
+        "members",
+        "name",
+        "pending",
+        "presence_marks",
+        "sinks",
+    )
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -210,7 +219,11 @@ class Hub:
         return room
 
     def broadcast(
-        self, name: str, payload: bytes, exclude: Session | None = None, seq: int = 0,
+        self,
+        name: str,
+        payload: bytes,
+        exclude: Session | None = None,
+        seq: int = 0,
         origin: str = "",
     ) -> int:
         """Frame ``payload`` once and queue it for every member of ``name`` but ``exclude``.

@@ -53,10 +53,16 @@ class JoinHook:
             if self._session is None:
                 self._session = aiohttp.ClientSession()
             headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-            body = {"userId": who.user_id, "username": who.username, "roles": list(who.roles),
-                    "room": room}
-            async with asyncio.timeout(self.timeout), self._session.post(
-                    self.url, json=body, headers=headers) as response:
+            body = {
+                "userId": who.user_id,
+                "username": who.username,
+                "roles": list(who.roles),
+                "room": room,
+            }
+            async with (
+                asyncio.timeout(self.timeout),
+                self._session.post(self.url, json=body, headers=headers) as response,
+            ):
                 if response.status == 200:
                     answer = await response.json(content_type=None)
                     allowed = isinstance(answer, dict) and answer.get("allow") is True
@@ -71,8 +77,11 @@ class JoinHook:
 
     def _failed(self, cause: str) -> None:
         self.failures += 1
-        log.warning("join hook failed (join denied): %s", cause,
-                    extra={"event": "join_hook_failed", "cause": cause})
+        log.warning(
+            "join hook failed (join denied): %s",
+            cause,
+            extra={"event": "join_hook_failed", "cause": cause},
+        )
 
     async def close(self) -> None:
         if self._session is not None:

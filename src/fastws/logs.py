@@ -55,8 +55,11 @@ class TextFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
-        extras = [f"{k}={v}" for k, v in vars(record).items()
-                  if k not in _STANDARD and not k.startswith("_") and k != "event"]
+        extras = [
+            f"{k}={v}"
+            for k, v in vars(record).items()
+            if k not in _STANDARD and not k.startswith("_") and k != "event"
+        ]
         return redact(f"{line} {' '.join(extras)}" if extras else line)
 
 

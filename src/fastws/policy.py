@@ -59,8 +59,9 @@ def _rules(field: str, raw: str) -> tuple[Rule, ...]:
 def _allowed(rules: tuple[Rule, ...], who: Principal, room: str) -> bool:
     for rule in rules:
         if fnmatch.fnmatchcase(room, rule.pattern):
-            return (f"user:{who.user_id}" in rule.who
-                    or any(f"role:{role}" in rule.who for role in who.roles))
+            return f"user:{who.user_id}" in rule.who or any(
+                f"role:{role}" in rule.who for role in who.roles
+            )
     return True  # no rule for the room: everyone
 
 
@@ -97,7 +98,7 @@ class Policy:
         """The two users of a direct room, or None if ``room`` is not one."""
         for prefix in self.direct:
             if room.startswith(prefix):
-                first, sep, second = room[len(prefix):].partition(":")
+                first, sep, second = room[len(prefix) :].partition(":")
                 if sep and first and second and ":" not in second:
                     return first, second
                 return ("", "")  # under a direct prefix but malformed: nobody's
@@ -105,7 +106,8 @@ class Policy:
 
     def is_private(self, room: str) -> bool:
         return self.direct_members(room) is not None or any(
-            fnmatch.fnmatchcase(room, p) for p in self.private)
+            fnmatch.fnmatchcase(room, p) for p in self.private
+        )
 
     def claims(self, who: Principal, room: str) -> bool:
         """Whether the token's ``rooms`` claim names the room (exactly, or by a glob)."""

@@ -77,9 +77,19 @@ class PresenceDiffs:
             if not joins and not leaves:
                 continue
             named = changes.members <= self.names_max
-            self._send(room, p.encode(p.PresenceDiff(
-                room, changes.members, len(joins), len(leaves),
-                joins if named and joins else None, leaves if named and leaves else None)))
+            self._send(
+                room,
+                p.encode(
+                    p.PresenceDiff(
+                        room,
+                        changes.members,
+                        len(joins),
+                        len(leaves),
+                        joins if named and joins else None,
+                        leaves if named and leaves else None,
+                    )
+                ),
+            )
 
     def close(self) -> None:
         if self._timer is not None:

@@ -104,8 +104,17 @@ ClientMessage = (
     JoinRoom | LeaveRoom | ChatMessage | Typing | Presence | History | Refresh | Ping | Pong
 )
 CLIENT_TYPES = frozenset(
-    ("join_room", "leave_room", "chat_message", "typing", "presence", "history", "refresh",
-     "ping", "pong")
+    (
+        "join_room",
+        "leave_room",
+        "chat_message",
+        "typing",
+        "presence",
+        "history",
+        "refresh",
+        "ping",
+        "pong",
+    )
 )
 
 

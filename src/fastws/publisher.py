@@ -73,9 +73,12 @@ class Publisher:
 
         publisher = cls("", "", timeout=timeout)
         publisher._max_chars = max_message_chars
-        publisher._rooms = RedisRooms(redis_url, timeout=timeout, cluster=cluster,
-                                      policy=HistoryPolicy(history_size, history_ttl,
-                                                           history_off))
+        publisher._rooms = RedisRooms(
+            redis_url,
+            timeout=timeout,
+            cluster=cluster,
+            policy=HistoryPolicy(history_size, history_ttl, history_off),
+        )
         return publisher
 
     async def __aenter__(self) -> Publisher:
@@ -102,8 +105,11 @@ class Publisher:
         unavailable, 401 for a wrong key)."""
         if self._rooms is not None:
             return await self._publish_redis(room, text, username, user_id)
-        reply = await self._request("POST", "/api/publish", {
-            "room": room, "text": text, "username": username, "userId": user_id})
+        reply = await self._request(
+            "POST",
+            "/api/publish",
+            {"room": room, "text": text, "username": username, "userId": user_id},
+        )
         return int(reply["seq"])
 
     async def presence(self, room: str) -> list[Member]:
@@ -129,7 +135,8 @@ class Publisher:
 
         if self._http is None:
             self._http = aiohttp.ClientSession(
-                headers=self._headers, timeout=aiohttp.ClientTimeout(total=self.timeout))
+                headers=self._headers, timeout=aiohttp.ClientTimeout(total=self.timeout)
+            )
         try:
             async with self._http.request(method, self.url + path, json=body) as response:
                 raw = await response.read()
@@ -142,8 +149,11 @@ class Publisher:
             reply = {}
         if status != 200 or not isinstance(reply, dict):
             error = reply if isinstance(reply, dict) else {}
-            raise PublishError(status, str(error.get("code", "http_error")),
-                               str(error.get("error", raw[:200].decode(errors="replace"))))
+            raise PublishError(
+                status,
+                str(error.get("code", "http_error")),
+                str(error.get("error", raw[:200].decode(errors="replace"))),
+            )
         return reply
 
     # ---- Redis ------------------------------------------------------------------------------
@@ -172,4 +182,3 @@ class Publisher:
             return int(await rooms.publish_seq(room, p.chat_head(room, username, text, user_id)))
         except BrokerUnavailable:
             raise PublishError(503, "unavailable", "Redis unavailable") from None
-

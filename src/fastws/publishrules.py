@@ -46,11 +46,13 @@ def check_publish(body: PublishBody, max_chars: int, max_room_chars: int = 128) 
     except MessageError as exc:
         raise ApiError(422, exc.code, exc.text) from None
     if not 1 <= len(body.username) <= MAX_USERNAME_CHARS or not body.username.strip():
-        raise ApiError(422, "invalid_user",
-                       f"username must be 1-{MAX_USERNAME_CHARS} characters, not blank")
+        raise ApiError(
+            422, "invalid_user", f"username must be 1-{MAX_USERNAME_CHARS} characters, not blank"
+        )
     if not 1 <= len(body.userId) <= MAX_USER_ID_CHARS or not body.userId.strip():
-        raise ApiError(422, "invalid_user",
-                       f"userId must be 1-{MAX_USER_ID_CHARS} characters, not blank")
+        raise ApiError(
+            422, "invalid_user", f"userId must be 1-{MAX_USER_ID_CHARS} characters, not blank"
+        )
 
 
 def unique_members(entries: list[MemberInfo]) -> list[dict[str, str]]:

@@ -44,8 +44,12 @@ def _load_pages() -> dict[str, tuple[bytes, str]]:
 
 
 def history_policy(settings: Settings) -> HistoryPolicy:
-    return HistoryPolicy(settings.history_size, settings.history_ttl, settings.history_off,
-                         settings.history_max_bytes)
+    return HistoryPolicy(
+        settings.history_size,
+        settings.history_ttl,
+        settings.history_off,
+        settings.history_max_bytes,
+    )
 
 
 class Node:
@@ -71,11 +75,17 @@ class Node:
         if settings.events_url:  # aiohttp again, only when configured
             from .events import BackendEvents
 
-            self.events = BackendEvents(settings.events_url, settings.events_secret,
-                                        self.node_id, settings.events_batch,
-                                        settings.events_interval, settings.events_queue)
-        self.broker: Broker = broker if broker is not None else MemoryBroker(
-            history_policy(settings))
+            self.events = BackendEvents(
+                settings.events_url,
+                settings.events_secret,
+                self.node_id,
+                settings.events_batch,
+                settings.events_interval,
+                settings.events_queue,
+            )
+        self.broker: Broker = (
+            broker if broker is not None else MemoryBroker(history_policy(settings))
+        )
         self.inline = self.broker.inline
         self.broker.attach(self.node_id, self.deliver, self.pressure)
         self._publish_seq_nowait = self.broker.publish_seq_nowait
@@ -89,8 +99,9 @@ class Node:
         # (room, clientId) of dropped connections in their presence grace -> its timer.
         self._lingering: dict[tuple[str, str], tuple[asyncio.TimerHandle, Principal]] = {}
         self.hub = Hub(settings.max_send_buffer_bytes, self.slow_consumer)
-        self.diffs = PresenceDiffs(settings.presence_diff_interval, settings.presence_diff_names,
-                                   self.hub.send_diff)
+        self.diffs = PresenceDiffs(
+            settings.presence_diff_interval, settings.presence_diff_names, self.hub.send_diff
+        )
         self.hub.on_diff_notice = self.diffs.notice
         self.sessions: dict[str, Session] = {}
         self.wires: Any = None  # the listener's WireServer: it counts open sockets
@@ -113,8 +124,11 @@ class Node:
         from .transport import Heartbeat, listen
 
         if FANOUT_ERROR:  # it works, at a fraction of the speed: say so loudly, once
-            log.error("compiled fan-out not loaded, running the pure-Python one: %s",
-                      FANOUT_ERROR, extra={"event": "fanout_fallback", "reason": FANOUT_ERROR})
+            log.error(
+                "compiled fan-out not loaded, running the pure-Python one: %s",
+                FANOUT_ERROR,
+                extra={"event": "fanout_fallback", "reason": FANOUT_ERROR},
+            )
         log.info(self.policy.describe(), extra={"event": "room_policy"})
         await self.broker.start()
         if self.events is not None:
@@ -148,8 +162,10 @@ class Node:
         try:
             await asyncio.wait_for(self._idle.wait(), self.settings.drain_timeout)
         except asyncio.TimeoutError:
-            log.warning("drain timed out", extra={"event": "drain_timeout",
-                                                  "connections": len(self.sessions)})
+            log.warning(
+                "drain timed out",
+                extra={"event": "drain_timeout", "connections": len(self.sessions)},
+            )
             for session in list(self.sessions.values()):
                 session.transport.disconnect(False)
         await self._end_lingering(self.settings.drain_timeout - (time.monotonic() - started))
@@ -160,8 +176,9 @@ class Node:
                 await asyncio.wait_for(self.server.wait_closed(), 1.0)
         self.diffs.close()
         if self.events is not None:
-            await self.events.close(max(1.0, self.settings.drain_timeout
-                                        - (time.monotonic() - started)))
+            await self.events.close(
+                max(1.0, self.settings.drain_timeout - (time.monotonic() - started))
+            )
         await self.broker.close()
         if self.join_hook is not None:
             await self.join_hook.close()
@@ -220,12 +237,27 @@ class Node:
         self.counters["connections_total"] += 1
         if self.paused:
             _pause_reading(session, True)
-        log.info("connected", extra={"event": "connected", "client_id": session.client_id,
-                                     "user_id": session.principal.user_id, "remote": remote})
-        session.send(p.Connected(session.client_id, p.now_ms(), session.principal.user_id,
-                                 session.principal.username, self.node_id))
-        self._run(self._quietly(self.broker.session_opened(self._member(session),
-                                                           session.connected_at)))
+        log.info(
+            "connected",
+            extra={
+                "event": "connected",
+                "client_id": session.client_id,
+                "user_id": session.principal.user_id,
+                "remote": remote,
+            },
+        )
+        session.send(
+            p.Connected(
+                session.client_id,
+                p.now_ms(),
+                session.principal.user_id,
+                session.principal.username,
+                self.node_id,
+            )
+        )
+        self._run(
+            self._quietly(self.broker.session_opened(self._member(session), session.connected_at))
+        )
         self._event("connect", session.client_id, session.principal)
 
     def disconnect(self, session: Session, code: int | None) -> None:
@@ -244,9 +276,15 @@ class Node:
         self._run(self._cleanup(session))
         if not self.sessions:
             self._idle.set()
-        log.info("disconnected", extra={
-            "event": "disconnected", "client_id": session.client_id, "code": code,
-            "duration": round(time.time() - session.connected_at, 3)})
+        log.info(
+            "disconnected",
+            extra={
+                "event": "disconnected",
+                "client_id": session.client_id,
+                "code": code,
+                "duration": round(time.time() - session.connected_at, 3),
+            },
+        )
 
     async def _cleanup(self, session: Session) -> None:
         grace = self.settings.presence_grace
@@ -267,8 +305,12 @@ class Node:
             await self._announce_left(room, session.client_id, session.principal)
             return
         who = session.principal
-        self._lingering[(room, session.client_id)] = (asyncio.get_running_loop().call_later(
-            grace, self._grace_over, room, session.client_id, who), who)
+        self._lingering[(room, session.client_id)] = (
+            asyncio.get_running_loop().call_later(
+                grace, self._grace_over, room, session.client_id, who
+            ),
+            who,
+        )
 
     def _event(self, kind: str, client_id: str, who: Principal, room: str | None = None) -> None:
         if self.events is not None:
@@ -288,8 +330,12 @@ class Node:
         if left.removed:
             self._event("leave", client_id, who, room)
         if left.removed and left.members:
-            await self._publish(room, p.encode(p.UserLeft(
-                room, who.username, p.now_ms(), who.user_id, left.members)), "", -left.version)
+            await self._publish(
+                room,
+                p.encode(p.UserLeft(room, who.username, p.now_ms(), who.user_id, left.members)),
+                "",
+                -left.version,
+            )
 
     async def _end_lingering(self, within: float) -> None:
         """Drain: the presence grace of the connections just closed runs out (their users
@@ -312,15 +358,20 @@ class Node:
         if session is None or session.transport.is_close_frame_sent:
             return
         self.counters["slow_consumers"] += 1
-        log.warning("slow consumer closed", extra={"event": "slow_consumer",
-                                                   "client_id": session.client_id})
+        log.warning(
+            "slow consumer closed", extra={"event": "slow_consumer", "client_id": session.client_id}
+        )
         session.outlet.close(CloseCode.SLOW_CONSUMER, "slow consumer")
 
     # ---- NodeActions: what sessions ask for ------------------------------------------------
     # Each is a coroutine; with an inline broker it never suspends (see broker/__init__.py).
 
     async def join(
-        self, session: Session, room: str, since: p.Since | None, msg_id: p.MsgId,
+        self,
+        session: Session,
+        room: str,
+        since: p.Since | None,
+        msg_id: p.MsgId,
         presence: str = "each",
     ) -> None:
         """Join, and with ``since`` replay what was missed: room_joined, then the replay, then
@@ -338,7 +389,8 @@ class Node:
             if len(joined_room) == 1:
                 await self._subscribe(session, room, msg_id)
             elif room in self._subscribing and not await asyncio.shield(
-                    self._subscribing[room]):  # every joiner shares the subscription's outcome
+                self._subscribing[room]
+            ):  # every joiner shares the subscription's outcome
                 await self._drop_local(session, room)
                 raise BrokerUnavailable(msg_id)
         try:
@@ -353,8 +405,9 @@ class Node:
         version = 0 if self.inline else result.version
         held = self.hub.activate(room, session, result.seq, version) if fresh else []
         members = result.members
-        session.send(p.RoomJoined(room, members, result.seq, result.epoch, result.recovered,
-                                  msg_id))
+        session.send(
+            p.RoomJoined(room, members, result.seq, result.epoch, result.recovered, msg_id)
+        )
         for payload in result.replay:
             session.outlet.send(payload)  # already encoded by whoever published it
         for seq, data in held:
@@ -370,11 +423,15 @@ class Node:
         elif fresh:
             who = session.principal
             self._event("join", session.client_id, who, room)
-            log.debug("joined", extra={"event": "join", "client_id": session.client_id,
-                                       "room": room})
-            await self._publish(room, p.encode(p.UserJoined(
-                room, who.username, p.now_ms(), who.user_id, members)), session.client_id,
-                -result.version)
+            log.debug(
+                "joined", extra={"event": "join", "client_id": session.client_id, "room": room}
+            )
+            await self._publish(
+                room,
+                p.encode(p.UserJoined(room, who.username, p.now_ms(), who.user_id, members)),
+                session.client_id,
+                -result.version,
+            )
 
     async def leave(self, session: Session, room: str, msg_id: p.MsgId) -> None:
         await self._leave(session, room)
@@ -410,8 +467,9 @@ class Node:
             return
         session.in_flight += 1
         sent = time.perf_counter() if self.on_publish_latency is not None else 0.0
-        self._publish_seq_nowait(room, head, functools.partial(
-            self._chat_done, session, msg_id, sent))
+        self._publish_seq_nowait(
+            room, head, functools.partial(self._chat_done, session, msg_id, sent)
+        )
 
     def _acked(self, session: Session, msg_id: p.MsgId, seq: int) -> None:
         session.send(p.Ack(msg_id, seq))
@@ -430,8 +488,11 @@ class Node:
     async def typing(self, session: Session, room: str, is_typing: bool, msg_id: p.MsgId) -> None:
         who = session.principal
         try:
-            await self.broker.publish(room, p.encode(p.TypingBroadcast(
-                room, who.username, is_typing, who.user_id)), session.client_id)
+            await self.broker.publish(
+                room,
+                p.encode(p.TypingBroadcast(room, who.username, is_typing, who.user_id)),
+                session.client_id,
+            )
         except BrokerUnavailable:
             raise BrokerUnavailable(msg_id) from None
         if msg_id is not None:
@@ -452,8 +513,7 @@ class Node:
             seq, epoch, messages = await self.broker.history(room, limit)
         except BrokerUnavailable:
             raise BrokerUnavailable(msg_id) from None
-        session.send(p.HistoryReply(room, seq, epoch, [msgspec.Raw(m) for m in messages],
-                                    msg_id))
+        session.send(p.HistoryReply(room, seq, epoch, [msgspec.Raw(m) for m in messages], msg_id))
 
     # ---- helpers ----------------------------------------------------------------------------
 
@@ -508,17 +568,21 @@ class Node:
             return
         self.paused = paused
         self.counters["broker_pauses" if paused else "broker_resumes"] += 1
-        log.warning("broker backlog full: pausing clients" if paused else
-                    "broker backlog drained: resuming clients",
-                    extra={"event": "broker_pressure", "paused": paused})
+        log.warning(
+            "broker backlog full: pausing clients"
+            if paused
+            else "broker backlog drained: resuming clients",
+            extra={"event": "broker_pressure", "paused": paused},
+        )
         for session in self.sessions.values():
             _pause_reading(session, paused)
 
     def deliver(self, room: str, exclude: str, payload: bytes, seq: int = 0) -> None:
         """Broker callback: one publication for ``room``, framed once for every local member."""
         self.messages_out += 1
-        self.hub.broadcast(room, payload, self.sessions.get(exclude) if exclude else None, seq,
-                           exclude)
+        self.hub.broadcast(
+            room, payload, self.sessions.get(exclude) if exclude else None, seq, exclude
+        )
 
     def _run(self, action: Any) -> None:
         """Run a node-internal coroutine: in place when the broker is inline, else as a task."""
@@ -552,8 +616,12 @@ async def serve(node: Node, on_ready: Any = None, reuse_port: bool = False) -> N
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await node.start(reuse_port=reuse_port)
-    log.info("listening on %s:%d", node.settings.host, node.port,
-             extra={"event": "listening", "port": node.port, "pid": os.getpid()})
+    log.info(
+        "listening on %s:%d",
+        node.settings.host,
+        node.port,
+        extra={"event": "listening", "port": node.port, "pid": os.getpid()},
+    )
     if on_ready is not None:
         on_ready(node)
     try:
@@ -562,4 +630,3 @@ async def serve(node: Node, on_ready: Any = None, reuse_port: bool = False) -> N
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
         await node.drain()
-

@@ -31,7 +31,9 @@ def check_room_name(room: str, msg_id: p.MsgId = None, max_chars: int = 128) -> 
     if not 0 < len(room) <= max_chars or not _printable(room):
         raise MessageError(
             "invalid_room",
-            f"Invalid room name (1-{max_chars} characters, no control characters)", msg_id)
+            f"Invalid room name (1-{max_chars} characters, no control characters)",
+            msg_id,
+        )
 
 
 def _printable(room: str) -> bool:
@@ -49,7 +51,8 @@ def check_chat_text(text: str, max_chars: int, msg_id: p.MsgId = None) -> None:
     (also for the admin API)."""
     if len(text) > max_chars:
         raise MessageError(
-            "message_too_long", f"Message too long (max {max_chars} characters)", msg_id)
+            "message_too_long", f"Message too long (max {max_chars} characters)", msg_id
+        )
     if not text.strip():
         raise MessageError("empty_message", "Message is empty", msg_id)
 
@@ -78,7 +81,11 @@ class NodeActions(Protocol):
     chat_now: Callable[[Session, str, str, p.MsgId], None] | None
 
     async def join(
-        self, session: Session, room: str, since: p.Since | None, msg_id: p.MsgId,
+        self,
+        session: Session,
+        room: str,
+        since: p.Since | None,
+        msg_id: p.MsgId,
         presence: str = "each",
     ) -> None: ...
 
@@ -201,8 +208,9 @@ class Session:
         """Act on one complete client message; every refusal becomes an ``error`` reply."""
         bucket = self.bucket
         if bucket is None and self.settings.rate_limit > 0:
-            bucket = self.bucket = TokenBucket(self.settings.rate_limit, self.settings.rate_burst,
-                                               self._clock)
+            bucket = self.bucket = TokenBucket(
+                self.settings.rate_limit, self.settings.rate_burst, self._clock
+            )
         if bucket is not None and not bucket.take():
             self.rejected_in_row += 1
             self.node.counters["rate_limited"] += 1
@@ -344,8 +352,9 @@ class Session:
         if fresh.user_id != self.principal.user_id:
             raise MessageError("wrong_user", "Token is for another user", msg_id)
         # The expiry, roles and rooms claims change; presence keeps the name it was given.
-        self.principal = dataclasses.replace(self.principal, expires_at=fresh.expires_at,
-                                             roles=fresh.roles, rooms=fresh.rooms)
+        self.principal = dataclasses.replace(
+            self.principal, expires_at=fresh.expires_at, roles=fresh.roles, rooms=fresh.rooms
+        )
         self.send(p.Refreshed(int(fresh.expires_at * 1000), msg_id))
         revoked = [room for room in self.rooms if not self._may_stay(room)]
         return self._leave_revoked(revoked) if revoked else None
@@ -403,9 +412,16 @@ class Session:
     def _forbid(self, path: str, room: str, msg_id: p.MsgId) -> NoReturn:
         """Refuse with the one answer that says nothing about the room."""
         self.node.counters["forbidden"] += 1
-        log.info("forbidden", extra={"event": "forbidden", "path": path, "room": room[:128],
-                                     "client_id": self.client_id,
-                                     "user_id": self.principal.user_id})
+        log.info(
+            "forbidden",
+            extra={
+                "event": "forbidden",
+                "path": path,
+                "room": room[:128],
+                "client_id": self.client_id,
+                "user_id": self.principal.user_id,
+            },
+        )
         raise MessageError("forbidden", FORBIDDEN, msg_id)
 
     def _require_member(self, room: str, msg_id: p.MsgId) -> None:

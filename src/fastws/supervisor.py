@@ -105,8 +105,15 @@ class Supervisor:
         try:
             for _ in self.workers:
                 await asyncio.wait_for(self._ready.get(), 30)
-            log.info("workers ready", extra={"event": "ready", "workers": self.count,
-                                             "port": self.port, "admin_port": self.admin_port})
+            log.info(
+                "workers ready",
+                extra={
+                    "event": "ready",
+                    "workers": self.count,
+                    "port": self.port,
+                    "admin_port": self.admin_port,
+                },
+            )
             if on_ready is not None:
                 on_ready(self.port)
             await stop.wait()
@@ -136,23 +143,36 @@ class Supervisor:
         w.generation += 1
         w.node_id = f"{self._host}:w{w.slot}:{w.generation}:{secrets.token_hex(2)}"
         env = dict(os.environ)
-        env.update({
-            "FASTWS_JWT_SECRET": self.secret,
-            ENV_NODE: w.node_id,
-            ENV_WORKER: str(w.slot),
-        })
+        env.update(
+            {
+                "FASTWS_JWT_SECRET": self.secret,
+                ENV_NODE: w.node_id,
+                ENV_WORKER: str(w.slot),
+            }
+        )
         if self._bus_dir:
             env[ENV_BUS] = self._bus_dir
         if self._metrics_dir:
             from .config import env_name
             from .metrics import MULTIPROC_ENV
 
-            env.update({MULTIPROC_ENV: self._metrics_dir,
-                        env_name("admin_port"): str(self.admin_port)})
+            env.update(
+                {MULTIPROC_ENV: self._metrics_dir, env_name("admin_port"): str(self.admin_port)}
+            )
         w.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "fastws", "serve", "--workers", "1",
-            "--port", str(self.port), "--host", self.settings.host,
-            env=env, stdout=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL,
+            sys.executable,
+            "-m",
+            "fastws",
+            "serve",
+            "--workers",
+            "1",
+            "--port",
+            str(self.port),
+            "--host",
+            self.settings.host,
+            env=env,
+            stdout=asyncio.subprocess.PIPE,
+            stdin=asyncio.subprocess.DEVNULL,
         )
         w.started_at = time.monotonic()
 
@@ -164,8 +184,15 @@ class Supervisor:
             line = await w.proc.stdout.readline()
             if b"listening on" in line:
                 self._ready.put_nowait(w)
-                log.info("worker started", extra={"event": "worker_started", "slot": w.slot,
-                                                  "pid": w.proc.pid, "node": w.node_id})
+                log.info(
+                    "worker started",
+                    extra={
+                        "event": "worker_started",
+                        "slot": w.slot,
+                        "pid": w.proc.pid,
+                        "node": w.node_id,
+                    },
+                )
             rc = await w.proc.wait()
             if self.stopping:
                 return
@@ -178,10 +205,17 @@ class Supervisor:
                 mark_process_dead(w.proc.pid, self._metrics_dir)
             ran = time.monotonic() - w.started_at
             w.failures = 0 if ran > 30 else w.failures + 1
-            delay = min(0.2 * 2 ** w.failures, 30.0) if w.failures else 0.0
-            log.error("worker exited; restarting", extra={
-                "event": "worker_died", "slot": w.slot, "pid": w.proc.pid, "code": rc,
-                "restart_in": round(delay, 2)})
+            delay = min(0.2 * 2**w.failures, 30.0) if w.failures else 0.0
+            log.error(
+                "worker exited; restarting",
+                extra={
+                    "event": "worker_died",
+                    "slot": w.slot,
+                    "pid": w.proc.pid,
+                    "code": rc,
+                    "restart_in": round(delay, 2),
+                },
+            )
             await asyncio.sleep(delay)
 
     async def _stop_all(self) -> None:

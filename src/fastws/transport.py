@@ -86,7 +86,8 @@ class Connection:
         # Paused (pause_writing) at half the send-buffer cap: where typing starts to wait.
         with contextlib.suppress(AttributeError, ValueError):
             transport.transport.set_write_buffer_limits(
-                high=max(1, settings.max_send_buffer_bytes // 2))
+                high=max(1, settings.max_send_buffer_bytes // 2)
+            )
         # Many connections share an address (a proxy, a NAT): one string for all of them.
         node.connect(session, remote, sys.intern(ip))
 
@@ -251,8 +252,7 @@ class Gateway:
         self.pages = pages
         # "" (the default): a WebSocket upgrade on any path, as the seed's server does, so
         # its clients' ws://host:8080/?token=... works; else only on the listed paths.
-        self.ws_paths = frozenset(p.strip() for p in node.settings.ws_paths.split(",")
-                                  if p.strip())
+        self.ws_paths = frozenset(p.strip() for p in node.settings.ws_paths.split(",") if p.strip())
 
     def __call__(self, head: bytes) -> bytes | tuple[Connection, bytes]:
         try:
@@ -265,8 +265,9 @@ class Gateway:
                 return response(HTTPStatus.NOT_FOUND, b"no WebSocket here\n", _TEXT)
             return self._upgrade(request)
         if request.method != "GET":
-            return response(HTTPStatus.METHOD_NOT_ALLOWED, b"method not allowed\n", _TEXT,
-                            {"Allow": "GET"})
+            return response(
+                HTTPStatus.METHOD_NOT_ALLOWED, b"method not allowed\n", _TEXT, {"Allow": "GET"}
+            )
         if path == "/healthz":
             body = msgspec.json.encode(self.node.health())
             return response(HTTPStatus.OK, body, "application/json")
@@ -294,8 +295,11 @@ class Gateway:
         if PROTOCOL not in offered and any(o.startswith(TOKEN_PROTOCOL_PREFIX) for o in offered):
             # We never echo the token, and a browser fails a handshake whose answer names no
             # protocol it offered (RFC 6455 section 4.1): say so instead of a silent failure.
-            return response(HTTPStatus.BAD_REQUEST,
-                            f"offer the {PROTOCOL} subprotocol with the token\n".encode(), _TEXT)
+            return response(
+                HTTPStatus.BAD_REQUEST,
+                f"offer the {PROTOCOL} subprotocol with the token\n".encode(),
+                _TEXT,
+            )
         token = extract_token(request.path, headers.get("Authorization"), offered)
         try:
             if token is None:
@@ -303,8 +307,12 @@ class Gateway:
             principal = self.node.verifier.verify(token)
         except AuthError as exc:
             self.node.auth_failed(exc.reason)
-            return response(HTTPStatus.UNAUTHORIZED, b"Unauthorized\n", _TEXT,
-                            {"WWW-Authenticate": 'Bearer realm="fastws"'})
+            return response(
+                HTTPStatus.UNAUTHORIZED,
+                b"Unauthorized\n",
+                _TEXT,
+                {"WWW-Authenticate": 'Bearer realm="fastws"'},
+            )
         try:
             accept = accept_key(request)
         except BadRequest as exc:

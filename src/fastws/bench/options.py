@@ -226,7 +226,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument(
         "--presence-diff",
         action="store_true",
-        help="join storm: the clients join with \"presence\": \"diff\" (fastws): counts the "
+        help='join storm: the clients join with "presence": "diff" (fastws): counts the '
         "presence_diff messages they get instead of user_joined, and waits until each has seen "
         "the room's final count",
     )

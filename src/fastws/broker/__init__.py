@@ -14,5 +14,4 @@ from __future__ import annotations
 
 from .types import Broker, Deliver, JoinResult, LeaveResult, MemberInfo, Pressure, SeqDone
 
-__all__ = ["Broker", "Deliver", "JoinResult", "LeaveResult", "MemberInfo", "Pressure",
-           "SeqDone"]
+__all__ = ["Broker", "Deliver", "JoinResult", "LeaveResult", "MemberInfo", "Pressure", "SeqDone"]

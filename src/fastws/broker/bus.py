@@ -116,8 +116,12 @@ class _Link(asyncio.Protocol):
         try:
             frames = self._deframer.feed(data)
         except (ValueError, msgspec.DecodeError) as exc:
-            log.warning("broken bus stream from %s: %s", self.node or "a worker", exc,
-                        extra={"event": "bus_bad_request", "node": self.node})
+            log.warning(
+                "broken bus stream from %s: %s",
+                self.node or "a worker",
+                exc,
+                extra={"event": "bus_bad_request", "node": self.node},
+            )
             self.close()
             return
         for requests in frames:
@@ -148,9 +152,15 @@ class _Link(asyncio.Protocol):
         transport.write(self._framer.frame(queued))
         self.server.writes += 1
         if transport.get_write_buffer_size() > self.server.max_buffer:
-            log.warning("worker %s is too slow: dropping its bus connection", self.node,
-                        extra={"event": "bus_slow_worker", "node": self.node,
-                               "buffered": transport.get_write_buffer_size()})
+            log.warning(
+                "worker %s is too slow: dropping its bus connection",
+                self.node,
+                extra={
+                    "event": "bus_slow_worker",
+                    "node": self.node,
+                    "buffered": transport.get_write_buffer_size(),
+                },
+            )
             self.server.slow_drops += 1
             self.close()
 
@@ -194,7 +204,8 @@ class BusServer:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)  # a stale socket of a previous run
         self._server = await asyncio.get_running_loop().create_unix_server(
-            lambda: _Link(self), self.path)
+            lambda: _Link(self), self.path
+        )
         self._sweeper.start()
         log.info("local bus listening", extra={"event": "bus_listening", "endpoint": self.path})
 
@@ -247,8 +258,10 @@ class BusServer:
         gone = self.ledger.forget_node(node_id)
         self._tell_left(gone)
         if gone:
-            log.info("forgot node's members",
-                     extra={"event": "bus_forget", "node": node_id, "connections": len(gone)})
+            log.info(
+                "forgot node's members",
+                extra={"event": "bus_forget", "node": node_id, "connections": len(gone)},
+            )
 
     def drop(self, link: _Link) -> None:
         """A connection ended: forget its subscriptions and leases (its presence stays; see
@@ -314,9 +327,12 @@ class BusServer:
             if expired and type(req) is not Release:  # the worker gave up on it: refuse
                 self.expired += 1
                 if self.expired & (self.expired - 1) == 0:  # 1st, 2nd, 4th...: rate-limited
-                    log.warning("refused a request read past its deadline from %s (%d so far)",
-                                link.node or "a worker", self.expired,
-                                extra={"event": "bus_expired", "node": link.node})
+                    log.warning(
+                        "refused a request read past its deadline from %s (%d so far)",
+                        link.node or "a worker",
+                        self.expired,
+                        extra={"event": "bus_expired", "node": link.node},
+                    )
                 out.append(FAILED)
                 continue
             if type(req) is not PublishSeq:
@@ -360,9 +376,15 @@ class BusServer:
             since = (req.since_seq, req.since_epoch) if req.since_seq >= 0 else None
             result = ledger.join(req.room, req.member, since)
             recovered = -1 if result.recovered is None else int(result.recovered)
-            return Reply(a=result.members, b=result.seq, epoch=result.epoch,
-                         recovered=recovered, messages=result.replay, version=result.version,
-                         c=int(result.resumed))
+            return Reply(
+                a=result.members,
+                b=result.seq,
+                epoch=result.epoch,
+                recovered=recovered,
+                messages=result.replay,
+                version=result.version,
+                c=int(result.resumed),
+            )
         if isinstance(req, Leave):
             left = ledger.leave(req.room, req.client_id)
             return Reply(a=left.members, version=left.version, c=int(not left.removed))
@@ -409,8 +431,13 @@ class BusServer:
 
     def _grant(self, link: _Link, room: str) -> Reply:
         subs = self._subscribers.get(room)
-        if (subs is None or len(subs) != 1 or subs[0] is not link or room in self._leases
-                or room in self._waiters):
+        if (
+            subs is None
+            or len(subs) != 1
+            or subs[0] is not link
+            or room in self._leases
+            or room in self._waiters
+        ):
             return Reply(a=0)
         seq, epoch = self.ledger.lease(room)
         self._leases[room] = link
@@ -421,8 +448,12 @@ class BusServer:
     def _record(self, link: _Link, req: Record) -> None:
         room = req.room
         if self._leases.get(room) is not link:
-            log.warning("record for a room not leased to %s: %s", link.node or "a worker", room,
-                        extra={"event": "bus_bad_request", "node": link.node, "room": room})
+            log.warning(
+                "record for a room not leased to %s: %s",
+                link.node or "a worker",
+                room,
+                extra={"event": "bus_bad_request", "node": link.node, "room": room},
+            )
             return
         self.records += 1
         self.ledger.record(room, req.seq, req.payload)
@@ -451,7 +482,8 @@ class BusServer:
         self._leases[room].send(Revoke(room))
         if self._revoke_timer is None:
             self._revoke_timer = asyncio.get_running_loop().call_later(
-                self.lease_timeout / 4, self._check_revoked)
+                self.lease_timeout / 4, self._check_revoked
+            )
 
     def _check_revoked(self) -> None:
         """Cut off every lessee that has not released within ``lease_timeout``."""
@@ -460,14 +492,19 @@ class BusServer:
         for room, since in list(self._revoked.items()):
             lessee = self._leases.get(room)
             if lessee is not None and not lessee.cut and now - since > self.lease_timeout:
-                log.warning("worker %s did not release room %s within %g s: cut off",
-                            lessee.node, room, self.lease_timeout,
-                            extra={"event": "bus_lease_cut", "node": lessee.node, "room": room})
+                log.warning(
+                    "worker %s did not release room %s within %g s: cut off",
+                    lessee.node,
+                    room,
+                    self.lease_timeout,
+                    extra={"event": "bus_lease_cut", "node": lessee.node, "room": room},
+                )
                 self.leases_cut += 1
                 lessee.close()  # connection_lost ends its leases (new epochs) right away
         if self._revoked:
             self._revoke_timer = asyncio.get_running_loop().call_later(
-                self.lease_timeout / 4, self._check_revoked)
+                self.lease_timeout / 4, self._check_revoked
+            )
 
     def _end_lease(self, room: str, reset: bool = False) -> None:
         """The room's seq is back here; the requests held for it go on, in order."""
@@ -483,8 +520,12 @@ class BusServer:
     def _offer(self, room: str) -> None:
         """A room down to one subscriber, with no lease and no one held: offer it the lease."""
         subs = self._subscribers.get(room)
-        if subs is not None and len(subs) == 1 and room not in self._leases \
-                and room not in self._waiters:
+        if (
+            subs is not None
+            and len(subs) == 1
+            and room not in self._leases
+            and room not in self._waiters
+        ):
             subs[0].send(Offer(room))
 
     def _resync(self, link: _Link, req: Resync) -> Reply:
@@ -499,8 +540,12 @@ class BusServer:
         if req.members:
             self._nodes.add(req.node)
         kept = {(room, m.clientId) for room, m in req.members}
-        ghosts = [(name, m) for name, r in ledger.rooms.items() for m in r.members.values()
-                  if m.node == req.node and (name, m.clientId) not in kept]
+        ghosts = [
+            (name, m)
+            for name, r in ledger.rooms.items()
+            for m in r.members.values()
+            if m.node == req.node and (name, m.clientId) not in kept
+        ]
         self._tell_left([(name, m, ledger.leave(name, m.clientId)) for name, m in ghosts])
         return OK
 
@@ -508,6 +553,5 @@ class BusServer:
         """user_left for each (room, member, what is left), where anyone is left to tell."""
         for room, member, left in gone:
             if left.members:
-                notice = p.UserLeft(room, member.username, p.now_ms(), member.userId,
-                                    left.members)
+                notice = p.UserLeft(room, member.username, p.now_ms(), member.userId, left.members)
                 self.publish(room, p.encode(notice), "", -left.version)

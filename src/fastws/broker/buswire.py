@@ -86,8 +86,7 @@ def socket_path(directory: str) -> str:
     """The bus socket of a run directory; refuses a path the kernel would truncate."""
     path = os.path.join(directory, "bus.sock")
     if len(path.encode()) > MAX_SOCKET_PATH:
-        raise ValueError(
-            f"socket path too long ({len(path.encode())} > {MAX_SOCKET_PATH}): {path}")
+        raise ValueError(f"socket path too long ({len(path.encode())} > {MAX_SOCKET_PATH}): {path}")
     return path
 
 
@@ -173,8 +172,21 @@ class Release(msgspec.Struct, array_like=True, gc=False, tag="release"):
 ONE_WAY = (Record, Release)
 
 Request = (
-    PublishSeq | Publish | Join | Leave | Linger | History | Presence | Subscribe | Unsubscribe
-    | Ping | Resync | Acquire | Record | Release | Deadline
+    PublishSeq
+    | Publish
+    | Join
+    | Leave
+    | Linger
+    | History
+    | Presence
+    | Subscribe
+    | Unsubscribe
+    | Ping
+    | Resync
+    | Acquire
+    | Record
+    | Release
+    | Deadline
 )
 
 # ---- server -> worker ---------------------------------------------------------------------------
@@ -261,14 +273,14 @@ class Deframer:
         view = memoryview(data)
         pos, end = 0, len(data)
         while end - pos >= HEADER:
-            size = int.from_bytes(view[pos:pos + HEADER], "big")
+            size = int.from_bytes(view[pos : pos + HEADER], "big")
             if size > MAX_FRAME:
                 raise ValueError(f"bus frame of {size} bytes")
             stop = pos + HEADER + size
             if stop > end:
                 self._need = stop - pos
                 break
-            frames.append(self._decode(view[pos + HEADER:stop]))
+            frames.append(self._decode(view[pos + HEADER : stop]))
             pos = stop
         else:
             self._need = HEADER

@@ -59,8 +59,17 @@ class SweepTimer:
 
 
 class _Room:
-    __slots__ = ("bytes", "epoch", "epoch_bytes", "history", "leased", "lingering", "members",
-                 "seq", "stamp")
+    __slots__ = (
+        "bytes",
+        "epoch",
+        "epoch_bytes",
+        "history",
+        "leased",
+        "lingering",
+        "members",
+        "seq",
+        "stamp",
+    )
 
     def __init__(self, size: int) -> None:
         self.seq = 0
@@ -217,8 +226,9 @@ class Ledger:
         replay: list[bytes] = []
         if since is not None:
             recovered, replay = self._recover(room, since)
-        return JoinResult(len(room.members), room.seq, room.epoch, recovered, replay,
-                          self.version, resumed)
+        return JoinResult(
+            len(room.members), room.seq, room.epoch, recovered, replay, self.version, resumed
+        )
 
     def linger(self, name: str, client_id: str, user_id: str) -> None:
         room = self.rooms.get(name)

@@ -110,8 +110,12 @@ class _Throttled:
         now = time.monotonic()
         if now - self.last < self.interval:
             return
-        log.warning(message + " (%d since the last such warning)", *args, self.count,
-                    extra={"event": self.event, "broker": "localbus"})
+        log.warning(
+            message + " (%d since the last such warning)",
+            *args,
+            self.count,
+            extra={"event": self.event, "broker": "localbus"},
+        )
         self.last, self.count = now, 0
 
 
@@ -162,8 +166,11 @@ class _Missed(_RoomWaiter):
 
     def __call__(self, reply: Reply | int) -> None:
         broker = self.broker
-        if not isinstance(reply, Reply) or not reply.messages \
-                or self.room not in broker._subscribed:
+        if (
+            not isinstance(reply, Reply)
+            or not reply.messages
+            or self.room not in broker._subscribed
+        ):
             return
         deliver, room = broker._deliver, self.room
         assert deliver is not None
@@ -378,8 +385,9 @@ class LocalBusBroker:
         if room in self._subscribed:  # a baseline for what a dropped connection missed
             self._last_seq[room] = max(self._last_seq.get(room, 0), reply.b)
         recovered = None if reply.recovered < 0 else bool(reply.recovered)
-        return JoinResult(reply.a, reply.b, reply.epoch, recovered, reply.messages, reply.version,
-                          bool(reply.c))
+        return JoinResult(
+            reply.a, reply.b, reply.epoch, recovered, reply.messages, reply.version, bool(reply.c)
+        )
 
     async def history(self, room: str, limit: int) -> tuple[int, str, list[bytes]]:
         reply = await self._call(History(room, limit))
@@ -498,8 +506,7 @@ class LocalBusBroker:
             del self._acquiring[room]
         if grant.stale:
             return
-        if isinstance(reply, Reply) and reply.ok and reply.a == 1 \
-                and self._transport is not None:
+        if isinstance(reply, Reply) and reply.ok and reply.a == 1 and self._transport is not None:
             self._leases[room] = [reply.b, reply.epoch.encode()]
         for head, done in grant.held:  # sequenced here now, or asked of the bus as before
             self.publish_seq_nowait(room, head, done)
@@ -545,8 +552,9 @@ class LocalBusBroker:
                     try:
                         deliver(room, event.exclude, event.payload, event.seq)
                     except Exception:
-                        log.exception("delivery failed",
-                                      extra={"event": "deliver_error", "room": room})
+                        log.exception(
+                            "delivery failed", extra={"event": "deliver_error", "room": room}
+                        )
                     if kind is Publication:
                         continue
                 if not fifo:
@@ -610,8 +618,7 @@ class LocalBusBroker:
         waiting = len(self._fifo) + len(self._leased_out)
         if (unsent > self.max_unsent or waiting >= self.max_pending) and not self._pressed:
             self._press(True)
-        elif self._pressed and unsent <= self.max_unsent // 2 \
-                and waiting <= self.max_pending // 2:
+        elif self._pressed and unsent <= self.max_unsent // 2 and waiting <= self.max_pending // 2:
             self._press(False)
 
     def _press(self, paused: bool) -> None:
@@ -630,8 +637,9 @@ class LocalBusBroker:
             transport.abort()
         self._cause = cause
         if not self._down and not self._closing:
-            log.warning("local bus down: %s", cause,
-                        extra={"event": "broker_down", "broker": self.name})
+            log.warning(
+                "local bus down: %s", cause, extra={"event": "broker_down", "broker": self.name}
+            )
         self._down = True
         if link is not None:
             self._fail_all(cause)
@@ -658,8 +666,7 @@ class LocalBusBroker:
         waiters, self._fifo = self._fifo, deque()
         self._deframer = Deframer(Event)
         if waiters:
-            self._failed("local bus down (%s): pending requests failed", cause,
-                         count=len(waiters))
+            self._failed("local bus down (%s): pending requests failed", cause, count=len(waiters))
         for waiter in waiters:
             if waiter is None:
                 continue
@@ -695,8 +702,7 @@ class LocalBusBroker:
 
     async def _connect(self) -> None:
         assert self._loop is not None
-        transport, link = await self._loop.create_unix_connection(
-            lambda: _Link(self), self.path)
+        transport, link = await self._loop.create_unix_connection(lambda: _Link(self), self.path)
         if self._closing:
             transport.close()
             return

@@ -42,8 +42,13 @@ class MemoryBroker:
 
     def health(self) -> dict[str, Any]:
         ledger = self.ledger
-        return {"name": self.name, "state": "ok", "rooms": len(ledger.rooms),
-                "history_bytes": ledger.bytes, "evicted_rooms": ledger.evicted_rooms}
+        return {
+            "name": self.name,
+            "state": "ok",
+            "rooms": len(ledger.rooms),
+            "history_bytes": ledger.bytes,
+            "evicted_rooms": ledger.evicted_rooms,
+        }
 
     async def subscribe(self, room: str) -> None:
         return None

@@ -131,8 +131,17 @@ class _RoomKeys(NamedTuple):
 def _room_keys(room: str) -> _RoomKeys:
     tag = b"fastws:{" + room_tag(room) + b"}"
     seq, epoch, history = tag + b":seq", tag + b":epoch", tag + b":history"
-    return _RoomKeys(seq, epoch, tag + b":members", history, tag, (seq, epoch, history, tag),
-                     tag + b":presence", tag + b":nodes", tag + b":lingering")
+    return _RoomKeys(
+        seq,
+        epoch,
+        tag + b":members",
+        history,
+        tag,
+        (seq, epoch, history, tag),
+        tag + b":presence",
+        tag + b":nodes",
+        tag + b":lingering",
+    )
 
 
 class _SeqBatch:
@@ -160,9 +169,18 @@ class _SeqBatch:
         broker = self.broker
         # Redis' clock: this node's plus the offset measured at connect (see _clock_offset).
         deadline = int((time.time() + broker.timeout * 0.8) * 1000) + broker._clock_offset_ms
-        self.sent = (b"EVALSHA", SCRIPTS["publish_seqs"].sha, len(self.keys), *self.keys,
-                     new_epoch(), broker._state_ttl_arg, broker._publish_cmd, deadline,
-                     broker._me, *self.args)
+        self.sent = (
+            b"EVALSHA",
+            SCRIPTS["publish_seqs"].sha,
+            len(self.keys),
+            *self.keys,
+            new_epoch(),
+            broker._state_ttl_arg,
+            broker._publish_cmd,
+            deadline,
+            broker._me,
+            *self.args,
+        )
         self.servers.send(self.key, self.sent, self)
 
     def __call__(self, reply: Any) -> None:
@@ -172,14 +190,18 @@ class _SeqBatch:
                     if type(seq) is int:
                         done(seq)
                     else:  # the room is leased: its holder ("node incarnation") sequences it
-                        self.broker._leased(tag_room(self.keys[i * 4 + 3][8:-1]),
-                                            self.args[i * 2], done, seq)
+                        self.broker._leased(
+                            tag_room(self.keys[i * 4 + 3][8:-1]), self.args[i * 2], done, seq
+                        )
                 except Exception:  # one caller's bug must not cost the others their answer
                     log.exception("publish_seq callback failed")
             return
         sent = self.sent
-        if (sent[0] == b"EVALSHA" and type(reply) is ReplyError
-                and str(reply).startswith("NOSCRIPT")):
+        if (
+            sent[0] == b"EVALSHA"
+            and type(reply) is ReplyError
+            and str(reply).startswith("NOSCRIPT")
+        ):
             # A SCRIPT FLUSH or a failover lost it: EVAL loads it again.
             self.sent = (b"EVAL", SCRIPTS["publish_seqs"].source, *sent[2:])
             self.servers.send(self.key, self.sent, self)
@@ -206,8 +228,18 @@ class _RecordBatch:
     (Redis and this node pay per call about what 10-20 chats cost) for one Redis round trip
     of added latency at most."""
 
-    __slots__ = ("args", "broker", "full", "inc", "keys", "next_inc", "now", "out", "sent",
-                 "servers")
+    __slots__ = (
+        "args",
+        "broker",
+        "full",
+        "inc",
+        "keys",
+        "next_inc",
+        "now",
+        "out",
+        "sent",
+        "servers",
+    )
 
     def __init__(self, broker: RedisBroker, servers: Servers, key: bytes) -> None:
         self.broker = broker
@@ -229,8 +261,16 @@ class _RecordBatch:
     def close(self) -> None:
         broker = self.broker
         deadline = int((time.time() + broker.timeout * 0.8) * 1000) + broker._clock_offset_ms
-        self.sent = (b"EVALSHA", SCRIPTS["record"].sha, len(self.keys), *self.keys, self.inc,
-                     self.next_inc, deadline, *self.args)
+        self.sent = (
+            b"EVALSHA",
+            SCRIPTS["record"].sha,
+            len(self.keys),
+            *self.keys,
+            self.inc,
+            self.next_inc,
+            deadline,
+            *self.args,
+        )
         broker.record_calls += 1
         broker._records_in_flight += 1
         self.servers.send(self.keys[0], self.sent, self)
@@ -238,8 +278,11 @@ class _RecordBatch:
     def __call__(self, reply: Any) -> None:
         broker = self.broker
         sent = self.sent
-        if (sent[0] == b"EVALSHA" and type(reply) is ReplyError
-                and str(reply).startswith("NOSCRIPT")):
+        if (
+            sent[0] == b"EVALSHA"
+            and type(reply) is ReplyError
+            and str(reply).startswith("NOSCRIPT")
+        ):
             self.sent = (b"EVAL", SCRIPTS["record"].source, *sent[2:])  # still in flight
             self.servers.send(self.keys[0], self.sent, self)
             return
@@ -268,9 +311,12 @@ class _Refusals:
         now = time.monotonic()
         last, unlogged = self._last.get(key, (0.0, 0))
         if now - last >= 1.0:
-            log.warning("redis call refused (unavailable): %s%s", reason,
-                        f" (and {unlogged} more since)" if unlogged else "",
-                        extra={"event": "broker_refused", "cause": key})
+            log.warning(
+                "redis call refused (unavailable): %s%s",
+                reason,
+                f" (and {unlogged} more since)" if unlogged else "",
+                extra={"event": "broker_refused", "cause": key},
+            )
             self._last[key] = (now, 0)
         else:
             self._last[key] = (last, unlogged + 1)
@@ -381,21 +427,33 @@ class RedisBroker:
         servers = self._servers
         # Upkeep failing (liveness not refreshed) is degraded even while commands work.
         state = "degraded" if self.state == "ok" and self._upkeep_error else self.state
-        return {"name": self.name, "state": state, "outages": self.outages,
-                "rooms": len(self._rooms), "dropped": self.dropped,
-                "reconciled": self.reconciled,
-                "leases": len(self._leases), "leased": self.leased,
-                "record_calls": self.record_calls,
-                "handovers": self.handovers,
-                **({"upkeep_error": self._upkeep_error} if self._upkeep_error else {}),
-                "refused": self._refused.total,
-                "waiting": servers.waiting if servers is not None else 0}
+        return {
+            "name": self.name,
+            "state": state,
+            "outages": self.outages,
+            "rooms": len(self._rooms),
+            "dropped": self.dropped,
+            "reconciled": self.reconciled,
+            "leases": len(self._leases),
+            "leased": self.leased,
+            "record_calls": self.record_calls,
+            "handovers": self.handovers,
+            **({"upkeep_error": self._upkeep_error} if self._upkeep_error else {}),
+            "refused": self._refused.total,
+            "waiting": servers.waiting if servers is not None else 0,
+        }
 
     def _new_servers(self) -> Servers:
         kind = ClusterServers if self.cluster else Servers
-        return kind(self.endpoint, timeout=self.timeout, limit=self.queue_limit,
-                    on_message=self.on_message, on_lost=self._lost,
-                    pressure=self._pressure_changed, on_dropped=self._dropped)
+        return kind(
+            self.endpoint,
+            timeout=self.timeout,
+            limit=self.queue_limit,
+            on_message=self.on_message,
+            on_lost=self._lost,
+            pressure=self._pressure_changed,
+            on_dropped=self._dropped,
+        )
 
     async def _connect(self) -> None:
         """(Re)connect, then resubscribe and re-register everything this node holds."""
@@ -427,15 +485,25 @@ class RedisBroker:
             channel = b"fastws:flush:{%b}:%b" % (servers.hash_tag_for(listener), node)
             self._flush_channels.add(channel)
             waits.append(listener.subscribe(channel))
-        waits += [servers.listener_for(_room_keys(room).channel).subscribe(
-            _room_keys(room).channel) for room in self._rooms]
+        waits += [
+            servers.listener_for(_room_keys(room).channel).subscribe(_room_keys(room).channel)
+            for room in self._rooms
+        ]
         rooms_key = b"fastws:node:%b:rooms" % node
         for room in self._members:  # the members themselves: _reconcile, once connected
             waits.append(servers.call(rooms_key, b"SADD", rooms_key, room))
         for client_id, (member, connected_at) in self._sessions.items():
             key = f"session:{client_id}".encode()
-            waits.append(servers.call(key, b"SET", key, self._session_record(member, connected_at),
-                                      b"EX", _SESSION_TTL))
+            waits.append(
+                servers.call(
+                    key,
+                    b"SET",
+                    key,
+                    self._session_record(member, connected_at),
+                    b"EX",
+                    _SESSION_TTL,
+                )
+            )
         waits.append(self._announce(servers, fresh=True))
         await asyncio.gather(*waits)  # one write per connection: they were all issued together
 
@@ -448,11 +516,11 @@ class RedisBroker:
             self._adopt(new_epoch().encode())
             renew = servers.call(key, b"SET", key, self._inc, b"EX", self.node_ttl)
         else:
-            renew = self._eval(servers, "renew", (key,), self._inc, self._next_inc,
-                               self.node_ttl)
+            renew = self._eval(servers, "renew", (key,), self._inc, self._next_inc, self.node_ttl)
         inc, following = self._inc, self._next_inc
         live, _ = await asyncio.gather(
-            renew, servers.call(b"fastws:nodes", b"SADD", b"fastws:nodes", self.node_id))
+            renew, servers.call(b"fastws:nodes", b"SADD", b"fastws:nodes", self.node_id)
+        )
         if fresh:
             return True
         if not live and self._inc == inc:
@@ -465,8 +533,10 @@ class RedisBroker:
         self._inc, self._next_inc = inc, new_epoch().encode()
         self._me = b"%b %b" % (self.node_id.encode(), inc)
         if self._leases:
-            log.info("room leases dropped: this node's incarnation ended",
-                     extra={"event": "leases_dropped", "rooms": len(self._leases)})
+            log.info(
+                "room leases dropped: this node's incarnation ended",
+                extra={"event": "leases_dropped", "rooms": len(self._leases)},
+            )
             self._leases.clear()
 
     def _safe_url(self) -> str:
@@ -481,8 +551,11 @@ class RedisBroker:
             return
         if self.state != "down" or self._monitor is None:
             self.outages += 1
-            log.warning("redis unavailable: %s", exc or type(exc).__name__,
-                        extra={"event": "broker_down", "url": self._safe_url()})
+            log.warning(
+                "redis unavailable: %s",
+                exc or type(exc).__name__,
+                extra={"event": "broker_down", "url": self._safe_url()},
+            )
         self.state = "down"
         if self._monitor is None or self._monitor.done():
             self._monitor = asyncio.get_running_loop().create_task(self._reconnect())
@@ -541,8 +614,13 @@ class RedisBroker:
     def _drop(self, channel: bytes, exc: Exception) -> None:
         self.dropped += 1
         if self.dropped & (self.dropped - 1) == 0:  # the 1st, 2nd, 4th, 8th...: rate-limited
-            log.warning("dropped an unparsable pub/sub message on %.80r: %s (%d dropped)",
-                        channel, exc, self.dropped, extra={"event": "broker_dropped"})
+            log.warning(
+                "dropped an unparsable pub/sub message on %.80r: %s (%d dropped)",
+                channel,
+                exc,
+                self.dropped,
+                extra={"event": "broker_dropped"},
+            )
 
     def _dropped(self, channel: bytes) -> None:
         """Redis unsubscribed us (a shard's slot moved): subscribe where it lives now."""
@@ -641,8 +719,9 @@ class RedisBroker:
         # A SCRIPT FLUSH or a failover lost it: EVAL loads it again.
         return await servers.call(keys[0], b"EVAL", script.source, len(keys), *keys, *args)
 
-    def _send_script(self, name: str, keys: tuple[bytes, ...], args: tuple[Any, ...],
-                     callback: Any) -> None:
+    def _send_script(
+        self, name: str, keys: tuple[bytes, ...], args: tuple[Any, ...], callback: Any
+    ) -> None:
         """A script whose reply is handled in the read that brings it (``callback(reply)``,
         before anything after it on the connection): NOSCRIPT is retried once with EVAL."""
         servers = self._servers
@@ -653,8 +732,7 @@ class RedisBroker:
 
         def answered(reply: Any) -> None:
             if type(reply) is ReplyError and str(reply).startswith("NOSCRIPT"):
-                servers.send(keys[0], (b"EVAL", script.source, len(keys), *keys, *args),
-                             callback)
+                servers.send(keys[0], (b"EVAL", script.source, len(keys), *keys, *args), callback)
             else:
                 callback(reply)
 
@@ -662,8 +740,9 @@ class RedisBroker:
 
     async def publish(self, room: str, payload: bytes, exclude: str = "", seq: int = 0) -> None:
         channel = _room_keys(room).channel
-        await self._call(channel, self._publish_cmd, channel,
-                         b"%b\n%d\n%b" % (exclude.encode(), seq, payload))
+        await self._call(
+            channel, self._publish_cmd, channel, b"%b\n%d\n%b" % (exclude.encode(), seq, payload)
+        )
 
     async def publish_seq(self, room: str, head: bytes) -> int:
         future = asyncio.get_running_loop().create_future()
@@ -727,15 +806,20 @@ class RedisBroker:
         incarnation: ``me``) is sequenced here from now on, once every publication made before
         the lease was delivered (a flush); its chats wait until then. A revoke that came while
         the join was on its way wins: the lease goes straight back."""
-        granted = (self.leases and type(reply) is list and len(reply) == 8 and reply[6] == 1)
+        granted = self.leases and type(reply) is list and len(reply) == 8 and reply[6] == 1
         if room in self._revoked_early:
             if not self._joins_in_flight[room]:
                 self._revoked_early.discard(room)
             if granted and room not in self._leases:
                 self._settle(room, None)
             return
-        if (granted and me == self._me and room not in self._leases
-                and room not in self._held and room in self._rooms):
+        if (
+            granted
+            and me == self._me
+            and room not in self._leases
+            and room not in self._held
+            and room in self._rooms
+        ):
             self._leases[room] = [int(reply[1]), bytes(reply[2]), time.monotonic()]
             held = self._held[room] = []
             self._spawn(self._acquired(room, held))
@@ -769,8 +853,9 @@ class RedisBroker:
             self._spawn(self._take(room, holder, waiting))
         waiting.append((head, done, time.monotonic() + self.node_ttl + self.timeout))
 
-    async def _take(self, room: str, holder: bytes,
-                    waiting: list[tuple[bytes, SeqDone, float]]) -> None:
+    async def _take(
+        self, room: str, holder: bytes, waiting: list[tuple[bytes, SeqDone, float]]
+    ) -> None:
         """Ask ``holder`` for ``room``, then send the chats that waited for it (again)."""
         try:
             await self._revoke(room, holder)
@@ -781,8 +866,10 @@ class RedisBroker:
             now = time.monotonic()
             for head, done, until in waiting:
                 if now > until:
-                    self._refused(f"room {room!r} is leased by {holder.decode(errors='replace')}"
-                                  ", which does not let go")
+                    self._refused(
+                        f"room {room!r} is leased by {holder.decode(errors='replace')}"
+                        ", which does not let go"
+                    )
                     done(0)
                 else:
                     self._send_publish_seq(room, head, done)
@@ -790,8 +877,13 @@ class RedisBroker:
     async def _revoke(self, room: str, holder: bytes) -> None:
         node, _, inc = holder.rpartition(b" ")
         with contextlib.suppress(BrokerUnavailable):
-            await self._script("revoke", (b"fastws:node:" + node,),
-                               b"fastws:flush:{0}:" + node, b"revoke:" + room.encode(), inc)
+            await self._script(
+                "revoke",
+                (b"fastws:node:" + node,),
+                b"fastws:flush:{0}:" + node,
+                b"revoke:" + room.encode(),
+                inc,
+            )
 
     def _revoked(self, room: str) -> None:
         """Another node wants ``room``: its lease goes back behind this node's last
@@ -808,9 +900,12 @@ class RedisBroker:
 
     def _settle(self, room: str, held: list[tuple[bytes, SeqDone]] | None) -> None:
         keys = _room_keys(room)
-        self._send_script("settle", (keys.seq, keys.epoch, keys.history),
-                          (self._me, self._state_ttl_arg),
-                          lambda reply: self._settled(room, held, reply))
+        self._send_script(
+            "settle",
+            (keys.seq, keys.epoch, keys.history),
+            (self._me, self._state_ttl_arg),
+            lambda reply: self._settled(room, held, reply),
+        )
 
     def _settled(self, room: str, held: list[tuple[bytes, SeqDone]] | None, reply: Any) -> None:
         if isinstance(reply, RespError):
@@ -827,14 +922,12 @@ class RedisBroker:
             if self._inc == batch.inc:
                 self._adopt(batch.next_inc)
         elif reply == b"fenced":
-            cause = RespError("this node's incarnation ended (paused past node_ttl?): "
-                              "none applied")
+            cause = RespError("this node's incarnation ended (paused past node_ttl?): none applied")
             if self._inc == batch.inc:
                 self._leases.clear()
                 self._spawn(self._renew_now())
         else:
-            cause = reply if isinstance(reply, RespError) else RespError(
-                f"bad reply {reply!r:.80}")
+            cause = reply if isinstance(reply, RespError) else RespError(f"bad reply {reply!r:.80}")
             if self._inc == batch.inc:
                 self._leases.clear()
         self._refused(cause)
@@ -863,23 +956,37 @@ class RedisBroker:
         since_seq, since_epoch = since if since is not None else (-1, "")
         keys = _room_keys(room)
         pending = (room, member.clientId)
-        args = (member.clientId, _member_encoder.encode(member), new_epoch(), self._state_ttl,
-                since_epoch, since_seq, self._history_ttl_ms, since_seq,
-                self._history_last(room), self._me, member.node or self.node_id,
-                b"1" if self.leases else b"0", member.userId)
+        args = (
+            member.clientId,
+            _member_encoder.encode(member),
+            new_epoch(),
+            self._state_ttl,
+            since_epoch,
+            since_seq,
+            self._history_ttl_ms,
+            since_seq,
+            self._history_last(room),
+            self._me,
+            member.node or self.node_id,
+            b"1" if self.leases else b"0",
+            member.userId,
+        )
         until = time.monotonic() + self.node_ttl + self.timeout
         self._joining.add(pending)  # _reconcile leaves it alone while in flight
         try:
             while True:
                 reply = await self._join_script(
-                    room, (*keys[:4], keys.presence, keys.nodes, keys.lingering), args)
+                    room, (*keys[:4], keys.presence, keys.nodes, keys.lingering), args
+                )
                 if reply[0] != b"leased":
                     break
                 # Another node leases the room: ask it to let go, and try again.
                 if time.monotonic() > until:
-                    raise self._refused(f"room {room!r} is leased by "
-                                        f"{reply[1].decode(errors='replace')}, which does "
-                                        "not let go")
+                    raise self._refused(
+                        f"room {room!r} is leased by "
+                        f"{reply[1].decode(errors='replace')}, which does "
+                        "not let go"
+                    )
                 await self._revoke(room, reply[1])
                 await asyncio.sleep(_TAKE_PAUSE)
         finally:
@@ -887,11 +994,11 @@ class RedisBroker:
         count, seq, epoch, complete, replay, version, _leased, resumed = reply
         self._members.setdefault(room, {})[member.clientId] = member
         recovered = None if int(complete) < 0 else bool(int(complete))
-        return JoinResult(int(count), int(seq), _text(epoch), recovered, list(replay),
-                          int(version), bool(resumed))
+        return JoinResult(
+            int(count), int(seq), _text(epoch), recovered, list(replay), int(version), bool(resumed)
+        )
 
-    async def _join_script(self, room: str, keys: tuple[bytes, ...],
-                           args: tuple[Any, ...]) -> Any:
+    async def _join_script(self, room: str, keys: tuple[bytes, ...], args: tuple[Any, ...]) -> Any:
         future = asyncio.get_running_loop().create_future()
 
         def answered(reply: Any) -> None:
@@ -912,8 +1019,18 @@ class RedisBroker:
 
     async def history(self, room: str, limit: int) -> tuple[int, str, list[bytes]]:
         seq, epoch, messages = await self._script(
-            "history", _room_keys(room)[:4], 0, 0, 0, 0, 0, 0, self._history_ttl_ms, -1,
-            self._history_last(room))
+            "history",
+            _room_keys(room)[:4],
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            self._history_ttl_ms,
+            -1,
+            self._history_last(room),
+        )
         return int(seq), _text(epoch), list(messages)[-limit:] if limit else []
 
     async def leave(self, room: str, client_id: str, user_id: str = "") -> LeaveResult:
@@ -927,32 +1044,50 @@ class RedisBroker:
         finally:
             self._leaving.discard(pending)
 
-    async def _leave_script(self, room: str, client_id: str, node: str,
-                            user_id: str = "") -> LeaveResult:
+    async def _leave_script(
+        self, room: str, client_id: str, node: str, user_id: str = ""
+    ) -> LeaveResult:
         keys = _room_keys(room)
         left, version, removed = await self._script(
-            "leave", (keys.members, keys.presence, keys.nodes, keys.lingering), client_id,
-            self._state_ttl, node, user_id)
+            "leave",
+            (keys.members, keys.presence, keys.nodes, keys.lingering),
+            client_id,
+            self._state_ttl,
+            node,
+            user_id,
+        )
         return LeaveResult(int(left), int(version), bool(removed))
 
     async def linger(self, room: str, client_id: str, user_id: str) -> None:
         keys = _room_keys(room)
-        await self._script("linger", (keys.members, keys.lingering), client_id, user_id,
-                           self.node_id, self._state_ttl)
+        await self._script(
+            "linger",
+            (keys.members, keys.lingering),
+            client_id,
+            user_id,
+            self.node_id,
+            self._state_ttl,
+        )
 
     async def presence(self, room: str) -> list[MemberInfo]:
         key = _room_keys(room).members
         return _decoded(await self._call(key, b"HVALS", key))
 
     def _session_record(self, member: MemberInfo, connected_at: float) -> bytes:
-        return msgspec.json.encode({"userId": member.userId, "nodeId": self.node_id,
-                                    "connectedAt": int(connected_at * 1000)})
+        return msgspec.json.encode(
+            {
+                "userId": member.userId,
+                "nodeId": self.node_id,
+                "connectedAt": int(connected_at * 1000),
+            }
+        )
 
     async def session_opened(self, member: MemberInfo, connected_at: float) -> None:
         self._sessions[member.clientId] = (member, connected_at)
         key = f"session:{member.clientId}".encode()
-        await self._call(key, b"SET", key, self._session_record(member, connected_at),
-                         b"EX", _SESSION_TTL)
+        await self._call(
+            key, b"SET", key, self._session_record(member, connected_at), b"EX", _SESSION_TTL
+        )
 
     async def session_closed(self, client_id: str) -> None:
         self._sessions.pop(client_id, None)
@@ -1004,9 +1139,11 @@ class RedisBroker:
                 self._refresh_leased(servers)
                 alive, *_ = await asyncio.gather(*waits)
                 if not alive:
-                    log.warning("this node's liveness had expired (a pause longer than "
-                                "node_ttl?): reconciling its presence",
-                                extra={"event": "node_expired", "node": self.node_id})
+                    log.warning(
+                        "this node's liveness had expired (a pause longer than "
+                        "node_ttl?): reconciling its presence",
+                        extra={"event": "node_expired", "node": self.node_id},
+                    )
                     await self._reconcile()
                 await self.sweep()
                 self._upkeep_error = ""
@@ -1062,16 +1199,21 @@ class RedisBroker:
             for member in gone:
                 left = await self._leave_script(room, member.clientId, node)
                 # Not to the member itself: if its node was only paused, it is still here.
-                await self.publish(room, p.encode(p.UserLeft(
-                    room, member.username, p.now_ms(), member.userId, left.members)),
-                    member.clientId, -left.version)
+                await self.publish(
+                    room,
+                    p.encode(
+                        p.UserLeft(room, member.username, p.now_ms(), member.userId, left.members)
+                    ),
+                    member.clientId,
+                    -left.version,
+                )
                 removed += 1
         await self._call(rooms_key, b"DEL", rooms_key)
         await self._call(b"fastws:nodes", b"SREM", b"fastws:nodes", node)
-        log.info("swept dead node", extra={"event": "node_swept", "node": node,
-                                           "connections": removed})
+        log.info(
+            "swept dead node", extra={"event": "node_swept", "node": node, "connections": removed}
+        )
         return removed
-
 
     # ---- presence converges ----------------------------------------------------------------
 
@@ -1111,32 +1253,52 @@ class RedisBroker:
                     continue  # left while we were asking
                 self.reconciled += 1
                 if not swept:  # the room never heard it leave: put it back silently
-                    if await self._call(keys.members, b"HSET", keys.members, cid,
-                                        _member_encoder.encode(member)):
+                    if await self._call(
+                        keys.members, b"HSET", keys.members, cid, _member_encoder.encode(member)
+                    ):
                         await self._call(keys.nodes, b"HINCRBY", keys.nodes, self.node_id, 1)
                     continue
                 joined = await self.join(room, member)
-                await self.publish(room, p.encode(p.UserJoined(
-                    room, member.username, p.now_ms(), member.userId, joined.members)),
-                    cid, -joined.version)
+                await self.publish(
+                    room,
+                    p.encode(
+                        p.UserJoined(
+                            room, member.username, p.now_ms(), member.userId, joined.members
+                        )
+                    ),
+                    cid,
+                    -joined.version,
+                )
             for member in mine:
                 cid = member.clientId
-                if cid in self._members.get(room, {}) or (room, cid) in self._leaving \
-                        or (room, cid) in self._joining:
+                if (
+                    cid in self._members.get(room, {})
+                    or (room, cid) in self._leaving
+                    or (room, cid) in self._joining
+                ):
                     continue
                 self.reconciled += 1
                 left = await self._leave_script(room, cid, self.node_id)
                 if left.members:
-                    await self.publish(room, p.encode(p.UserLeft(
-                        room, member.username, p.now_ms(), member.userId, left.members)),
-                        "", -left.version)
+                    await self.publish(
+                        room,
+                        p.encode(
+                            p.UserLeft(
+                                room, member.username, p.now_ms(), member.userId, left.members
+                            )
+                        ),
+                        "",
+                        -left.version,
+                    )
             if room in self._members or room in self._rooms:
                 await self._call(rooms_key, b"SADD", rooms_key, room)
             else:
                 await self._call(rooms_key, b"SREM", rooms_key, room)
         if swept:
-            log.info("restored this node's presence after a sweep",
-                     extra={"event": "node_restored", "node": self.node_id})
+            log.info(
+                "restored this node's presence after a sweep",
+                extra={"event": "node_restored", "node": self.node_id},
+            )
 
 
 async def _clock_offset(servers: Servers) -> int:
@@ -1155,8 +1317,9 @@ def _decoded(entries: list[bytes]) -> list[MemberInfo]:
         try:
             out.append(_member_decoder.decode(raw))
         except (msgspec.DecodeError, TypeError):
-            log.warning("undecodable presence entry skipped: %.80r", raw,
-                        extra={"event": "broker_dropped"})
+            log.warning(
+                "undecodable presence entry skipped: %.80r", raw, extra={"event": "broker_dropped"}
+            )
     return out
 
 

@@ -61,7 +61,7 @@ def key_slot(key: bytes) -> int:
     if start >= 0:
         end = key.find(b"}", start + 1)
         if end > start + 1:
-            key = key[start + 1:end]
+            key = key[start + 1 : end]
     return crc16(key) % SLOTS
 
 
@@ -142,8 +142,9 @@ class ClusterServers(Servers):
                 return tag
         raise LookupError(f"no slot served by {listener.endpoint.address}")
 
-    def redirect(self, reply: ReplyError, key: bytes, args: tuple[Any, ...],
-                 callback: Callback) -> None:
+    def redirect(
+        self, reply: ReplyError, key: bytes, args: tuple[Any, ...], callback: Callback
+    ) -> None:
         """Follow ``MOVED slot host:port`` or ``ASK slot host:port``."""
         kind, slot, address = str(reply).split()[:3]
         pipe = self.pipes.get(address)
@@ -170,8 +171,10 @@ class ClusterServers(Servers):
             if pipe.connected:
                 try:
                     await self._load_map(pipe)
-                    log.info("redis cluster slot map reloaded",
-                             extra={"event": "cluster_map", "primaries": len(self.pipes)})
+                    log.info(
+                        "redis cluster slot map reloaded",
+                        extra={"event": "cluster_map", "primaries": len(self.pipes)},
+                    )
                     return
                 except Exception as exc:  # next primary; the broker sees real outages itself
                     log.debug("cluster map reload via %s failed: %r", pipe.endpoint.address, exc)
@@ -192,8 +195,9 @@ class _Redirects:
 
     __slots__ = ("args", "callback", "hops", "key", "servers")
 
-    def __init__(self, servers: ClusterServers, key: bytes, args: tuple[Any, ...],
-                 callback: Callback) -> None:
+    def __init__(
+        self, servers: ClusterServers, key: bytes, args: tuple[Any, ...], callback: Callback
+    ) -> None:
         self.servers = servers
         self.key = key
         self.args = args

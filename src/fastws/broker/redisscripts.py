@@ -86,7 +86,9 @@ end
 # counted (~0.3-0.5 us of Lua glue each) and numbers are turned into strings once (Lua's
 # number -> string costs ~0.4 us; redis.call() does it to number arguments too).
 # The payload is types.chat_payload, spelled with its own constants (tests compare the bytes).
-_PUBLISH_SEQS = _LEASES + """
+_PUBLISH_SEQS = (
+    _LEASES
+    + """
 local fresh, ttl, publish, me = ARGV[1], ARGV[2], ARGV[3], ARGV[5]
 local seqs, epochs = {}, {}
 local t = redis.call('TIME')
@@ -122,8 +124,11 @@ for i = 1, #KEYS / 4 do
     local seq = redis.call('INCR', seq_key)
     if first then redis.call('EXPIRE', seq_key, ttl) end
     local s = tostring(seq)
-    local payload = ARGV[i * 2 + 4] .. s .. """ + _lua_string(CHAT_EPOCH) + """ .. epoch .. """ + \
-    _lua_string(CHAT_END) + """
+    local payload = ARGV[i * 2 + 4] .. s .. """
+    + _lua_string(CHAT_EPOCH)
+    + """ .. epoch .. """
+    + _lua_string(CHAT_END)
+    + """
     redis.call(publish, KEYS[i * 4], '\\n' .. s .. '\\n' .. payload)
     local last = ARGV[i * 2 + 5]
     if last ~= '-1' then
@@ -138,6 +143,7 @@ for i = 1, #KEYS / 4 do
 end
 return seqs
 """
+)
 
 # A lease holder's chats of one loop turn: each one's history entry (or, for a room without
 # history, its seq), if the holder's incarnation is still the live one.
@@ -172,7 +178,9 @@ return 'ok'
 
 # The holder gives a lease back (another node wants the room, or its last member left).
 # KEYS: seq, epoch, history; ARGV: "node incarnation", state ttl s. Returns 1 if it held it.
-_SETTLE = _LEASES + """
+_SETTLE = (
+    _LEASES
+    + """
 local value = redis.call('GET', KEYS[2])
 if not value then return 0 end
 local epoch, holder = split(value)
@@ -180,6 +188,7 @@ if holder ~= ARGV[1] then return 0 end
 settle(KEYS[1], KEYS[2], KEYS[3], epoch, ARGV[2])
 return 1
 """
+)
 
 # Another node asks the holder for a room: PUBLISH on the holder's private channel. If no
 # connection of the holder listens there, it is gone (a crash closes them at once; a paused
@@ -234,7 +243,10 @@ end
 # leased (1: the room is this node's now), resumed (1: it took the place of its user's
 # lingering connection)}, or {'leased', holder} (nothing done) while another node's lease is
 # live. A room whose members are all on this node is leased to it.
-_JOIN = _NOW_MS + _LEASES + """
+_JOIN = (
+    _NOW_MS
+    + _LEASES
+    + """
 local ttl, me = ARGV[4], ARGV[10]
 local value = redis.call('GET', KEYS[2])
 local epoch, holder
@@ -291,20 +303,29 @@ if ARGV[5] ~= epoch or since > seq then
   return {count, seq, epoch, 0, {}, version, leased, resumed}
 end
 if since == seq then return {count, seq, epoch, 1, {}, version, leased, resumed} end
-""" + _READ_HISTORY + """
+"""
+    + _READ_HISTORY
+    + """
 local complete = 0
 if first == since + 1 then complete = 1 end
 return {count, seq, epoch, complete, out, version, leased, resumed}
 """
+)
 
 # KEYS: seq, epoch, members (unused), history
 # ARGV: 1-6 unused, history ttl ms, since (-1), history size - 1
-_HISTORY = _NOW_MS + _LEASES + """
+_HISTORY = (
+    _NOW_MS
+    + _LEASES
+    + """
 local epoch = split(redis.call('GET', KEYS[2]) or '')
 local seq = current_seq(KEYS[1], KEYS[4])
-""" + _READ_HISTORY + """
+"""
+    + _READ_HISTORY
+    + """
 return {seq, epoch, out}
 """
+)
 
 # KEYS: members, presence version, nodes, lingering; ARGV: clientId, state ttl s, the member's
 # node, its userId ("" if unknown). Returns {left, version, removed (0: it was not there)}.
@@ -350,7 +371,17 @@ class Script(NamedTuple):
         return cls(source.encode(), hashlib.sha1(source.encode()).hexdigest().encode())
 
 
-SCRIPTS = {name: Script.of(source) for name, source in
-           (("publish_seqs", _PUBLISH_SEQS), ("join", _JOIN), ("history", _HISTORY),
-            ("leave", _LEAVE), ("record", _RECORD), ("settle", _SETTLE),
-            ("revoke", _REVOKE), ("renew", _RENEW), ("linger", _LINGER))}
+SCRIPTS = {
+    name: Script.of(source)
+    for name, source in (
+        ("publish_seqs", _PUBLISH_SEQS),
+        ("join", _JOIN),
+        ("history", _HISTORY),
+        ("leave", _LEAVE),
+        ("record", _RECORD),
+        ("settle", _SETTLE),
+        ("revoke", _REVOKE),
+        ("renew", _RENEW),
+        ("linger", _LINGER),
+    )
+}

@@ -127,10 +127,15 @@ def parse_url(url: str) -> Endpoint:
                 db = int(value)
     elif parts.path.strip("/"):
         db = int(parts.path.strip("/"))
-    return Endpoint(parts.hostname or "127.0.0.1", parts.port or 6379,
-                    parts.path if parts.scheme == "unix" else "",
-                    unquote(parts.username or ""), unquote(parts.password or ""), db,
-                    parts.scheme == "rediss")
+    return Endpoint(
+        parts.hostname or "127.0.0.1",
+        parts.port or 6379,
+        parts.path if parts.scheme == "unix" else "",
+        unquote(parts.username or ""),
+        unquote(parts.password or ""),
+        db,
+        parts.scheme == "rediss",
+    )
 
 
 async def _open(endpoint: Endpoint, protocol: asyncio.Protocol, timeout: float) -> None:
@@ -139,8 +144,9 @@ async def _open(endpoint: Endpoint, protocol: asyncio.Protocol, timeout: float) 
         connecting = loop.create_unix_connection(lambda: protocol, endpoint.path)
     else:
         context = ssl.create_default_context() if endpoint.tls else None
-        connecting = loop.create_connection(lambda: protocol, endpoint.host, endpoint.port,
-                                            ssl=context)
+        connecting = loop.create_connection(
+            lambda: protocol, endpoint.host, endpoint.port, ssl=context
+        )
     try:
         await asyncio.wait_for(connecting, timeout)
     except (OSError, asyncio.TimeoutError) as exc:
@@ -207,12 +213,14 @@ class _Connection(asyncio.Protocol):
 
     def _watch(self) -> None:
         if self._watchdog.tick(self._oldest()):
-            self._abort(ConnectionLost(
-                f"{type(self).__name__.lower()} on {self.endpoint.address}: no reply for "
-                f"{self.timeout:g} s"))
+            self._abort(
+                ConnectionLost(
+                    f"{type(self).__name__.lower()} on {self.endpoint.address}: no reply for "
+                    f"{self.timeout:g} s"
+                )
+            )
             return
-        self._watchdog.handle = asyncio.get_running_loop().call_later(self.timeout / 4,
-                                                                      self._watch)
+        self._watchdog.handle = asyncio.get_running_loop().call_later(self.timeout / 4, self._watch)
 
     def _abort(self, error: RespError) -> None:
         self.lost = error
@@ -434,8 +442,9 @@ class _Op:
 
     __slots__ = ("channel", "future", "kind")
 
-    def __init__(self, kind: bytes, channel: bytes | None,
-                 future: asyncio.Future[Any] | None) -> None:
+    def __init__(
+        self, kind: bytes, channel: bytes | None, future: asyncio.Future[Any] | None
+    ) -> None:
         self.kind = kind
         self.channel = channel
         self.future = future
@@ -466,8 +475,9 @@ class Listener(_Connection):
         self._on_message = on_message
         self._on_lost = on_lost
         self._on_dropped = on_dropped
-        self._sub, self._unsub = ((b"SSUBSCRIBE", b"SUNSUBSCRIBE") if sharded
-                                  else (b"SUBSCRIBE", b"UNSUBSCRIBE"))
+        self._sub, self._unsub = (
+            (b"SSUBSCRIBE", b"SUNSUBSCRIBE") if sharded else (b"SUBSCRIBE", b"UNSUBSCRIBE")
+        )
         self._message = b"smessage" if sharded else b"message"
         self._transport: asyncio.Transport | None = None
         self._reader = hiredis.Reader(replyError=ReplyError)
@@ -647,17 +657,27 @@ class Servers:
             self._listener = await self._new_listener(self.endpoint)
 
     async def _new_pipe(self, endpoint: Endpoint) -> Pipe:
-        pipe = Pipe(endpoint, timeout=self.timeout, limit=self.limit,
-                    on_lost=self._pipe_lost, pressure=self._pipe_pressure)
+        pipe = Pipe(
+            endpoint,
+            timeout=self.timeout,
+            limit=self.limit,
+            on_lost=self._pipe_lost,
+            pressure=self._pipe_pressure,
+        )
         self.pipes[endpoint.address] = pipe
         await pipe.connect()
         return pipe
 
     async def _new_listener(self, endpoint: Endpoint) -> Listener:
         assert self._on_message is not None
-        listener = Listener(endpoint, sharded=self.sharded, timeout=self.timeout,
-                            on_message=self._on_message, on_lost=self._listener_lost,
-                            on_dropped=self._listener_dropped)
+        listener = Listener(
+            endpoint,
+            sharded=self.sharded,
+            timeout=self.timeout,
+            on_message=self._on_message,
+            on_lost=self._listener_lost,
+            on_dropped=self._listener_dropped,
+        )
         self.listeners[endpoint.address] = listener
         await listener.connect()
         return listener
