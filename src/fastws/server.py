@@ -105,6 +105,7 @@ class Node:
         self.hub.on_diff_notice = self.diffs.notice
         self.sessions: dict[str, Session] = {}
         self.wires: Any = None  # the listener's WireServer: it counts open sockets
+        self.outbox: Any = None  # the hub's, once started: read per message (no property)
         self.draining = False
         self.started_at = time.monotonic()
         self.counters: Counter[str] = Counter()
@@ -133,6 +134,7 @@ class Node:
         await self.broker.start()
         if self.events is not None:
             self.events.start()
+        self.outbox = self.hub.outbox
         self.server, self.wires = await listen(self, _load_pages(), reuse_port=reuse_port)
         self.heartbeat = Heartbeat(self).start()
         if self.settings.admin_port >= 0:

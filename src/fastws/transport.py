@@ -98,7 +98,7 @@ class Connection:
         session.handle(message)
         # At the end of this peer's read batch its own replies (and echoes) go out now
         # instead of a loop iteration later; others' copies stay corked.
-        self.node.hub.outbox.flush_if_last(session.sink)
+        self.node.outbox.flush_if_last(session.sink)
 
     def before_close(self) -> None:
         """The Wire is about to send a close frame: replies already queued go out first."""
