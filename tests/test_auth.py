@@ -19,13 +19,22 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
-from fastws.auth import Principal, Verifier, extract_token
+from fastws.auth import Principal, Verifier, extract_token, mint
 from fastws.config import Settings
 from fastws.errors import AuthError, ConfigError
 from fastws.logs import configure
 from fastws.server import Node
 
-from .utils import SECRET, TIMEOUT, recv_json, running_node, send_json, token, ws_url
+from .utils import (
+    SECRET,
+    TIMEOUT,
+    recv_json,
+    running_node,
+    send_json,
+    server_process,
+    token,
+    ws_url,
+)
 
 OTHER_SECRET = "another-secret-also-long-enough-for-hs256-use!"
 SECRET_64 = "a-sixty-four-byte-secret-so-that-hs512-signing-raises-no-warning!"
@@ -583,3 +592,40 @@ async def test_a_seed_token_signed_hs512_connects() -> None:
     ):
         hello = await recv_json(ws)
         assert (hello["type"], hello["userId"], hello["username"]) == ("connected", "u-1", "alice")
+
+
+# ---- F. what a serve process loads ------------------------------------------------------------
+
+
+def _maps_cryptography(pid: int) -> bool:
+    """Whether ``pid`` has cryptography's native library mapped (imported)."""
+    with open(f"/proc/{pid}/maps") as fh:
+        return "cryptography" in fh.read()
+
+
+async def _welcomed(port: int, token: str) -> dict[str, Any]:
+    async with connect(f"ws://127.0.0.1:{port}/ws?token={token}", open_timeout=TIMEOUT) as ws:
+        return json.loads(await ws.recv())  # type: ignore[no-any-return]
+
+
+async def test_an_hmac_serve_process_never_loads_cryptography() -> None:
+    """With HMAC algorithms only, ``fastws serve`` keeps cryptography out of the process
+    (about 8 MB of RSS each); tokens are checked as before."""
+    with server_process() as (proc, port):
+        hello = await _welcomed(port, mint(SECRET, "alice"))
+        assert hello["type"] == "connected"
+        assert not _maps_cryptography(proc.pid)
+
+
+async def test_a_public_key_serve_process_loads_cryptography_and_verifies(
+    rsa_keys: KeyPair,
+) -> None:
+    """RS256 needs cryptography: it is loaded, and an RS256 token opens a connection."""
+    token = jwt.encode(
+        {"sub": "alice", "exp": int(time.time()) + 60}, rsa_keys.private_pem, algorithm="RS256"
+    )
+    with server_process(
+        "--jwt-algorithms", "RS256", "--jwt-public-key-file", rsa_keys.public_file
+    ) as (proc, port):
+        assert (await _welcomed(port, token))["type"] == "connected"
+        assert _maps_cryptography(proc.pid)

@@ -1,16 +1,16 @@
-"""JWT in, ``Principal`` out. The only module that imports jwt."""
+"""JWT in, ``Principal`` out. The only module that imports jwt (on first use, see ``_jwt``)."""
 
 from __future__ import annotations
 
 import logging
 import secrets
+import sys
 import time
 import warnings
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any
 from urllib.parse import parse_qs
-
-import jwt
 
 from .config import Settings
 from .errors import AuthError, ConfigError
@@ -18,6 +18,27 @@ from .errors import AuthError, ConfigError
 _HMAC = {"HS256", "HS384", "HS512"}
 _HMAC_KEY_BYTES = {"HS256": 32, "HS384": 48, "HS512": 64}
 log = logging.getLogger("fastws.auth")
+
+
+def _jwt() -> ModuleType:
+    """PyJWT, imported on first use rather than with fastws: it imports ``cryptography``
+    whenever that is installed (some 16 MB of RSS per process), which a process that checks
+    no token (the supervisor) or only HMAC ones never needs; see ``skip_public_key_crypto``."""
+    import jwt
+
+    return jwt
+
+
+def skip_public_key_crypto(settings: Settings) -> bool:
+    """For a ``fastws serve`` process only: when every accepted algorithm is HMAC, hide
+    ``cryptography`` from PyJWT (so from the whole process: never call this when embedding
+    fastws in an application). Returns whether it did; a no-op once either is imported."""
+    if any(a not in _HMAC for a in settings.algorithms):
+        return False
+    if "cryptography" in sys.modules or "jwt" in sys.modules:
+        return False
+    sys.modules["cryptography"] = None  # type: ignore[assignment]  # import -> not found
+    return True
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,7 +78,7 @@ class Verifier:
                     extra={"event": "jwt_secret_short"},
                 )
             # Said once above; PyJWT would otherwise warn on every single handshake.
-            warnings.filterwarnings("ignore", category=jwt.warnings.InsecureKeyLengthWarning)
+            warnings.filterwarnings("ignore", category=_jwt().warnings.InsecureKeyLengthWarning)
         else:
             if not settings.jwt_public_key_file:
                 raise ConfigError(f"{algorithms[0]} needs --jwt-public-key-file")
@@ -108,15 +129,16 @@ class Verifier:
         return float(claims["exp"])
 
     def _claims(self, token: str) -> dict[str, Any]:
+        jwt = _jwt()
         try:
-            claims = jwt.decode(
+            claims: dict[str, Any] = jwt.decode(
                 token,
-                self._key,  # type: ignore[arg-type]
+                self._key,
                 algorithms=self._algorithms,
                 audience=self._audience,
                 issuer=self._issuer,
                 leeway=self._leeway,
-                options=self._options,  # type: ignore[arg-type]
+                options=self._options,
             )
         except jwt.ExpiredSignatureError as exc:
             raise AuthError("token expired") from exc
@@ -198,7 +220,8 @@ def mint(
         "exp": int(time.time() + ttl),
     }
     claims.update(extra or {})
-    return jwt.encode(claims, secret, algorithm=algorithm)
+    token: str = _jwt().encode(claims, secret, algorithm=algorithm)
+    return token
 
 
 def random_secret() -> str:

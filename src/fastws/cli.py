@@ -10,7 +10,7 @@ from typing import Any
 import msgspec
 
 from . import __version__
-from .auth import mint, random_secret
+from .auth import mint, random_secret, skip_public_key_crypto
 from .config import (
     CONFIG_ENV,
     FIELD_HELP,
@@ -146,6 +146,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     settings = load_settings(vars(args), config_file=args.config_file)
     configure(settings.log_level, settings.log_format)
+    # HMAC tokens only: PyJWT then never loads cryptography (~16 MB in every process).
+    skip_public_key_crypto(settings)
     secret = settings.jwt_secret
     generated = not secret and settings.algorithms[0].startswith("HS")
     if generated:
