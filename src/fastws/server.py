@@ -122,7 +122,8 @@ class Node:
     # ---- lifecycle ----------------------------------------------------------------------
 
     async def start(self, reuse_port: bool = False) -> None:
-        from .transport import Heartbeat, listen
+        from .gateway import listen
+        from .heartbeat import Heartbeat
 
         if FANOUT_ERROR:  # it works, at a fraction of the speed: say so loudly, once
             log.error(
