@@ -1,4 +1,4 @@
-"""The benchmark baselines (plain picows, plain websockets) serve fastws' protocol subset."""
+"""The benchmark baselines (plain picows, plain websockets, Bun) serve fastws' protocol subset."""
 
 from __future__ import annotations
 
@@ -15,11 +15,12 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from fastws.auth import mint
+from fastws.bench.targets import bun_binary
 
 from .utils import SECRET, TIMEOUT, _readline, recv_json, send_json
 
 BASELINES = Path(__file__).resolve().parent.parent / "benchmarks" / "baselines"
-NAMES = ["picows_server", "websockets_server"]
+NAMES = ["picows_server", "websockets_server", "bun_server"]
 
 assert len(SECRET.encode()) >= 32
 
@@ -28,9 +29,14 @@ assert len(SECRET.encode()) >= 32
 def baseline(request: pytest.FixtureRequest) -> Iterator[tuple[subprocess.Popen[str], int]]:
     """A baseline server subprocess on a free port; killed on teardown if still running."""
     name = request.param
+    # Bun comes from npm (.ci/run installs it into benchmarks/baselines), not from PyPI.
+    start = (
+        [bun_binary(None), str(BASELINES / "bun_server.ts")]
+        if name == "bun_server"
+        else [sys.executable, str(BASELINES / f"{name}.py")]
+    )
     cmd = [
-        sys.executable,
-        str(BASELINES / f"{name}.py"),
+        *start,
         "--host",
         "127.0.0.1",
         "--port",

@@ -6,7 +6,9 @@ from __future__ import annotations
 import argparse
 
 SCENARIOS = ("roundtrip", "fanout", "rooms", "connections", "soak")
-SERVERS = ("fastws", "picows", "websockets")
+SERVERS = ("fastws", "picows", "websockets")  # what --server all runs
+# Started only when asked for: Bun is not a fastws dependency (see benchmarks/baselines).
+EXTRA_SERVERS = ("bun",)
 
 DESCRIPTION = """\
 Benchmark a fastws-protocol server. Scenarios: roundtrip (one room per connection, post and
@@ -46,7 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     target = parser.add_argument_group("target")
     target.add_argument(
         "--server",
-        choices=(*SERVERS, "all"),
+        choices=(*SERVERS, *EXTRA_SERVERS, "all"),
         help="start this server locally (port 0) and stop it after; "
         "'all' runs the scenario against all three and prints ratios",
     )
@@ -93,7 +95,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     target.add_argument(
         "--baselines",
         metavar="DIR",
-        help="folder of picows_server.py and websockets_server.py "
+        help="folder of picows_server.py, websockets_server.py and bun_server.ts "
         "(default: benchmarks/baselines of this checkout)",
     )
 

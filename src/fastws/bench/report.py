@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 SCHEMA = "fastws-bench/1"
-SERVER_ORDER = ("fastws", "picows", "websockets")
+SERVER_ORDER = ("fastws", "picows", "websockets", "bun")
 DEPLOYMENT_ORDER = ("one", "workers2", "redis", "redis2")  # as deployment.DEPLOYMENTS
 
 # (path in "headline", label, True if higher is better, None if neither)

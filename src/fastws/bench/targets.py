@@ -111,6 +111,37 @@ def baselines_dir(given: str | None) -> Path:
     return Path.cwd() / "benchmarks" / "baselines"
 
 
+def bun_binary(baselines: str | None) -> str:
+    """Bun: $FASTWS_BUN, else the one ``npm install --prefix benchmarks/baselines bun``
+    put there, else one on PATH."""
+    found = os.environ.get("FASTWS_BUN") or str(
+        baselines_dir(baselines) / "node_modules" / ".bin" / "bun"
+    )
+    if os.access(found, os.X_OK):
+        return found
+    on_path = shutil.which("bun")
+    if on_path is None:
+        raise BenchError(
+            "bun not found: npm install --prefix benchmarks/baselines bun@1.4.4 "
+            "(or set FASTWS_BUN to a bun binary)"
+        )
+    return on_path
+
+
+def _bun_command(secret: str, extra: list[str], baselines: str | None, port: int) -> list[str]:
+    script = baselines_dir(baselines) / "bun_server.ts"
+    return [
+        bun_binary(baselines),
+        str(script),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        f"--jwt-secret={secret}",
+        *extra,
+    ]
+
+
 def server_command(
     kind: str, secret: str, extra: list[str], baselines: str | None, port: int = 0
 ) -> list[str]:
@@ -135,6 +166,8 @@ def server_command(
             "warning",
             *extra,
         ]
+    if kind == "bun":
+        return _bun_command(secret, extra, baselines, port)
     script = baselines_dir(baselines) / f"{kind}_server.py"
     if not script.is_file():
         raise BenchError(f"baseline server not found: {script} (use --baselines DIR)")
