@@ -22,49 +22,19 @@ import os
 import re
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+from fastws.bench.targets import server_command
+
 SECRET = "callgrind-secret-" + "x" * 24
-HERE = Path(__file__).resolve().parent
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def server_command(kind: str, port: int) -> list[str]:
-    if kind == "picows":
-        return [
-            sys.executable,
-            str(HERE / "baselines" / "picows_server.py"),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--jwt-secret",
-            SECRET,
-        ]
-    return [
-        sys.executable,
-        "-m",
-        "fastws",
-        "serve",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--jwt-secret",
-        SECRET,
-        "--rate-limit",
-        "0",
-        "--log-level",
-        "warning",
-    ]
 
 
 def wait_ready(port: int, proc: subprocess.Popen[bytes], timeout: float = 120.0) -> None:
@@ -100,7 +70,7 @@ def one_run(kind: str, duration: float, work: str) -> tuple[int, int]:
             "--tool=callgrind",
             f"--callgrind-out-file={out}",
             "--quiet",
-            *server_command(kind, port),
+            *server_command(kind, SECRET, [], None, port),
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

@@ -26,9 +26,6 @@ class WireServer:
     @property
     def open(self) -> int:
         """Sockets connected and not yet lost (upgraded or not)."""
-    @property
-    def connections(self) -> int:
-        """Upgraded connections open now."""
     def __init__(self, route: Route, handshake_timeout: float, max_message: int) -> None: ...
     def __call__(self) -> Wire: ...
     def sweep(

@@ -168,11 +168,6 @@ cdef class WireServer:
                     due.append(w)
         return due, dead
 
-    @property
-    def connections(self):
-        """How many upgraded connections are open."""
-        return PyList_GET_SIZE(self.upgraded)
-
 
 def protocol_factory(WireServer server):
     """What ``loop.create_server`` takes: ``server`` itself on uvloop, which reads into a

@@ -38,10 +38,6 @@ class Connection:
         self.session: Session | None = None
         self._abort_handle: asyncio.TimerHandle | None = None
 
-    @property
-    def transport(self) -> Wire | None:
-        return self.session.transport if self.session is not None else None
-
     # ---- Wire callbacks ---------------------------------------------------------------
 
     def on_connected(self, transport: Wire) -> None:

@@ -32,9 +32,6 @@ class Headers:
     def getall(self, name: str, default: list[str] | None = None) -> list[str]:
         return list(self._by_name.get(name.lower(), default or []))
 
-    def __contains__(self, name: object) -> bool:
-        return isinstance(name, str) and name.lower() in self._by_name
-
 
 class Request:
     """One parsed request head: ``path`` is the raw request target (query string included)."""

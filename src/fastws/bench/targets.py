@@ -128,59 +128,23 @@ def bun_binary(baselines: str | None) -> str:
     return on_path
 
 
-def _bun_command(secret: str, extra: list[str], baselines: str | None, port: int) -> list[str]:
-    script = baselines_dir(baselines) / "bun_server.ts"
-    return [
-        bun_binary(baselines),
-        str(script),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        f"--jwt-secret={secret}",
-        *extra,
-    ]
-
-
 def server_command(
     kind: str, secret: str, extra: list[str], baselines: str | None, port: int = 0
 ) -> list[str]:
     if kind == "fastws":
         # --log-level warning: fastws logs every connect/disconnect at INFO, the baselines log
         # nothing; the benchmark compares fan-out, not logging.
-        return [
-            sys.executable,
-            "-m",
-            "fastws",
-            "serve",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            f"--jwt-secret={secret}",  # one word: a secret may start with "-"
-            "--rate-limit",
-            "0",
-            "--ping-interval",
-            "0",
-            "--log-level",
-            "warning",
-            *extra,
-        ]
-    if kind == "bun":
-        return _bun_command(secret, extra, baselines, port)
-    script = baselines_dir(baselines) / f"{kind}_server.py"
-    if not script.is_file():
-        raise BenchError(f"baseline server not found: {script} (use --baselines DIR)")
-    return [
-        sys.executable,
-        str(script),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        f"--jwt-secret={secret}",
-        *extra,
-    ]
+        launcher = [sys.executable, "-m", "fastws", "serve"]
+        extra = ["--rate-limit", "0", "--ping-interval", "0", "--log-level", "warning", *extra]
+    elif kind == "bun":
+        launcher = [bun_binary(baselines), str(baselines_dir(baselines) / "bun_server.ts")]
+    else:
+        script = baselines_dir(baselines) / f"{kind}_server.py"
+        if not script.is_file():
+            raise BenchError(f"baseline server not found: {script} (use --baselines DIR)")
+        launcher = [sys.executable, str(script)]
+    # --jwt-secret=... as one word: a secret may start with "-"
+    return [*launcher, "--host", "127.0.0.1", "--port", str(port), f"--jwt-secret={secret}", *extra]
 
 
 def raise_nofile() -> tuple[int, int]:
