@@ -13,40 +13,19 @@ unsent output passes ``max_buffered`` is handed to ``on_slow`` and written to no
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
-from libc.stdint cimport uint8_t
 from libc.stdlib cimport free, realloc
 from libc.string cimport memcpy
 from fastws._wire cimport Wire
+
+import fastws._wire as _wire
 
 
 cdef extern from "<sys/socket.h>" nogil:
     ssize_t send(int fd, const void* buf, size_t n, int flags)
     int MSG_NOSIGNAL
 
-cpdef bytes frame(bytes payload, int opcode=1):
-    """Return one unmasked, final server-to-client frame holding ``payload``.
-
-    ``opcode`` is 1 (text) by default, 2 for binary (RFC 6455 section 5.2).
-    The result is immutable and can be handed to any number of sinks.
-    """
-    cdef Py_ssize_t size = PyBytes_GET_SIZE(payload)
-    cdef Py_ssize_t header = 2 if size < 126 else (4 if size < 65536 else 10)
-    cdef bytes out = PyBytes_FromStringAndSize(NULL, header + size)
-    cdef uint8_t* p = <uint8_t*>PyBytes_AS_STRING(out)
-    cdef int i
-    p[0] = 0x80 | (opcode & 0x0F)
-    if size < 126:
-        p[1] = <uint8_t>size
-    elif size < 65536:
-        p[1] = 126
-        p[2] = <uint8_t>(size >> 8)
-        p[3] = <uint8_t>size
-    else:
-        p[1] = 127
-        for i in range(8):
-            p[2 + i] = <uint8_t>(size >> (56 - 8 * i))
-    memcpy(p + header, PyBytes_AS_STRING(payload), size)
-    return out
+# The frame builder is the WebSocket layer's (it frames its control frames with it too).
+frame = _wire.frame
 
 
 cdef class Sink:

@@ -10,6 +10,9 @@ cdef enum WireState:
     CLOSED = 4
 
 
+cpdef bytes frame(bytes payload, int opcode=*)
+
+
 cdef class Wire
 
 

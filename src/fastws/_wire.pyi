@@ -14,8 +14,8 @@ class Listener(Protocol):
 
 Route = Callable[[bytes], "bytes | tuple[Listener, bytes]"]
 
-def control_frame(opcode: int, payload: bytes) -> bytes:
-    """One unmasked final server frame of ``opcode`` (payload cut at 125 bytes)."""
+def frame(payload: bytes, opcode: int = 1) -> bytes:
+    """One unmasked, final server frame of ``opcode`` (text by default) holding ``payload``."""
 
 class WireServer:
     """What the Wires of one listening socket share; calling it makes a Wire (the factory)."""

@@ -59,16 +59,29 @@ cdef inline double _monotonic() noexcept nogil:
 cdef bytes _PING = b"\x89\x00"  # an empty protocol ping
 
 
-cpdef bytes control_frame(int opcode, bytes payload):
-    """One unmasked, final server frame of ``opcode`` with ``payload`` (at most 125 bytes)."""
-    cdef Py_ssize_t n = PyBytes_GET_SIZE(payload)
-    if n > 125:
-        n = 125
-    cdef bytes out = PyBytes_FromStringAndSize(NULL, 2 + n)
-    cdef char* p = PyBytes_AS_STRING(out)
-    p[0] = <char>(0x80 | opcode)
-    p[1] = <char>n
-    memcpy(p + 2, PyBytes_AS_STRING(payload), n)
+cpdef bytes frame(bytes payload, int opcode=1):
+    """Return one unmasked, final server-to-client frame holding ``payload``.
+
+    ``opcode`` is 1 (text) by default, 2 for binary (RFC 6455 section 5.2).
+    The result is immutable and can be handed to any number of sinks.
+    """
+    cdef Py_ssize_t size = PyBytes_GET_SIZE(payload)
+    cdef Py_ssize_t header = 2 if size < 126 else (4 if size < 65536 else 10)
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, header + size)
+    cdef uint8_t* p = <uint8_t*>PyBytes_AS_STRING(out)
+    cdef int i
+    p[0] = 0x80 | (opcode & 0x0F)
+    if size < 126:
+        p[1] = <uint8_t>size
+    elif size < 65536:
+        p[1] = 126
+        p[2] = <uint8_t>(size >> 8)
+        p[3] = <uint8_t>size
+    else:
+        p[1] = 127
+        for i in range(8):
+            p[2 + i] = <uint8_t>(size >> (56 - 8 * i))
+    memcpy(p + header, PyBytes_AS_STRING(payload), size)
     return out
 
 
@@ -323,17 +336,17 @@ cdef class Wire:
             return
         cdef bytes payload = bytes([code >> 8, code & 0xFF]) + reason[:123]
         self.close_sent_code = code
-        self.transport.write(control_frame(0x8, payload))
+        self.transport.write(frame(payload, 0x8))
         if self.state == OPEN or self.state == HANDSHAKE:
             self.state = CLOSING
 
     cpdef send_ping(self, bytes payload=b""):
         if not self.is_disconnected and not self.close_sent_code:
-            self.transport.write(control_frame(0x9, payload))
+            self.transport.write(frame(payload[:125], 0x9))
 
     cpdef send_pong(self, bytes payload=b""):
         if not self.is_disconnected and not self.close_sent_code:
-            self.transport.write(control_frame(0xA, payload))
+            self.transport.write(frame(payload[:125], 0xA))
 
     cpdef disconnect(self, bint graceful=True):
         """Close the socket: after what is buffered (``graceful``), or at once."""
@@ -578,7 +591,7 @@ cdef class Wire:
                 self.utf8 = None
                 self._deliver(data.decode("utf-8") if self.frag_text else data)
         elif opcode == 0x9:
-            self.transport.write(control_frame(0xA, PyBytes_FromStringAndSize(payload, n)))
+            self.transport.write(frame(PyBytes_FromStringAndSize(payload, n), 0xA))
         elif opcode == 0x8:
             if n == 1:
                 self._fail(1002, b"close payload of one byte")
