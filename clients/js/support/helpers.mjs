@@ -25,7 +25,10 @@ export function mint(user, { ttl = 3600, secret = SECRET, username } = {}) {
   const b64 = (obj) => Buffer.from(JSON.stringify(obj)).toString("base64url");
   const now = Math.floor(Date.now() / 1000);
   const body = `${b64({ alg: "HS256", typ: "JWT" })}.${b64({
-    userId: user, username: username ?? user, roles: [], iat: now, exp: now + ttl,
+    // exp rounded up: with iat's floor a 1 s token had 0-1 s left, and a connect that
+    // crossed the second boundary was refused (401) before the test began.
+    userId: user, username: username ?? user, roles: [], iat: now,
+    exp: Math.ceil(Date.now() / 1000) + ttl,
   })}`;
   return `${body}.${createHmac("sha256", secret).update(body).digest("base64url")}`;
 }
