@@ -9,6 +9,7 @@ the long run - the short run). Start-up, warm-up and shutdown cancel out.
     python benchmarks/roundtrip_instructions.py                   # this checkout's fastws
     python benchmarks/roundtrip_instructions.py --server picows   # the plain picows loop
     PYTHONPATH=/other/tree/src python benchmarks/roundtrip_instructions.py   # another build
+    python benchmarks/roundtrip_instructions.py --keep /tmp/cg   # and keep the profiles
 
 Needs valgrind (``apt-get install valgrind``); a run takes about a minute.
 """
@@ -16,6 +17,7 @@ Needs valgrind (``apt-get install valgrind``); a run takes about a minute.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import json
 import os
@@ -121,8 +123,15 @@ def main() -> None:
     ap.add_argument("--server", choices=["fastws", "picows"], default="fastws")
     ap.add_argument("--short", type=float, default=2.0, help="seconds of the short run")
     ap.add_argument("--long", type=float, default=8.0, help="seconds of the long run")
+    ap.add_argument(
+        "--keep",
+        metavar="DIR",
+        help="keep the callgrind files here (for callgrind_annotate --inclusive=yes)",
+    )
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory() as work:
+    with contextlib.ExitStack() as stack:
+        work = args.keep or stack.enter_context(tempfile.TemporaryDirectory())
+        os.makedirs(work, exist_ok=True)
         short_ir, short_trips = one_run(args.server, args.short, work)
         long_ir, long_trips = one_run(args.server, args.long, work)
     per_trip = (long_ir - short_ir) / max(1, long_trips - short_trips)

@@ -4,6 +4,8 @@ from typing import Any
 
 from fastws._wire import Wire
 
+LEDGER_ENTRY_COST: int  # what it counts per kept message, as broker.ledger does
+
 def frame(payload: bytes, opcode: int = 1) -> bytes:
     """One unmasked final server frame (text by default) holding ``payload``."""
 
@@ -59,3 +61,26 @@ class Outbox:
         the sink holds bytes."""
     def flush_sink(self, sink: Sink) -> None:
         """Write one sink now, e.g. before a close frame."""
+
+class ChatPath:
+    """The common chat_message compiled (rate, decode, checks, seq, history, fan-out, ack);
+    the rest through the Python path."""
+
+    accepted: int  # chat messages taken from WebSockets
+    published: int  # publications delivered to this node
+    @property
+    def outbox(self) -> Outbox | None: ...
+    def __init__(
+        self, node: Any, hub: Any, ledger: Any, protocol: Any, clock_now: Callable[[], float]
+    ) -> None: ...
+    def start(self, outbox: Outbox) -> None: ...
+    def handle(self, session: Any, msg: str | bytes) -> None: ...
+    def deliver(self, room: str, exclude: str, payload: bytes, seq: int = 0) -> int:
+        """Broker callback: one publication for ``room`` to its local members."""
+
+class Listener:
+    """The message side of a connection's Wire listener."""
+
+    session: Any
+    chat: ChatPath
+    def on_message(self, msg: str | bytes) -> None: ...

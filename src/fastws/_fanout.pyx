@@ -13,6 +13,7 @@ unsent output passes ``max_buffered`` is handed to ``on_slow`` and written to no
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
+from cpython.unicode cimport Py_UNICODE_ISSPACE
 from libc.stdlib cimport free, realloc
 from libc.string cimport memcpy
 from fastws._wire cimport Wire
@@ -145,13 +146,13 @@ cdef class Outbox:
         s._reset()
         self._on_slow(s)
 
-    def send(self, Sink sink, bytes data):
+    cpdef send(self, Sink sink, bytes data):
         """Queue the frame ``data`` for one sink; False if the sink is closed or became slow."""
         if sink._dead():
             return False
         return self._put(sink, PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data)) == 1
 
-    def broadcast(self, list sinks, bytes data, Sink exclude=None, list skip=None):
+    cpdef broadcast(self, list sinks, bytes data, Sink exclude=None, list skip=None):
         """Queue the frame ``data`` for every sink in ``sinks`` but ``exclude`` and ``skip``.
 
         Returns how many sinks took it. Skipped: ``exclude`` (by identity), the sinks listed
@@ -250,7 +251,7 @@ cdef class Outbox:
             if s.held is not None and not s.congested:
                 self.release(s)  # the socket took it all: what waited may go next turn
 
-    def flush_if_last(self, Sink sink):
+    cpdef flush_if_last(self, Sink sink):
         """``flush_sink(sink)`` if the message its connection is handling ends its read batch
         and ``sink`` holds bytes: the peer has nothing more to read this turn, so its own
         replies need not wait for it."""
@@ -280,3 +281,222 @@ cdef class Outbox:
                 sent = 0  # EAGAIN, or an error the transport meets itself and reports
         w.transport.write(PyBytes_FromStringAndSize(s.buf + sent, s.size - sent))
         return 0
+
+
+# ---- the compiled chat path ---------------------------------------------------------------
+
+cdef bytes _SEQ = b',"seq":'
+cdef bytes _EPOCH = b',"epoch":"'
+cdef bytes _END = b'"}'
+cdef Py_ssize_t ENTRY_COST = 150  # broker.ledger.ENTRY_COST, checked equal by the tests
+LEDGER_ENTRY_COST = ENTRY_COST
+
+
+cdef inline bint _plain_edges(str text):
+    """Whether ``text`` starts and ends with a non-space: then ``text.strip()`` is not empty
+    (what else it holds the Python check need not see)."""
+    cdef Py_ssize_t n = len(text)
+    if n == 0:
+        return False
+    return not Py_UNICODE_ISSPACE(text[0]) and not Py_UNICODE_ISSPACE(text[n - 1])
+
+
+cdef class ChatPath:
+    """The common chat_message without a Python call per step: a whole text frame holding a
+    valid chat from a member of its room is rate-checked, decoded, validated, given its seq,
+    kept in history (the in-process broker's ledger), encoded once and handed to the
+    fan-out; the answer (ack) follows. Anything else -- another type, a refusal, a pending
+    action, a room with joiners waiting or fresh members -- goes to the Python path
+    (``Session.handle`` and its steps, ``Node.deliver_slow``), which is the reference: the
+    tests run the same cases over this and over ``_fanout_py.ChatPath``.
+
+    With a remote broker the node side is compiled the same way: validation up to
+    ``node.chat_now`` (which sends to the broker), and ``deliver`` for what comes back.
+    """
+
+    cdef object node
+    cdef object hub
+    cdef dict hub_rooms
+    cdef readonly Outbox outbox
+    cdef object ledger          # the in-process broker's Ledger, or None
+    cdef dict ledger_rooms
+    cdef object clock           # the ledger's clock
+    cdef object policy
+    cdef object decode
+    cdef object chat_type
+    cdef object head_type
+    cdef object ack_type
+    cdef object encode
+    cdef object now
+    cdef object chat_now
+    cdef Py_ssize_t max_chars
+    cdef Py_ssize_t burst
+    cdef bint rate_limited
+    cdef public unsigned long long accepted   # chat messages taken from WebSockets
+    cdef public unsigned long long published  # publications delivered to this node
+
+    def __init__(self, node, hub, ledger, protocol, clock_now):
+        """``ledger``: the in-process broker's, whose rooms this path sequences itself (None
+        for any other broker); ``protocol``: fastws.protocol; ``clock_now``: time.time."""
+        settings = node.settings
+        self.node = node
+        self.hub = hub
+        self.hub_rooms = hub.rooms
+        self.outbox = None
+        self.ledger = ledger
+        self.ledger_rooms = ledger.rooms if ledger is not None else None
+        self.clock = ledger.clock if ledger is not None else None
+        self.policy = node.policy
+        self.decode = protocol.decode_valid
+        self.chat_type = protocol.ChatMessage
+        self.head_type = protocol._ChatWithoutSeq
+        self.ack_type = protocol.Ack
+        self.encode = protocol.encode
+        self.now = clock_now
+        self.chat_now = node.chat_now
+        self.max_chars = settings.max_message_chars
+        self.burst = settings.rate_burst
+        self.rate_limited = settings.rate_limit > 0
+        self.accepted = 0
+        self.published = 0
+
+    def start(self, Outbox outbox):
+        """The loop's outbox, once it runs."""
+        self.outbox = outbox
+
+    def handle(self, session, msg):
+        """One whole client message of ``session``."""
+        self._handle(session, msg)
+
+    cdef int _handle(self, session, msg) except -1:
+        bucket = session.bucket
+        if bucket is None:
+            if self.rate_limited:  # its first message makes the bucket
+                session.handle(msg)
+                return 0
+        elif not bucket.take():
+            session.refuse()
+            return 0
+        if session.rejected_in_row:
+            session.rejected_in_row = 0
+        if type(msg) is not str or session._task is not None:
+            session.handle_admitted(msg)
+            return 0
+        try:
+            m = self.decode(msg)
+        except Exception:  # its error reply is the Python path's to word
+            session.handle_admitted(msg)
+            return 0
+        if type(m) is not self.chat_type:
+            session.act(m)
+            return 0
+        payload = m.payload
+        cdef str room = payload.room
+        cdef str text = payload.message
+        if (
+            room not in session.rooms
+            or self.policy.post_rules
+            or len(text) > self.max_chars
+            or not _plain_edges(text)
+        ):
+            session.act(m)  # the refusal, or the full check of the text
+            return 0
+        if self.ledger is None:
+            if self.chat_now is None or session.in_flight >= self.burst:
+                session.act(m)
+            else:
+                self.chat_now(session, room, text, m.id)
+            return 0
+        self._chat(session, room, text, m.id)
+        return 0
+
+    cdef int _chat(self, session, str room, str text, msg_id) except -1:
+        """``Node._chat_now`` and ``MemoryBroker.publish_seq_nowait`` on the ledger's
+        common case: sequenced, kept, delivered, then acked."""
+        who = session.principal
+        cdef bytes body = self.encode(
+            self.head_type(room, who.username, text, int(self.now() * 1000), who.user_id)
+        )
+        cdef object lroom = self.ledger_rooms.get(room)
+        cdef long long seq
+        cdef bytes published
+        self.accepted += 1
+        if lroom is None:  # a room the ledger has not seen: it makes it
+            seq, published = self.ledger.publish_seq(room, body[:PyBytes_GET_SIZE(body) - 1] + _SEQ)
+        else:
+            seq = lroom.seq + 1
+            lroom.seq = seq
+            published = _sequenced(body, seq, lroom.epoch_bytes)
+            now = self.clock()
+            lroom.stamp = now
+            if lroom.history is not None:
+                self._keep(room, lroom, (seq, now, published))
+        self._deliver(room, "", published, seq)
+        if msg_id is not None:
+            self.outbox.send(session.sink, frame(self.encode(self.ack_type(msg_id, seq))))
+        return 0
+
+    cdef int _keep(self, str name, lroom, tuple entry) except -1:
+        """``Ledger._keep`` when nothing is evicted and the room has members; else that."""
+        history = lroom.history
+        cdef Py_ssize_t cost = PyBytes_GET_SIZE(entry[2]) + ENTRY_COST
+        if not lroom.members or self.ledger.bytes + cost > self.ledger.max_bytes:
+            self.ledger._keep(name, lroom, entry)
+            return 0
+        if len(history) == history.maxlen:
+            cost -= PyBytes_GET_SIZE(history[0][2]) + ENTRY_COST
+        history.append(entry)
+        lroom.bytes += cost
+        self.ledger.bytes += cost
+        return 0
+
+    def deliver(self, str room, str exclude, bytes payload, long long seq=0):
+        """Broker callback: one publication for ``room``, framed once for its local members."""
+        return self._deliver(room, exclude, payload, seq)
+
+    cdef Py_ssize_t _deliver(self, str room, str exclude, bytes payload,
+                             long long seq) except -1:
+        self.published += 1
+        hroom = self.hub_rooms.get(room)
+        if (hroom is None or seq <= 0 or exclude or hroom.pending or hroom.fresh
+                or self.outbox is None):
+            return self.node.deliver_slow(room, exclude, payload, seq)
+        return self.outbox.broadcast(hroom.sinks, frame(payload))
+
+
+cdef bytes _sequenced(bytes body, long long seq, bytes epoch):
+    """``broker.types.chat_payload`` from the encoded body (its closing brace dropped)."""
+    cdef bytes digits = str(seq).encode()
+    cdef Py_ssize_t nb = PyBytes_GET_SIZE(body) - 1
+    cdef Py_ssize_t nd = PyBytes_GET_SIZE(digits)
+    cdef Py_ssize_t ne = PyBytes_GET_SIZE(epoch)
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, nb + 7 + nd + 10 + ne + 2)
+    cdef char* p = PyBytes_AS_STRING(out)
+    memcpy(p, PyBytes_AS_STRING(body), nb)
+    p += nb
+    memcpy(p, b',"seq":', 7)
+    p += 7
+    memcpy(p, PyBytes_AS_STRING(digits), nd)
+    p += nd
+    memcpy(p, b',"epoch":"', 10)
+    p += 10
+    memcpy(p, PyBytes_AS_STRING(epoch), ne)
+    p += ne
+    memcpy(p, b'"}', 2)
+    return out
+
+
+cdef class Listener:
+    """The message side of a connection's Wire listener (``transport.Connection`` adds the
+    rest): each whole message goes to the node's ``ChatPath``, then the peer's own replies
+    leave if its read batch is over."""
+
+    cdef public object session
+    cdef public ChatPath chat
+
+    def on_message(self, msg):
+        cdef object session = self.session
+        if session is None:
+            return
+        self.chat._handle(session, msg)
+        self.chat.outbox.flush_if_last(session.sink)

@@ -165,3 +165,41 @@ class Outbox:
             return
         self.writes += 1
         tr.write(bytes(s.buf))
+
+
+class ChatPath:
+    """The chat path on the reference steps: every message to ``Session.handle``, every
+    publication to ``Node.deliver_slow`` (the compiled one takes the common case itself)."""
+
+    def __init__(self, node: Any, hub: Any, ledger: Any, protocol: Any, clock_now: Any) -> None:
+        self.node = node
+        self.outbox: Outbox | None = None
+        self.accepted = 0  # chat messages taken from WebSockets
+        self.published = 0  # publications delivered to this node
+
+    def start(self, outbox: Outbox) -> None:
+        self.outbox = outbox
+
+    def handle(self, session: Any, msg: str | bytes) -> None:
+        session.handle(msg)
+
+    def deliver(self, room: str, exclude: str, payload: bytes, seq: int = 0) -> int:
+        self.published += 1
+        return int(self.node.deliver_slow(room, exclude, payload, seq))
+
+
+class Listener:
+    """The message side of a connection's Wire listener."""
+
+    __slots__ = ("chat", "session")
+
+    def __init__(self) -> None:
+        self.session: Any = None
+        self.chat: Any = None
+
+    def on_message(self, msg: str | bytes) -> None:
+        session = self.session
+        if session is None:
+            return
+        self.chat.handle(session, msg)
+        self.chat.outbox.flush_if_last(session.sink)

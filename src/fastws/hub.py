@@ -9,18 +9,24 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import os
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 #: Which fan-out runs ("compiled" or "python"), and why not the compiled one ("" if it is).
-FANOUT_ERROR = ""
+#: FASTWS_FANOUT=python picks the pure-Python twin on purpose (to compare, or to debug).
+FANOUT_ERROR = (
+    "chosen by FASTWS_FANOUT=python" if os.environ.get("FASTWS_FANOUT") == "python" else ""
+)
 try:
+    if FANOUT_ERROR:
+        raise ImportError(FANOUT_ERROR)
     from . import _fanout as fanout
-except ImportError as exc:  # only when the extension was not built, or does not load
+except ImportError as exc:  # the extension was not built or does not load, or not wanted
     from . import _fanout_py as fanout  # type: ignore[no-redef]
 
-    FANOUT_ERROR = f"{type(exc).__name__}: {exc}"
+    FANOUT_ERROR = FANOUT_ERROR or f"{type(exc).__name__}: {exc}"
 FANOUT = "python" if FANOUT_ERROR else "compiled"
 
 if TYPE_CHECKING:
@@ -295,3 +301,14 @@ class Hub:
 
     def member_count(self) -> int:
         return sum(len(r) for r in self.rooms.values())
+
+
+__all__ = [
+    "FANOUT",
+    "FANOUT_ERROR",
+    "PRESENCE_MARK_TTL",
+    "Hub",
+    "PresenceMarks",
+    "Room",
+    "fanout",
+]

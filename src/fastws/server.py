@@ -87,7 +87,6 @@ class Node:
             broker if broker is not None else MemoryBroker(history_policy(settings))
         )
         self.inline = self.broker.inline
-        self.broker.attach(self.node_id, self.deliver, self.pressure)
         self._publish_seq_nowait = self.broker.publish_seq_nowait
         self.chat_now: Callable[[Session, str, str, p.MsgId], None] | None = self._chat_now
         self.paused = False  # the broker is over its queue bound: clients are not read
@@ -99,6 +98,11 @@ class Node:
         # (room, clientId) of dropped connections in their presence grace -> its timer.
         self._lingering: dict[tuple[str, str], tuple[asyncio.TimerHandle, Principal]] = {}
         self.hub = Hub(settings.max_send_buffer_bytes, self.slow_consumer)
+        # The common chat_message, compiled: the in-process broker's ledger it sequences
+        # itself (a subclass may do more than the ledger: it keeps its own method).
+        ledger = self.broker.ledger if type(self.broker) is MemoryBroker else None
+        self.chat_path = self.hub.fanout.ChatPath(self, self.hub, ledger, p, time.time)
+        self.broker.attach(self.node_id, self.chat_path.deliver, self.pressure)
         self.diffs = PresenceDiffs(
             settings.presence_diff_interval, settings.presence_diff_names, self.hub.send_diff
         )
@@ -109,8 +113,6 @@ class Node:
         self.draining = False
         self.started_at = time.monotonic()
         self.counters: Counter[str] = Counter()
-        self.messages_out = 0  # publications delivered here; an int: deliver() is hot
-        self.messages_in = 0  # chat messages accepted from WebSockets; an int: chat is hot
         self.auth_failures: Counter[str] = Counter()  # by reason
         self._per_ip: Counter[str] = Counter()
         self.server: asyncio.Server | None = None
@@ -136,6 +138,7 @@ class Node:
         if self.events is not None:
             self.events.start()
         self.outbox = self.hub.outbox
+        self.chat_path.start(self.outbox)
         self.server, self.wires = await listen(self, _load_pages(), reuse_port=reuse_port)
         self.heartbeat = Heartbeat(self).start()
         if self.settings.admin_port >= 0:
@@ -188,6 +191,16 @@ class Node:
         if self.admin is not None:
             await self.admin.close()
         log.info("stopped", extra={"event": "stopped", "connections": count})
+
+    @property
+    def messages_in(self) -> int:
+        """Chat messages accepted from WebSockets."""
+        return int(self.chat_path.accepted)
+
+    @property
+    def messages_out(self) -> int:
+        """Publications delivered to this node."""
+        return int(self.chat_path.published)
 
     def health(self) -> dict[str, Any]:
         broker = self.broker.health()
@@ -448,7 +461,7 @@ class Node:
             seq = await self.broker.publish_seq(room, head)
         except BrokerUnavailable:
             raise BrokerUnavailable(msg_id) from None
-        self.messages_in += 1
+        self.chat_path.accepted += 1
         if msg_id is not None:
             session.send(p.Ack(msg_id, seq))
 
@@ -464,7 +477,7 @@ class Node:
         who = session.principal
         head = p.chat_head(room, who.username, text, who.user_id)
         if self.inline:
-            self.messages_in += 1
+            self.chat_path.accepted += 1
             done = None if msg_id is None else functools.partial(self._acked, session, msg_id)
             self._publish_seq_nowait(room, head, done)
             return
@@ -482,7 +495,7 @@ class Node:
         if self.on_publish_latency is not None:
             self.on_publish_latency(time.perf_counter() - sent)
         if seq:
-            self.messages_in += 1
+            self.chat_path.accepted += 1
             if msg_id is not None:
                 session.send(p.Ack(msg_id, seq))
         elif session.client_id in self.sessions:
@@ -580,10 +593,10 @@ class Node:
         for session in self.sessions.values():
             _pause_reading(session, paused)
 
-    def deliver(self, room: str, exclude: str, payload: bytes, seq: int = 0) -> None:
-        """Broker callback: one publication for ``room``, framed once for every local member."""
-        self.messages_out += 1
-        self.hub.broadcast(
+    def deliver_slow(self, room: str, exclude: str, payload: bytes, seq: int = 0) -> int:
+        """One publication for ``room``, framed once for every local member: what the chat
+        path's ``deliver`` (the broker callback) does not take itself."""
+        return self.hub.broadcast(
             room, payload, self.sessions.get(exclude) if exclude else None, seq, exclude
         )
 

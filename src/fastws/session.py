@@ -105,6 +105,13 @@ class NodeActions(Protocol):
 _NO_ROOMS: frozenset[str] = frozenset()
 
 
+def _decode(data: bytes | str) -> p.ClientMessage:
+    try:
+        return p.decode_valid(data)  # the common case: a call less than p.decode
+    except p.DECODE_ERRORS:
+        return p.decode(data)  # raises the seed's MessageError for it
+
+
 class TokenBucket:
     """``rate`` tokens per second up to ``burst``; ``clock`` is injected so tests need no sleep."""
 
@@ -205,23 +212,35 @@ class Session:
                 self.rooms = _NO_ROOMS
 
     def handle(self, data: bytes | str) -> None:
-        """Act on one complete client message; every refusal becomes an ``error`` reply."""
+        """Act on one complete client message; every refusal becomes an ``error`` reply.
+
+        The compiled chat path (``_fanout.ChatPath``) takes the common chat_message itself
+        and hands the rest to the steps below: ``refuse`` past the rate limit,
+        ``handle_admitted`` for what it did not decode, ``act`` for what it did."""
         bucket = self.bucket
         if bucket is None and self.settings.rate_limit > 0:
             bucket = self.bucket = TokenBucket(
                 self.settings.rate_limit, self.settings.rate_burst, self._clock
             )
         if bucket is not None and not bucket.take():
-            self.rejected_in_row += 1
-            self.node.counters["rate_limited"] += 1
-            if self.rejected_in_row > self.settings.rate_burst:
-                self.outlet.close(CloseCode.POLICY_VIOLATION, "rate limit exceeded")
-                return
-            self.outlet.send(
-                p.error_bytes(MessageError("rate_limited", "Rate limit exceeded, slow down"))
-            )
+            self.refuse()
             return
         self.rejected_in_row = 0
+        self.handle_admitted(data)
+
+    def refuse(self) -> None:
+        """A message past the rate limit: an error, or the close once it persists."""
+        self.rejected_in_row += 1
+        self.node.counters["rate_limited"] += 1
+        if self.rejected_in_row > self.settings.rate_burst:
+            self.outlet.close(CloseCode.POLICY_VIOLATION, "rate limit exceeded")
+            return
+        self.outlet.send(
+            p.error_bytes(MessageError("rate_limited", "Rate limit exceeded, slow down"))
+        )
+
+    def handle_admitted(self, data: bytes | str) -> None:
+        """A message within the rate limit: queued behind a pending action, or acted on."""
         if self._task is not None:
             if self._backlog is None:
                 self._backlog = deque()
@@ -230,8 +249,21 @@ class Session:
                 return
             self._backlog.append(data)
             return
+        try:
+            msg = _decode(data)
+        except MessageError as exc:
+            self.outlet.send(p.error_bytes(exc))
+            return
+        self.act(msg)
+
+    def act(self, msg: p.ClientMessage) -> None:
+        """Run one decoded message (no action pending): in place, or as a task if it waits."""
         self._needs_task = False
-        action = self._start(data)
+        try:
+            action = self.dispatch(msg)
+        except MessageError as exc:
+            self.outlet.send(p.error_bytes(exc))
+            return
         if action is None:
             return
         if self.node.inline and not self._needs_task:
@@ -247,12 +279,9 @@ class Session:
             self._task = None
 
     def _start(self, data: bytes | str) -> Action | None:
+        self._needs_task = False
         try:
-            try:
-                msg = p.decode_valid(data)  # the hot path: a call less than p.decode
-            except p.DECODE_ERRORS:
-                msg = p.decode(data)  # raises the seed's MessageError for it
-            return self.dispatch(msg)
+            return self.dispatch(_decode(data))
         except MessageError as exc:
             self.outlet.send(p.error_bytes(exc))
             return None

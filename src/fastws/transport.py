@@ -14,28 +14,33 @@ from typing import TYPE_CHECKING
 from ._wire import Wire
 from .auth import Principal
 from .errors import CloseCode
+from .hub import fanout
 from .session import Session
 
 if TYPE_CHECKING:
     from .server import Node
 
 
-class Connection:
+class Connection(fanout.Listener):
     """One upgraded socket's listener: hands its messages to the session, sends its replies.
 
     Framing, reassembly, UTF-8, pings and the close handshake are the ``Wire``'s (Cython);
-    this object sees whole messages only.
+    this object sees whole messages only, and those go through the fan-out module's
+    ``Listener.on_message`` (compiled: no Python call for a common chat_message) to the
+    node's chat path.
     """
 
     # Slots, not a __dict__: one of these lives per connection (see the memory target). What
     # the session holds (client id, principal, sink, the Wire) is read from it, not copied.
-    __slots__ = ("_abort_handle", "_admission", "node", "session")
+    # ``session`` and ``chat`` are the Listener's.
+    __slots__ = ("_abort_handle", "_admission", "node")
 
     def __init__(self, node: Node, principal: Principal, forwarded_for: str = "") -> None:
         self.node = node
         # Needed only until on_connected makes the session.
         self._admission: tuple[Principal, str] | None = (principal, forwarded_for)
-        self.session: Session | None = None
+        self.session = None
+        self.chat = node.chat_path
         self._abort_handle: asyncio.TimerHandle | None = None
 
     # ---- Wire callbacks ---------------------------------------------------------------
@@ -66,15 +71,6 @@ class Connection:
             )
         # Many connections share an address (a proxy, a NAT): one string for all of them.
         node.connect(session, remote, sys.intern(ip))
-
-    def on_message(self, message: str | bytes) -> None:
-        session = self.session
-        if session is None:
-            return
-        session.handle(message)
-        # At the end of this peer's read batch its own replies (and echoes) go out now
-        # instead of a loop iteration later; others' copies stay corked.
-        self.node.outbox.flush_if_last(session.sink)
 
     def before_close(self) -> None:
         """The Wire is about to send a close frame: replies already queued go out first."""
