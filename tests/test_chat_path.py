@@ -37,19 +37,14 @@ EDGE_TEXTS = [
 ]
 
 
+# The chat script's server: no rate limit, short texts, a short history, one post rule.
+CHAT_SERVER = ("--rate-limit", "0", "--max-message-chars", "20", "--history-size", "3")
+CHAT_SERVER += ("--room-post", "staff-*=role:staff")
+
+
 @pytest.fixture(params=PATHS)
 def server(request: pytest.FixtureRequest) -> Iterator[int]:
-    with server_process(
-        "--rate-limit",
-        "0",
-        "--max-message-chars",
-        "20",
-        "--history-size",
-        "3",
-        "--room-post",
-        "staff-*=role:staff",
-        env={"FASTWS_FANOUT": request.param},
-    ) as (_, port):
+    with server_process(*CHAT_SERVER, env={"FASTWS_FANOUT": request.param}) as (_, port):
         yield port
 
 
@@ -122,17 +117,7 @@ async def _script(port: int) -> list[Any]:
 async def test_the_compiled_and_the_python_path_give_the_same_transcript() -> None:
     transcripts = []
     for path in PATHS:
-        with server_process(
-            "--rate-limit",
-            "0",
-            "--max-message-chars",
-            "20",
-            "--history-size",
-            "3",
-            "--room-post",
-            "staff-*=role:staff",
-            env={"FASTWS_FANOUT": path},
-        ) as (_, port):
+        with server_process(*CHAT_SERVER, env={"FASTWS_FANOUT": path}) as (_, port):
             transcripts.append(await asyncio.wait_for(_script(port), 30))
     compiled, python = transcripts
     assert compiled == python
