@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
-from fastws import _fanout, hub
+from fastws import hub
 from fastws.broker.ledger import ENTRY_COST, Ledger
 from fastws.broker.types import chat_payload
 
@@ -144,6 +145,53 @@ async def test_the_compiled_and_the_python_path_give_the_same_transcript() -> No
     }
 
 
+# Texts and ids the compiled path writes its JSON for itself (or hands to msgspec): quotes,
+# backslashes, UTF-8 of every width, controls (msgspec's \uXXXX).
+BYTE_TEXTS = ['say "hi" \\ ok', "é漢字 🙂", "ctl\u0001x", "a\tb", "tail\\", '"']
+BYTE_IDS: list[Any] = ["s", 'q"id\\', "ü", 0, -5, 2**62, "i" * 120, "j" * 200]
+
+
+def _raw(frame: str | bytes) -> str:
+    """A frame's text with what differs between runs (time, epoch) blanked."""
+    text = frame if isinstance(frame, str) else frame.decode()
+    text = re.sub(r'"timestamp":\d+', '"timestamp":0', text)
+    return re.sub(r'"epoch":"[0-9a-f]+"', '"epoch":""', text)
+
+
+async def _byte_script(port: int) -> list[str]:
+    """Every chat and ack as the sender and another member get them, byte for byte."""
+    out: list[str] = []
+    async with (
+        connect(ws_url(port, 'zoë "z" \\'), open_timeout=TIMEOUT) as zoe,
+        connect(ws_url(port, "bob"), open_timeout=TIMEOUT) as bob,
+    ):
+        for ws in (zoe, bob):
+            await recv_json(ws)
+            await send_json(ws, "join_room", {"room": 'r "q" ü'})
+            await _until(ws, "room_joined")
+        await _until(zoe, "user_joined")
+        for text in BYTE_TEXTS:
+            for msg_id in BYTE_IDS:
+                chat = {"room": 'r "q" ü', "message": text}
+                await zoe.send(json.dumps({"type": "chat_message", "payload": chat, "id": msg_id}))
+                out += [_raw(await zoe.recv()), _raw(await zoe.recv()), _raw(await bob.recv())]
+    return out
+
+
+async def test_the_compiled_json_is_msgspecs_byte_for_byte() -> None:
+    transcripts = []
+    for path in PATHS:
+        with server_process(
+            *CHAT_SERVER, "--max-message-chars", "200", env={"FASTWS_FANOUT": path}
+        ) as (_, port):
+            transcripts.append(await asyncio.wait_for(_byte_script(port), 30))
+    compiled, python = transcripts
+    assert len(compiled) == 3 * len(BYTE_TEXTS) * len(BYTE_IDS)
+    assert compiled == python
+    assert '"message":"say \\"hi\\" \\\\ ok"' in compiled[0]
+    assert compiled[1] == '{"type":"ack","id":"s","seq":1}'
+
+
 async def test_a_chat_is_acked_after_its_broadcast_with_its_seq(server: int) -> None:
     async with connect(ws_url(server, "alice"), open_timeout=TIMEOUT) as ws:
         await recv_json(ws)
@@ -176,9 +224,8 @@ async def test_the_rate_limit_holds_on_both_paths(path: str) -> None:
 
 
 async def test_the_compiled_history_keeps_the_ledgers_accounts() -> None:
-    """What the compiled path keeps costs what ``Ledger._keep`` would count: payload plus
-    ENTRY_COST each, within history_size, the oldest pushed out."""
-    assert _fanout.LEDGER_ENTRY_COST == ENTRY_COST
+    """What the compiled path keeps costs what the ledger counts: payload plus ENTRY_COST
+    each, within history_size, the oldest pushed out."""
     assert hub.FANOUT == "compiled"
     async with (
         running_node(rate_limit=0, history_size=3) as node,

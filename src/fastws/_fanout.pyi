@@ -1,10 +1,12 @@
+import asyncio
 from asyncio import AbstractEventLoop
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 from fastws._wire import Wire
-
-LEDGER_ENTRY_COST: int  # what it counts per kept message, as broker.ledger does
+from fastws.auth import Principal
+from fastws.broker.types import MemberInfo
 
 def frame(payload: bytes, opcode: int = 1) -> bytes:
     """One unmasked final server frame (text by default) holding ``payload``."""
@@ -61,6 +63,54 @@ class Outbox:
         the sink holds bytes."""
     def flush_sink(self, sink: Sink) -> None:
         """Write one sink now, e.g. before a close frame."""
+
+#: A kept chat: (seq, time, payload).
+Entry = tuple[int, float, bytes]
+
+class SessionCore:
+    """The fields of ``session.Session`` a chat message touches (the session owns them)."""
+
+    bucket: Any  # session.TokenBucket | None
+    rejected_in_row: int
+    _task: asyncio.Task[None] | None
+    rooms: set[str] | frozenset[str]
+    in_flight: int
+    principal: Principal
+    sink: Any  # Sink | None
+
+class RoomCore:
+    """The fields of ``hub.Room`` the fan-out reads."""
+
+    sinks: list[Any]
+    pending: dict[Any, list[tuple[int, bytes]]]
+    fresh: dict[Any, int]
+
+class LedgerRoom:
+    """One room of a ``broker.ledger.Ledger``: its seq, epoch, history and members."""
+
+    seq: int
+    epoch: str
+    epoch_bytes: bytes
+    history: deque[Entry] | None
+    members: dict[str, MemberInfo]
+    lingering: dict[str, str] | None
+    stamp: float
+    leased: bool
+    bytes: int
+    def __init__(self, history: deque[Entry] | None, epoch: str) -> None: ...
+    def restart(self, epoch: str) -> None: ...
+
+class LedgerCore:
+    """Sequencing and keeping of ``broker.ledger.Ledger``; ``_kept(name, room)`` is the
+    subclass's, called after a keep only when the room is empty or past ``max_bytes``."""
+
+    rooms: dict[str, LedgerRoom]
+    clock: Callable[[], float]
+    bytes: int
+    max_bytes: float
+    entry_cost: int
+    def keep(self, name: str, room: LedgerRoom, entry: Entry) -> None: ...
+    def _kept(self, name: str, room: LedgerRoom) -> None: ...
 
 class ChatPath:
     """The common chat_message compiled (rate, decode, checks, seq, history, fan-out, ack);

@@ -14,11 +14,19 @@ unsent output passes ``max_buffered`` is handed to ``on_slow`` and written to no
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
 from cpython.unicode cimport Py_UNICODE_ISSPACE
+
+
+cdef extern from "Python.h":
+    bint PyUnicode_IS_ASCII(object s)
+    void* PyUnicode_DATA(object s)
+    Py_ssize_t PyUnicode_GET_LENGTH(object s)
+    const char* PyUnicode_AsUTF8AndSize(object s, Py_ssize_t* size) except NULL
 from libc.stdlib cimport free, realloc
 from libc.string cimport memcpy
 from fastws._wire cimport Wire
 
 import fastws._wire as _wire
+import fastws.broker.types as _types
 
 
 cdef extern from "<sys/socket.h>" nogil:
@@ -283,13 +291,304 @@ cdef class Outbox:
         return 0
 
 
+# ---- the state the chat path reads: C fields, not attribute lookups ----------------------
+# Each is the base of the Python class that owns the rest (session.Session, hub.Room,
+# broker.ledger.Ledger); the pure-Python twin has the same names as __slots__.
+
+
+cdef class SessionCore:
+    """The fields of ``session.Session`` a chat message touches (the session owns them)."""
+
+    cdef public object bucket        # its TokenBucket, made by its first message
+    cdef public long rejected_in_row
+    cdef public object _task         # the action awaiting a remote broker, or None
+    cdef public object rooms         # set (or the shared empty frozenset) of room names
+    cdef public long in_flight       # chats handed to a remote broker, not yet answered
+    cdef public object principal
+    cdef public object sink
+
+
+cdef class RoomCore:
+    """The fields of ``hub.Room`` the fan-out reads."""
+
+    cdef public list sinks
+    cdef public dict pending
+    cdef public dict fresh
+
+
+cdef class LedgerRoom:
+    """One room of a ``broker.ledger.Ledger``: its seq, epoch, history and members."""
+
+    cdef public long long seq
+    cdef public str epoch
+    cdef public bytes epoch_bytes    # spliced into every chat payload
+    cdef public object history       # deque(maxlen=size) of (seq, time, payload), or None
+    cdef public dict members
+    cdef public object lingering     # userId -> its dropped connection's id, or None
+    cdef public double stamp         # time of the newest message
+    cdef public bint leased
+    cdef public Py_ssize_t bytes     # what its history costs (see ENTRY_COST)
+
+    def __init__(self, object history, str epoch):
+        self.seq = 0
+        self.epoch = epoch
+        self.epoch_bytes = epoch.encode()
+        self.history = history
+        self.members = {}
+        self.lingering = None
+        self.stamp = 0.0
+        self.leased = False
+        self.bytes = 0
+
+    def restart(self, str epoch):
+        """A new epoch from seq 0, with no history (the ledger takes ``bytes`` off first)."""
+        self.seq = 0
+        self.epoch = epoch
+        self.epoch_bytes = epoch.encode()
+        if self.history is not None:
+            self.history.clear()
+        self.bytes = 0
+
+
+cdef class LedgerCore:
+    """Sequencing and keeping of ``broker.ledger.Ledger`` (which owns the rest: joins,
+    eviction, expiry). ``_kept(name, room)`` is the subclass's, called after a keep only when
+    the room is empty or the ledger is past ``max_bytes``."""
+
+    cdef public dict rooms
+    cdef public object clock
+    cdef public Py_ssize_t bytes     # history kept, all rooms (see ENTRY_COST)
+    cdef public double max_bytes
+    cdef public Py_ssize_t entry_cost
+
+    def keep(self, str name, LedgerRoom room, tuple entry):
+        """Append ``entry`` (seq, time, payload) to the room's history, within the size per
+        room and the bytes in all."""
+        self._keep(name, room, entry)
+
+    cdef int _keep(self, str name, LedgerRoom room, tuple entry) except -1:
+        history = room.history
+        cdef Py_ssize_t cost = PyBytes_GET_SIZE(entry[2]) + self.entry_cost
+        if len(history) == history.maxlen:  # the append pushes the oldest out
+            cost -= PyBytes_GET_SIZE(history[0][2]) + self.entry_cost
+        history.append(entry)
+        room.bytes += cost
+        self.bytes += cost
+        if not room.members or self.bytes > self.max_bytes:
+            self._kept(name, room)
+        return 0
+
+    cdef bytes _publish(self, str name, LedgerRoom room, bytes body):
+        """The next seq of ``room`` for the encoded head ``body`` (its closing brace is
+        dropped): the published payload, kept in history."""
+        cdef bytes payload = _sequenced(body, room.seq + 1, room.epoch_bytes)
+        self._commit(name, room, room.seq + 1, payload)
+        return payload
+
+    cdef int _commit(self, str name, LedgerRoom room, long long seq, bytes payload) except -1:
+        """``payload`` was published as the room's ``seq``: note it and keep it."""
+        room.seq = seq
+        now = self.clock()
+        room.stamp = now
+        if room.history is not None:
+            self._keep(name, room, (seq, now, payload))
+        return 0
+
+
 # ---- the compiled chat path ---------------------------------------------------------------
 
-cdef bytes _SEQ = b',"seq":'
-cdef bytes _EPOCH = b',"epoch":"'
-cdef bytes _END = b'"}'
-cdef Py_ssize_t ENTRY_COST = 150  # broker.ledger.ENTRY_COST, checked equal by the tests
-LEDGER_ENTRY_COST = ENTRY_COST
+# broker.types: a chat payload is the encoded head without its closing brace, then these.
+cdef bytes _SEQ = _types.CHAT_SEQ
+cdef bytes _EPOCH = _types.CHAT_EPOCH
+cdef bytes _END = _types.CHAT_END
+
+
+# ---- JSON strings without msgspec: the chat and its ack, byte for byte as protocol.encode --
+
+cdef bytes _CHAT_ROOM = b'{"type":"chat_message","room":"'
+cdef bytes _CHAT_USERNAME = b'","username":"'
+cdef bytes _CHAT_MESSAGE = b'","message":"'
+cdef bytes _CHAT_TIMESTAMP = b'","timestamp":'
+cdef bytes _CHAT_USER_ID = b',"userId":"'
+cdef bytes _ACK_ID = b'{"type":"ack","id":'
+cdef bytes _ACK_SEQ = b',"seq":'
+
+
+# What a byte of UTF-8 needs in a JSON string: nothing, a backslash before it, or msgspec.
+cdef enum:
+    _PLAIN = 0
+    _BACKSLASHED = 1
+    _CONTROL = 2
+cdef unsigned char _ESCAPE[256]
+for _c in range(256):
+    _ESCAPE[_c] = _CONTROL if _c < 0x20 else (_BACKSLASHED if _c in (0x22, 0x5C) else _PLAIN)
+
+
+cdef struct Utf8:
+    const char* data
+    Py_ssize_t size      # bytes of UTF-8
+    Py_ssize_t escaped   # bytes once '"' and '\\' are escaped
+
+
+cdef inline bint _utf8(str s, Utf8* out) except -1:
+    """``s`` as UTF-8 (the str's own buffer: no copy) and its escaped size; False if it
+    holds a control character (msgspec's \\uXXXX escapes stay msgspec's) or a lone
+    surrogate."""
+    cdef Py_ssize_t n
+    cdef const char* data
+    if PyUnicode_IS_ASCII(s):
+        data = <const char*>PyUnicode_DATA(s)
+        n = PyUnicode_GET_LENGTH(s)
+    else:
+        try:
+            data = PyUnicode_AsUTF8AndSize(s, &n)
+        except UnicodeEncodeError:
+            return False
+    cdef Py_ssize_t i, extra = 0
+    cdef unsigned char kind
+    for i in range(n):
+        kind = _ESCAPE[<unsigned char>data[i]]
+        if kind:
+            if kind == _CONTROL:
+                return False
+            extra += 1
+    out.data = data
+    out.size = n
+    out.escaped = n + extra
+    return True
+
+
+cdef inline char* _put_escaped(char* p, Utf8* s):
+    cdef Py_ssize_t i
+    cdef char c
+    if s.escaped == s.size:
+        memcpy(p, s.data, s.size)
+        return p + s.size
+    for i in range(s.size):
+        c = s.data[i]
+        if c == 0x22 or c == 0x5C:
+            p[0] = 0x5C
+            p += 1
+        p[0] = c
+        p += 1
+    return p
+
+
+cdef inline char* _put(char* p, bytes b):
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(b)
+    memcpy(p, PyBytes_AS_STRING(b), n)
+    return p + n
+
+
+cdef struct Digits:
+    char buf[24]
+    Py_ssize_t size
+
+
+cdef inline void _digits(long long v, Digits* d):
+    """``v`` in decimal, as ``str(v)``: into ``d.buf``, no Python object."""
+    cdef char tmp[24]
+    cdef Py_ssize_t n = 0, i
+    cdef unsigned long long u = <unsigned long long>(-v) if v < 0 else <unsigned long long>v
+    while True:
+        tmp[n] = <char>(48 + u % 10)
+        n += 1
+        u //= 10
+        if u == 0:
+            break
+    i = 0
+    if v < 0:
+        d.buf[0] = 45
+        i = 1
+    d.size = n + i
+    while n:
+        n -= 1
+        d.buf[i] = tmp[n]
+        i += 1
+
+
+cdef inline char* _put_digits(char* p, Digits* d):
+    memcpy(p, d.buf, d.size)
+    return p + d.size
+
+
+cdef object _chat_payload(str room, str username, str text, long long timestamp,
+                          str user_id, long long seq, bytes epoch):
+    """``chat_payload(chat_head(...), seq, epoch)`` in one buffer; None if a field needs
+    an escape only msgspec writes."""
+    cdef Utf8 r, u, m, i
+    if not (_utf8(room, &r) and _utf8(username, &u) and _utf8(text, &m)
+            and _utf8(user_id, &i)):
+        return None
+    cdef Digits ts, digits
+    _digits(timestamp, &ts)
+    _digits(seq, &digits)
+    cdef Py_ssize_t size = (
+        PyBytes_GET_SIZE(_CHAT_ROOM) + r.escaped + PyBytes_GET_SIZE(_CHAT_USERNAME) + u.escaped
+        + PyBytes_GET_SIZE(_CHAT_MESSAGE) + m.escaped + PyBytes_GET_SIZE(_CHAT_TIMESTAMP)
+        + ts.size + PyBytes_GET_SIZE(_CHAT_USER_ID) + i.escaped + 1
+        + PyBytes_GET_SIZE(_SEQ) + digits.size + PyBytes_GET_SIZE(_EPOCH)
+        + PyBytes_GET_SIZE(epoch) + PyBytes_GET_SIZE(_END)
+    )
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, size)
+    cdef char* p = PyBytes_AS_STRING(out)
+    p = _put(p, _CHAT_ROOM)
+    p = _put_escaped(p, &r)
+    p = _put(p, _CHAT_USERNAME)
+    p = _put_escaped(p, &u)
+    p = _put(p, _CHAT_MESSAGE)
+    p = _put_escaped(p, &m)
+    p = _put(p, _CHAT_TIMESTAMP)
+    p = _put_digits(p, &ts)
+    p = _put(p, _CHAT_USER_ID)
+    p = _put_escaped(p, &i)
+    p[0] = 0x22
+    p += 1
+    p = _put(p, _SEQ)
+    p = _put_digits(p, &digits)
+    p = _put(p, _EPOCH)
+    p = _put(p, epoch)
+    _put(p, _END)
+    return out
+
+
+cdef object _ack_frame(object msg_id, long long seq):
+    """``frame(encode(Ack(msg_id, seq)))`` for a str or int id and seq > 0; None if the
+    id needs msgspec."""
+    cdef Utf8 s
+    cdef Digits digits, id_digits
+    cdef bint id_is_str = type(msg_id) is str
+    cdef Py_ssize_t id_size
+    _digits(seq, &digits)
+    if id_is_str:
+        if not _utf8(<str>msg_id, &s):
+            return None
+        id_size = s.escaped + 2
+    elif type(msg_id) is int and -(1 << 62) < msg_id < (1 << 62):
+        _digits(<long long>msg_id, &id_digits)
+        id_size = id_digits.size
+    else:
+        return None
+    cdef Py_ssize_t size = (PyBytes_GET_SIZE(_ACK_ID) + id_size + PyBytes_GET_SIZE(_ACK_SEQ)
+                            + digits.size + 1)
+    if size >= 126:
+        return None  # a long id: the two-byte length header is frame()'s
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, size + 2)
+    cdef char* p = PyBytes_AS_STRING(out)
+    p[0] = <char>0x81  # FIN, text
+    p[1] = <char>size
+    p = _put(p + 2, _ACK_ID)
+    if id_is_str:
+        p[0] = 0x22
+        p = _put_escaped(p + 1, &s)
+        p[0] = 0x22
+        p += 1
+    else:
+        p = _put_digits(p, &id_digits)
+    p = _put(p, _ACK_SEQ)
+    p = _put_digits(p, &digits)
+    p[0] = 0x7D
+    return out
 
 
 cdef inline bint _plain_edges(str text):
@@ -315,12 +614,10 @@ cdef class ChatPath:
     """
 
     cdef object node
-    cdef object hub
     cdef dict hub_rooms
     cdef readonly Outbox outbox
-    cdef object ledger          # the in-process broker's Ledger, or None
+    cdef LedgerCore ledger      # the in-process broker's ledger, or None
     cdef dict ledger_rooms
-    cdef object clock           # the ledger's clock
     cdef object policy
     cdef object decode
     cdef object chat_type
@@ -335,17 +632,15 @@ cdef class ChatPath:
     cdef public unsigned long long accepted   # chat messages taken from WebSockets
     cdef public unsigned long long published  # publications delivered to this node
 
-    def __init__(self, node, hub, ledger, protocol, clock_now):
+    def __init__(self, node, hub, LedgerCore ledger, protocol, clock_now):
         """``ledger``: the in-process broker's, whose rooms this path sequences itself (None
         for any other broker); ``protocol``: fastws.protocol; ``clock_now``: time.time."""
         settings = node.settings
         self.node = node
-        self.hub = hub
         self.hub_rooms = hub.rooms
         self.outbox = None
         self.ledger = ledger
         self.ledger_rooms = ledger.rooms if ledger is not None else None
-        self.clock = ledger.clock if ledger is not None else None
         self.policy = node.policy
         self.decode = protocol.decode_valid
         self.chat_type = protocol.ChatMessage
@@ -364,11 +659,11 @@ cdef class ChatPath:
         """The loop's outbox, once it runs."""
         self.outbox = outbox
 
-    def handle(self, session, msg):
+    def handle(self, SessionCore session, msg):
         """One whole client message of ``session``."""
         self._handle(session, msg)
 
-    cdef int _handle(self, session, msg) except -1:
+    cdef int _handle(self, SessionCore session, msg) except -1:
         bucket = session.bucket
         if bucket is None:
             if self.rate_limited:  # its first message makes the bucket
@@ -377,8 +672,7 @@ cdef class ChatPath:
         elif not bucket.take():
             session.refuse()
             return 0
-        if session.rejected_in_row:
-            session.rejected_in_row = 0
+        session.rejected_in_row = 0
         if type(msg) is not str or session._task is not None:
             session.handle_admitted(msg)
             return 0
@@ -410,44 +704,36 @@ cdef class ChatPath:
         self._chat(session, room, text, m.id)
         return 0
 
-    cdef int _chat(self, session, str room, str text, msg_id) except -1:
+    cdef int _chat(self, SessionCore session, str room, str text, msg_id) except -1:
         """``Node._chat_now`` and ``MemoryBroker.publish_seq_nowait`` on the ledger's
         common case: sequenced, kept, delivered, then acked."""
         who = session.principal
-        cdef bytes body = self.encode(
-            self.head_type(room, who.username, text, int(self.now() * 1000), who.user_id)
-        )
+        cdef long long timestamp = <long long>(self.now() * 1000)
         cdef object lroom = self.ledger_rooms.get(room)
         cdef long long seq
-        cdef bytes published
+        cdef object published = None
         self.accepted += 1
-        if lroom is None:  # a room the ledger has not seen: it makes it
-            seq, published = self.ledger.publish_seq(room, body[:PyBytes_GET_SIZE(body) - 1] + _SEQ)
-        else:
-            seq = lroom.seq + 1
-            lroom.seq = seq
-            published = _sequenced(body, seq, lroom.epoch_bytes)
-            now = self.clock()
-            lroom.stamp = now
-            if lroom.history is not None:
-                self._keep(room, lroom, (seq, now, published))
-        self._deliver(room, "", published, seq)
+        if lroom is not None:
+            seq = (<LedgerRoom>lroom).seq + 1
+            published = _chat_payload(room, who.username, text, timestamp, who.user_id, seq,
+                                      (<LedgerRoom>lroom).epoch_bytes)
+        if published is not None:
+            self.ledger._commit(room, <LedgerRoom>lroom, seq, <bytes>published)
+        else:  # a new room, or a text msgspec escapes
+            body = self.encode(self.head_type(room, who.username, text, timestamp, who.user_id))
+            if lroom is None:  # the ledger makes the room
+                seq, published = self.ledger.publish_seq(
+                    room, body[:PyBytes_GET_SIZE(body) - 1] + _SEQ
+                )
+            else:
+                published = self.ledger._publish(room, <LedgerRoom>lroom, body)
+                seq = (<LedgerRoom>lroom).seq
+        self._deliver(room, "", <bytes>published, seq)
         if msg_id is not None:
-            self.outbox.send(session.sink, frame(self.encode(self.ack_type(msg_id, seq))))
-        return 0
-
-    cdef int _keep(self, str name, lroom, tuple entry) except -1:
-        """``Ledger._keep`` when nothing is evicted and the room has members; else that."""
-        history = lroom.history
-        cdef Py_ssize_t cost = PyBytes_GET_SIZE(entry[2]) + ENTRY_COST
-        if not lroom.members or self.ledger.bytes + cost > self.ledger.max_bytes:
-            self.ledger._keep(name, lroom, entry)
-            return 0
-        if len(history) == history.maxlen:
-            cost -= PyBytes_GET_SIZE(history[0][2]) + ENTRY_COST
-        history.append(entry)
-        lroom.bytes += cost
-        self.ledger.bytes += cost
+            ack = _ack_frame(msg_id, seq)
+            if ack is None:
+                ack = frame(self.encode(self.ack_type(msg_id, seq)))
+            self.outbox.send(<Sink>session.sink, <bytes>ack)
         return 0
 
     def deliver(self, str room, str exclude, bytes payload, long long seq=0):
@@ -457,7 +743,7 @@ cdef class ChatPath:
     cdef Py_ssize_t _deliver(self, str room, str exclude, bytes payload,
                              long long seq) except -1:
         self.published += 1
-        hroom = self.hub_rooms.get(room)
+        cdef RoomCore hroom = self.hub_rooms.get(room)
         if (hroom is None or seq <= 0 or exclude or hroom.pending or hroom.fresh
                 or self.outbox is None):
             return self.node.deliver_slow(room, exclude, payload, seq)
@@ -470,19 +756,22 @@ cdef bytes _sequenced(bytes body, long long seq, bytes epoch):
     cdef Py_ssize_t nb = PyBytes_GET_SIZE(body) - 1
     cdef Py_ssize_t nd = PyBytes_GET_SIZE(digits)
     cdef Py_ssize_t ne = PyBytes_GET_SIZE(epoch)
-    cdef bytes out = PyBytes_FromStringAndSize(NULL, nb + 7 + nd + 10 + ne + 2)
+    cdef Py_ssize_t ns = PyBytes_GET_SIZE(_SEQ)
+    cdef Py_ssize_t np = PyBytes_GET_SIZE(_EPOCH)
+    cdef Py_ssize_t nz = PyBytes_GET_SIZE(_END)
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, nb + ns + nd + np + ne + nz)
     cdef char* p = PyBytes_AS_STRING(out)
     memcpy(p, PyBytes_AS_STRING(body), nb)
     p += nb
-    memcpy(p, b',"seq":', 7)
-    p += 7
+    memcpy(p, PyBytes_AS_STRING(_SEQ), ns)
+    p += ns
     memcpy(p, PyBytes_AS_STRING(digits), nd)
     p += nd
-    memcpy(p, b',"epoch":"', 10)
-    p += 10
+    memcpy(p, PyBytes_AS_STRING(_EPOCH), np)
+    p += np
     memcpy(p, PyBytes_AS_STRING(epoch), ne)
     p += ne
-    memcpy(p, b'"}', 2)
+    memcpy(p, PyBytes_AS_STRING(_END), nz)
     return out
 
 
@@ -491,11 +780,11 @@ cdef class Listener:
     rest): each whole message goes to the node's ``ChatPath``, then the peer's own replies
     leave if its read batch is over."""
 
-    cdef public object session
+    cdef public SessionCore session
     cdef public ChatPath chat
 
     def on_message(self, msg):
-        cdef object session = self.session
+        cdef SessionCore session = self.session
         if session is None:
             return
         self.chat._handle(session, msg)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import struct
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -165,6 +166,84 @@ class Outbox:
             return
         self.writes += 1
         tr.write(bytes(s.buf))
+
+
+#: A kept chat: (seq, time, payload).
+Entry = tuple[int, float, bytes]
+
+
+class SessionCore:
+    """The fields of ``session.Session`` a chat message touches (the session owns them)."""
+
+    __slots__ = ("_task", "bucket", "in_flight", "principal", "rejected_in_row", "rooms", "sink")
+
+
+class RoomCore:
+    """The fields of ``hub.Room`` the fan-out reads."""
+
+    __slots__ = ("fresh", "pending", "sinks")
+
+
+class LedgerRoom:
+    """One room of a ``broker.ledger.Ledger``: its seq, epoch, history and members."""
+
+    __slots__ = (
+        "bytes",
+        "epoch",
+        "epoch_bytes",
+        "history",
+        "leased",
+        "lingering",
+        "members",
+        "seq",
+        "stamp",
+    )
+
+    def __init__(self, history: deque[tuple[int, float, bytes]] | None, epoch: str) -> None:
+        self.seq = 0
+        self.epoch = epoch
+        self.epoch_bytes = epoch.encode()  # spliced into every chat payload
+        self.history = history
+        self.members: dict[str, Any] = {}
+        self.lingering: dict[str, str] | None = None  # userId -> its dropped connection's id
+        self.stamp = 0.0  # time of the newest message
+        self.leased = False
+        self.bytes = 0  # what its history costs (see ENTRY_COST)
+
+    def restart(self, epoch: str) -> None:
+        """A new epoch from seq 0, with no history (the ledger takes ``bytes`` off first)."""
+        self.seq = 0
+        self.epoch = epoch
+        self.epoch_bytes = epoch.encode()
+        if self.history is not None:
+            self.history.clear()
+        self.bytes = 0
+
+
+class LedgerCore:
+    """Keeping of ``broker.ledger.Ledger``; ``_kept(name, room)`` is the subclass's, called
+    after a keep only when the room is empty or the ledger is past ``max_bytes``."""
+
+    rooms: dict[str, LedgerRoom]
+    clock: Callable[[], float]
+    bytes: int
+    max_bytes: float
+    entry_cost: int
+
+    def keep(self, name: str, room: LedgerRoom, entry: Entry) -> None:
+        history = room.history
+        assert history is not None
+        cost = len(entry[2]) + self.entry_cost
+        if len(history) == history.maxlen:  # the append pushes the oldest out
+            cost -= len(history[0][2]) + self.entry_cost
+        history.append(entry)
+        room.bytes += cost
+        self.bytes += cost
+        if not room.members or self.bytes > self.max_bytes:
+            self._kept(name, room)
+
+    def _kept(self, name: str, room: LedgerRoom) -> None:
+        raise NotImplementedError
 
 
 class ChatPath:

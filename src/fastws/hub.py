@@ -9,25 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import os
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-#: Which fan-out runs ("compiled" or "python"), and why not the compiled one ("" if it is).
-#: FASTWS_FANOUT=python picks the pure-Python twin on purpose (to compare, or to debug).
-FANOUT_ERROR = (
-    "chosen by FASTWS_FANOUT=python" if os.environ.get("FASTWS_FANOUT") == "python" else ""
-)
-try:
-    if FANOUT_ERROR:
-        raise ImportError(FANOUT_ERROR)
-    from . import _fanout as fanout
-except ImportError as exc:  # the extension was not built or does not load, or not wanted
-    from . import _fanout_py as fanout  # type: ignore[no-redef]
-
-    FANOUT_ERROR = FANOUT_ERROR or f"{type(exc).__name__}: {exc}"
-FANOUT = "python" if FANOUT_ERROR else "compiled"
+from .accel import FANOUT, FANOUT_ERROR, fanout
 
 if TYPE_CHECKING:
     from .session import Session
@@ -76,24 +62,15 @@ class PresenceMarks:
         return [s.sink for s in self.sessions[i:]]
 
 
-class Room:
-    """One room's local members. ``sinks`` is the list the fan-out walks.
+class Room(fanout.RoomCore):
+    """One room's local members. ``sinks`` is the list the fan-out walks (``sinks``,
+    ``pending`` and ``fresh`` are fields of ``RoomCore``, which the chat path reads).
 
     Invariant: ``sinks[index[s]] is s.sink`` for every member ``s``; removal swaps the last
     entry into the hole so join and leave stay O(1).
     """
 
-    __slots__ = (
-        "diff",
-        "diff_sinks",
-        "fresh",
-        "index",
-        "members",
-        "name",
-        "pending",
-        "presence_marks",
-        "sinks",
-    )
+    __slots__ = ("diff", "diff_sinks", "index", "members", "name", "presence_marks")
 
     def __init__(self, name: str) -> None:
         self.name = name

@@ -12,6 +12,7 @@ from typing import Literal
 
 import msgspec
 
+from .broker.types import CHAT_SEQ
 from .errors import MessageError
 
 MsgId = str | int | None
@@ -210,7 +211,7 @@ def chat_head(room: str, username: str, message: str, user_id: str) -> bytes:
     (``broker.types.chat_payload``) atomically with publishing, so no node re-encodes it."""
     now = int(time.time() * 1000)  # now_ms() without a call: this runs per chat message
     body = encode(_ChatWithoutSeq(room, username, message, now, user_id))
-    return body[:-1] + b',"seq":'
+    return body[:-1] + CHAT_SEQ
 
 
 class HistoryReply(_Out, tag="history"):

@@ -16,6 +16,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any, NoReturn, Protocol
 
 from . import protocol as p
+from .accel import fanout
 from .auth import Principal
 from .config import Settings
 from .errors import AuthError, CloseCode, MessageError
@@ -134,27 +135,24 @@ class TokenBucket:
         return False
 
 
-class Session:
-    """A connected, authenticated client. ``transport`` is opaque here: the hub fans out to it."""
+class Session(fanout.SessionCore):
+    """A connected, authenticated client. ``transport`` is opaque here: the hub fans out to it.
+
+    ``bucket``, ``rejected_in_row``, ``_task``, ``rooms``, ``in_flight``, ``principal`` and
+    ``sink`` are fields of ``SessionCore``, which the compiled chat path reads in C.
+    """
 
     __slots__ = (
         "_backlog",
         "_clock",
         "_needs_task",
-        "_task",
-        "bucket",
         "client_id",
         "connected_at",
         "granted",
-        "in_flight",
         "ip",
         "node",
         "outlet",
-        "principal",
-        "rejected_in_row",
-        "rooms",
         "settings",
-        "sink",
         "transport",
     )
 

@@ -12,9 +12,9 @@ import uuid
 from typing import TYPE_CHECKING
 
 from ._wire import Wire
+from .accel import fanout
 from .auth import Principal
 from .errors import CloseCode
-from .hub import fanout
 from .session import Session
 
 if TYPE_CHECKING:

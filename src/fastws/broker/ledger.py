@@ -29,6 +29,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 
+from ..accel import fanout
 from .types import CHAT_TAIL, HistoryPolicy, JoinResult, LeaveResult, MemberInfo, new_epoch
 
 __all__ = ["HistoryPolicy", "JoinResult", "LeaveResult", "Ledger", "new_epoch"]
@@ -58,51 +59,24 @@ class SweepTimer:
             self._handle = None
 
 
-class _Room:
-    __slots__ = (
-        "bytes",
-        "epoch",
-        "epoch_bytes",
-        "history",
-        "leased",
-        "lingering",
-        "members",
-        "seq",
-        "stamp",
-    )
-
-    def __init__(self, size: int) -> None:
-        self.seq = 0
-        self.epoch = new_epoch()
-        self.epoch_bytes = self.epoch.encode()  # spliced into every chat payload
-        self.history: deque[tuple[int, float, bytes]] | None = deque(maxlen=size) if size else None
-        self.members: dict[str, MemberInfo] = {}
-        self.lingering: dict[str, str] | None = None  # userId -> its dropped connection's id
-        self.stamp = 0.0  # time of the newest message
-        self.leased = False
-        self.bytes = 0  # what its history costs (see ENTRY_COST)
-
-    def restart(self) -> None:
-        """A new epoch from seq 0, with no history: what a client saw may be lost (the
-        ledger takes ``bytes`` off its total first)."""
-        self.seq = 0
-        self.epoch = new_epoch()
-        self.epoch_bytes = self.epoch.encode()
-        if self.history is not None:
-            self.history.clear()
-        self.bytes = 0
+#: One room's facts (seq, epoch, history, members): a compiled class the chat path reads.
+_Room = fanout.LedgerRoom
 
 
-class Ledger:
+class Ledger(fanout.LedgerCore):
+    """The rooms' facts; sequencing and keeping are ``LedgerCore``'s (compiled), so the chat
+    path and every broker keep history by the same code."""
+
     def __init__(
         self, policy: HistoryPolicy | None = None, clock: Callable[[], float] = time.monotonic
     ) -> None:
         self.policy = policy or HistoryPolicy()
         self.clock = clock
-        self.rooms: dict[str, _Room] = {}
+        self.rooms = {}
         self.version = 0  # presence version of the last join or leave, of any room
         self.bytes = 0  # history kept, all rooms (see ENTRY_COST)
         self.max_bytes = self.policy.max_bytes or float("inf")
+        self.entry_cost = ENTRY_COST
         # Rooms kept with no members, least recently used first: evicted first.
         self._empty: OrderedDict[str, None] = OrderedDict()
         self.evicted_rooms = self.evicted_messages = 0
@@ -110,7 +84,8 @@ class Ledger:
     def _room(self, name: str) -> _Room:
         room = self.rooms.get(name)
         if room is None:
-            room = self.rooms[name] = _Room(self.policy.size_for(name))
+            size = self.policy.size_for(name)
+            room = self.rooms[name] = _Room(deque(maxlen=size) if size else None, new_epoch())
             self._empty[name] = None  # until someone joins
         return room
 
@@ -134,19 +109,11 @@ class Ledger:
         payload = CHAT_TAIL % (head, seq, room.epoch_bytes)  # types.chat_payload without a call
         room.stamp = now = self.clock()
         if room.history is not None:
-            self._keep(name, room, (seq, now, payload))
+            self.keep(name, room, (seq, now, payload))
         return seq, payload
 
-    def _keep(self, name: str, room: _Room, entry: tuple[int, float, bytes]) -> None:
-        """Append to the room's history, within the size per room and the bytes in all."""
-        history = room.history
-        assert history is not None
-        cost = len(entry[2]) + ENTRY_COST
-        if len(history) == history.maxlen:  # the append pushes the oldest out
-            cost -= len(history[0][2]) + ENTRY_COST
-        history.append(entry)
-        room.bytes += cost
-        self.bytes += cost
+    def _kept(self, name: str, room: _Room) -> None:
+        """After ``keep`` put the room past the bytes in all, or the room is empty."""
         if not room.members and name in self._empty:
             self._empty.move_to_end(name)
         if self.bytes > self.max_bytes:
@@ -198,7 +165,7 @@ class Ledger:
         room.seq = seq
         room.stamp = now = self.clock()
         if room.history is not None:
-            self._keep(name, room, (seq, now, payload))
+            self.keep(name, room, (seq, now, payload))
 
     def unlease(self, name: str, reset: bool = False) -> None:
         """The seq is back here; ``reset``: the lessee's last records may be lost (new epoch)."""
@@ -208,7 +175,7 @@ class Ledger:
         room.leased = False
         if reset:
             self.bytes -= room.bytes
-            room.restart()
+            room.restart(new_epoch())
         if not room.members:
             self._emptied(name, room)
 

@@ -79,6 +79,7 @@ def new_epoch() -> str:
 # The published chat_message: the node's encoded head (protocol.chat_head, which ends in
 # '"seq":'), then the seq and the epoch. The Redis script builds the same bytes in Lua from
 # CHAT_SEQ_SEP and CHAT_END; tests check the two byte for byte.
+CHAT_SEQ = b',"seq":'  # what the head ends in, in place of its closing brace
 CHAT_EPOCH = b',"epoch":"'
 CHAT_END = b'"}'
 CHAT_TAIL = b"%b%d" + CHAT_EPOCH + b"%b" + CHAT_END
