@@ -92,6 +92,8 @@ class LedgerRoom:
     epoch: str
     epoch_bytes: bytes
     history: deque[Entry] | None
+    @property
+    def history_size(self) -> int: ...
     members: dict[str, MemberInfo]
     lingering: dict[str, str] | None
     stamp: float

@@ -23,10 +23,29 @@ cdef extern from "Python.h":
     const char* PyUnicode_AsUTF8AndSize(object s, Py_ssize_t* size) except NULL
 from libc.stdlib cimport free, realloc
 from libc.string cimport memcpy
-from fastws._wire cimport Wire
+from libc.stdint cimport uint8_t
+from fastws._wire cimport Wire, frame_header
+
+import time
 
 import fastws._wire as _wire
 import fastws.broker.types as _types
+
+
+cdef extern from "<time.h>" nogil:
+    ctypedef long time_t
+    cdef struct timespec:
+        time_t tv_sec
+        long tv_nsec
+    int clock_gettime(int clk_id, timespec* tp)
+    int CLOCK_MONOTONIC
+    int CLOCK_REALTIME
+
+
+cdef inline double _clock(int which) noexcept nogil:
+    cdef timespec ts
+    clock_gettime(which, &ts)
+    return ts.tv_sec + ts.tv_nsec * 1e-9
 
 
 cdef extern from "<sys/socket.h>" nogil:
@@ -146,6 +165,32 @@ cdef class Outbox:
                 self._scheduled = True
                 self._call_soon(self._flush_cb)
         return 1
+
+    cdef inline int _put_framed(self, Sink s, const char* head, Py_ssize_t nh,
+                                const char* data, Py_ssize_t n) except -1:
+        """``_put`` of one frame given as its header and its payload."""
+        if s.size + nh + n > self.max_buffered:
+            self._slow(s)
+            return 0
+        s._append(head, nh)
+        return self._put(s, data, n)
+
+    cdef Py_ssize_t _broadcast_text(self, list sinks, bytes payload) except -1:
+        """``broadcast(sinks, frame(payload))`` with the header written into each sink: no
+        frame object."""
+        cdef char head[10]
+        cdef Py_ssize_t n = PyBytes_GET_SIZE(payload)
+        cdef Py_ssize_t nh = frame_header(<uint8_t*>head, n, 1)
+        cdef const char* data = PyBytes_AS_STRING(payload)
+        cdef Py_ssize_t i, taken = 0
+        cdef Sink s
+        for i in range(PyList_GET_SIZE(sinks)):
+            s = <Sink>PyList_GET_ITEM(sinks, i)
+            if s.skip or s._dead():
+                continue
+            taken += self._put_framed(s, head, nh, data, n)
+        self.deliveries += taken
+        return taken
 
     cdef void _slow(self, Sink s) except *:
         if s.closed:
@@ -323,6 +368,7 @@ cdef class LedgerRoom:
     cdef public str epoch
     cdef public bytes epoch_bytes    # spliced into every chat payload
     cdef public object history       # deque(maxlen=size) of (seq, time, payload), or None
+    cdef readonly Py_ssize_t history_size  # its maxlen (0 without history)
     cdef public dict members
     cdef public object lingering     # userId -> its dropped connection's id, or None
     cdef public double stamp         # time of the newest message
@@ -334,6 +380,7 @@ cdef class LedgerRoom:
         self.epoch = epoch
         self.epoch_bytes = epoch.encode()
         self.history = history
+        self.history_size = history.maxlen if history is not None else 0
         self.members = {}
         self.lingering = None
         self.stamp = 0.0
@@ -356,10 +403,24 @@ cdef class LedgerCore:
     the room is empty or the ledger is past ``max_bytes``."""
 
     cdef public dict rooms
-    cdef public object clock
+    cdef object _clock
+    cdef bint _monotonic             # the clock is time.monotonic: read in C
     cdef public Py_ssize_t bytes     # history kept, all rooms (see ENTRY_COST)
     cdef public double max_bytes
     cdef public Py_ssize_t entry_cost
+
+    @property
+    def clock(self):
+        """The ledger's clock (time.monotonic unless a test gives its own)."""
+        return self._clock
+
+    @clock.setter
+    def clock(self, clock):
+        self._clock = clock
+        self._monotonic = clock is time.monotonic
+
+    cdef inline double _now(self) except? -1.0:
+        return _clock(CLOCK_MONOTONIC) if self._monotonic else self._clock()
 
     def keep(self, str name, LedgerRoom room, tuple entry):
         """Append ``entry`` (seq, time, payload) to the room's history, within the size per
@@ -369,7 +430,7 @@ cdef class LedgerCore:
     cdef int _keep(self, str name, LedgerRoom room, tuple entry) except -1:
         history = room.history
         cdef Py_ssize_t cost = PyBytes_GET_SIZE(entry[2]) + self.entry_cost
-        if len(history) == history.maxlen:  # the append pushes the oldest out
+        if len(history) == room.history_size:  # the append pushes the oldest out
             cost -= PyBytes_GET_SIZE(history[0][2]) + self.entry_cost
         history.append(entry)
         room.bytes += cost
@@ -388,7 +449,7 @@ cdef class LedgerCore:
     cdef int _commit(self, str name, LedgerRoom room, long long seq, bytes payload) except -1:
         """``payload`` was published as the room's ``seq``: note it and keep it."""
         room.seq = seq
-        now = self.clock()
+        cdef double now = self._now()
         room.stamp = now
         if room.history is not None:
             self._keep(name, room, (seq, now, payload))
@@ -625,6 +686,7 @@ cdef class ChatPath:
     cdef object ack_type
     cdef object encode
     cdef object now
+    cdef bint wall_clock             # now is time.time: read in C
     cdef object chat_now
     cdef Py_ssize_t max_chars
     cdef Py_ssize_t burst
@@ -648,6 +710,7 @@ cdef class ChatPath:
         self.ack_type = protocol.Ack
         self.encode = protocol.encode
         self.now = clock_now
+        self.wall_clock = clock_now is time.time
         self.chat_now = node.chat_now
         self.max_chars = settings.max_message_chars
         self.burst = settings.rate_burst
@@ -708,7 +771,8 @@ cdef class ChatPath:
         """``Node._chat_now`` and ``MemoryBroker.publish_seq_nowait`` on the ledger's
         common case: sequenced, kept, delivered, then acked."""
         who = session.principal
-        cdef long long timestamp = <long long>(self.now() * 1000)
+        cdef double now = _clock(CLOCK_REALTIME) if self.wall_clock else self.now()
+        cdef long long timestamp = <long long>(now * 1000)
         cdef object lroom = self.ledger_rooms.get(room)
         cdef long long seq
         cdef object published = None
@@ -747,7 +811,7 @@ cdef class ChatPath:
         if (hroom is None or seq <= 0 or exclude or hroom.pending or hroom.fresh
                 or self.outbox is None):
             return self.node.deliver_slow(room, exclude, payload, seq)
-        return self.outbox.broadcast(hroom.sinks, frame(payload))
+        return self.outbox._broadcast_text(hroom.sinks, payload)
 
 
 cdef bytes _sequenced(bytes body, long long seq, bytes epoch):

@@ -192,6 +192,7 @@ class LedgerRoom:
         "epoch",
         "epoch_bytes",
         "history",
+        "history_size",
         "leased",
         "lingering",
         "members",
@@ -204,6 +205,7 @@ class LedgerRoom:
         self.epoch = epoch
         self.epoch_bytes = epoch.encode()  # spliced into every chat payload
         self.history = history
+        self.history_size = history.maxlen or 0 if history is not None else 0
         self.members: dict[str, Any] = {}
         self.lingering: dict[str, str] | None = None  # userId -> its dropped connection's id
         self.stamp = 0.0  # time of the newest message
@@ -234,7 +236,7 @@ class LedgerCore:
         history = room.history
         assert history is not None
         cost = len(entry[2]) + self.entry_cost
-        if len(history) == history.maxlen:  # the append pushes the oldest out
+        if len(history) == room.history_size:  # the append pushes the oldest out
             cost -= len(history[0][2]) + self.entry_cost
         history.append(entry)
         room.bytes += cost

@@ -10,6 +10,7 @@ cdef enum WireState:
     CLOSED = 4
 
 
+cdef Py_ssize_t frame_header(uint8_t* p, Py_ssize_t size, int opcode) noexcept
 cpdef bytes frame(bytes payload, int opcode=*)
 
 

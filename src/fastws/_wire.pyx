@@ -59,28 +59,37 @@ cdef inline double _monotonic() noexcept nogil:
 cdef bytes _PING = b"\x89\x00"  # an empty protocol ping
 
 
+cdef Py_ssize_t frame_header(uint8_t* p, Py_ssize_t size, int opcode) noexcept:
+    """Write the header of an unmasked final frame of ``size`` payload bytes at ``p`` (room
+    for 10); return its length."""
+    cdef int i
+    p[0] = 0x80 | (opcode & 0x0F)
+    if size < 126:
+        p[1] = <uint8_t>size
+        return 2
+    if size < 65536:
+        p[1] = 126
+        p[2] = <uint8_t>(size >> 8)
+        p[3] = <uint8_t>size
+        return 4
+    p[1] = 127
+    for i in range(8):
+        p[2 + i] = <uint8_t>(size >> (56 - 8 * i))
+    return 10
+
+
 cpdef bytes frame(bytes payload, int opcode=1):
     """Return one unmasked, final server-to-client frame holding ``payload``.
 
     ``opcode`` is 1 (text) by default, 2 for binary (RFC 6455 section 5.2).
     The result is immutable and can be handed to any number of sinks.
     """
+    cdef uint8_t head[10]
     cdef Py_ssize_t size = PyBytes_GET_SIZE(payload)
-    cdef Py_ssize_t header = 2 if size < 126 else (4 if size < 65536 else 10)
+    cdef Py_ssize_t header = frame_header(head, size, opcode)
     cdef bytes out = PyBytes_FromStringAndSize(NULL, header + size)
     cdef uint8_t* p = <uint8_t*>PyBytes_AS_STRING(out)
-    cdef int i
-    p[0] = 0x80 | (opcode & 0x0F)
-    if size < 126:
-        p[1] = <uint8_t>size
-    elif size < 65536:
-        p[1] = 126
-        p[2] = <uint8_t>(size >> 8)
-        p[3] = <uint8_t>size
-    else:
-        p[1] = 127
-        for i in range(8):
-            p[2 + i] = <uint8_t>(size >> (56 - 8 * i))
+    memcpy(p, head, header)
     memcpy(p + header, PyBytes_AS_STRING(payload), size)
     return out
 
