@@ -7,6 +7,7 @@ import json
 from collections import Counter
 from typing import Any
 
+from fastws.actions import Actions
 from fastws.auth import Verifier
 from fastws.config import load_settings
 from fastws.policy import Policy
@@ -18,9 +19,8 @@ from .utils import SECRET
 class Recorder:
     """Outlet and NodeActions that record replies and calls; node actions succeed in place."""
 
-    inline = True
-
     def __init__(self) -> None:
+        self.actions = Actions(inline=True)
         self.sent: list[dict[str, Any]] = []
         self.closed: tuple[int, str] | None = None
         self.calls: list[tuple[Any, ...]] = []

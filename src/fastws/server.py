@@ -19,6 +19,7 @@ from typing import Any
 import msgspec
 
 from . import protocol as p
+from .actions import Actions
 from .auth import Principal, Verifier
 from .broker import Broker, MemberInfo
 from .broker.memory import MemoryBroker
@@ -92,7 +93,7 @@ class Node:
         self.paused = False  # the broker is over its queue bound: clients are not read
         # Seconds from a chat handed to a remote broker to its seq (metrics observes them).
         self.on_publish_latency: Callable[[float], None] | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self.actions = Actions(self.inline)  # runs sessions' actions and the node's own
         # Rooms whose subscription is in flight: later local joiners wait for the same answer.
         self._subscribing: dict[str, asyncio.Future[bool]] = {}
         # (room, clientId) of dropped connections in their presence grace -> its timer.
@@ -175,8 +176,8 @@ class Node:
             for session in list(self.sessions.values()):
                 session.transport.disconnect(False)
         await self._end_lingering(self.settings.drain_timeout - (time.monotonic() - started))
-        if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=self.settings.drain_timeout)
+        if self.actions.tasks:
+            await asyncio.wait(list(self.actions.tasks), timeout=self.settings.drain_timeout)
         if self.server is not None:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.server.wait_closed(), 1.0)
@@ -271,13 +272,13 @@ class Node:
                 self.node_id,
             )
         )
-        self._run(
+        self.actions.spawn(
             self._quietly(self.broker.session_opened(self._member(session), session.connected_at))
         )
         self._event("connect", session.client_id, session.principal)
 
     def disconnect(self, session: Session, code: int | None) -> None:
-        session.cancel()
+        self.actions.cancel(session)
         # The sink's owner is the one reference back from it to the session: dropped, a
         # closed connection (session, transports, sink: ~18 objects) is freed by refcount at
         # once instead of waiting for the cyclic GC, whose full passes over 10k live
@@ -289,7 +290,7 @@ class Node:
             del self._per_ip[session.ip]
         self.sessions.pop(session.client_id, None)
         self._event("disconnect", session.client_id, session.principal)
-        self._run(self._cleanup(session))
+        self.actions.spawn(self._cleanup(session))
         if not self.sessions:
             self._idle.set()
         log.info(
@@ -334,7 +335,7 @@ class Node:
 
     def _grace_over(self, room: str, client_id: str, who: Principal) -> None:
         self._lingering.pop((room, client_id), None)
-        self._run(self._announce_left(room, client_id, who))
+        self.actions.spawn(self._announce_left(room, client_id, who))
 
     async def _announce_left(self, room: str, client_id: str, who: Principal) -> None:
         """The connection leaves the room's presence; the room hears it if it was still there
@@ -599,19 +600,6 @@ class Node:
         return self.hub.broadcast(
             room, payload, self.sessions.get(exclude) if exclude else None, seq, exclude
         )
-
-    def _run(self, action: Any) -> None:
-        """Run a node-internal coroutine: in place when the broker is inline, else as a task."""
-        if self.inline:
-            try:
-                action.send(None)
-            except StopIteration:
-                return
-            action.close()
-            raise RuntimeError("an inline broker suspended")
-        task = asyncio.get_running_loop().create_task(action)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
 
 def _pause_reading(session: Session, paused: bool) -> None:

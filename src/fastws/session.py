@@ -12,18 +12,18 @@ import logging
 import time
 import unicodedata
 from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from typing import Any, NoReturn, Protocol
 
 from . import protocol as p
 from .accel import fanout
+from .actions import Action, Actions
 from .auth import Principal
 from .config import Settings
 from .errors import AuthError, CloseCode, MessageError
 from .policy import FORBIDDEN
 
 log = logging.getLogger("fastws.session")
-Action = Coroutine[Any, Any, None]
 
 
 def check_room_name(room: str, msg_id: p.MsgId = None, max_chars: int = 128) -> None:
@@ -69,11 +69,10 @@ class Outlet(Protocol):
 class NodeActions(Protocol):
     """What a session asks of the node (implemented by the server).
 
-    ``inline`` says the actions' coroutines never suspend (an in-process broker), so the
-    session runs them to completion in place instead of scheduling a task.
+    ``actions`` runs the coroutines a session's messages become (``actions.Actions``).
     """
 
-    inline: bool
+    actions: Actions
     verifier: Any  # auth.Verifier
     policy: Any  # policy.Policy
     join_hook: Any  # joinhook.JoinHook | None
@@ -182,9 +181,9 @@ class Session(fanout.SessionCore):
         self._clock = clock
         self.rejected_in_row = 0
         self.in_flight = 0  # chats handed to a remote broker and not yet answered
-        # While an action awaits a remote broker, later messages wait here, so one client's
-        # messages take effect in the order it sent them.
-        self._backlog: deque[bytes | str] | None = None  # made on first need
+        # While an action awaits a remote broker: its task, and the later messages waiting
+        # behind it (made on first need). Written only by the node's runner (actions.py).
+        self._backlog: deque[bytes | str] | None = None
         self._task: asyncio.Task[None] | None = None
         self._needs_task = False  # this action awaits I/O (the join hook) even when inline
         # Private rooms opened by a room token (until its exp) or the join hook (inf).
@@ -240,12 +239,7 @@ class Session(fanout.SessionCore):
     def handle_admitted(self, data: bytes | str) -> None:
         """A message within the rate limit: queued behind a pending action, or acted on."""
         if self._task is not None:
-            if self._backlog is None:
-                self._backlog = deque()
-            if len(self._backlog) >= self.settings.rate_burst:
-                self.outlet.close(CloseCode.POLICY_VIOLATION, "too many pending messages")
-                return
-            self._backlog.append(data)
+            self.node.actions.queue(self, data)
             return
         try:
             msg = _decode(data)
@@ -255,63 +249,25 @@ class Session(fanout.SessionCore):
         self.act(msg)
 
     def act(self, msg: p.ClientMessage) -> None:
-        """Run one decoded message (no action pending): in place, or as a task if it waits."""
+        """Decide on one decoded message (no action pending) and hand the node action, if
+        any, to the node's runner (``actions.Actions``)."""
         self._needs_task = False
         try:
             action = self.dispatch(msg)
         except MessageError as exc:
             self.outlet.send(p.error_bytes(exc))
             return
-        if action is None:
-            return
-        if self.node.inline and not self._needs_task:
-            self._run_inline(action)
-        else:
-            self._task = asyncio.get_running_loop().create_task(self._run_chain(action))
+        if action is not None:
+            self.node.actions.run(self, action, self._needs_task)
 
-    def cancel(self) -> None:
-        """Drop pending work; called when the connection is gone."""
-        self._backlog = None
-        if self._task is not None:
-            self._task.cancel()
-            self._task = None
-
-    def _start(self, data: bytes | str) -> Action | None:
+    def decide(self, data: bytes | str) -> Action | None:
+        """``data``'s node action, or None when already answered (the runner's backlog)."""
         self._needs_task = False
         try:
             return self.dispatch(_decode(data))
         except MessageError as exc:
             self.outlet.send(p.error_bytes(exc))
             return None
-
-    def _run_inline(self, action: Action) -> None:
-        try:
-            action.send(None)
-        except StopIteration:
-            return
-        except MessageError as exc:
-            self.outlet.send(p.error_bytes(exc))
-            return
-        action.close()
-        raise RuntimeError("an inline broker suspended")
-
-    async def _run_chain(self, action: Action | None) -> None:
-        try:
-            while action is not None:
-                try:
-                    await action
-                except MessageError as exc:
-                    self.outlet.send(p.error_bytes(exc))
-                action = None
-                while action is None and self._backlog:
-                    action = self._start(self._backlog.popleft())
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("action failed", extra={"client_id": self.client_id})
-            self.outlet.close(CloseCode.INTERNAL_ERROR, "internal error")
-        finally:
-            self._task = None
 
     def dispatch(self, msg: p.ClientMessage) -> Action | None:
         """Validate ``msg``; return the node action to run, or None when already answered."""
