@@ -62,7 +62,7 @@ def instructions(out_file: str) -> int:
     return int(found.group(1))
 
 
-def one_run(kind: str, duration: float, work: str) -> tuple[int, int]:
+def one_run(kind: str, duration: float, work: str, connections: int) -> tuple[int, int]:
     """(server instructions, round trips) for one run of ``duration`` seconds."""
     port = free_port()
     out = os.path.join(work, f"callgrind.{kind}.{duration:g}.%p")
@@ -90,7 +90,7 @@ def one_run(kind: str, duration: float, work: str) -> tuple[int, int]:
                 "--secret",
                 SECRET,
                 "--connections",
-                "8",
+                str(connections),
                 "--window",
                 "1",
                 "--warmup",
@@ -124,6 +124,12 @@ def main() -> None:
     ap.add_argument("--short", type=float, default=2.0, help="seconds of the short run")
     ap.add_argument("--long", type=float, default=8.0, help="seconds of the long run")
     ap.add_argument(
+        "--connections",
+        type=int,
+        default=8,
+        help="each with one message in flight; 1 makes every round trip a loop turn of its own",
+    )
+    ap.add_argument(
         "--keep",
         metavar="DIR",
         help="keep the callgrind files here (for callgrind_annotate --inclusive=yes)",
@@ -132,13 +138,14 @@ def main() -> None:
     with contextlib.ExitStack() as stack:
         work = args.keep or stack.enter_context(tempfile.TemporaryDirectory())
         os.makedirs(work, exist_ok=True)
-        short_ir, short_trips = one_run(args.server, args.short, work)
-        long_ir, long_trips = one_run(args.server, args.long, work)
+        short_ir, short_trips = one_run(args.server, args.short, work, args.connections)
+        long_ir, long_trips = one_run(args.server, args.long, work, args.connections)
     per_trip = (long_ir - short_ir) / max(1, long_trips - short_trips)
     print(
         json.dumps(
             {
                 "server": args.server,
+                "connections": args.connections,
                 "runs": [
                     {"seconds": args.short, "instructions": short_ir, "round_trips": short_trips},
                     {"seconds": args.long, "instructions": long_ir, "round_trips": long_trips},

@@ -136,6 +136,7 @@ cdef class Outbox:
     cdef object _call_soon
     cdef object _flush_cb
     cdef bint _scheduled
+    cdef bint _in_message  # a Listener handles a message: it schedules the flush after
     cdef readonly Py_ssize_t max_buffered
     cdef object _on_slow
     cdef readonly unsigned long long deliveries
@@ -147,6 +148,7 @@ cdef class Outbox:
         self._call_soon = loop.call_soon
         self._flush_cb = self.flush
         self._scheduled = False
+        self._in_message = False
         self.max_buffered = max_buffered
         self._on_slow = on_slow
         self.deliveries = 0
@@ -161,10 +163,25 @@ cdef class Outbox:
         if not s.queued:
             s.queued = True
             self._queued.append(s)
-            if not self._scheduled:
-                self._scheduled = True
-                self._call_soon(self._flush_cb)
+            if not self._scheduled and not self._in_message:
+                self._schedule()
         return 1
+
+    cdef inline int _schedule(self) except -1:
+        self._scheduled = True
+        self._call_soon(self._flush_cb)
+        return 0
+
+    cdef inline int _message_done(self, Sink sink, bint was_in_message) except -1:
+        """After a Listener's message: ``flush_if_last(sink)``, then the turn's flush
+        scheduled only if a sink still holds bytes -- a round trip whose reply left at once
+        costs no callback."""
+        self._in_message = was_in_message
+        if sink is not None and sink.transport.last_in_batch and sink.size:
+            self.flush_sink(sink)
+        if PyList_GET_SIZE(self._queued) and not self._scheduled and not was_in_message:
+            self._schedule()
+        return 0
 
     cdef inline int _put_framed(self, Sink s, const char* head, Py_ssize_t nh,
                                 const char* data, Py_ssize_t n) except -1:
@@ -313,9 +330,14 @@ cdef class Outbox:
 
     def flush_sink(self, Sink sink):
         """Write one sink's queued bytes now (before a close frame, so nothing overtakes it)."""
+        cdef list queued = self._queued
+        cdef Py_ssize_t n = PyList_GET_SIZE(queued)
         if sink.size and not sink._dead():
             self._write(sink)
         sink._reset()
+        if n and sink.queued and <object>PyList_GET_ITEM(queued, n - 1) is sink:
+            del queued[n - 1]  # the common case: the turn's flush has nothing left for it
+            sink.queued = False
 
     cdef int _write(self, Sink s) except -1:
         cdef Wire w = s.transport
@@ -851,5 +873,10 @@ cdef class Listener:
         cdef SessionCore session = self.session
         if session is None:
             return
-        self.chat._handle(session, msg)
-        self.chat.outbox.flush_if_last(session.sink)
+        cdef Outbox outbox = self.chat.outbox
+        cdef bint was_in_message = outbox._in_message
+        outbox._in_message = True
+        try:
+            self.chat._handle(session, msg)
+        finally:
+            outbox._message_done(session.sink, was_in_message)
