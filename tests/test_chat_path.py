@@ -6,15 +6,20 @@ other case falls back: both are driven here, edge by edge."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import json
 import re
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import uvloop
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from websockets.asyncio.client import ClientConnection, connect
 
-from fastws import hub
+from fastws import accel, hub
 from fastws.broker.ledger import ENTRY_COST, Ledger
 from fastws.broker.types import chat_payload
 
@@ -38,15 +43,77 @@ EDGE_TEXTS = [
 ]
 
 
-# The chat script's server: no rate limit, short texts, a short history, one post rule.
+# Raw chat frames on the edges of the compiled reader (_scan_chat): what it takes (compact
+# JSON, keys in any order, plain strings, integer ids) and what it leaves to msgspec.
+_CHAT = '{"type":"chat_message","payload":{"room":"r","message":"hi"}'
+SCAN_CASES = [
+    _CHAT + "}",
+    '{"payload":{"message":"hi","room":"r"},"type":"chat_message"}',
+    '{"id":7,"type":"chat_message","payload":{"room":"r","message":"hi"}}',
+    *(
+        _CHAT + ',"id":' + msg_id + "}"
+        for msg_id in (
+            "null",
+            "-0",
+            "0",
+            "-12",
+            "007",
+            "123456789012345678",
+            "1234567890123456789",
+            "99999999999999999999",
+            "1.5",
+            "1e3",
+            "true",
+            '""',
+            '"é"',
+            '"a\\"',
+            "-",
+            "",
+        )
+    ),
+    '{"type":"chat_message","payload":{"room":"r","message":"h\\u0069"}}',
+    '{"type":"chat_message","payload":{"room":"\\u0072","message":"hi"}}',
+    '{"type":"chat_message","payload":{"room":"r","message":"hi","extra":1}}',
+    _CHAT + ',"extra":1}',
+    '{"type":"chat_message","payload":{"room":"r","message":"a","message":"b"}}',
+    '{"type":"chat_message","type":"chat_message","payload":{"room":"r","message":"hi"}}',
+    _CHAT + ',"payload":{"room":"r","message":"again"}}',
+    _CHAT + "} ",
+    _CHAT + "}x",
+    _CHAT + ",}",
+    _CHAT,
+    " " + _CHAT + "}",
+    '{"type": "chat_message","payload":{"room":"r","message":"hi"}}',
+    '{"type":"chat_message","payload":{"room":"r"}}',
+    '{"type":"chat_message","payload":{"message":"hi"}}',
+    '{"type":"chat_message"}',
+    '{"type":"chat_message","payload":{"room":"r","message":""}}',
+    '{"type":"chat_message","payload":{"room":"r","message":"x\u3000"}}',
+    '{"type":"chat_message","payload":{"room":"r","message":"\u00a0x"}}',
+    '{"type":"chat_message","payload":{"room":"r","message":"\u2028x\u0085"}}',
+    '{"type":"chat_message","payload":{"room":"r","message":"é漢字 🙂"}}',
+    '{"type":"chat_message","payload":{"room":"r","message":"🙂x🙂"}}',
+    '{"type":"chat_message","payload":{"room":"r","message":"\x7f"}}',
+    '{"type":"chat_message","payload":{"room":"r","message":"a\tb"}}',  # a raw tab: invalid
+    '{"type":"chat_message","payload":{"room":"r","message":"' + "é" * 20 + '"}}',
+    '{"type":"chat_message","payload":{"room":"r","message":"' + "🙂" * 21 + '"}}',
+    '{"type":"chat_message","payload":{"room":"nowhere","message":"hi"}}',
+    '{"type":"chat_message","payload":{"room":"staff-x","message":"hi"}}',
+    '{"type":"typing","payload":{"room":"r","message":"hi"}}',
+]
+
+# The chat script's server: no rate limit, short texts, a short history.
 CHAT_SERVER = ("--rate-limit", "0", "--max-message-chars", "20", "--history-size", "3")
-CHAT_SERVER += ("--room-post", "staff-*=role:staff")
 
 
 @pytest.fixture(params=PATHS)
 def server(request: pytest.FixtureRequest) -> Iterator[int]:
     with server_process(*CHAT_SERVER, env={"FASTWS_FANOUT": request.param}) as (_, port):
         yield port
+
+
+def _compact(message: dict[str, Any]) -> str:
+    return json.dumps(message, separators=(",", ":"), ensure_ascii=False)
 
 
 def _plain(msg: dict[str, Any]) -> dict[str, Any]:
@@ -95,6 +162,13 @@ async def _script(port: int) -> list[Any]:
             await case(alice, json.dumps(chat))
             await case(alice, json.dumps({**chat, "id": f"m{i}"}))
             await case(alice, json.dumps({**chat, "id": i}))
+        for i, text in enumerate(EDGE_TEXTS):  # compact, as JSON.stringify: the compiled reader
+            chat = {"type": "chat_message", "payload": {"room": "r", "message": text}}
+            await case(alice, _compact(chat))
+            await case(alice, _compact({**chat, "id": f"c{i}"}))
+            await case(alice, _compact({"id": -i, **chat}))
+        for raw in SCAN_CASES:
+            await case(alice, raw)
         member = '{"type":"chat_message","payload":{"room":"r","message":"hi"},"id":1}'
         await case(alice, member.encode())  # a binary frame: the Python path
         await case(eve, member)  # not a member: not_in_room
@@ -104,9 +178,6 @@ async def _script(port: int) -> list[Any]:
         await case(alice, '{"type":"chat_message","payload":{"room":"r","message":"a"}')
         await case(alice, '{"type":"chat_mess","payload":{"room":"r","message":"a"}}')
         await case(alice, '{"type":"typing","payload":{"room":"r"}}')
-        await send_json(alice, "join_room", {"room": "staff-x"})
-        out.append(await _until(alice, "room_joined"))
-        await case(alice, member.replace('"r"', '"staff-x"'))  # a post rule: forbidden
         await send_json(bob, "history", {"room": "r", "limit": 10})
         history = await _until(bob, "history")
         out.append(history)
@@ -127,12 +198,15 @@ async def test_the_compiled_and_the_python_path_give_the_same_transcript() -> No
     errors = [m for m in flat if m["type"] == "error"]
     acks = [m for m in flat if m["type"] == "ack"]
     accepted = [t for t in EDGE_TEXTS if t.strip() and len(t) <= 20]
-    # Each accepted text 3 times (no id, a string id, an int id), to alice and to bob, plus
-    # the binary one; seqs count up from 1 with no gap.
-    assert len(chats) == 2 * (3 * len(accepted) + 1)
+    # Each accepted text 6 times (no id, a string id, an int id; spaced and compact), to
+    # alice and to bob, plus the binary one and the raw cases taken; seqs count up from 1
+    # with no gap.
     seqs = sorted({m["seq"] for m in chats})
-    assert seqs == list(range(1, 3 * len(accepted) + 2))
-    assert {a["id"] for a in acks} >= {f"m{i}" for i, t in enumerate(EDGE_TEXTS) if t in accepted}
+    assert len(chats) == 2 * len(seqs)
+    assert seqs == list(range(1, len(seqs) + 1))
+    assert len(seqs) > 6 * len(accepted) + 1 + 10
+    ids = {a["id"] for a in acks}
+    assert ids >= {f"{form}{i}" for i, t in enumerate(EDGE_TEXTS) if t in accepted for form in "mc"}
     codes = {e["code"] for e in errors}
     assert codes == {
         "empty_message",
@@ -141,14 +215,61 @@ async def test_the_compiled_and_the_python_path_give_the_same_transcript() -> No
         "invalid_payload",
         "invalid_format",
         "unknown_type",
-        "forbidden",
     }
+
+
+async def test_a_post_rule_holds_on_both_paths() -> None:
+    """With a post rule every chat takes the Python path's check: the same refusal."""
+    answers = []
+    for path in PATHS:
+        with server_process("--room-post", "staff-*=role:staff", env={"FASTWS_FANOUT": path}) as (
+            _,
+            port,
+        ):
+            async with connect(ws_url(port, "alice"), open_timeout=TIMEOUT) as alice:
+                await recv_json(alice)
+                for room in ("staff-x", "r"):
+                    await send_json(alice, "join_room", {"room": room})
+                    await _until(alice, "room_joined")
+                for room in ("staff-x", "r"):
+                    chat = {"room": room, "message": "hi"}
+                    await alice.send(_compact({"type": "chat_message", "payload": chat, "id": 1}))
+                    answers.append(await _until(alice, "ack" if room == "r" else "error"))
+    compiled, python = answers[:2], answers[2:]
+    assert compiled == python
+    assert compiled[0][-1]["code"] == "forbidden"
+
+
+async def test_compact_chats_are_read_without_msgspec() -> None:
+    """JSON.stringify's form (compact, plain strings) takes the compiled reader; spaced JSON
+    or an escape takes msgspec; both are accepted the same."""
+    if accel.FANOUT != "compiled":
+        pytest.skip("the compiled fan-out is not loaded")
+    async with running_node(rate_limit=0) as node:
+        async with connect(ws_url(node.port, "alice"), open_timeout=TIMEOUT) as alice:
+            await recv_json(alice)
+            await send_json(alice, "join_room", {"room": "r"})
+            await _until(alice, "room_joined")
+            frames = [
+                '{"type":"chat_message","payload":{"room":"r","message":"é 🙂"},"id":3}',
+                '{"id":"x","payload":{"message":"hi","room":"r"},"type":"chat_message"}',
+                '{"type": "chat_message", "payload": {"room": "r", "message": "hi"}}',
+                '{"type":"chat_message","payload":{"room":"r","message":"h\\u0069"}}',
+            ]
+            for raw in frames:
+                await alice.send(raw)
+                got = await _until(alice, "chat_message")
+                assert got[-1]["message"] in ("é 🙂", "hi")
+        assert node.messages_in == 4
+        assert node.chat_path.scanned == 2
 
 
 # Texts and ids the compiled path writes its JSON for itself (or hands to msgspec): quotes,
 # backslashes, UTF-8 of every width, controls (msgspec's \uXXXX).
 BYTE_TEXTS = ['say "hi" \\ ok', "é漢字 🙂", "ctl\u0001x", "a\tb", "tail\\", '"']
 BYTE_IDS: list[Any] = ["s", 'q"id\\', "ü", 0, -5, 2**62, "i" * 120, "j" * 200]
+# The first needs escapes (msgspec reads it), the second not (the compiled reader does).
+BYTE_ROOMS = ['r "q" ü', "ü room"]
 
 
 def _raw(frame: str | bytes) -> str:
@@ -167,14 +288,20 @@ async def _byte_script(port: int) -> list[str]:
     ):
         for ws in (zoe, bob):
             await recv_json(ws)
-            await send_json(ws, "join_room", {"room": 'r "q" ü'})
-            await _until(ws, "room_joined")
-        await _until(zoe, "user_joined")
-        for text in BYTE_TEXTS:
-            for msg_id in BYTE_IDS:
-                chat = {"room": 'r "q" ü', "message": text}
-                await zoe.send(json.dumps({"type": "chat_message", "payload": chat, "id": msg_id}))
-                out += [_raw(await zoe.recv()), _raw(await zoe.recv()), _raw(await bob.recv())]
+        for room in BYTE_ROOMS:
+            for ws in (zoe, bob):
+                await send_json(ws, "join_room", {"room": room})
+                await _until(ws, "room_joined")
+            await _until(zoe, "user_joined")
+        for room in BYTE_ROOMS:
+            for text in BYTE_TEXTS:
+                for msg_id in BYTE_IDS:
+                    chat = {"type": "chat_message", "payload": {"room": room, "message": text}}
+                    chat["id"] = msg_id
+                    for raw in (json.dumps(chat), _compact(chat)):
+                        await zoe.send(raw)
+                        out += [_raw(await zoe.recv()), _raw(await zoe.recv())]
+                        out.append(_raw(await bob.recv()))
     return out
 
 
@@ -186,7 +313,7 @@ async def test_the_compiled_json_is_msgspecs_byte_for_byte() -> None:
         ) as (_, port):
             transcripts.append(await asyncio.wait_for(_byte_script(port), 30))
     compiled, python = transcripts
-    assert len(compiled) == 3 * len(BYTE_TEXTS) * len(BYTE_IDS)
+    assert len(compiled) == 2 * 3 * len(BYTE_ROOMS) * len(BYTE_TEXTS) * len(BYTE_IDS)
     assert compiled == python
     assert '"message":"say \\"hi\\" \\\\ ok"' in compiled[0]
     assert compiled[1] == '{"type":"ack","id":"s","seq":1}'
@@ -247,3 +374,116 @@ async def test_the_compiled_history_keeps_the_ledgers_accounts() -> None:
         assert kept[-1] == chat_payload(head, 5, room.epoch)
         assert node.stats()["messages_in"] == 5
         assert node.stats()["messages_out"] >= 5
+
+
+# ---- the compiled reader against msgspec, on generated frames --------------------------
+
+_ids = st.one_of(
+    st.none(),
+    st.integers(-(10**20), 10**20),
+    st.integers(-1000, 1000),
+    st.text(max_size=8),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.booleans(),
+)
+_texts = st.one_of(st.text(max_size=16), st.sampled_from(EDGE_TEXTS))
+_controls = st.sampled_from(["\t", "\n", "\x00", "\x1f"])
+_rooms = st.sampled_from(["r"] * 6 + ["nowhere", "", " r"])
+
+
+@st.composite
+def _near_chats(draw: st.DrawFn) -> str:
+    """A compact chat_message in any key order, sometimes with a key missing, repeated or
+    extra, sometimes with one byte cut, doubled or spaced."""
+    payload = {"room": draw(_rooms), "message": draw(_texts)}
+    fields: list[tuple[str, Any]] = [("type", "chat_message"), ("payload", payload)]
+    if draw(st.booleans()):
+        fields.append(("id", draw(_ids)))
+    fields = draw(st.permutations(fields))
+    extra = draw(st.sampled_from([None, None, None, "drop", "repeat", "extra"]))
+    if extra == "drop":
+        fields = fields[1:]
+    elif extra == "repeat":
+        fields = [*fields, fields[0]]
+    elif extra == "extra":
+        fields.append(("x", 1))
+    raw = "{" + ",".join(f"{_compact(k)}:{_compact(v)}" for k, v in fields) + "}"
+    edit = draw(st.sampled_from([None, None, None, "cut", "double", "space", "control"]))
+    if edit is not None and raw:
+        at = draw(st.integers(0, len(raw) - 1))
+        if edit == "cut":
+            raw = raw[:at] + raw[at + 1 :]
+        elif edit == "control":  # raw in a string: invalid JSON
+            text_at = raw.find('"message":"')
+            at = text_at + len('"message":"') if text_at >= 0 else at
+            raw = raw[:at] + draw(_controls) + raw[at:]
+        else:
+            raw = raw[:at] + {"double": raw[at], "space": " "}[edit] + raw[at:]
+    return raw
+
+
+_fences = itertools.count()
+
+
+async def _exchange(ws: ClientConnection, raw: str) -> list[dict[str, Any]]:
+    """``raw``'s replies, up to the pong of a ping sent after it."""
+    fence = f"fence-{next(_fences)}"
+    await ws.send(raw)
+    await ws.send(json.dumps({"type": "ping", "id": fence}))
+    got = []
+    while True:
+        msg = _plain(await recv_json(ws))
+        if msg["type"] == "pong" and msg.get("id") == fence:
+            return got
+        got.append(msg)
+
+
+def test_generated_chats_get_the_same_answers_on_both_paths() -> None:
+    """Frames near the compiled reader's shape, sent to a compiled and a Python server:
+    each gets the same replies from both (the seqs included), and neither closes."""
+    loop = uvloop.new_event_loop()
+    with contextlib.ExitStack() as servers:
+        ports = [
+            servers.enter_context(server_process(*CHAT_SERVER, env={"FASTWS_FANOUT": path}))[1]
+            for path in PATHS
+        ]
+        stack = contextlib.AsyncExitStack()
+
+        async def open_clients() -> list[ClientConnection]:
+            clients = []
+            for port in ports:
+                ws = await stack.enter_async_context(
+                    connect(ws_url(port, "alice"), open_timeout=TIMEOUT)
+                )
+                await recv_json(ws)
+                await send_json(ws, "join_room", {"room": "r"})
+                await _until(ws, "room_joined")
+                clients.append(ws)
+            return clients
+
+        try:
+            clients = loop.run_until_complete(asyncio.wait_for(open_clients(), 20))
+            seen = {"chat": 0, "error": 0}
+
+            @settings(
+                max_examples=300,
+                deadline=None,
+                derandomize=True,
+                suppress_health_check=list(HealthCheck),
+            )
+            @given(_near_chats())
+            def run(raw: str) -> None:
+                answers = [
+                    loop.run_until_complete(asyncio.wait_for(_exchange(ws, raw), 10))
+                    for ws in clients
+                ]
+                assert answers[0] == answers[1], raw
+                for msg in answers[0]:
+                    seen["chat" if msg["type"] == "chat_message" else "error"] += 1
+
+            run()
+            assert all(ws.close_code is None for ws in clients)
+            assert seen["chat"] >= 50 and seen["error"] >= 50, seen
+        finally:
+            loop.run_until_complete(asyncio.wait_for(stack.aclose(), 20))
+            loop.close()

@@ -120,6 +120,7 @@ class ChatPath:
 
     accepted: int  # chat messages taken from WebSockets
     published: int  # publications delivered to this node
+    scanned: int  # of accepted, those read without msgspec (compact JSON)
     @property
     def outbox(self) -> Outbox | None: ...
     def __init__(

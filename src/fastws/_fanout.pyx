@@ -13,7 +13,7 @@ unsent output passes ``max_buffered`` is handed to ``on_slow`` and written to no
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
-from cpython.unicode cimport Py_UNICODE_ISSPACE
+from cpython.unicode cimport Py_UNICODE_ISSPACE, PyUnicode_DecodeUTF8
 
 
 cdef extern from "Python.h":
@@ -22,7 +22,7 @@ cdef extern from "Python.h":
     Py_ssize_t PyUnicode_GET_LENGTH(object s)
     const char* PyUnicode_AsUTF8AndSize(object s, Py_ssize_t* size) except NULL
 from libc.stdlib cimport free, realloc
-from libc.string cimport memcpy
+from libc.string cimport memcmp, memcpy
 from libc.stdint cimport uint8_t
 from fastws._wire cimport Wire, frame_header
 
@@ -595,13 +595,13 @@ cdef inline char* _put_digits(char* p, Digits* d):
     return p + d.size
 
 
-cdef object _chat_payload(str room, str username, str text, long long timestamp,
+cdef object _chat_payload(str room, str username, Utf8* text, long long timestamp,
                           str user_id, long long seq, bytes epoch):
     """``chat_payload(chat_head(...), seq, epoch)`` in one buffer; None if a field needs
     an escape only msgspec writes."""
-    cdef Utf8 r, u, m, i
-    if not (_utf8(room, &r) and _utf8(username, &u) and _utf8(text, &m)
-            and _utf8(user_id, &i)):
+    cdef Utf8 r, u, i
+    cdef Utf8 m = text[0]
+    if not (_utf8(room, &r) and _utf8(username, &u) and _utf8(user_id, &i)):
         return None
     cdef Digits ts, digits
     _digits(timestamp, &ts)
@@ -683,6 +683,158 @@ cdef inline bint _plain_edges(str text):
     return not Py_UNICODE_ISSPACE(text[0]) and not Py_UNICODE_ISSPACE(text[n - 1])
 
 
+# ---- the common chat_message read without msgspec ---------------------------------------
+# What JavaScript's JSON.stringify sends: no whitespace, strings without escapes. Anything
+# else (spaces, an escape, another key, a repeated key, a float id) is msgspec's to read.
+
+cdef struct ChatScan:
+    const char* room
+    Py_ssize_t room_size
+    const char* text
+    Py_ssize_t text_size
+    int id_kind          # 0: no id (or null), 1: an integer (id_value), 2: a string (id)
+    long long id_value
+    const char* id
+    Py_ssize_t id_size
+
+
+cdef inline bint _starts(const char* p, const char* end, const char* lit,
+                         Py_ssize_t n) noexcept nogil:
+    return end - p >= n and memcmp(p, lit, n) == 0
+
+
+cdef inline const char* _plain_string(const char* p, const char* end, const char** start,
+                                      Py_ssize_t* size) noexcept nogil:
+    """``p`` at a string's opening quote: past its closing one if it holds no escape and no
+    control character (its bytes are then its value), else NULL."""
+    cdef unsigned char c
+    if p >= end or p[0] != 0x22:
+        return NULL
+    p += 1
+    start[0] = p
+    while p < end:
+        c = <unsigned char>p[0]
+        if c == 0x22:
+            size[0] = p - start[0]
+            return p + 1
+        if c == 0x5C or c < 0x20:
+            return NULL
+        p += 1
+    return NULL
+
+
+cdef inline const char* _scan_id(const char* p, const char* end,
+                                 ChatScan* out) noexcept nogil:
+    """The id's value: a plain string, null, or an integer of at most 18 digits (so within
+    the ack's ±2^62) in JSON's form (no leading zero, no fraction, no exponent)."""
+    cdef bint negative = False
+    cdef long long v = 0
+    cdef Py_ssize_t digits = 0
+    if p < end and p[0] == 0x22:
+        out.id_kind = 2
+        return _plain_string(p, end, &out.id, &out.id_size)
+    if _starts(p, end, "null", 4):
+        out.id_kind = 0
+        return p + 4
+    if p < end and p[0] == 0x2D:
+        negative = True
+        p += 1
+    while p < end and 0x30 <= p[0] <= 0x39:
+        if digits == 18 or (digits == 1 and v == 0):
+            return NULL
+        v = v * 10 + (p[0] - 0x30)
+        digits += 1
+        p += 1
+    if digits == 0:
+        return NULL
+    out.id_kind = 1
+    out.id_value = -v if negative else v
+    return p
+
+
+cdef inline const char* _scan_payload(const char* p, const char* end,
+                                      ChatScan* out) noexcept nogil:
+    """``{"room":...,"message":...}`` (either order) with plain strings: past its brace."""
+    cdef bint room = False, text = False
+    while True:
+        if not room and _starts(p, end, '"room":', 7):
+            room = True
+            p = _plain_string(p + 7, end, &out.room, &out.room_size)
+        elif not text and _starts(p, end, '"message":', 10):
+            text = True
+            p = _plain_string(p + 10, end, &out.text, &out.text_size)
+        else:
+            return NULL
+        if p == NULL or p >= end:
+            return NULL
+        if p[0] == 0x7D:
+            return p + 1 if room and text else NULL
+        if p[0] != 0x2C:
+            return NULL
+        p += 1
+
+
+cdef bint _scan_chat(const char* p, Py_ssize_t n, ChatScan* out) noexcept nogil:
+    """Whether ``p[:n]`` is a compact chat_message: ``type``, ``payload`` and an optional
+    ``id``, in any order, each once. Its fields are then in ``out``."""
+    cdef const char* end = p + n
+    cdef bint kind = False, payload = False, msg_id = False
+    out.id_kind = 0
+    if n < 2 or p[0] != 0x7B:
+        return False
+    p += 1
+    while True:
+        if not kind and _starts(p, end, '"type":"chat_message"', 21):
+            kind = True
+            p += 21
+        elif not payload and _starts(p, end, '"payload":{', 11):
+            payload = True
+            p = _scan_payload(p + 11, end, out)
+        elif not msg_id and _starts(p, end, '"id":', 5):
+            msg_id = True
+            p = _scan_id(p + 5, end, out)
+        else:
+            return False
+        if p == NULL or p >= end:
+            return False
+        if p[0] == 0x7D:
+            return kind and payload and p + 1 == end
+        if p[0] != 0x2C:
+            return False
+        p += 1
+
+
+cdef inline Py_ssize_t _chars(const char* p, Py_ssize_t n) noexcept nogil:
+    """Code points in ``n`` bytes of valid UTF-8 (those that do not continue one)."""
+    cdef Py_ssize_t i, count = 0
+    for i in range(n):
+        if (<unsigned char>p[i] & 0xC0) != 0x80:
+            count += 1
+    return count
+
+
+cdef inline Py_UCS4 _code_point(const char* p) noexcept nogil:
+    """The code point whose valid UTF-8 starts at ``p``."""
+    cdef unsigned char b = <unsigned char>p[0]
+    if b < 0x80:
+        return b
+    if b < 0xE0:
+        return ((b & 0x1F) << 6) | (p[1] & 0x3F)
+    if b < 0xF0:
+        return ((b & 0x0F) << 12) | ((p[1] & 0x3F) << 6) | (p[2] & 0x3F)
+    return ((b & 0x07) << 18) | ((p[1] & 0x3F) << 12) | ((p[2] & 0x3F) << 6) | (p[3] & 0x3F)
+
+
+cdef inline bint _plain_edges_utf8(const char* p, Py_ssize_t n):
+    """``_plain_edges`` of ``n`` bytes of valid UTF-8."""
+    if n == 0:
+        return False
+    cdef Py_ssize_t last = n - 1
+    while last and (<unsigned char>p[last] & 0xC0) == 0x80:
+        last -= 1
+    return not Py_UNICODE_ISSPACE(_code_point(p)) and not Py_UNICODE_ISSPACE(_code_point(p + last))
+
+
 cdef class ChatPath:
     """The common chat_message without a Python call per step: a whole text frame holding a
     valid chat from a member of its room is rate-checked, decoded, validated, given its seq,
@@ -715,6 +867,7 @@ cdef class ChatPath:
     cdef bint rate_limited
     cdef public unsigned long long accepted   # chat messages taken from WebSockets
     cdef public unsigned long long published  # publications delivered to this node
+    cdef public unsigned long long scanned    # of accepted, those read without msgspec
 
     def __init__(self, node, hub, LedgerCore ledger, protocol, clock_now):
         """``ledger``: the in-process broker's, whose rooms this path sequences itself (None
@@ -739,6 +892,7 @@ cdef class ChatPath:
         self.rate_limited = settings.rate_limit > 0
         self.accepted = 0
         self.published = 0
+        self.scanned = 0
 
     def start(self, Outbox outbox):
         """The loop's outbox, once it runs."""
@@ -761,6 +915,16 @@ cdef class ChatPath:
         if type(msg) is not str or session._task is not None:
             session.handle_admitted(msg)
             return 0
+        cdef ChatScan scan
+        cdef Py_ssize_t n
+        cdef const char* data
+        if PyUnicode_IS_ASCII(msg):
+            data = <const char*>PyUnicode_DATA(msg)
+            n = PyUnicode_GET_LENGTH(msg)
+        else:
+            data = PyUnicode_AsUTF8AndSize(msg, &n)  # kept by msg, as msgspec would make it
+        if _scan_chat(data, n, &scan):
+            return self._scanned(session, msg, &scan)
         try:
             m = self.decode(msg)
         except Exception:  # its error reply is the Python path's to word
@@ -786,12 +950,59 @@ cdef class ChatPath:
             else:
                 self.chat_now(session, room, text, m.id)
             return 0
-        self._chat(session, room, text, m.id)
+        cdef Utf8 utf8
+        if not _utf8(text, &utf8):
+            utf8.data = NULL  # a control character: msgspec writes its escape
+        self._chat(session, room, &utf8, text, m.id)
         return 0
 
-    cdef int _chat(self, SessionCore session, str room, str text, msg_id) except -1:
+    cdef int _full(self, SessionCore session, str msg) except -1:
+        """A scanned chat_message the Python path decides on, decoded by msgspec."""
+        try:
+            m = self.decode(msg)
+        except Exception:
+            session.handle_admitted(msg)
+            return 0
+        session.act(m)
+        return 0
+
+    cdef int _scanned(self, SessionCore session, str msg, ChatScan* scan) except -1:
+        """``_handle``'s checks on a chat_message read by ``_scan_chat``: the text is still
+        the message's UTF-8, with nothing to escape."""
+        cdef str room = PyUnicode_DecodeUTF8(<char*>scan.room, scan.room_size, NULL)
+        if (
+            room not in session.rooms
+            or self.policy.post_rules
+            or _chars(scan.text, scan.text_size) > self.max_chars
+            or not _plain_edges_utf8(scan.text, scan.text_size)
+        ):
+            return self._full(session, msg)  # the refusal, or the full check of the text
+        cdef object msg_id = None
+        if scan.id_kind == 1:
+            msg_id = scan.id_value
+        elif scan.id_kind == 2:
+            msg_id = PyUnicode_DecodeUTF8(<char*>scan.id, scan.id_size, NULL)
+        if self.ledger is None:
+            if self.chat_now is None or session.in_flight >= self.burst:
+                return self._full(session, msg)
+            else:
+                text = PyUnicode_DecodeUTF8(<char*>scan.text, scan.text_size, NULL)
+                self.scanned += 1
+                self.chat_now(session, room, text, msg_id)
+            return 0
+        cdef Utf8 utf8
+        utf8.data = scan.text
+        utf8.size = scan.text_size
+        utf8.escaped = scan.text_size
+        self.scanned += 1
+        self._chat(session, room, &utf8, None, msg_id)
+        return 0
+
+    cdef int _chat(self, SessionCore session, str room, Utf8* text, object text_str,
+                   msg_id) except -1:
         """``Node._chat_now`` and ``MemoryBroker.publish_seq_nowait`` on the ledger's
-        common case: sequenced, kept, delivered, then acked."""
+        common case: sequenced, kept, delivered, then acked. ``text``: the text as UTF-8
+        (``data`` NULL if only msgspec may write it), ``text_str`` the same as a str or None."""
         who = session.principal
         cdef double now = _clock(CLOCK_REALTIME) if self.wall_clock else self.now()
         cdef long long timestamp = <long long>(now * 1000)
@@ -799,14 +1010,18 @@ cdef class ChatPath:
         cdef long long seq
         cdef object published = None
         self.accepted += 1
-        if lroom is not None:
+        if lroom is not None and text.data != NULL:
             seq = (<LedgerRoom>lroom).seq + 1
             published = _chat_payload(room, who.username, text, timestamp, who.user_id, seq,
                                       (<LedgerRoom>lroom).epoch_bytes)
         if published is not None:
             self.ledger._commit(room, <LedgerRoom>lroom, seq, <bytes>published)
         else:  # a new room, or a text msgspec escapes
-            body = self.encode(self.head_type(room, who.username, text, timestamp, who.user_id))
+            if text_str is None:
+                text_str = PyUnicode_DecodeUTF8(<char*>text.data, text.size, NULL)
+            body = self.encode(
+                self.head_type(room, who.username, text_str, timestamp, who.user_id)
+            )
             if lroom is None:  # the ledger makes the room
                 seq, published = self.ledger.publish_seq(
                     room, body[:PyBytes_GET_SIZE(body) - 1] + _SEQ

@@ -257,6 +257,7 @@ class ChatPath:
         self.outbox: Outbox | None = None
         self.accepted = 0  # chat messages taken from WebSockets
         self.published = 0  # publications delivered to this node
+        self.scanned = 0  # the compiled path's own reader; this twin has none
 
     def start(self, outbox: Outbox) -> None:
         self.outbox = outbox
