@@ -4,7 +4,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from fastws._wire import Wire
+from fastws._wire import MessageListener, Wire
 from fastws.auth import Principal
 from fastws.broker.types import MemberInfo
 
@@ -131,7 +131,7 @@ class ChatPath:
     def deliver(self, room: str, exclude: str, payload: bytes, seq: int = 0) -> int:
         """Broker callback: one publication for ``room`` to its local members."""
 
-class Listener:
+class Listener(MessageListener):
     """The message side of a connection's Wire listener."""
 
     session: Any

@@ -24,7 +24,7 @@ cdef extern from "Python.h":
 from libc.stdlib cimport free, realloc
 from libc.string cimport memcmp, memcpy
 from libc.stdint cimport uint8_t
-from fastws._wire cimport Wire, frame_header
+from fastws._wire cimport MessageListener, Wire, frame_header
 
 import time
 
@@ -178,7 +178,7 @@ cdef class Outbox:
         costs no callback."""
         self._in_message = was_in_message
         if sink is not None and sink.transport.last_in_batch and sink.size:
-            self.flush_sink(sink)
+            self._flush_sink(sink)
         if PyList_GET_SIZE(self._queued) and not self._scheduled and not was_in_message:
             self._schedule()
         return 0
@@ -330,6 +330,9 @@ cdef class Outbox:
 
     def flush_sink(self, Sink sink):
         """Write one sink's queued bytes now (before a close frame, so nothing overtakes it)."""
+        self._flush_sink(sink)
+
+    cdef int _flush_sink(self, Sink sink) except -1:
         cdef list queued = self._queued
         cdef Py_ssize_t n = PyList_GET_SIZE(queued)
         if sink.size and not sink._dead():
@@ -338,6 +341,7 @@ cdef class Outbox:
         if n and sink.queued and <object>PyList_GET_ITEM(queued, n - 1) is sink:
             del queued[n - 1]  # the common case: the turn's flush has nothing left for it
             sink.queued = False
+        return 0
 
     cdef int _write(self, Sink s) except -1:
         cdef Wire w = s.transport
@@ -371,8 +375,20 @@ cdef class SessionCore:
     cdef public object _task         # the action awaiting a remote broker, or None
     cdef public object rooms         # set (or the shared empty frozenset) of room names
     cdef public long in_flight       # chats handed to a remote broker, not yet answered
-    cdef public object principal
+    cdef object _principal
+    cdef str username                # the principal's, read in C (a refresh keeps both)
+    cdef str user_id
     cdef public object sink
+
+    @property
+    def principal(self):
+        return self._principal
+
+    @principal.setter
+    def principal(self, principal):
+        self._principal = principal
+        self.username = principal.username
+        self.user_id = principal.user_id
 
 
 cdef class RoomCore:
@@ -853,7 +869,7 @@ cdef class ChatPath:
     cdef readonly Outbox outbox
     cdef LedgerCore ledger      # the in-process broker's ledger, or None
     cdef dict ledger_rooms
-    cdef object policy
+    cdef bint post_rules
     cdef object decode
     cdef object chat_type
     cdef object head_type
@@ -878,7 +894,7 @@ cdef class ChatPath:
         self.outbox = None
         self.ledger = ledger
         self.ledger_rooms = ledger.rooms if ledger is not None else None
-        self.policy = node.policy
+        self.post_rules = bool(node.policy.post_rules)  # fixed by the settings
         self.decode = protocol.decode_valid
         self.chat_type = protocol.ChatMessage
         self.head_type = protocol._ChatWithoutSeq
@@ -938,7 +954,7 @@ cdef class ChatPath:
         cdef str text = payload.message
         if (
             room not in session.rooms
-            or self.policy.post_rules
+            or self.post_rules
             or len(text) > self.max_chars
             or not _plain_edges(text)
         ):
@@ -972,7 +988,7 @@ cdef class ChatPath:
         cdef str room = PyUnicode_DecodeUTF8(<char*>scan.room, scan.room_size, NULL)
         if (
             room not in session.rooms
-            or self.policy.post_rules
+            or self.post_rules
             or _chars(scan.text, scan.text_size) > self.max_chars
             or not _plain_edges_utf8(scan.text, scan.text_size)
         ):
@@ -1003,7 +1019,6 @@ cdef class ChatPath:
         """``Node._chat_now`` and ``MemoryBroker.publish_seq_nowait`` on the ledger's
         common case: sequenced, kept, delivered, then acked. ``text``: the text as UTF-8
         (``data`` NULL if only msgspec may write it), ``text_str`` the same as a str or None."""
-        who = session.principal
         cdef double now = _clock(CLOCK_REALTIME) if self.wall_clock else self.now()
         cdef long long timestamp = <long long>(now * 1000)
         cdef object lroom = self.ledger_rooms.get(room)
@@ -1012,7 +1027,7 @@ cdef class ChatPath:
         self.accepted += 1
         if lroom is not None and text.data != NULL:
             seq = (<LedgerRoom>lroom).seq + 1
-            published = _chat_payload(room, who.username, text, timestamp, who.user_id, seq,
+            published = _chat_payload(room, session.username, text, timestamp, session.user_id, seq,
                                       (<LedgerRoom>lroom).epoch_bytes)
         if published is not None:
             self.ledger._commit(room, <LedgerRoom>lroom, seq, <bytes>published)
@@ -1020,7 +1035,7 @@ cdef class ChatPath:
             if text_str is None:
                 text_str = PyUnicode_DecodeUTF8(<char*>text.data, text.size, NULL)
             body = self.encode(
-                self.head_type(room, who.username, text_str, timestamp, who.user_id)
+                self.head_type(room, session.username, text_str, timestamp, session.user_id)
             )
             if lroom is None:  # the ledger makes the room
                 seq, published = self.ledger.publish_seq(
@@ -1076,18 +1091,21 @@ cdef bytes _sequenced(bytes body, long long seq, bytes epoch):
     return out
 
 
-cdef class Listener:
+cdef class Listener(MessageListener):
     """The message side of a connection's Wire listener (``transport.Connection`` adds the
     rest): each whole message goes to the node's ``ChatPath``, then the peer's own replies
-    leave if its read batch is over."""
+    leave if its read batch is over. The Wire calls ``message`` in C."""
 
     cdef public SessionCore session
     cdef public ChatPath chat
 
     def on_message(self, msg):
+        self.message(msg)
+
+    cdef int message(self, object msg) except -1:
         cdef SessionCore session = self.session
         if session is None:
-            return
+            return 0
         cdef Outbox outbox = self.chat.outbox
         cdef bint was_in_message = outbox._in_message
         outbox._in_message = True
@@ -1095,3 +1113,4 @@ cdef class Listener:
             self.chat._handle(session, msg)
         finally:
             outbox._message_done(session.sink, was_in_message)
+        return 0

@@ -17,6 +17,12 @@ cpdef bytes frame(bytes payload, int opcode=*)
 cdef class Wire
 
 
+cdef class MessageListener:
+    # A listener whose whole messages the Wire hands over with a C call (``on_message``
+    # for any other listener).
+    cdef int message(self, object msg) except -1
+
+
 cdef class WireServer:
     cdef object route
     cdef object call_later

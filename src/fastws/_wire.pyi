@@ -12,6 +12,9 @@ class Listener(Protocol):
     def pause_writing(self) -> None: ...
     def resume_writing(self) -> None: ...
 
+class MessageListener:
+    """The base of a listener the Wire hands messages to in C (``_fanout.Listener``)."""
+
 Route = Callable[[bytes], "bytes | tuple[Listener, bytes]"]
 
 def frame(payload: bytes, opcode: int = 1) -> bytes:

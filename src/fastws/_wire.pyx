@@ -231,6 +231,14 @@ class AsyncioWire(asyncio.BufferedProtocol):
         self.wire.buffer_updated(nbytes)
 
 
+cdef class MessageListener:
+    """The base of a listener the Wire calls in C (``_fanout.Listener``)."""
+
+    cdef int message(self, object msg) except -1:
+        self.on_message(msg)
+        return 0
+
+
 cdef class Wire:
     """One connection: an ``asyncio.BufferedProtocol`` that speaks the server side of RFC 6455."""
 
@@ -636,8 +644,12 @@ cdef class Wire:
         return True
 
     cdef int _deliver(self, msg) except -1:
+        cdef object listener = self.listener
         try:
-            self.listener.on_message(msg)
+            if isinstance(listener, MessageListener):
+                (<MessageListener>listener).message(msg)
+            else:
+                listener.on_message(msg)
         except Exception:
             self.server.failures += 1
             log.exception("message handler failed; closing the connection")
