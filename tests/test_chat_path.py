@@ -260,8 +260,18 @@ async def test_compact_chats_are_read_without_msgspec() -> None:
                 await alice.send(raw)
                 got = await _until(alice, "chat_message")
                 assert got[-1]["message"] in ("é 🙂", "hi")
-        assert node.messages_in == 4
-        assert node.chat_path.scanned == 2
+            assert (node.messages_in, node.chat_path.scanned) == (4, 2)
+            # A room found among more than 8, and a room with a non-ASCII name.
+            for room in [f"x{i}" for i in range(9)] + ["ü"]:
+                await send_json(alice, "join_room", {"room": room})
+                await _until(alice, "room_joined")
+            for room in ("x7", "ü", "r"):
+                chat = {"type": "chat_message", "payload": {"room": room, "message": "hi"}}
+                await alice.send(_compact(chat))
+                assert (await _until(alice, "chat_message"))[-1]["room"] == room
+            await alice.send(_compact({"type": "chat_message", "payload": {"room": "x9"}}))
+            assert (await _until(alice, "error"))[-1]["code"] == "invalid_payload"
+        assert (node.messages_in, node.chat_path.scanned) == (7, 5)
 
 
 # Texts and ids the compiled path writes its JSON for itself (or hands to msgspec): quotes,

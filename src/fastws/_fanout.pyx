@@ -13,7 +13,8 @@ unsent output passes ``max_buffered`` is handed to ``on_slow`` and written to no
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
-from cpython.unicode cimport Py_UNICODE_ISSPACE, PyUnicode_DecodeUTF8
+from cpython.unicode cimport Py_UNICODE_ISSPACE, PyUnicode_DecodeASCII, PyUnicode_DecodeUTF8
+from cpython.set cimport PySet_GET_SIZE
 
 
 cdef extern from "Python.h":
@@ -67,6 +68,17 @@ cdef char* _spare_buf[_SPARES_MAX]
 cdef Py_ssize_t _spare_capacity[_SPARES_MAX]
 cdef Py_ssize_t _spares = 0
 cdef Py_ssize_t _spare_bytes = 0
+
+
+cdef inline Py_ssize_t _transport_holds(Wire w) except -1:
+    """The bytes ``w``'s uvloop transport still holds: none unless a write went through it
+    since it was last seen empty (a Python call saved per sink written)."""
+    if not w.wrote:
+        return 0
+    cdef Py_ssize_t held = w.transport.get_write_buffer_size()
+    if held == 0:
+        w.wrote = False
+    return held
 
 
 cdef class Sink:
@@ -300,7 +312,7 @@ cdef class Outbox:
         return taken
 
     cdef inline bint _ephemeral(self, Sink s, bytes data, Py_ssize_t size, object key) except -1:
-        if s.congested or (s.transport.transport.get_write_buffer_size() + s.size + size
+        if s.congested or (_transport_holds(s.transport) + s.size + size
                            > self.max_buffered // 2):
             if s.held is None:
                 s.held = {}
@@ -372,7 +384,7 @@ cdef class Outbox:
 
     cdef int _write(self, Sink s) except -1:
         cdef Wire w = s.transport
-        cdef Py_ssize_t buffered = w.transport.get_write_buffer_size()
+        cdef Py_ssize_t buffered = _transport_holds(w)
         cdef ssize_t sent = 0
         if buffered + s.size > self.max_buffered:
             self._slow(s)
@@ -385,7 +397,7 @@ cdef class Outbox:
                 return 0
             if sent < 0:
                 sent = 0  # EAGAIN, or an error the transport meets itself and reports
-        w.transport.write(PyBytes_FromStringAndSize(s.buf + sent, s.size - sent))
+        w._write(PyBytes_FromStringAndSize(s.buf + sent, s.size - sent))
         return 0
 
 
@@ -878,6 +890,26 @@ cdef inline bint _plain_edges_utf8(const char* p, Py_ssize_t n):
     return not Py_UNICODE_ISSPACE(_code_point(p)) and not Py_UNICODE_ISSPACE(_code_point(p + last))
 
 
+cdef object _room_named(object rooms, const char* name, Py_ssize_t n):
+    """The room of ``rooms`` (a session's) named by the UTF-8 ``name[:n]``, or None if it is
+    not one. Among a few ASCII names it is found by comparing bytes: no str made, no hash."""
+    cdef Py_ssize_t i
+    if type(rooms) is not set:
+        return None  # the shared empty frozenset: in no room
+    if PySet_GET_SIZE(rooms) <= 8:
+        for i in range(n):
+            if <unsigned char>name[i] >= 0x80:
+                break
+        else:
+            for room in <set>rooms:
+                if (PyUnicode_IS_ASCII(room) and PyUnicode_GET_LENGTH(room) == n
+                        and memcmp(PyUnicode_DATA(room), name, n) == 0):
+                    return room
+            return None
+    room = PyUnicode_DecodeUTF8(<char*>name, n, NULL)
+    return room if room in <set>rooms else None
+
+
 cdef class ChatPath:
     """The common chat_message without a Python call per step: a whole text frame holding a
     valid chat from a member of its room is rate-checked, decoded, validated, given its seq,
@@ -945,6 +977,21 @@ cdef class ChatPath:
         """One whole client message of ``session``."""
         self._handle(session, msg)
 
+    cdef int _handle_ascii(self, SessionCore session, const char* data,
+                           Py_ssize_t n) except -1:
+        """A whole text frame of ASCII, still in the Wire's buffer: a compact chat_message
+        is read from it as is; anything else is made a str for ``_handle``."""
+        cdef ChatScan scan
+        bucket = session.bucket
+        if ((bucket is None and self.rate_limited) or session._task is not None
+                or not _scan_chat(data, n, &scan)):
+            return self._handle(session, PyUnicode_DecodeASCII(data, n, NULL))
+        if bucket is not None and not bucket.take():
+            session.refuse()
+            return 0
+        session.rejected_in_row = 0
+        return self._scanned(session, None, data, n, &scan)
+
     cdef int _handle(self, SessionCore session, msg) except -1:
         bucket = session.bucket
         if bucket is None:
@@ -967,7 +1014,7 @@ cdef class ChatPath:
         else:
             data = PyUnicode_AsUTF8AndSize(msg, &n)  # kept by msg, as msgspec would make it
         if _scan_chat(data, n, &scan):
-            return self._scanned(session, msg, &scan)
+            return self._scanned(session, msg, data, n, &scan)
         try:
             m = self.decode(msg)
         except Exception:  # its error reply is the Python path's to word
@@ -1009,16 +1056,18 @@ cdef class ChatPath:
         session.act(m)
         return 0
 
-    cdef int _scanned(self, SessionCore session, str msg, ChatScan* scan) except -1:
-        """``_handle``'s checks on a chat_message read by ``_scan_chat``: the text is still
+    cdef int _scanned(self, SessionCore session, object msg, const char* data, Py_ssize_t n,
+                      ChatScan* scan) except -1:
+        """``_handle``'s checks on a chat_message read by ``_scan_chat`` from ``data[:n]``
+        (``msg``: the same as a str, or None if it came as ASCII bytes): the text is still
         the message's UTF-8, with nothing to escape."""
-        cdef str room = PyUnicode_DecodeUTF8(<char*>scan.room, scan.room_size, NULL)
-        if (
-            room not in session.rooms
-            or self.post_rules
-            or _chars(scan.text, scan.text_size) > self.max_chars
+        cdef object room = _room_named(session.rooms, scan.room, scan.room_size)
+        if room is None or self.post_rules or (
+            _chars(scan.text, scan.text_size) > self.max_chars
             or not _plain_edges_utf8(scan.text, scan.text_size)
         ):
+            if msg is None:
+                msg = PyUnicode_DecodeASCII(data, n, NULL)
             return self._full(session, msg)  # the refusal, or the full check of the text
         cdef object msg_id = None
         if scan.id_kind == 1:
@@ -1027,18 +1076,20 @@ cdef class ChatPath:
             msg_id = PyUnicode_DecodeUTF8(<char*>scan.id, scan.id_size, NULL)
         if self.ledger is None:
             if self.chat_now is None or session.in_flight >= self.burst:
+                if msg is None:
+                    msg = PyUnicode_DecodeASCII(data, n, NULL)
                 return self._full(session, msg)
             else:
                 text = PyUnicode_DecodeUTF8(<char*>scan.text, scan.text_size, NULL)
                 self.scanned += 1
-                self.chat_now(session, room, text, msg_id)
+                self.chat_now(session, <str>room, text, msg_id)
             return 0
         cdef Utf8 utf8
         utf8.data = scan.text
         utf8.size = scan.text_size
         utf8.escaped = scan.text_size
         self.scanned += 1
-        self._chat(session, room, &utf8, None, msg_id)
+        self._chat(session, <str>room, &utf8, None, msg_id)
         return 0
 
     cdef int _chat(self, SessionCore session, str room, Utf8* text, object text_str,
@@ -1138,6 +1189,19 @@ cdef class Listener(MessageListener):
         outbox._in_message = True
         try:
             self.chat._handle(session, msg)
+        finally:
+            outbox._message_done(session.sink, was_in_message)
+        return 0
+
+    cdef int ascii_text(self, const char* data, Py_ssize_t n) except -1:
+        cdef SessionCore session = self.session
+        if session is None:
+            return 0
+        cdef Outbox outbox = self.chat.outbox
+        cdef bint was_in_message = outbox._in_message
+        outbox._in_message = True
+        try:
+            self.chat._handle_ascii(session, data, n)
         finally:
             outbox._message_done(session.sink, was_in_message)
         return 0

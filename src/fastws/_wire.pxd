@@ -21,6 +21,7 @@ cdef class MessageListener:
     # A listener whose whole messages the Wire hands over with a C call (``on_message``
     # for any other listener).
     cdef int message(self, object msg) except -1
+    cdef int ascii_text(self, const char* data, Py_ssize_t n) except -1  # valid ASCII
 
 
 cdef class WireServer:
@@ -44,6 +45,8 @@ cdef class Wire:
     cdef readonly int fd
     cdef readonly bint is_disconnected
     cdef readonly bint last_in_batch   # the message being handled ends its read batch
+    cdef bint wrote                    # a write went through the transport since its
+                                       # buffer was last seen empty
     cdef readonly double last_rx       # monotonic time of the last read
     cdef public double ping_sent_at    # the heartbeat's unanswered ping, or 0
     cdef Py_ssize_t slot               # in server.upgraded, or -1
@@ -64,6 +67,7 @@ cdef class Wire:
     cpdef send_ping(self, bytes payload=*)
     cpdef send_pong(self, bytes payload=*)
     cpdef disconnect(self, bint graceful=*)
+    cdef int _write(self, bytes data) except -1
     cdef void _drop_buffer(self) noexcept
     cdef int _grow(self, Py_ssize_t want) except -1
     cdef Py_ssize_t _process(self, char* data, Py_ssize_t end) except -1
@@ -73,6 +77,7 @@ cdef class Wire:
     cdef int _dispatch(self, uint8_t opcode, bint fin, char* payload, Py_ssize_t n) except -1
     cdef bint _append(self, char* payload, Py_ssize_t n, bint fin) except -1
     cdef int _deliver(self, msg) except -1
+    cdef int _deliver_ascii(self, char* data, Py_ssize_t n) except -1
     cdef int _end_listener(self) except -1
     cdef int _before_close(self) except -1
     cdef Py_ssize_t _fail(self, int code, bytes reason) except -1

@@ -21,7 +21,7 @@ from cpython.bytearray cimport PyByteArray_GET_SIZE
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
 from cpython.memoryview cimport PyMemoryView_FromMemory
-from cpython.unicode cimport PyUnicode_DecodeUTF8
+from cpython.unicode cimport PyUnicode_DecodeASCII, PyUnicode_DecodeUTF8
 from libc.stdint cimport uint8_t, uint64_t
 from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcpy, memmove
@@ -112,6 +112,19 @@ cdef inline void _unmask(uint8_t* p, Py_ssize_t n, const uint8_t* key) noexcept 
         i += 1
 
 
+cdef inline bint _is_ascii(const char* p, Py_ssize_t n) noexcept nogil:
+    cdef uint64_t w, seen = 0
+    cdef Py_ssize_t i = 0
+    while i + 8 <= n:
+        memcpy(&w, p + i, 8)
+        seen |= w
+        i += 8
+    while i < n:
+        seen |= <uint8_t>p[i]
+        i += 1
+    return (seen & 0x8080808080808080ULL) == 0
+
+
 cdef class WireServer:
     """What every ``Wire`` of one listening socket shares; it is also their protocol factory.
 
@@ -185,7 +198,7 @@ cdef class WireServer:
             if now - w.last_rx >= interval:
                 w.ping_sent_at = now
                 if ping:
-                    w.transport.write(_PING)
+                    w._write(_PING)
                 else:
                     due.append(w)
         return due, dead
@@ -238,6 +251,11 @@ cdef class MessageListener:
         self.on_message(msg)
         return 0
 
+    cdef int ascii_text(self, const char* data, Py_ssize_t n) except -1:
+        """A whole text message that is all ASCII (so valid UTF-8), read from the Wire's
+        buffer in place; valid only during the call."""
+        return self.message(PyUnicode_DecodeASCII(data, n, NULL))
+
 
 cdef class Wire:
     """One connection: an ``asyncio.BufferedProtocol`` that speaks the server side of RFC 6455."""
@@ -255,6 +273,7 @@ cdef class Wire:
         self.last_rx = _monotonic()
         self.ping_sent_at = 0
         self.slot = -1
+        self.wrote = False
 
     def __dealloc__(self):
         free(self.buf)
@@ -353,17 +372,24 @@ cdef class Wire:
             return
         cdef bytes payload = bytes([code >> 8, code & 0xFF]) + reason[:123]
         self.close_sent_code = code
-        self.transport.write(frame(payload, 0x8))
+        self._write(frame(payload, 0x8))
         if self.state == OPEN or self.state == HANDSHAKE:
             self.state = CLOSING
 
     cpdef send_ping(self, bytes payload=b""):
         if not self.is_disconnected and not self.close_sent_code:
-            self.transport.write(frame(payload[:125], 0x9))
+            self._write(frame(payload[:125], 0x9))
 
     cpdef send_pong(self, bytes payload=b""):
         if not self.is_disconnected and not self.close_sent_code:
-            self.transport.write(frame(payload[:125], 0xA))
+            self._write(frame(payload[:125], 0xA))
+
+    cdef int _write(self, bytes data) except -1:
+        """Every write through the uvloop transport: only after one may it hold bytes, so
+        the fan-out asks for its buffer size only then (``Wire.wrote``)."""
+        self.wrote = True
+        self.transport.write(data)
+        return 0
 
     cpdef disconnect(self, bint graceful=True):
         """Close the socket: after what is buffered (``graceful``), or at once."""
@@ -472,11 +498,11 @@ cdef class Wire:
             self.timer = None
         if isinstance(outcome, bytes):
             self.state = FAILED
-            self.transport.write(outcome)
+            self._write(outcome)
             self.transport.close()
             return end
         listener, response = outcome
-        self.transport.write(response)
+        self._write(response)
         self.listener = listener
         self.state = OPEN
         self.server._enlist(self)
@@ -582,6 +608,8 @@ cdef class Wire:
                 return 0
             if fin:
                 if opcode == 0x1:
+                    if isinstance(self.listener, MessageListener) and _is_ascii(payload, n):
+                        return self._deliver_ascii(payload, n)
                     try:
                         msg = PyUnicode_DecodeUTF8(payload, n, NULL)
                     except UnicodeDecodeError:
@@ -608,7 +636,7 @@ cdef class Wire:
                 self.utf8 = None
                 self._deliver(data.decode("utf-8") if self.frag_text else data)
         elif opcode == 0x9:
-            self.transport.write(frame(PyBytes_FromStringAndSize(payload, n), 0xA))
+            self._write(frame(PyBytes_FromStringAndSize(payload, n), 0xA))
         elif opcode == 0x8:
             if n == 1:
                 self._fail(1002, b"close payload of one byte")
@@ -642,6 +670,15 @@ cdef class Wire:
                 return False
         self.frags += chunk
         return True
+
+    cdef int _deliver_ascii(self, char* data, Py_ssize_t n) except -1:
+        try:
+            (<MessageListener>self.listener).ascii_text(data, n)
+        except Exception:
+            self.server.failures += 1
+            log.exception("message handler failed; closing the connection")
+            self._fail(1011, b"internal error")
+        return 0
 
     cdef int _deliver(self, msg) except -1:
         cdef object listener = self.listener
