@@ -182,3 +182,14 @@ def test_healthz_says_which_fan_out_runs_and_a_fallback_is_logged_as_an_error() 
         proc.terminate()
         _, err = proc.communicate(timeout=TIMEOUT * 2)
     assert "ERROR fastws.server: compiled fan-out not loaded" in err and "ModuleNotFound" in err
+
+
+def test_the_python_fan_out_asked_for_is_a_warning_not_an_error() -> None:
+    """FASTWS_FANOUT=python (to compare or debug) says so at start, as a warning."""
+    with server_process(env={"FASTWS_FANOUT": "python"}) as (proc, port):
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=TIMEOUT) as r:
+            assert msgspec.json.decode(r.read())["fanout"] == "python"
+        proc.terminate()
+        _, err = proc.communicate(timeout=TIMEOUT * 2)
+    assert "WARNING fastws.server: compiled fan-out not loaded" in err
+    assert "chosen by FASTWS_FANOUT=python" in err and "ERROR" not in err

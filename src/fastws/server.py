@@ -20,6 +20,7 @@ from typing import Any
 import msgspec
 
 from . import protocol as p
+from .accel import FANOUT_CHOSEN
 from .actions import Actions
 from .auth import Principal, Verifier
 from .broker import Broker
@@ -129,8 +130,9 @@ class Node:
         from .gateway import listen
         from .heartbeat import Heartbeat
 
-        if FANOUT_ERROR:  # it works, at a fraction of the speed: say so loudly, once
-            log.error(
+        if FANOUT_ERROR:  # it works, at a fraction of the speed: say so, once
+            log.log(
+                logging.WARNING if FANOUT_CHOSEN else logging.ERROR,
                 "compiled fan-out not loaded, running the pure-Python one: %s",
                 FANOUT_ERROR,
                 extra={"event": "fanout_fallback", "reason": FANOUT_ERROR},
