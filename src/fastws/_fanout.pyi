@@ -91,7 +91,8 @@ class LedgerRoom:
     seq: int
     epoch: str
     epoch_bytes: bytes
-    history: deque[Entry] | None
+    @property
+    def history(self) -> deque[Entry] | None: ...  # read-only: its append is kept
     @property
     def history_size(self) -> int: ...
     members: dict[str, MemberInfo]

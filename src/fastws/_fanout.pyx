@@ -444,7 +444,8 @@ cdef class LedgerRoom:
     cdef public long long seq
     cdef public str epoch
     cdef public bytes epoch_bytes    # spliced into every chat payload
-    cdef public object history       # deque(maxlen=size) of (seq, time, payload), or None
+    cdef readonly object history     # deque(maxlen=size) of (seq, time, payload), or None
+    cdef object _append              # history.append, looked up once
     cdef readonly Py_ssize_t history_size  # its maxlen (0 without history)
     cdef public dict members
     cdef public object lingering     # userId -> its dropped connection's id, or None
@@ -457,6 +458,7 @@ cdef class LedgerRoom:
         self.epoch = epoch
         self.epoch_bytes = epoch.encode()
         self.history = history
+        self._append = history.append if history is not None else None
         self.history_size = history.maxlen if history is not None else 0
         self.members = {}
         self.lingering = None
@@ -509,7 +511,7 @@ cdef class LedgerCore:
         cdef Py_ssize_t cost = PyBytes_GET_SIZE(entry[2]) + self.entry_cost
         if len(history) == room.history_size:  # the append pushes the oldest out
             cost -= PyBytes_GET_SIZE(history[0][2]) + self.entry_cost
-        history.append(entry)
+        room._append(entry)
         room.bytes += cost
         self.bytes += cost
         if not room.members or self.bytes > self.max_bytes:
