@@ -4,9 +4,11 @@ member, sent one at a time by a picows client in a child process; C functions (t
 parsing, msgspec, the fan-out) are not counted.
 
     python benchmarks/chat_calls.py
+    python benchmarks/chat_calls.py --rate-limit 100   # with the server's default rate limit
     PYTHONPATH=/other/tree/src python benchmarks/chat_calls.py   # another build
 """
 
+import argparse
 import asyncio
 import collections
 import subprocess
@@ -46,10 +48,17 @@ def prof(frame, event, arg):
         counts[(frame.f_code.co_filename.split("/src/")[-1], frame.f_code.co_name)] += 1
 
 
-async def main():
+async def main(rate_limit: float):
     n = 1000
     s = load_settings(
-        {"host": "127.0.0.1", "port": 0, "jwt_secret": SECRET, "admin_port": -1, "rate_limit": 0},
+        {
+            "host": "127.0.0.1",
+            "port": 0,
+            "jwt_secret": SECRET,
+            "admin_port": -1,
+            "rate_limit": rate_limit,
+            "rate_burst": 2 * n + 10,  # one member sends them all at once: none refused
+        },
         environ={},
     )
     node = Node(s, SECRET)
@@ -80,4 +89,6 @@ async def main():
     await node.drain()
 
 
-uvloop.run(main())
+ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+ap.add_argument("--rate-limit", type=float, default=0, help="the server's (0: none)")
+uvloop.run(main(ap.parse_args().rate_limit))

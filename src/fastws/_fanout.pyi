@@ -67,10 +67,21 @@ class Outbox:
 #: A kept chat: (seq, time, payload).
 Entry = tuple[int, float, bytes]
 
+class TokenBucket:
+    """``rate`` tokens per second up to ``burst``; ``clock`` is injected so tests need no sleep."""
+
+    rate: float
+    burst: float
+    tokens: float
+    stamp: float
+    clock: Callable[[], float]
+    def __init__(self, rate: float, burst: int, clock: Callable[[], float] = ...) -> None: ...
+    def take(self) -> bool: ...
+
 class SessionCore:
     """The fields of ``session.Session`` a chat message touches (the session owns them)."""
 
-    bucket: Any  # session.TokenBucket | None
+    bucket: TokenBucket | None
     rejected_in_row: int
     _task: asyncio.Task[None] | None
     rooms: set[str] | frozenset[str]

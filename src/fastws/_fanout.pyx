@@ -406,6 +406,52 @@ cdef class Outbox:
 # broker.ledger.Ledger); the pure-Python twin has the same names as __slots__.
 
 
+cdef class TokenBucket:
+    """``rate`` tokens per second up to ``burst``; ``clock`` is injected so tests need no
+    sleep (time.monotonic is read in C)."""
+
+    cdef readonly double rate
+    cdef readonly double burst
+    cdef readonly double tokens
+    cdef public double stamp
+    cdef object _clock
+    cdef bint monotonic
+
+    def __init__(self, double rate, burst, clock=time.monotonic):
+        self.rate = rate
+        self.burst = float(burst)
+        self.tokens = self.burst
+        self.clock = clock
+        self.stamp = self._now()
+
+    @property
+    def clock(self):
+        return self._clock
+
+    @clock.setter
+    def clock(self, clock):
+        self._clock = clock
+        self.monotonic = clock is time.monotonic
+
+    cdef inline double _now(self) except? -1.0:
+        return _clock(CLOCK_MONOTONIC) if self.monotonic else self._clock()
+
+    cpdef bint take(self) except -1:
+        cdef double now = self._now()
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
+
+
+cdef inline bint _take(object bucket) except -1:
+    if type(bucket) is TokenBucket:
+        return (<TokenBucket>bucket).take()
+    return bucket.take()
+
+
 cdef class SessionCore:
     """The fields of ``session.Session`` a chat message touches (the session owns them)."""
 
@@ -988,7 +1034,7 @@ cdef class ChatPath:
         if ((bucket is None and self.rate_limited) or session._task is not None
                 or not _scan_chat(data, n, &scan)):
             return self._handle(session, PyUnicode_DecodeASCII(data, n, NULL))
-        if bucket is not None and not bucket.take():
+        if bucket is not None and not _take(bucket):
             session.refuse()
             return 0
         session.rejected_in_row = 0
@@ -1000,7 +1046,7 @@ cdef class ChatPath:
             if self.rate_limited:  # its first message makes the bucket
                 session.handle(msg)
                 return 0
-        elif not bucket.take():
+        elif not _take(bucket):
             session.refuse()
             return 0
         session.rejected_in_row = 0

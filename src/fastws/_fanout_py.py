@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import struct
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -170,6 +171,28 @@ class Outbox:
 
 #: A kept chat: (seq, time, payload).
 Entry = tuple[int, float, bytes]
+
+
+class TokenBucket:
+    """``rate`` tokens per second up to ``burst``; ``clock`` is injected so tests need no sleep."""
+
+    __slots__ = ("burst", "clock", "rate", "stamp", "tokens")
+
+    def __init__(self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic):
+        self.rate = rate
+        self.burst = float(burst)
+        self.tokens = float(burst)
+        self.clock = clock
+        self.stamp = clock()
+
+    def take(self) -> bool:
+        now = self.clock()
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
 
 
 class SessionCore:

@@ -112,26 +112,9 @@ def _decode(data: bytes | str) -> p.ClientMessage:
         return p.decode(data)  # raises the seed's MessageError for it
 
 
-class TokenBucket:
-    """``rate`` tokens per second up to ``burst``; ``clock`` is injected so tests need no sleep."""
-
-    __slots__ = ("burst", "clock", "rate", "stamp", "tokens")
-
-    def __init__(self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic):
-        self.rate = rate
-        self.burst = float(burst)
-        self.tokens = float(burst)
-        self.clock = clock
-        self.stamp = clock()
-
-    def take(self) -> bool:
-        now = self.clock()
-        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
-            return True
-        return False
+# The rate limit's bucket: C in the compiled fan-out (the chat path takes it without a
+# Python call), Python in the twin.
+TokenBucket = fanout.TokenBucket
 
 
 class Session(fanout.SessionCore):
