@@ -406,23 +406,11 @@ cdef class Outbox:
 # broker.ledger.Ledger); the pure-Python twin has the same names as __slots__.
 
 
-cdef class TokenBucket:
-    """``rate`` tokens per second up to ``burst``; ``clock`` is injected so tests need no
-    sleep (time.monotonic is read in C)."""
+cdef class Clocked:
+    """A monotonic clock tests may replace: time.monotonic is read in C, any other called."""
 
-    cdef readonly double rate
-    cdef readonly double burst
-    cdef readonly double tokens
-    cdef public double stamp
     cdef object _clock
-    cdef bint monotonic
-
-    def __init__(self, double rate, burst, clock=time.monotonic):
-        self.rate = rate
-        self.burst = float(burst)
-        self.tokens = self.burst
-        self.clock = clock
-        self.stamp = self._now()
+    cdef bint _monotonic
 
     @property
     def clock(self):
@@ -431,10 +419,27 @@ cdef class TokenBucket:
     @clock.setter
     def clock(self, clock):
         self._clock = clock
-        self.monotonic = clock is time.monotonic
+        self._monotonic = clock is time.monotonic
 
     cdef inline double _now(self) except? -1.0:
-        return _clock(CLOCK_MONOTONIC) if self.monotonic else self._clock()
+        return _clock(CLOCK_MONOTONIC) if self._monotonic else self._clock()
+
+
+cdef class TokenBucket(Clocked):
+    """``rate`` tokens per second up to ``burst``; ``clock`` is injected so tests need no
+    sleep."""
+
+    cdef readonly double rate
+    cdef readonly double burst
+    cdef readonly double tokens
+    cdef public double stamp
+
+    def __init__(self, double rate, burst, clock=time.monotonic):
+        self.rate = rate
+        self.burst = float(burst)
+        self.tokens = self.burst
+        self.clock = clock
+        self.stamp = self._now()
 
     cpdef bint take(self) except -1:
         cdef double now = self._now()
@@ -522,30 +527,15 @@ cdef class LedgerRoom:
         self.bytes = 0
 
 
-cdef class LedgerCore:
+cdef class LedgerCore(Clocked):
     """Sequencing and keeping of ``broker.ledger.Ledger`` (which owns the rest: joins,
     eviction, expiry). ``_kept(name, room)`` is the subclass's, called after a keep only when
     the room is empty or the ledger is past ``max_bytes``."""
 
     cdef public dict rooms
-    cdef object _clock
-    cdef bint _monotonic             # the clock is time.monotonic: read in C
     cdef public Py_ssize_t bytes     # history kept, all rooms (see ENTRY_COST)
     cdef public double max_bytes
     cdef public Py_ssize_t entry_cost
-
-    @property
-    def clock(self):
-        """The ledger's clock (time.monotonic unless a test gives its own)."""
-        return self._clock
-
-    @clock.setter
-    def clock(self, clock):
-        self._clock = clock
-        self._monotonic = clock is time.monotonic
-
-    cdef inline double _now(self) except? -1.0:
-        return _clock(CLOCK_MONOTONIC) if self._monotonic else self._clock()
 
     def keep(self, str name, LedgerRoom room, tuple entry):
         """Append ``entry`` (seq, time, payload) to the room's history, within the size per
@@ -1031,16 +1021,19 @@ cdef class ChatPath:
         is read from it as is; anything else is made a str for ``_handle``."""
         cdef ChatScan scan
         bucket = session.bucket
-        if ((bucket is None and self.rate_limited) or session._task is not None
-                or not _scan_chat(data, n, &scan)):
+        if (bucket is None and self.rate_limited) or session._task is not None:
             return self._handle(session, PyUnicode_DecodeASCII(data, n, NULL))
+        if not _scan_chat(data, n, &scan):  # msgspec's to read: not scanned again
+            return self._handle(session, PyUnicode_DecodeASCII(data, n, NULL), False)
         if bucket is not None and not _take(bucket):
             session.refuse()
             return 0
         session.rejected_in_row = 0
         return self._scanned(session, None, data, n, &scan)
 
-    cdef int _handle(self, SessionCore session, msg) except -1:
+    cdef int _handle(self, SessionCore session, msg, bint scan_it=True) except -1:
+        """One whole message (str or bytes); ``scan_it`` False: ``_scan_chat`` already said
+        it is not a compact chat_message."""
         bucket = session.bucket
         if bucket is None:
             if self.rate_limited:  # its first message makes the bucket
@@ -1061,7 +1054,7 @@ cdef class ChatPath:
             n = PyUnicode_GET_LENGTH(msg)
         else:
             data = PyUnicode_AsUTF8AndSize(msg, &n)  # kept by msg, as msgspec would make it
-        if _scan_chat(data, n, &scan):
+        if scan_it and _scan_chat(data, n, &scan):
             return self._scanned(session, msg, data, n, &scan)
         try:
             m = self.decode(msg)
@@ -1094,8 +1087,12 @@ cdef class ChatPath:
         self._chat(session, room, &utf8, text, m.id)
         return 0
 
-    cdef int _full(self, SessionCore session, str msg) except -1:
-        """A scanned chat_message the Python path decides on, decoded by msgspec."""
+    cdef int _full(self, SessionCore session, object msg, const char* data,
+                   Py_ssize_t n) except -1:
+        """A scanned chat_message the Python path decides on, decoded by msgspec (``msg``
+        None: made from the ASCII ``data[:n]`` first)."""
+        if msg is None:
+            msg = PyUnicode_DecodeASCII(data, n, NULL)
         try:
             m = self.decode(msg)
         except Exception:
@@ -1114,9 +1111,7 @@ cdef class ChatPath:
             _chars(scan.text, scan.text_size) > self.max_chars
             or not _plain_edges_utf8(scan.text, scan.text_size)
         ):
-            if msg is None:
-                msg = PyUnicode_DecodeASCII(data, n, NULL)
-            return self._full(session, msg)  # the refusal, or the full check of the text
+            return self._full(session, msg, data, n)  # the refusal, or the full check
         cdef object msg_id = None
         if scan.id_kind == 1:
             msg_id = scan.id_value
@@ -1124,13 +1119,10 @@ cdef class ChatPath:
             msg_id = PyUnicode_DecodeUTF8(<char*>scan.id, scan.id_size, NULL)
         if self.ledger is None:
             if self.chat_now is None or session.in_flight >= self.burst:
-                if msg is None:
-                    msg = PyUnicode_DecodeASCII(data, n, NULL)
-                return self._full(session, msg)
-            else:
-                text = PyUnicode_DecodeUTF8(<char*>scan.text, scan.text_size, NULL)
-                self.scanned += 1
-                self.chat_now(session, <str>room, text, msg_id)
+                return self._full(session, msg, data, n)
+            text = PyUnicode_DecodeUTF8(<char*>scan.text, scan.text_size, NULL)
+            self.scanned += 1
+            self.chat_now(session, <str>room, text, msg_id)
             return 0
         cdef Utf8 utf8
         utf8.data = scan.text
@@ -1229,19 +1221,14 @@ cdef class Listener(MessageListener):
         self.message(msg)
 
     cdef int message(self, object msg) except -1:
-        cdef SessionCore session = self.session
-        if session is None:
-            return 0
-        cdef Outbox outbox = self.chat.outbox
-        cdef bint was_in_message = outbox._in_message
-        outbox._in_message = True
-        try:
-            self.chat._handle(session, msg)
-        finally:
-            outbox._message_done(session.sink, was_in_message)
-        return 0
+        return self._pass_on(msg, NULL, 0)
 
     cdef int ascii_text(self, const char* data, Py_ssize_t n) except -1:
+        return self._pass_on(None, data, n)
+
+    cdef int _pass_on(self, object msg, const char* data, Py_ssize_t n) except -1:
+        """``msg`` (or, if None, the ASCII ``data[:n]``) to the chat path; the turn's flush
+        is the outbox's to schedule after it."""
         cdef SessionCore session = self.session
         if session is None:
             return 0
@@ -1249,7 +1236,10 @@ cdef class Listener(MessageListener):
         cdef bint was_in_message = outbox._in_message
         outbox._in_message = True
         try:
-            self.chat._handle_ascii(session, data, n)
+            if msg is None:
+                self.chat._handle_ascii(session, data, n)
+            else:
+                self.chat._handle(session, msg)
         finally:
             outbox._message_done(session.sink, was_in_message)
         return 0

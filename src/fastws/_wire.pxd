@@ -78,6 +78,7 @@ cdef class Wire:
     cdef bint _append(self, char* payload, Py_ssize_t n, bint fin) except -1
     cdef int _deliver(self, msg) except -1
     cdef int _deliver_ascii(self, char* data, Py_ssize_t n) except -1
+    cdef int _handler_failed(self) except -1
     cdef int _end_listener(self) except -1
     cdef int _before_close(self) except -1
     cdef Py_ssize_t _fail(self, int code, bytes reason) except -1

@@ -675,9 +675,14 @@ cdef class Wire:
         try:
             (<MessageListener>self.listener).ascii_text(data, n)
         except Exception:
-            self.server.failures += 1
-            log.exception("message handler failed; closing the connection")
-            self._fail(1011, b"internal error")
+            self._handler_failed()
+        return 0
+
+    cdef int _handler_failed(self) except -1:
+        """The listener raised (a server bug): counted, logged, the connection closed 1011."""
+        self.server.failures += 1
+        log.exception("message handler failed; closing the connection")
+        self._fail(1011, b"internal error")
         return 0
 
     cdef int _deliver(self, msg) except -1:
@@ -688,9 +693,7 @@ cdef class Wire:
             else:
                 listener.on_message(msg)
         except Exception:
-            self.server.failures += 1
-            log.exception("message handler failed; closing the connection")
-            self._fail(1011, b"internal error")
+            self._handler_failed()
         return 0
 
     cdef int _end_listener(self) except -1:

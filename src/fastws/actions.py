@@ -67,12 +67,8 @@ class Actions:
         """Run a node-internal coroutine: in place when the broker is inline, else as a task
         the drain waits for."""
         if self.inline:
-            try:
-                action.send(None)
-            except StopIteration:
-                return
-            action.close()
-            raise RuntimeError("an inline broker suspended")
+            _drive_inline(action)
+            return
         task = asyncio.get_running_loop().create_task(action)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
@@ -98,11 +94,16 @@ class Actions:
 
 def _run_inline(session: Session, action: Action) -> None:
     try:
-        action.send(None)
-    except StopIteration:
-        return
+        _drive_inline(action)
     except MessageError as exc:
         session.outlet.send(p.error_bytes(exc))
+
+
+def _drive_inline(action: Action) -> None:
+    """Run a coroutine that must not suspend (an inline broker's) to its end, in place."""
+    try:
+        action.send(None)
+    except StopIteration:
         return
     action.close()
     raise RuntimeError("an inline broker suspended")
