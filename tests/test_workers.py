@@ -130,3 +130,77 @@ async def test_sigterm_drains_both_workers_with_1001_and_exits_0() -> None:
             assert ws.close_code == 1001
         assert await asyncio.to_thread(proc.wait, TIMEOUT * 2) == 0
         await _close_all(clients)
+
+
+def _children(pid: int) -> set[int]:
+    kids: set[int] = set()
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/children") as fh:
+            kids.update(int(c) for c in fh.read().split())
+    return kids
+
+
+def _private_dirty_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/smaps_rollup") as fh:
+        for line in fh:
+            if line.startswith("Private_Dirty:"):
+                return int(line.split()[1])
+    raise AssertionError("no Private_Dirty line")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split(")")[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+async def _private_memory_of_workers(*flags: str) -> tuple[set[int], set[int], int]:
+    """Start ``--workers 2`` with ``flags``: (worker pids, the supervisor's children, the
+    workers' private dirty KiB in all)."""
+    with server_process("--workers", "2", *flags) as (proc, port):
+        workers = await _worker_pids(port)
+        assert len(workers) == 2
+        return workers, _children(proc.pid), sum(map(_private_dirty_kib, workers))
+
+
+async def test_forked_workers_are_the_supervisors_children_and_share_its_pages() -> None:
+    """Forked from the zygote, each worker is still the supervisor's own child (re-parented),
+    and writes far fewer pages of its own than a worker that is a fresh interpreter."""
+    forked, kids, forked_kib = await _private_memory_of_workers()
+    assert forked <= kids and len(kids) == 3, (forked, kids)  # the workers and the zygote
+    execd, kids, execd_kib = await _private_memory_of_workers("--no-fork-workers")
+    assert kids == execd, kids  # no zygote
+    assert forked_kib < 0.6 * execd_kib, (forked_kib, execd_kib)
+
+
+async def test_a_killed_supervisor_takes_the_zygote_and_the_workers_with_it() -> None:
+    """SIGKILL to the supervisor: the zygote gets SIGKILL and the workers SIGTERM from the
+    kernel (parent-death signals), so nothing is left serving the port."""
+    with server_process("--workers", "2") as (proc, port):
+        await _worker_pids(port)
+        descendants = _children(proc.pid)
+        assert len(descendants) == 3
+        proc.send_signal(signal.SIGKILL)
+        await asyncio.to_thread(proc.wait, TIMEOUT)
+        async with asyncio.timeout(TIMEOUT * 2):
+            while any(map(_alive, descendants)):
+                await asyncio.sleep(0.05)
+
+
+@pytest.mark.parametrize("start", ["--fork-workers", "--no-fork-workers"])
+async def test_a_worker_that_exits_is_restarted_the_same_way(start: str) -> None:
+    """A worker that exits on its own (SIGTERM drains it, code 0) is started again, forked or
+    as a fresh interpreter, and the port keeps answering from two workers."""
+    with server_process("--workers", "2", start) as (proc, port):
+        pids = await _worker_pids(port)
+        victim = min(pids)
+        os.kill(victim, signal.SIGTERM)
+        async with asyncio.timeout(TIMEOUT * 2):
+            while True:
+                now = await _worker_pids(port)
+                if victim not in now and len(now) == 2:
+                    break
+                await asyncio.sleep(0.05)
+        assert now <= _children(proc.pid)

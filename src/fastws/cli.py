@@ -137,6 +137,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    return serve_with(vars(args), args.config_file)
+
+
+def _serve_forked_worker(options: dict[str, Any]) -> int:
+    """A worker forked by the supervisor's zygote: the settings from its environment and
+    ``options``, as an exec'd worker would read them, but without building the parser
+    (which alone writes ~3 MB of pages each worker would otherwise share)."""
+    try:
+        return serve_with(options, None)
+    except FastWSError as exc:
+        print(f"fastws: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def serve_with(options: dict[str, Any], config_file: str | None) -> int:
+    """``fastws serve`` with ``options`` (flag values by setting name) over the file and the
+    environment: one node, or the supervisor of ``--workers`` and its workers."""
     import os
 
     import uvloop
@@ -144,7 +161,7 @@ def _serve(args: argparse.Namespace) -> int:
     from .logs import configure
     from .supervisor import ENV_BUS, ENV_NODE, ENV_WORKER, Supervisor
 
-    settings = load_settings(vars(args), config_file=args.config_file)
+    settings = load_settings(options, config_file=config_file)
     configure(settings.log_level, settings.log_format)
     # HMAC tokens only: PyJWT then never loads cryptography (~16 MB in every process).
     skip_public_key_crypto(settings)
@@ -186,7 +203,16 @@ def _serve(args: argparse.Namespace) -> int:
         # settings (from the file, variables and flags alike) reach them as FASTWS_* variables.
         os.environ.update(environ_for(settings))
         os.environ.pop(CONFIG_ENV, None)
-        return uvloop.run(Supervisor(settings, secret, workers).run(announce))
+        from . import prefork
+
+        # Before the loop exists: the zygote must not inherit it (see prefork.py).
+        forking = settings.fork_workers and prefork.supported()
+        zygote = prefork.Zygote.start(_serve_forked_worker) if forking else None
+        try:
+            return uvloop.run(Supervisor(settings, secret, workers, zygote).run(announce))
+        finally:
+            if zygote is not None:
+                zygote.close()
     return uvloop.run(
         _run_node(
             settings,

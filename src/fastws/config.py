@@ -68,6 +68,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     join_hook_timeout: float = 2.0
     join_hook_cache: float = 10.0
     workers: int = 1
+    fork_workers: bool = True
     redis_url: str = ""
     redis_node_ttl: float = 15.0
     redis_cluster: bool = False
@@ -174,6 +175,9 @@ FIELD_HELP: dict[str, str] = {
     "(default 10)",
     "workers": "worker processes sharing the port (default 1; 0 = one per core); with more "
     "than one and no Redis, workers talk over a local bus in the supervisor",
+    "fork_workers": "with --workers, fork each worker from one process that has imported "
+    "fastws once, so the workers share its memory (default on, Linux; off: each worker is a "
+    "fresh interpreter, which also loads code upgraded on disk when it restarts)",
     "redis_url": "redis://host:port/db to span rooms across hosts (default none: this host only)",
     "redis_cluster": "treat --redis-url as a Redis Cluster node and use sharded pub/sub "
     "(SSUBSCRIBE/SPUBLISH) (default off)",

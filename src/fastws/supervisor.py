@@ -19,9 +19,12 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .config import Settings
+
+if TYPE_CHECKING:
+    from .prefork import ForkedWorker, Zygote
 
 log = logging.getLogger("fastws.supervisor")
 
@@ -58,15 +61,18 @@ class Worker:
     def __init__(self, slot: int) -> None:
         self.slot = slot
         self.generation = 0
-        self.proc: asyncio.subprocess.Process | None = None
+        self.proc: asyncio.subprocess.Process | ForkedWorker | None = None
         self.node_id = ""
         self.started_at = 0.0
         self.failures = 0
 
 
 class Supervisor:
-    def __init__(self, settings: Settings, secret: str, count: int) -> None:
+    def __init__(
+        self, settings: Settings, secret: str, count: int, zygote: Zygote | None = None
+    ) -> None:
         self.settings = settings
+        self.zygote = zygote  # forks the workers; None: each is a fresh interpreter
         self.secret = secret
         self.count = count
         self.workers = [Worker(i) for i in range(count)]
@@ -159,21 +165,21 @@ class Supervisor:
             env.update(
                 {MULTIPROC_ENV: self._metrics_dir, env_name("admin_port"): str(self.admin_port)}
             )
-        w.proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "fastws",
-            "serve",
-            "--workers",
-            "1",
-            "--port",
-            str(self.port),
-            "--host",
-            self.settings.host,
-            env=env,
-            stdout=asyncio.subprocess.PIPE,
-            stdin=asyncio.subprocess.DEVNULL,
-        )
+        # Only these come as flags; every other setting reaches the worker in its environment.
+        options = {"workers": 1, "port": self.port, "host": self.settings.host}
+        if self.zygote is not None:
+            w.proc = await self.zygote.spawn(options, env)
+        else:
+            w.proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "fastws",
+                "serve",
+                *(f"--{name}={value}" for name, value in options.items()),
+                env=env,
+                stdout=asyncio.subprocess.PIPE,
+                stdin=asyncio.subprocess.DEVNULL,
+            )
         w.started_at = time.monotonic()
 
     async def _watch(self, w: Worker) -> None:

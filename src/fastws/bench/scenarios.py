@@ -36,6 +36,7 @@ from .targets import (
     cpu_runtime,
     cpu_seconds,
     listen_overflows,
+    pss_bytes,
     rss_bytes,
 )
 
@@ -452,6 +453,7 @@ def run_plan(
             if plan.mode == "connect":
                 time.sleep(0.5)  # let the server finish its per-connection bookkeeping
                 readings["rss_after"] = rss_bytes(pid)
+                readings["pss_after"] = pss_bytes(pid)
                 if args.idle:
                     readings.update(_idle_window(pid, args.idle, schedule, interactive))
                 barrier.wait(30)
@@ -510,7 +512,8 @@ def _idle_window(
     progress.close()
     schedule[3], schedule[4] = start, end
     return {"idle_cpu_start": cpu_start, "idle_cpu_end": cpu_end,
-            "idle_s": (end - start) / _NS, "rss_idle_end": rss_bytes(pids)}  # fmt: skip
+            "idle_s": (end - start) / _NS, "rss_idle_end": rss_bytes(pids),
+            "pss_idle_end": pss_bytes(pids)}  # fmt: skip
 
 
 def _reap(processes: list[Any]) -> None:
@@ -701,6 +704,8 @@ def figures(plan: Plan, merged: dict[str, Any], duration: float) -> dict[str, An
             # system-wide, so other traffic counts too; each one costs its client a 1 s retry
             head["listen_overflows"] = end - start
         head["source_addresses"] = conn["sources"]
+        pss = merged.get("pss_after")
+        head["server_pss_after_mb"] = round(pss / 1e6, 1) if pss is not None else None
         before, after = merged.get("rss_before"), merged.get("rss_after")
         if before is not None and after is not None and conn["open"]:
             per_conn = (after - before) / conn["open"]
@@ -727,12 +732,13 @@ def idle_figures(merged: dict[str, Any]) -> dict[str, Any]:
     if start is None or end is None or not window or not conn["open"]:
         return {}
     cpu = end - start
-    rss = merged.get("rss_idle_end")
+    rss, pss = merged.get("rss_idle_end"), merged.get("pss_idle_end")
     return {
         "idle_s": round(window, 3),
         "idle_server_cpu_s": round(cpu, 6),
         "idle_cpu_us_per_s_per_connection": round(cpu * 1e6 / (conn["open"] * window), 4),
         "server_rss_idle_end_mb": round(rss / 1e6, 1) if rss is not None else None,
+        "server_pss_idle_end_mb": round(pss / 1e6, 1) if pss is not None else None,
         "idle_pings": conn["idle_pings"],
         "idle_pings_per_connection": round(conn["idle_pings"] / conn["open"], 3),
         "open_after_idle": conn["open_after_idle"],

@@ -425,6 +425,30 @@ def rss_bytes(pids: int | Iterable[int] | None) -> int | None:
     return total
 
 
+def _pss_one(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as fh:
+            for line in fh:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def pss_bytes(pids: int | Iterable[int] | None) -> int | None:
+    """Proportional memory (Pss) of ``pids`` plus their live descendants, in bytes: a page
+    that n of them share counts 1/n in each, so the sum is the deployment's memory with
+    shared pages (libraries, a forked worker's inherited heap) counted once. Summed RSS
+    counts them once per process."""
+    total = None
+    for p in _tree(pids):
+        value = _pss_one(p)
+        if value is not None:
+            total = (total or 0) + value
+    return total
+
+
 def versions() -> dict[str, str]:
     from .. import __version__
 
