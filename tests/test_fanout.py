@@ -16,6 +16,7 @@ import fastws._fanout as compiled
 import fastws._fanout_py as twin
 from fastws import hub
 from fastws._wire import Wire, WireServer
+from fastws.gateway import Listening, bind
 from fastws.upgrade import accept_key, parse_head, switching_protocols
 
 TIMEOUT = 5.0
@@ -77,9 +78,10 @@ async def pairs(hooks: list[Any]) -> AsyncIterator[tuple[list[Wire], list[Any]]]
         listener = _ServerSide(server_side, hooks)
         return listener, switching_protocols(accept_key(parse_head(head)))
 
-    server = await asyncio.get_running_loop().create_server(
-        WireServer(route, 5.0, 1 << 20), "127.0.0.1", 0
-    )
+    wires = WireServer(route, 5.0, 1 << 20)
+    for sock in await bind("127.0.0.1", 0):
+        wires.listen(sock)
+    server = Listening(wires)
     port = server.sockets[0].getsockname()[1]
     clients = []
     for _ in range(10):

@@ -70,15 +70,9 @@ cdef Py_ssize_t _spares = 0
 cdef Py_ssize_t _spare_bytes = 0
 
 
-cdef inline Py_ssize_t _transport_holds(Wire w) except -1:
-    """The bytes ``w``'s uvloop transport still holds: none unless a write went through it
-    since it was last seen empty (a Python call saved per sink written)."""
-    if not w.wrote:
-        return 0
-    cdef Py_ssize_t held = w.transport.get_write_buffer_size()
-    if held == 0:
-        w.wrote = False
-    return held
+cdef inline Py_ssize_t _transport_holds(Wire w) noexcept:
+    """The bytes ``w``'s socket did not take yet (its output buffer)."""
+    return w.out_size
 
 
 cdef class Sink:
@@ -385,19 +379,12 @@ cdef class Outbox:
     cdef int _write(self, Sink s) except -1:
         cdef Wire w = s.transport
         cdef Py_ssize_t buffered = _transport_holds(w)
-        cdef ssize_t sent = 0
         if buffered + s.size > self.max_buffered:
             self._slow(s)
             return 0
         self.writes += 1
-        if buffered == 0 and w.fd >= 0:
-            # Straight from the sink's buffer: no bytes object when the socket takes it all.
-            sent = send(w.fd, s.buf, <size_t>s.size, MSG_NOSIGNAL)
-            if sent == s.size:
-                return 0
-            if sent < 0:
-                sent = 0  # EAGAIN, or an error the transport meets itself and reports
-        w._write(PyBytes_FromStringAndSize(s.buf + sent, s.size - sent))
+        # Straight from the sink's buffer to the socket; what it does not take, the Wire keeps.
+        w._send(s.buf, s.size)
         return 0
 
 

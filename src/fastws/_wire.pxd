@@ -15,6 +15,7 @@ cpdef bytes frame(bytes payload, int opcode=*)
 
 
 cdef class Wire
+cdef class Acceptor
 
 
 cdef class MessageListener:
@@ -27,26 +28,53 @@ cdef class MessageListener:
 cdef class WireServer:
     cdef object route
     cdef object call_later
+    cdef object call_soon
+    cdef object add_reader             # the loop's, for the listening sockets and the epoll set
+    cdef object remove_reader
+    cdef int epfd                      # the connections' own epoll set (see _wire.pyx)
+    cdef void* events                  # epoll_wait's array
     cdef double handshake_timeout
     cdef Py_ssize_t max_message
     cdef char* shared
-    cdef object shared_view
     cdef readonly unsigned long long failures
+    cdef readonly unsigned long long accept_errors   # accept() refused for want of resources
     cdef readonly Py_ssize_t open      # sockets connected and not yet lost
     cdef list upgraded                 # the open upgraded Wires (each knows its slot)
+    cdef set handshaking               # the open Wires not upgraded yet
+    cdef list acceptors                # one per listening socket
     cdef int _enlist(self, Wire w) except -1
     cdef int _unlist(self, Wire w) except -1
+    cdef int _accept(self, Acceptor a) except -1
+    cdef int _ready(self) except -1
+
+
+cdef class Acceptor:
+    cdef WireServer server
+    cdef readonly object sock
+    cdef int fd
+    cdef bint active
+    cdef object resume_handle
 
 
 cdef class Wire:
     cdef WireServer server
-    cdef readonly object transport     # the uvloop transport
     cdef readonly object listener
-    cdef readonly int fd
+    cdef readonly int fd               # the socket, -1 once closed
     cdef readonly bint is_disconnected
     cdef readonly bint last_in_batch   # the message being handled ends its read batch
-    cdef bint wrote                    # a write went through the transport since its
-                                       # buffer was last seen empty
+    # Output the socket did not take at once, sent when it is writable again.
+    cdef char* out
+    cdef readonly Py_ssize_t out_size
+    cdef Py_ssize_t out_capacity
+    cdef Py_ssize_t high_water         # past it the listener is told pause_writing
+    cdef Py_ssize_t low_water          # at or under it, resume_writing
+    cdef bint writing_paused
+    cdef bint watching_read            # in the server's epoll set for reads
+    cdef bint watching_write           # and for writes (output is waiting)
+    cdef unsigned int watched          # the events it is registered for now
+    cdef bint read_paused              # pause_reading() asked for it
+    cdef bint closing                  # close() or abort() called: no more reads
+    cdef bint eof_after_output         # shut our side down once the output is out
     cdef readonly double last_rx       # monotonic time of the last read
     cdef public double ping_sent_at    # the heartbeat's unanswered ping, or 0
     cdef Py_ssize_t slot               # in server.upgraded, or -1
@@ -68,6 +96,19 @@ cdef class Wire:
     cpdef send_pong(self, bytes payload=*)
     cpdef disconnect(self, bint graceful=*)
     cdef int _write(self, bytes data) except -1
+    cdef int _send(self, const char* data, Py_ssize_t n) except -1
+    cdef int _keep(self, const char* data, Py_ssize_t n) except -1
+    cdef int _open(self, int fd) except -1
+    cdef int _readable(self) except -1
+    cdef int _received(self, Py_ssize_t nbytes) except -1
+    cdef int _close(self) except -1
+    cdef int _abort(self) except -1
+    cdef int _finish(self, object exc) except -1
+    cdef int _lost_by(self, int err) except -1
+    cdef int _write_eof(self) except -1
+    cdef int _watch(self) except -1
+    cdef int _writable(self) except -1
+    cdef int _event(self, unsigned int events) except -1
     cdef void _drop_buffer(self) noexcept
     cdef int _grow(self, Py_ssize_t want) except -1
     cdef Py_ssize_t _process(self, char* data, Py_ssize_t end) except -1

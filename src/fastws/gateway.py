@@ -4,12 +4,13 @@ before any WebSocket exists; a refusal is answered with HTTP 401 (RFC 6455 secti
 from __future__ import annotations
 
 import asyncio
+import socket
 from http import HTTPStatus
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from ._wire import WireServer, protocol_factory
+from ._wire import WireServer
 from .auth import (
     PROTOCOL,
     TOKEN_PROTOCOL_PREFIX,
@@ -120,22 +121,69 @@ class Gateway:
         return host is not None and origin.partition("://")[2].rstrip("/") == host
 
 
+class Listening:
+    """A node's listening sockets (where asyncio.Server was): the accepting is the Wires'."""
+
+    def __init__(self, wires: WireServer) -> None:
+        self.wires = wires
+
+    @property
+    def sockets(self) -> list[socket.socket]:
+        return self.wires.sockets
+
+    def close(self) -> None:
+        self.wires.stop_accepting()
+
+    async def wait_closed(self) -> None:
+        """Drop the connections still open (a drain has waited for them already), and let
+        their ``connection_lost`` run."""
+        self.wires.abort_all()
+        await asyncio.sleep(0)
+
+
+async def bind(host: str, port: int, reuse_port: bool = False) -> list[socket.socket]:
+    """Listening sockets for ``host:port`` (every address it resolves to, as asyncio's
+    create_server binds them; port 0 picks one free port for all of them)."""
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(
+        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )
+    sockets: list[socket.socket] = []
+    seen: set[tuple[int, Any]] = set()
+    try:
+        for family, kind, proto, _name, address in infos:
+            if (family, address) in seen:
+                continue
+            seen.add((family, address))
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            if port == 0 and len(sockets) > 1:
+                address = (address[0], sockets[0].getsockname()[1], *address[2:])
+            sock.bind(address)
+            # asyncio's default backlog of 100 overflows under connect bursts (clients then
+            # wait a 1 s SYN retry); the kernel caps it at net.core.somaxconn anyway.
+            sock.listen(4096)
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
 async def listen(
     node: Node, pages: dict[str, tuple[bytes, str]], reuse_port: bool = False
-) -> tuple[asyncio.Server, WireServer]:
-    """Start accepting on ``node.settings.host:port``: the asyncio server and its Wires."""
+) -> tuple[Listening, WireServer]:
+    """Start accepting on ``node.settings.host:port``: the listening sockets and their Wires."""
     s = node.settings
     wires = WireServer(Gateway(node, pages), s.handshake_timeout or 0.0, s.max_message_bytes)
-    server = await asyncio.get_running_loop().create_server(
-        protocol_factory(wires),
-        s.host,
-        s.port,
-        reuse_port=reuse_port,
-        # asyncio's default backlog of 100 overflows under connect bursts (clients then wait
-        # a 1 s SYN retry); the kernel caps it at net.core.somaxconn anyway.
-        backlog=4096,
-    )
-    return server, wires
+    for sock in await bind(s.host, s.port, reuse_port):
+        wires.listen(sock)
+    return Listening(wires), wires
 
 
-__all__ = ["Gateway", "listen"]
+__all__ = ["Gateway", "Listening", "bind", "listen"]

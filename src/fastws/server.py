@@ -15,7 +15,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -33,6 +33,9 @@ from .membership import Membership, quietly
 from .policy import Policy
 from .presencediff import PresenceDiffs
 from .session import Session
+
+if TYPE_CHECKING:
+    from .gateway import Listening
 
 log = logging.getLogger("fastws.server")
 
@@ -118,7 +121,7 @@ class Node:
         self.started_at = time.monotonic()
         self.auth_failures: Counter[str] = Counter()  # by reason
         self._per_ip: Counter[str] = Counter()
-        self.server: asyncio.Server | None = None
+        self.server: Listening | None = None
         self.heartbeat: Any = None
         self.admin: Any = None  # admin.Admin when admin_port >= 0: publish API, /metrics
         self._idle = asyncio.Event()

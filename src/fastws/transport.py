@@ -51,7 +51,7 @@ class Connection(fanout.Listener):
         assert self._admission is not None
         principal, forwarded_for = self._admission
         self._admission = None
-        peer = transport.transport.get_extra_info("peername")
+        peer = transport.get_extra_info("peername")
         remote = f"{peer[0]}:{peer[1]}" if peer else ""
         ip = peer[0] if peer else ""
         if forwarded_for and ip in settings.proxies:
@@ -66,9 +66,7 @@ class Connection(fanout.Listener):
         self.session = session
         # Paused (pause_writing) at half the send-buffer cap: where typing starts to wait.
         with contextlib.suppress(AttributeError, ValueError):
-            transport.transport.set_write_buffer_limits(
-                high=max(1, settings.max_send_buffer_bytes // 2)
-            )
+            transport.set_write_buffer_limits(high=max(1, settings.max_send_buffer_bytes // 2))
         # Many connections share an address (a proxy, a NAT): one string for all of them.
         node.connect(session, remote, sys.intern(ip))
 
